@@ -1,0 +1,231 @@
+"""index.jsonl: the row contract, a tolerant streaming reader, the append protocol.
+
+The row format is the contract with the receiver and every downstream reader:
+one JSON object per line, ``json.dumps(row, sort_keys=True)``, ASCII, "\\n".
+The file is append-only. Nothing here ever truncates it, seeks back to write,
+or rewrites a byte; see `append_rows` for the one way rows get in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import lock, syscalls
+
+SCHEMA_VERSION = 1
+MAX_LINE_BYTES = 1 << 20  # receiver rows are ~300 bytes; longer lines are garbage
+_READ_CHUNK = 1 << 20
+DEFAULT_LOCK_TIMEOUT_S = 30.0
+
+
+class IndexWriteError(OSError):
+    """An append did not complete; the index may end in a torn line that the
+    next append (ours or the receiver's through `append_rows`) terminates."""
+
+
+def encode_row(row: Mapping[str, object]) -> bytes:
+    """One row as the receiver writes it: sorted keys, default separators, ASCII."""
+    return (json.dumps(row, sort_keys=True) + "\n").encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    line: int  # 1-based
+    offset: int  # byte offset of the line's first byte
+    reason: str
+
+
+def parse_key(raw: bytes) -> tuple[str | None, str] | str:
+    """(host_id or None, episode_id) of a row, or the reason the line is not a row."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "not valid JSON"
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    episode_id = obj.get("episode_id")
+    if not isinstance(episode_id, str) or not episode_id:
+        return "no episode_id string"
+    host_id = obj.get("host_id")
+    if host_id is not None and not isinstance(host_id, str):
+        return "host_id is not a string"
+    return host_id, episode_id
+
+
+@dataclass
+class IndexedKeys:
+    """The episodes the index covers. A row without host_id is an old row and
+    covers its episode_id on every host, as the legacy tool assumed."""
+
+    by_host: dict[str, set[str]] = field(default_factory=dict)
+    hostless: set[str] = field(default_factory=set)
+
+    def add(self, host_id: str | None, episode_id: str) -> None:
+        if host_id is None:
+            self.hostless.add(episode_id)
+        else:
+            self.by_host.setdefault(host_id, set()).add(episode_id)
+
+    def covers(self, host_id: str, episode_id: str) -> bool:
+        return episode_id in self.hostless or episode_id in self.by_host.get(host_id, ())
+
+
+def _split_lines(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """(offset, next_offset, line) for the complete lines in bytes [start, end):
+    line lacks its "\\n" and is None when longer than MAX_LINE_BYTES. A torn
+    tail (bytes after the last "\\n") comes last with next_offset == -1.
+    Memory: one chunk plus one capped line."""
+    carry: list[bytes] = []
+    carry_len = 0
+    overlong = False
+    line_start = start
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(_READ_CHUNK, end - pos), pos)
+        if not chunk:
+            break  # the file shrank under us; the caller notices on the next stat
+        i = 0
+        while True:
+            j = chunk.find(b"\n", i)
+            piece = chunk[i:] if j < 0 else chunk[i:j]
+            if not overlong:
+                carry_len += len(piece)
+                if carry_len > MAX_LINE_BYTES:
+                    overlong, carry = True, []
+                else:
+                    carry.append(piece)
+            if j < 0:
+                break
+            i = j + 1
+            yield line_start, pos + i, None if overlong else b"".join(carry)
+            carry, carry_len, overlong = [], 0, False
+            line_start = pos + i
+        pos += len(chunk)
+    if line_start < pos:
+        yield line_start, -1, None if overlong else b"".join(carry)
+
+
+class IndexReader:
+    """Follows index.jsonl as it grows: parses each complete line once, keeps
+    the keys, and remembers where it stopped.
+
+    A last line without "\\n" (a torn tail) is not consumed: it is parsed only to
+    be conservative (a complete row that just lacks its newline still counts as
+    indexed) and is read again next time, once terminated."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys = IndexedKeys()
+        self.offset = 0  # first byte not yet consumed
+        self.lines = 0  # complete lines consumed
+        self.bad_lines = 0
+        self.torn_tail = False  # does the file end inside a line?
+        self._identity: tuple[int, int] | None = None
+
+    def catch_up(self, fd: int, on_bad_line: Callable[[BadLine], None]) -> bool:
+        """Parse what was appended since the last call. Returns True when the
+        file was replaced or shrank and was therefore parsed from the start."""
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        restarted = self._identity is not None and (identity != self._identity or st.st_size < self.offset)
+        if restarted:
+            self.keys = IndexedKeys()
+            self.offset = self.lines = self.bad_lines = 0
+        self._identity = identity
+        self.torn_tail = False
+        for offset, next_offset, raw in _split_lines(fd, self.offset, st.st_size):
+            if next_offset < 0:
+                self.torn_tail = True
+                key = parse_key(raw) if raw is not None else None
+                if isinstance(key, tuple):
+                    self.keys.add(*key)
+                break
+            self.lines += 1
+            self.offset = next_offset
+            if raw is None:
+                self._bad(BadLine(self.lines, offset, "line longer than 1 MiB"), on_bad_line)
+            elif raw.strip():
+                key = parse_key(raw)
+                if isinstance(key, str):
+                    self._bad(BadLine(self.lines, offset, key), on_bad_line)
+                else:
+                    self.keys.add(*key)
+        return restarted
+
+    def _bad(self, bad: BadLine, on_bad_line: Callable[[BadLine], None]) -> None:
+        self.bad_lines += 1
+        on_bad_line(bad)
+
+
+class LockedIndex:
+    """The index open for appending while the lock is held."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def ends_torn(self) -> bool:
+        size = os.fstat(self.fd).st_size
+        return size > 0 and os.pread(self.fd, 1, size - 1) != b"\n"
+
+    def append(self, lines: Sequence[bytes]) -> int:
+        """Append whole lines in ONE write, terminating a torn tail first (in the
+        same write), then fdatasync. Returns the bytes written. Never retries: a
+        short write raises IndexWriteError and leaves a torn tail for the next
+        append to terminate."""
+        data = b"".join(lines)
+        if self.ends_torn():
+            data = b"\n" + data
+        if not data:
+            return 0
+        written = os.write(self.fd, data)
+        if written != len(data):
+            raise IndexWriteError(f"short write: {written} of {len(data)} bytes")
+        syscalls.fdatasync(self.fd)
+        return written
+
+
+@contextmanager
+def locked(
+    index: Path,
+    lock_file: Path | None = None,
+    timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+    on_wait: Callable[[], None] | None = None,
+) -> Iterator[LockedIndex]:
+    """Hold the shared lock and yield the index opened O_RDWR|O_APPEND.
+
+    When the lock file is the index itself (the default), the same fd carries
+    the locks and the writes."""
+    append_flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
+    if lock_file is None or os.path.realpath(lock_file) == os.path.realpath(index):
+        with lock.hold(index, append_flags, timeout, on_wait) as fd:
+            yield LockedIndex(fd)
+        return
+    with lock.hold(lock_file, os.O_RDWR | os.O_CREAT, timeout, on_wait):
+        fd = os.open(index, append_flags | os.O_CLOEXEC, 0o644)
+        try:
+            yield LockedIndex(fd)
+        finally:
+            os.close(fd)
+
+
+def append_rows(
+    index: Path,
+    rows: Iterable[Mapping[str, object]],
+    *,
+    lock_file: Path | None = None,
+    timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> int:
+    """The append protocol, importable by the receiver. Under the shared lock
+    (OFD + flock on `lock_file`, default the index): terminate a torn last line,
+    write all rows as whole lines in one write() on an O_APPEND fd, fdatasync,
+    release. Returns the bytes written. Raises lock.LockTimeout,
+    IndexWriteError or OSError (ENOSPC, EACCES, ...); bytes already in the
+    index are never changed."""
+    lines = [encode_row(row) for row in rows]
+    with locked(index, lock_file, timeout) as ix:
+        return ix.append(lines)
