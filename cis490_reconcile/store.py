@@ -1,0 +1,180 @@
+"""Scanning the episodes store: which files are tarballs we may index.
+
+Layout: ``<root>/<host_id>/<episode_id>.tar.zst``. The root itself is the
+operator's choice and may be a symlink; nothing below it is followed. Every
+open below the root is an openat() relative to a directory fd with
+O_NOFOLLOW, so a symlink planted before a pass or swapped in during one is
+never followed and nothing outside the root is opened. Non-regular files are
+recognised by lstat, and again by fstat after an O_NONBLOCK open, so a FIFO
+named like a tarball never blocks a pass.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import syscalls
+
+SUFFIX = ".tar.zst"
+_TEMP_SUFFIXES = (".tmp", ".partial")
+# control characters (C0, DEL, C1), path separators, and the surrogates that
+# os.fsdecode produces for bytes that are not UTF-8
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f/\\\ud800-\udfff]")
+
+
+def is_safe_name(name: str) -> bool:
+    """A host_id or episode_id we are willing to put in a row."""
+    return bool(name) and not name.startswith(".") and not _UNSAFE.search(name)
+
+
+def printable(name: str) -> str:
+    """A file name for a log line: bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True, slots=True)
+class Tarball:
+    """A regular file named like an episode tarball, as lstat saw it."""
+
+    host_id: str
+    episode_id: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    dev: int
+    ino: int
+
+    @property
+    def name(self) -> str:
+        return self.episode_id + SUFFIX
+
+    @property
+    def path(self) -> str:
+        return f"{self.host_id}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Something in the store that looks like it matters but is never opened."""
+
+    path: str  # relative to the root, printable
+    reason: str
+
+
+class NotRegularFile(OSError):
+    """What was opened is not the regular file that was scanned."""
+
+
+_KINDS = {
+    stat.S_IFLNK: "symlink",
+    stat.S_IFDIR: "directory",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+class HostDir:
+    """One host directory, held open by fd for the time it is processed."""
+
+    def __init__(self, host_id: str, fd: int) -> None:
+        self.host_id = host_id
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> HostDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def entries(self) -> list[str | Skipped]:
+        """Episode ids named here, sorted, plus Skipped for unsafe names.
+        Dotfiles and temp names (*.tmp, *.partial) are the receiver's business
+        and are ignored silently, as are files that are not *.tar.zst."""
+        out: list[str | Skipped] = []
+        for name in sorted(os.listdir(self.fd)):
+            if name.startswith(".") or name.endswith(_TEMP_SUFFIXES) or not name.endswith(SUFFIX):
+                continue
+            episode_id = name[: -len(SUFFIX)]
+            if is_safe_name(episode_id):
+                out.append(episode_id)
+            else:
+                out.append(Skipped(f"{self.host_id}/{printable(name)}", "unsafe episode name"))
+        return out
+
+    def lstat(self, episode_id: str) -> Tarball | Skipped | None:
+        """The tarball as it is now; None when it is gone."""
+        try:
+            st = os.stat(episode_id + SUFFIX, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return Skipped(f"{self.host_id}/{episode_id}{SUFFIX}", _kind(st.st_mode))
+        return Tarball(
+            self.host_id, episode_id, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino
+        )
+
+    def open(self, tarball: Tarball) -> int:
+        """Open the scanned file for reading without following links or
+        blocking; raises NotRegularFile if what is there is not that file."""
+        fd = os.open(tarball.name, syscalls.O_NOFOLLOW_READ, dir_fd=self.fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (tarball.dev, tarball.ino):
+            os.close(fd)
+            raise NotRegularFile(errno.ESTALE, "replaced since it was scanned", tarball.path)
+        return fd
+
+
+class Store:
+    """The episodes root, held open by fd for the length of a pass."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def host_ids(self, only: str | None = None) -> list[str | Skipped]:
+        """Host directory names to visit, sorted; Skipped for unsafe names."""
+        if only is not None:
+            return [only]
+        out: list[str | Skipped] = []
+        for name in sorted(os.listdir(self.fd)):
+            if name.startswith("."):
+                continue
+            out.append(name if is_safe_name(name) else Skipped(printable(name), "unsafe host name"))
+        return out
+
+    def open_host(self, host_id: str) -> HostDir | Skipped | None:
+        """The host directory, Skipped when it is a symlink or not a directory,
+        None when it does not exist (removed mid-pass, or --host names nothing)."""
+        try:
+            return HostDir(host_id, os.open(host_id, syscalls.O_DIRECTORY_NOFOLLOW, dir_fd=self.fd))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return Skipped(host_id, "host directory is a symlink")
+            if e.errno == errno.ENOTDIR:
+                return Skipped(host_id, "not a directory")
+            return Skipped(host_id, f"cannot open: {e.strerror}")
