@@ -1,0 +1,313 @@
+"""One reconcile pass: find the tarballs index.jsonl lacks and append their rows.
+
+    1. read the index, unlocked (IndexReader keeps what it parsed)
+    2. walk the store; for each settled tarball the index lacks, verify it
+    3. every BATCH_ROWS rows (or BATCH_SECONDS), commit under the lock:
+       catch up on what the receiver appended meanwhile, drop rows that became
+       present, append the rest in one write, fdatasync, release
+
+The lock is held only for step 3's short critical section, never while
+reading tarballs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TextIO
+
+from . import index as index_mod
+from .config import Config
+from .index import BadLine, IndexReader
+from .lock import LockTimeout
+from .log import Logger
+from .store import HostDir, Skipped, Store, Tarball
+from .verify import Intact, Unreadable, Unsettled, verify
+
+BATCH_ROWS = 1000
+BATCH_SECONDS = 10.0
+MAX_BAD_LINE_EVENTS = 1000  # per pass; the count in the summary is always complete
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class PassFailed(Exception):
+    """The pass could not complete (lock timeout, index unwritable, disk full)."""
+
+
+def iso_utc(ns: int) -> str:
+    """A timestamp the way the receiver and the legacy tool write it."""
+    return (_EPOCH + timedelta(microseconds=ns // 1000)).isoformat()
+
+
+def backfill_row(tarball: Tarball, intact: Intact, now_ns: int) -> dict[str, object]:
+    """The legacy row (received_at_wall is the tarball's mtime, the best
+    estimate of when the receiver got it) plus backfilled_at."""
+    row: dict[str, object] = {
+        "received_at_wall": iso_utc(tarball.mtime_ns),
+        "host_id": tarball.host_id,
+        "episode_id": tarball.episode_id,
+        "sha256": intact.sha256,
+        "size_bytes": intact.size,
+        "schema_version": index_mod.SCHEMA_VERSION,
+        "backfilled": True,
+        "backfilled_at": iso_utc(now_ns),
+    }
+    if intact.commit:
+        row["commit"] = intact.commit
+    return row
+
+
+@dataclass
+class PassSummary:
+    scanned: int = 0
+    already_indexed: int = 0
+    backfilled: int = 0
+    raced: int = 0  # verified, but the receiver's row arrived before our commit
+    corrupt: int = 0
+    in_flight: int = 0
+    unsettled: int = 0
+    unreadable: int = 0
+    skipped: int = 0
+    bad_index_lines: int = 0
+    bytes_read: int = 0
+    lock_wait_s: float = 0.0
+    lock_held_max_s: float = 0.0
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    tarball: Tarball
+    intact: Intact
+    row: dict[str, object]
+
+
+class Reconciler:
+    """Runs passes. Keeps its IndexReader between passes, so a long-running
+    loop parses each index line once."""
+
+    def __init__(self, cfg: Config, log: Logger, dry_run: bool = False, rows_out: TextIO | None = None):
+        self.cfg = cfg
+        self.log = log
+        self.dry_run = dry_run
+        self.rows_out = rows_out or sys.stdout
+        self.reader = IndexReader(cfg.index)
+        self._summary = PassSummary()
+        self._bad_line_events = 0
+        self._pending: list[_Pending] = []
+        self._pending_since = 0.0
+
+    # --- the pass -------------------------------------------------------------
+
+    def run_pass(self) -> PassSummary:
+        """One pass. Raises PassFailed; the summary event is logged either way."""
+        self._summary = summary = PassSummary()
+        self._bad_line_events = 0
+        self._pending = []
+        started = time.monotonic()
+        self.log.info(
+            "pass_started",
+            episodes_root=self.cfg.episodes_root,
+            index=self.cfg.index,
+            host=self.cfg.host,
+            min_age_s=self.cfg.min_age,
+            dry_run=self.dry_run,
+        )
+        try:
+            self._catch_up_unlocked()
+            if self.reader.torn_tail:
+                self.log.warning("index_torn_tail", offset=self.reader.offset, line=self.reader.lines + 1)
+            with Store(self.cfg.episodes_root) as store:
+                for host in store.host_ids(self.cfg.host):
+                    if isinstance(host, Skipped):
+                        self._skipped(host)
+                        continue
+                    self._reconcile_host(store, host)
+            if self._pending or (self.reader.torn_tail and not self.dry_run):
+                self._commit()
+        except (LockTimeout, OSError) as e:
+            summary.duration_s = round(time.monotonic() - started, 3)
+            reason = _describe(e, self.cfg)
+            self.log.error("pass_failed", error=reason, **asdict(summary))
+            raise PassFailed(reason) from e
+        summary.bad_index_lines = self.reader.bad_lines
+        summary.duration_s = round(time.monotonic() - started, 3)
+        self.log.info("pass_finished", dry_run=self.dry_run, **asdict(summary))
+        return summary
+
+    def _reconcile_host(self, store: Store, host_id: str) -> None:
+        host = store.open_host(host_id)
+        if host is None:
+            if self.cfg.host is not None:
+                self.log.warning("host_not_found", host_id=host_id)
+            return
+        if isinstance(host, Skipped):
+            self._skipped(host)
+            return
+        with host:
+            try:
+                entries = host.entries()
+            except OSError as e:
+                self._skipped(Skipped(host_id, f"cannot list: {e.strerror}"))
+                return
+            for entry in entries:
+                if isinstance(entry, Skipped):
+                    self._skipped(entry)
+                    continue
+                self._summary.scanned += 1
+                if self.reader.keys.covers(host_id, entry):
+                    self._summary.already_indexed += 1
+                    continue
+                self._consider(host, entry)
+                if self._pending and (
+                    len(self._pending) >= BATCH_ROWS
+                    or time.monotonic() - self._pending_since >= BATCH_SECONDS
+                ):
+                    self._commit()
+
+    def _consider(self, host: HostDir, episode_id: str) -> None:
+        s = self._summary
+        tarball = host.lstat(episode_id)
+        if tarball is None:
+            return  # removed since the listing
+        if isinstance(tarball, Skipped):
+            self._skipped(tarball)
+            return
+        age_s = (time.time_ns() - tarball.ctime_ns) / 1e9
+        if age_s < self.cfg.min_age:
+            s.in_flight += 1
+            self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
+            return
+        verdict = verify(host, tarball, self._count_read)
+        if isinstance(verdict, Intact):
+            if verdict.commit_note:
+                self.log.warning("tarball_without_commit", path=tarball.path, reason=verdict.commit_note)
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            row = backfill_row(tarball, verdict, time.time_ns())
+            self._pending.append(_Pending(tarball, verdict, row))
+        elif isinstance(verdict, Unsettled):
+            s.unsettled += 1
+            self.log.info("tarball_unsettled", path=tarball.path, reason=verdict.reason)
+        elif isinstance(verdict, Unreadable):
+            s.unreadable += 1
+            self.log.warning("tarball_unreadable", path=tarball.path, reason=verdict.reason)
+        else:
+            s.corrupt += 1
+            self.log.warning(
+                "tarball_corrupt", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
+            )
+
+    def _count_read(self, n: int) -> None:
+        self._summary.bytes_read += n
+
+    def _skipped(self, skipped: Skipped) -> None:
+        self._summary.skipped += 1
+        self.log.warning("store_entry_skipped", path=skipped.path, reason=skipped.reason)
+
+    # --- the index --------------------------------------------------------------
+
+    def _on_bad_line(self, bad: BadLine) -> None:
+        self._bad_line_events += 1
+        if self._bad_line_events <= MAX_BAD_LINE_EVENTS:
+            self.log.warning("index_bad_line", line=bad.line, offset=bad.offset, reason=bad.reason)
+        elif self._bad_line_events == MAX_BAD_LINE_EVENTS + 1:
+            self.log.warning("index_bad_line_events_suppressed", after=MAX_BAD_LINE_EVENTS)
+
+    def _catch_up(self, fd: int) -> None:
+        if self.reader.catch_up(fd, self._on_bad_line):
+            self.log.warning("index_restarted", reason="index replaced or shrank; parsed from the start")
+
+    def _catch_up_unlocked(self) -> None:
+        try:
+            fd = os.open(self.cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # nothing indexed yet; the first commit creates it
+        try:
+            self._catch_up(fd)
+        finally:
+            os.close(fd)
+
+    def _commit(self) -> None:
+        pending, self._pending = self._pending, []
+        self._catch_up_unlocked()  # most of what the receiver appended, before locking
+        if self.dry_run:
+            fresh, raced = self._partition(pending)
+            for p in fresh:
+                self.rows_out.write(index_mod.encode_row(p.row).decode("ascii"))
+            self.rows_out.flush()
+            self._report(fresh, raced)
+            return
+        waited = False
+
+        def on_wait() -> None:
+            nonlocal waited
+            if not waited:
+                waited = True
+                self.log.info("index_lock_waiting", lock_file=self.cfg.lock_path)
+
+        asked = time.monotonic()
+        with index_mod.locked(self.cfg.index, self.cfg.lock_file, self.cfg.lock_timeout, on_wait) as ix:
+            locked_at = time.monotonic()
+            self._catch_up(ix.fd)
+            torn = self.reader.torn_tail
+            fresh, raced = self._partition(pending)
+            written = ix.append([index_mod.encode_row(p.row) for p in fresh])
+            held = time.monotonic() - locked_at
+        # everything below happens after the lock is released
+        s = self._summary
+        s.lock_wait_s = round(s.lock_wait_s + locked_at - asked, 4)
+        s.lock_held_max_s = round(max(s.lock_held_max_s, held), 4)
+        if torn:
+            self.log.info("index_torn_tail_terminated", offset=self.reader.offset)
+        if written:
+            self.log.info(
+                "index_appended",
+                rows=len(fresh),
+                bytes=written,
+                lock_wait_s=round(locked_at - asked, 4),
+                lock_held_s=round(held, 4),
+            )
+        self._report(fresh, raced)
+
+    def _partition(self, pending: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+        """(rows still missing, rows the receiver appended since we looked)."""
+        fresh: list[_Pending] = []
+        raced: list[_Pending] = []
+        for p in pending:
+            covered = self.reader.keys.covers(p.tarball.host_id, p.tarball.episode_id)
+            (raced if covered else fresh).append(p)
+        return fresh, raced
+
+    def _report(self, fresh: list[_Pending], raced: list[_Pending]) -> None:
+        s = self._summary
+        s.raced += len(raced)
+        s.backfilled += len(fresh)
+        for p in raced:
+            self.log.info("row_already_present", path=p.tarball.path)
+        event = "row_would_backfill" if self.dry_run else "row_backfilled"
+        for p in fresh:
+            self.log.info(
+                event,
+                path=p.tarball.path,
+                host_id=p.tarball.host_id,
+                episode_id=p.tarball.episode_id,
+                sha256=p.intact.sha256,
+                size_bytes=p.intact.size,
+                commit=p.intact.commit,
+                zstd_checksum=p.intact.checksummed,
+            )
+
+
+def _describe(error: BaseException, cfg: Config) -> str:
+    if isinstance(error, LockTimeout):
+        return f"{error} (the receiver or another reconciler holds it)"
+    if isinstance(error, index_mod.IndexWriteError):
+        return f"appending to {cfg.index}: {error}"
+    if isinstance(error, OSError):
+        where = error.filename or cfg.index
+        return f"{where}: {error.strerror or error}"
+    return str(error)
