@@ -154,17 +154,23 @@ class _FrameWalker:
 
 
 class _Source:
-    """The file as the decoder sees it: each byte read once, hashed and walked."""
+    """The file as the decoder sees it: each byte read once, hashed and walked.
+    Reads stop at `limit` (the size the scan saw), so a file that keeps growing
+    cannot keep a pass busy; the caller's stat comparison catches the growth."""
 
-    def __init__(self, fd: int, on_read: Callable[[int], None] | None) -> None:
+    def __init__(self, fd: int, limit: int, on_read: Callable[[int], None] | None) -> None:
         self._fd = fd
+        self._limit = limit
         self._on_read = on_read
         self.sha256 = hashlib.sha256()
         self.frames = _FrameWalker()
         self.size = 0
 
     def read(self, size: int = -1) -> bytes:
-        data = os.read(self._fd, size if 0 < size <= _READ_SIZE else _READ_SIZE)
+        size = min(size if 0 < size <= _READ_SIZE else _READ_SIZE, self._limit - self.size)
+        if size <= 0:
+            return b""
+        data = os.read(self._fd, size)
         if data:
             self.sha256.update(data)
             self.frames.feed(data)
@@ -282,10 +288,10 @@ class Intact:
     checksummed: bool  # every zstd frame carried a content checksum
 
 
-def read_tarball(fd: int, on_read: Callable[[int], None] | None = None) -> Intact:
-    """Read an open file once and verify it. Raises Corrupt, or OSError when
-    the file cannot be read."""
-    source = _Source(fd, on_read)
+def read_tarball(fd: int, size: int, on_read: Callable[[int], None] | None = None) -> Intact:
+    """Read the first `size` bytes of an open file once and verify them.
+    Raises Corrupt, or OSError when the file cannot be read."""
+    source = _Source(fd, size, on_read)
     problem = None
     try:
         contents = _read_tar(source)
@@ -337,7 +343,7 @@ def verify(host: HostDir, tarball: Tarball, on_read: Callable[[int], None] | Non
     except OSError as e:
         return Unreadable(f"open: {e.strerror}")
     try:
-        verdict: Verdict = read_tarball(fd, on_read)
+        verdict: Verdict = read_tarball(fd, tarball.size, on_read)
     except Corrupt as e:
         verdict = e
     except OSError as e:
