@@ -71,6 +71,7 @@ class NotRegularFile(OSError):
 
 
 _KINDS = {
+    stat.S_IFREG: "regular file",
     stat.S_IFLNK: "symlink",
     stat.S_IFDIR: "directory",
     stat.S_IFIFO: "fifo",
@@ -81,7 +82,7 @@ _KINDS = {
 
 
 def _kind(mode: int) -> str:
-    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return _KINDS.get(stat.S_IFMT(mode), "unknown file type")
 
 
 class HostDir:
@@ -173,8 +174,12 @@ class Store:
         except FileNotFoundError:
             return None
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                return Skipped(host_id, "host directory is a symlink")
-            if e.errno == errno.ENOTDIR:
-                return Skipped(host_id, "not a directory")
-            return Skipped(host_id, f"cannot open: {e.strerror}")
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                return Skipped(host_id, f"cannot open: {e.strerror}")
+        try:  # O_DIRECTORY|O_NOFOLLOW fails with ENOTDIR or ELOOP on a symlink: say which
+            st = os.stat(host_id, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return Skipped(host_id, "host directory is a symlink")
+        return Skipped(host_id, f"not a directory ({_kind(st.st_mode)})")
