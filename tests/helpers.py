@@ -1,0 +1,174 @@
+"""Real tarballs, real index files and real processes for the tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+REPO = Path(__file__).resolve().parent.parent
+LEGACY = REPO / "tests" / "legacy" / "legacy_index_backfill.py"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def tar_bytes(members: dict[str, bytes], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """An uncompressed tar of these members, built with tarfile."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=fmt) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def zstd(data: bytes, checksum: bool = True, level: int = 3) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_checksum=checksum).compress(data)
+
+
+def meta(commit: object = COMMIT) -> bytes:
+    return json.dumps({"code_version": {"commit": commit}, "robot": "r2"}).encode()
+
+
+def episode(payload: bytes | None = None, commit: object = COMMIT) -> dict[str, bytes]:
+    """Members of a typical episode: meta.json first, then data."""
+    return {
+        "ep/meta.json": meta(commit),
+        "ep/frames.bin": payload if payload is not None else os.urandom(3000) * 3,
+    }
+
+
+def gnu_tarball(path: Path, members: dict[str, bytes]) -> bytes:
+    """A .tar.zst made by GNU tar piping through the zstd CLI."""
+    with tempfile.TemporaryDirectory() as src:
+        for name, data in members.items():
+            target = Path(src, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        subprocess.run(
+            ["tar", "--use-compress-program=zstd -q", "-cf", str(path), "-C", src, *members],
+            check=True,
+        )
+    return path.read_bytes()
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    events: list[dict] = field(default_factory=list)
+
+    def named(self, event: str) -> list[dict]:
+        return [e for e in self.events if e["event"] == event]
+
+    def one(self, event: str) -> dict:
+        found = self.named(event)
+        assert len(found) == 1, (event, self.stdout, self.stderr)
+        return found[0]
+
+
+def parse_events(text: str) -> list[dict]:
+    """Every line must be one JSON object: that is the logging contract."""
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+class Receiver:
+    """A receiver's store in a temp dir: episodes/<host>/<id>.tar.zst and index.jsonl."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.episodes = root / "episodes"
+        self.index = root / "index.jsonl"
+        self.episodes.mkdir()
+
+    def tarball(
+        self,
+        host: str,
+        episode_id: str,
+        members: dict[str, bytes] | None = None,
+        *,
+        gnu: bool = False,
+        checksum: bool = True,
+        blob: bytes | None = None,
+    ) -> Path:
+        path = self.episodes / host / f"{episode_id}.tar.zst"
+        path.parent.mkdir(exist_ok=True)
+        members = episode() if members is None else members
+        if blob is not None:
+            path.write_bytes(blob)
+        elif gnu:
+            gnu_tarball(path, members)
+        else:
+            path.write_bytes(zstd(tar_bytes(members), checksum=checksum))
+        return path
+
+    def receiver_row(self, host: str, episode_id: str, **extra: object) -> dict:
+        """The row the receiver would have written for a tarball on disk."""
+        import hashlib
+
+        path = self.episodes / host / f"{episode_id}.tar.zst"
+        data = path.read_bytes()
+        row = {
+            "received_at_wall": "2026-11-01T00:00:00+00:00",
+            "host_id": host,
+            "episode_id": episode_id,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size_bytes": len(data),
+            "schema_version": 1,
+        }
+        row.update(extra)
+        return row
+
+    def append_raw(self, data: bytes) -> None:
+        with open(self.index, "ab") as f:
+            f.write(data)
+
+    def append_row(self, row: dict) -> None:
+        self.append_raw((json.dumps(row, sort_keys=True) + "\n").encode())
+
+    def rows(self) -> list[dict]:
+        """Every non-blank line of the index as JSON (fails on a bad line)."""
+        return [json.loads(line) for line in self.index.read_bytes().splitlines() if line.strip()]
+
+    def keys(self) -> list[tuple[str | None, str]]:
+        return [(r.get("host_id"), r["episode_id"]) for r in self.rows()]
+
+    def argv(self, *args: str, min_age: float = 0) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "cis490_reconcile",
+            "--episodes-root",
+            str(self.episodes),
+            "--index",
+            str(self.index),
+            "--min-age",
+            str(min_age),
+            *args,
+        ]
+
+    def run(self, *args: str, min_age: float = 0, timeout: float = 60, once: bool = True) -> Result:
+        """Run the real command in a subprocess; parse its stdout as events
+        (stderr for --dry-run, whose stdout holds rows)."""
+        argv = self.argv(*(("--once",) if once else ()), *args, min_age=min_age)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        log = proc.stderr if "--dry-run" in args else proc.stdout
+        events = parse_events(log) if proc.returncode in (0, 1) else []
+        return Result(proc.returncode, proc.stdout, proc.stderr, events)
+
+    def copy(self, dest: Path) -> Receiver:
+        shutil.copytree(self.root, dest, symlinks=True)
+        twin = Receiver.__new__(Receiver)
+        twin.root, twin.episodes, twin.index = dest, dest / "episodes", dest / "index.jsonl"
+        return twin

@@ -1,0 +1,241 @@
+"""The command end to end, as an operator runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from helpers import COMMIT, LEGACY, Receiver, episode, meta, parse_events, tar_bytes, zstd
+
+SCRIPT = Path(sys.executable).parent / "cis490-reconcile"
+ROW_KEYS = {
+    "received_at_wall",
+    "host_id",
+    "episode_id",
+    "sha256",
+    "size_bytes",
+    "schema_version",
+    "backfilled",
+    "backfilled_at",
+}
+
+
+def test_console_script_runs_a_pass(receiver: Receiver) -> None:
+    receiver.tarball("h1", "a")
+    argv = [str(SCRIPT), *receiver.argv("--once")[3:]]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert parse_events(proc.stdout)[-1]["event"] == "pass_finished"
+    assert receiver.keys() == [("h1", "a")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        ([], "nothing to do: pass --once"),
+        (["--once", "--min-age", "-1"], "--min-age '-1': expected a finite number of seconds >= 0"),
+        (["--once", "--min-age", "soon"], "--min-age 'soon': expected a number of seconds"),
+        (["--once", "--lock-timeout", "0"], "--lock-timeout '0': expected a number of seconds > 0"),
+        (
+            ["--once", "--log-level", "loud"],
+            "--log-level 'loud': expected one of debug, info, warning, error",
+        ),
+        (["--once", "--host", "a/b"], "--host 'a/b': expected a host directory name"),
+        (
+            ["--once", "--episodes-root", "/nonexistent/episodes"],
+            "--episodes-root /nonexistent/episodes: not a",
+        ),
+        (["--once", "--index", "/nonexistent/dir/index.jsonl"], "directory /nonexistent/dir does not exist"),
+        (["--once", "--index", "/tmp"], "--index /tmp: not a regular file"),
+        (["--once", "--lock-file", "/tmp"], "--lock-file /tmp: not a regular file"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(receiver: Receiver, args: list[str], message: str) -> None:
+    argv = receiver.argv(*args)
+    if args and args[0] == "--bogus":
+        argv.remove("--min-age")
+        argv.remove("0")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("cis490-reconcile: error: ")
+    assert message in proc.stderr
+
+
+def test_pass_backfills_rows_in_the_legacy_format(receiver: Receiver) -> None:
+    path = receiver.tarball("h1", "a")
+    os.utime(path, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    receiver.tarball("h1", "no-meta", {"ep/data": b"x"})
+    result = receiver.run()
+    assert result.returncode == 0
+    rows = receiver.rows()
+    assert [r["episode_id"] for r in rows] == ["a", "no-meta"]
+    data = path.read_bytes()
+    a = rows[0]
+    assert set(a) == ROW_KEYS | {"commit"}
+    assert a["received_at_wall"] == "2023-11-14T22:13:20.123456+00:00"  # the mtime
+    assert a["sha256"] == hashlib.sha256(data).hexdigest()
+    assert a["size_bytes"] == len(data)
+    assert a["schema_version"] == 1 and a["backfilled"] is True and a["commit"] == COMMIT
+    assert abs(datetime.fromisoformat(a["backfilled_at"]).timestamp() - path.stat().st_ctime) < 60
+    assert set(rows[1]) == ROW_KEYS  # no commit
+    warning = result.one("tarball_without_commit")
+    assert warning == warning | {
+        "level": "warning",
+        "path": "h1/no-meta.tar.zst",
+        "reason": "no meta.json member",
+    }
+    for line in receiver.index.read_bytes().splitlines():
+        assert line.decode() == json.dumps(json.loads(line), sort_keys=True)
+    backfilled = result.named("row_backfilled")
+    assert [e["episode_id"] for e in backfilled] == ["a", "no-meta"]
+
+
+def test_second_pass_appends_nothing(receiver: Receiver) -> None:
+    for i in range(5):
+        receiver.tarball(f"h{i % 2}", f"e{i}")
+    receiver.tarball("h0", "broken", blob=b"\x28\xb5\x2f\xfd" + b"\0" * 20)
+    assert receiver.run().one("pass_finished")["backfilled"] == 5
+    before = receiver.index.read_bytes()
+    second = receiver.run().one("pass_finished")
+    assert receiver.index.read_bytes() == before
+    assert second["backfilled"] == 0
+    assert second["already_indexed"] == 5
+    assert second["corrupt"] == 1
+
+
+def test_corrupt_tarballs_are_reported_and_never_indexed(receiver: Receiver) -> None:
+    good = zstd(tar_bytes(episode()))
+    receiver.tarball("h", "cut", blob=good[: len(good) // 2])
+    receiver.tarball("h", "empty", blob=b"")
+    receiver.tarball("h", "text", blob=b"hello\n")
+    receiver.tarball("h", "not-tar", blob=zstd(b"hello\n" * 100))
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 1
+    receiver.tarball("h", "flipped", blob=bytes(flipped))
+    receiver.tarball("h", "fine", gnu=True)
+    result = receiver.run()
+    assert result.returncode == 0  # a completed pass, even with corrupt files
+    assert receiver.keys() == [("h", "fine")]
+    corrupt = {e["path"]: e for e in result.named("tarball_corrupt")}
+    assert set(corrupt) == {f"h/{n}.tar.zst" for n in ("cut", "empty", "text", "not-tar", "flipped")}
+    assert all(e["level"] == "warning" and e["reason"] for e in corrupt.values())
+    assert corrupt["h/cut.tar.zst"]["reason"] == "truncated: ends inside a zstd frame"
+    assert result.one("pass_finished")["corrupt"] == 5
+
+
+def test_index_problems_are_reported_and_the_torn_tail_terminated(receiver: Receiver) -> None:
+    receiver.tarball("h1", "a")
+    receiver.tarball("h2", "a")  # indexed under h1 only: h2 still needs a row
+    receiver.tarball("h1", "old")  # an old row without host_id covers it
+    receiver.tarball("h1", "torn")
+    receiver.append_row(receiver.receiver_row("h1", "a"))
+    receiver.append_raw(b"\n{garbage\n[1]\n")
+    receiver.append_row({"episode_id": "old", "sha256": "x"})
+    receiver.append_raw(json.dumps(receiver.receiver_row("h1", "torn")).encode()[:50])
+    before = receiver.index.read_bytes()
+    result = receiver.run()
+    assert result.returncode == 0
+    after = receiver.index.read_bytes()
+    assert after.startswith(before + b"\n")
+    bad = [(e["line"], e["offset"], e["reason"]) for e in result.named("index_bad_line")]
+    first = len(before.splitlines()[0]) + 1
+    assert bad == [(3, first + 1, "not valid JSON"), (4, first + 10, "not a JSON object")]
+    assert result.one("index_torn_tail")["line"] == 6
+    assert result.named("index_torn_tail_terminated")
+    appended = [json.loads(line) for line in after[len(before) + 1 :].splitlines()]
+    assert sorted((r["host_id"], r["episode_id"]) for r in appended) == [("h1", "torn"), ("h2", "a")]
+    summary = result.one("pass_finished")
+    assert summary["bad_index_lines"] == 2
+    assert summary["already_indexed"] == 2
+
+
+def test_dry_run_prints_every_row_and_writes_nothing(receiver: Receiver) -> None:
+    for i in range(7):
+        receiver.tarball("h", f"e{i}")
+    receiver.append_raw(b'{"torn')
+    before = receiver.index.read_bytes()
+    result = receiver.run("--dry-run")
+    assert result.returncode == 0
+    assert receiver.index.read_bytes() == before
+    printed = [json.loads(line) for line in result.stdout.splitlines()]  # stdout holds only rows
+    assert [r["episode_id"] for r in printed] == [f"e{i}" for i in range(7)]
+    assert result.one("pass_finished")["dry_run"] is True
+    assert len(result.named("row_would_backfill")) == 7
+    real = receiver.run()
+    assert len(real.named("row_backfilled")) == 7
+    after = receiver.index.read_bytes()
+    assert after.startswith(before + b"\n")
+    appended = [json.loads(line) for line in after[len(before) + 1 :].splitlines()]
+
+    def strip(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k != "backfilled_at"}
+
+    assert [strip(r) for r in printed] == [strip(r) for r in appended]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown the index")
+def test_root_is_refused_when_the_index_belongs_to_another_user(receiver: Receiver) -> None:
+    receiver.tarball("h", "a")
+    receiver.index.write_bytes(b"")
+    os.chown(receiver.index, 4242, 4242)
+    refused = receiver.run()
+    assert refused.returncode == 2
+    assert "refusing to run as root" in refused.stderr and "uid 4242" in refused.stderr
+    assert "--allow-root" in refused.stderr
+    assert receiver.run("--dry-run").returncode == 0  # read-only is fine
+    assert receiver.index.read_bytes() == b""
+    assert receiver.run("--allow-root").returncode == 0
+    assert receiver.keys() == [("h", "a")]
+    assert receiver.index.stat().st_uid == 4242  # appending never changes the owner
+
+
+def test_same_rows_as_the_legacy_tool(receiver: Receiver, tmp_path: Path) -> None:
+    """Row for row, the legacy tool and we agree on valid tarballs, apart
+    from the timestamps and our new field."""
+    receiver.tarball("h1", "py", episode())
+    receiver.tarball("h1", "gnu", episode(), gnu=True)
+    receiver.tarball("h2", "upper", {"ep/meta.json": meta(COMMIT.upper()), "ep/x": b"1"})
+    receiver.tarball("h2", "nometa", {"ep/x": b"1"})
+    receiver.tarball("h2", "badmeta", {"ep/meta.json": b"{", "ep/x": b"1"})
+    receiver.tarball("h3", "nochecksum", episode(), checksum=False)
+    receiver.append_row(receiver.receiver_row("h1", "py"))
+    legacy = receiver.copy(tmp_path / "legacy")
+    proc = subprocess.run(
+        [sys.executable, str(LEGACY), "--episodes-root", str(legacy.episodes), "--index", str(legacy.index)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert receiver.run().returncode == 0
+    ignore = {"received_at_wall", "backfilled_at"}
+
+    def normalise(rows: list[dict]) -> list[dict]:
+        return sorted(({k: v for k, v in r.items() if k not in ignore} for r in rows), key=str)
+
+    ours, theirs = receiver.rows()[1:], legacy.rows()[1:]
+    assert len(ours) == 5
+    assert normalise(ours) == normalise(theirs)
+
+
+def test_demo_runs(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(SCRIPT), "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "== result: 3 rows backfilled, 1 corrupt tarball reported, 1 left in flight" in proc.stdout
+    assert "second pass appended 0" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # cleaned up

@@ -1,0 +1,106 @@
+"""The commit waits for a receiver holding the index lock in any family
+(flock, lockf, OFD): real processes contending for a real lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, Receiver
+
+HOLDER = REPO / "tests" / "lockholder.py"
+
+
+class Holder:
+    def __init__(self, path: Path, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HOLDER), str(path), mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout.readline() == "locked\n"
+
+    def release(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["flock", "lockf", "ofd"])
+@pytest.mark.parametrize("separate_lock_file", [False, True])
+def test_commit_waits_for_each_lock_family(receiver: Receiver, mode: str, separate_lock_file: bool) -> None:
+    receiver.tarball("h1", "a")
+    receiver.append_row({"host_id": "h0", "episode_id": "old"})
+    before = receiver.index.read_bytes()
+    lock_file = receiver.root / "index.lock" if separate_lock_file else receiver.index
+    extra = ("--lock-file", str(lock_file)) if separate_lock_file else ()
+    holder = Holder(lock_file, mode)
+    proc = subprocess.Popen(
+        receiver.argv("--once", "--lock-timeout", "20", *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None, "the pass did not wait for the lock"
+        assert receiver.index.read_bytes() == before
+    finally:
+        released_at = time.monotonic()
+        holder.release()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - released_at < 5
+    assert receiver.keys() == [("h0", "old"), ("h1", "a")]
+    assert '"event": "index_lock_waiting"' in out
+
+
+@pytest.mark.parametrize("mode", ["flock", "lockf", "ofd"])
+def test_lock_timeout_fails_the_pass_clearly(receiver: Receiver, mode: str) -> None:
+    receiver.tarball("h1", "a")
+    receiver.append_row({"host_id": "h0", "episode_id": "old"})
+    before = receiver.index.read_bytes()
+    holder = Holder(receiver.index, mode)
+    try:
+        started = time.monotonic()
+        result = receiver.run("--lock-timeout", "0.5")
+        elapsed = time.monotonic() - started
+    finally:
+        holder.release()
+    assert result.returncode == 1
+    assert elapsed < 10
+    failed = result.one("pass_failed")
+    assert "could not lock" in failed["error"] and "within 0.5 s" in failed["error"]
+    assert receiver.index.read_bytes() == before
+
+
+def test_dry_run_takes_no_lock(receiver: Receiver) -> None:
+    receiver.tarball("h1", "a")
+    receiver.index.write_bytes(b"")
+    holder = Holder(receiver.index, "ofd")
+    try:
+        result = receiver.run("--dry-run", "--lock-timeout", "0.2")
+    finally:
+        holder.release()
+    assert result.returncode == 0
+    assert result.stdout.count("\n") == 1
+    assert receiver.index.read_bytes() == b""
+
+
+def test_receiver_append_rows_and_reconciler_serialise(receiver: Receiver) -> None:
+    """The exported append_rows, called from another process, waits for the
+    same lock the reconciler takes."""
+    holder = Holder(receiver.index, "flock")
+    code = (
+        "import sys; from pathlib import Path; from cis490_reconcile.index import append_rows;"
+        "append_rows(Path(sys.argv[1]), [{'host_id': 'h', 'episode_id': 'r'}], timeout=20)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(receiver.index)])
+    time.sleep(1.0)
+    assert proc.poll() is None
+    holder.release()
+    assert proc.wait(timeout=20) == 0
+    assert receiver.keys() == [("h", "r")]
