@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO, Receiver
+
+from cis490_reconcile import lock
 
 HOLDER = REPO / "tests" / "lockholder.py"
 
@@ -104,3 +107,49 @@ def test_receiver_append_rows_and_reconciler_serialise(receiver: Receiver) -> No
     holder.release()
     assert proc.wait(timeout=20) == 0
     assert receiver.keys() == [("h", "r")]
+
+
+def _contender_gets(path: Path, mode: str) -> bool:
+    """Can another process take a `mode` lock on path right now?"""
+    code = (
+        "import fcntl, os, struct, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n"
+        "    if sys.argv[2] == 'flock': fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "    else: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except OSError: sys.exit(1)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, str(path), mode]).returncode == 0
+
+
+def test_closing_another_fd_of_the_file_keeps_the_lock(tmp_path: Path) -> None:
+    """A classic POSIX lock would be gone after the close() below."""
+    path = tmp_path / "index.jsonl"
+    path.write_bytes(b"")
+    with lock.hold(path, os.O_RDWR | os.O_APPEND, timeout=5):
+        os.close(os.open(path, os.O_RDONLY))
+        assert not _contender_gets(path, "lockf")
+        assert not _contender_gets(path, "flock")
+    assert _contender_gets(path, "lockf")
+    assert _contender_gets(path, "flock")
+
+
+def test_lock_file_replaced_while_locking_is_locked_again(tmp_path: Path, monkeypatch) -> None:
+    """Race 5 in lock.py: the path is renamed over between our open and our
+    lock; we must end up holding the file that is at the path now."""
+    path = tmp_path / "index.jsonl"
+    path.write_bytes(b"old")
+    real = lock._try_both
+    replaced = []
+
+    def rename_first(fd: int) -> bool:
+        if not replaced:
+            (tmp_path / "new").write_bytes(b"new")
+            os.rename(tmp_path / "new", path)
+            replaced.append(True)
+        return real(fd)
+
+    monkeypatch.setattr(lock, "_try_both", rename_first)
+    with lock.hold(path, os.O_RDWR | os.O_APPEND, timeout=5) as fd:
+        assert os.fstat(fd).st_ino == path.stat().st_ino
+        assert os.pread(fd, 3, 0) == b"new"
