@@ -1,22 +1,38 @@
 """Settings: every key, its default, how it is parsed and checked, in one table.
 
-The command line is generated from SETTINGS, so a key cannot exist without a
-default, a check and a help text. Parsers accept strings (flags) or already
-typed values, and raise ConfigError with a message fit for one line.
+The command line, the environment variables and the TOML keys are all derived
+from SETTINGS, so a key cannot exist without a default, a check and a help
+text. Sources, strongest first:
+
+    1. flags                 --min-age 60
+    2. environment           CIS490_RECONCILE_MIN_AGE=60
+    3. the TOML file         min_age = 60   (--config, $CIS490_RECONCILE_CONFIG,
+                                             default /etc/cis490/reconcile.toml)
+    4. the default in SETTINGS
+
+A missing default file is fine (most hosts need none); a missing named file,
+an unknown key or a bad value is a ConfigError naming its source, one line.
+Parsers accept strings (flags, environment) or TOML's typed values.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
+import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .store import is_safe_name
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_CONFIG_FILE = Path("/etc/cis490/reconcile.toml")
+ENV_PREFIX = "CIS490_RECONCILE_"
+ENV_CONFIG = ENV_PREFIX + "CONFIG"
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 class ConfigError(Exception):
@@ -46,6 +62,30 @@ def _positive_seconds(value: object) -> float:
     if seconds <= 0:
         raise ValueError("expected a number of seconds > 0")
     return seconds
+
+
+def _optional_positive_seconds(value: object) -> float | None:
+    """0 or "" switches the setting off (so the environment can override a file)."""
+    if value in ("", 0, "0"):
+        return None
+    return _positive_seconds(value)
+
+
+def _rate(value: object) -> int | None:
+    """Bytes per second, with an optional K, M or G (powers of 1024); 0 is no limit."""
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    if isinstance(value, bool) or not text:
+        raise ValueError("expected bytes per second, like 50M")
+    number, suffix = (text[:-1], text[-1]) if text[-1] in _SIZE_SUFFIXES else (text, "")
+    try:
+        rate = float(number) * _SIZE_SUFFIXES[suffix]
+    except ValueError:
+        raise ValueError("expected bytes per second, like 50M (K, M, G are powers of 1024)") from None
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError("expected bytes per second >= 0")
+    if 0 < rate < 64 << 10:
+        raise ValueError("expected 0 (no limit) or at least 64K per second")
+    return int(rate) or None
 
 
 def _host(value: object) -> str:
@@ -122,6 +162,20 @@ SETTINGS: tuple[Setting, ...] = (
         "give up (exit 1) if the index lock is not free within this time",
         "SECONDS",
     ),
+    Setting(
+        "interval",
+        None,
+        _optional_positive_seconds,
+        "run as a loop: this long between the end of one pass and the start of the next",
+        "SECONDS",
+    ),
+    Setting(
+        "max_read_rate",
+        None,
+        _rate,
+        "read tarballs at most this fast, e.g. 50M, so the receiver keeps its disk (0: no limit)",
+        "BYTES_PER_S",
+    ),
     Setting("log_level", "info", _level, "debug, info, warning or error", "LEVEL"),
     Setting("allow_root", False, _bool, "run as root even though the index belongs to another user"),
 )
@@ -135,6 +189,8 @@ class Config:
     host: str | None
     min_age: float
     lock_timeout: float
+    interval: float | None
+    max_read_rate: int | None
     log_level: str
     allow_root: bool
 
@@ -143,21 +199,108 @@ class Config:
         return self.lock_file or self.index
 
 
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """The effective config and, per key, where its value came from."""
+
+    config: Config
+    sources: Mapping[str, str]
+    config_file: Path | None  # the file that was read, if any
+
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
 def build(values: Mapping[str, object]) -> Config:
-    """A Config from raw values (missing keys take their defaults)."""
-    unknown = set(values) - {s.key for s in SETTINGS}
-    if unknown:
-        raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}")
-    parsed = {}
-    for setting in SETTINGS:
-        if setting.key not in values:
-            parsed[setting.key] = setting.default
-            continue
-        try:
-            parsed[setting.key] = setting.parse(values[setting.key])
-        except ValueError as e:
-            raise ConfigError(f"{setting.flag} {values[setting.key]!r}: {e}") from None
-    return Config(**parsed)  # type: ignore[arg-type]
+    """A Config from raw values named by key (missing keys take their defaults)."""
+    return resolve([("value", values)]).config
+
+
+def resolve(layers: list[tuple[str, Mapping[str, object]]]) -> Loaded:
+    """Merge layers, weakest first; each is (source, {key: raw value})."""
+    parsed: dict[str, object] = {s.key: s.default for s in SETTINGS}
+    sources = dict.fromkeys(parsed, "default")
+    for source, values in layers:
+        for key, raw in values.items():
+            setting = _BY_KEY.get(key)
+            if setting is None:
+                raise ConfigError(f"{source}: unknown setting {key!r}")
+            try:
+                parsed[key] = setting.parse(raw)
+            except ValueError as e:
+                raise ConfigError(f"{_where(source, setting, raw)}: {e}") from None
+            sources[key] = source
+    return Loaded(Config(**parsed), sources, None)  # type: ignore[arg-type]
+
+
+def load(flags: Mapping[str, object], config_file: Path | None, environ: Mapping[str, str]) -> Loaded:
+    """Flags over environment over the TOML file over defaults."""
+    named = config_file or (Path(environ[ENV_CONFIG]) if environ.get(ENV_CONFIG) else None)
+    path = named or DEFAULT_CONFIG_FILE
+    layers = []
+    file_values = _read_toml(path, required=named is not None)
+    if file_values is not None:
+        layers.append((str(path), file_values))
+    env_values = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and name != ENV_CONFIG:
+            key = name.removeprefix(ENV_PREFIX).lower()
+            if key not in _BY_KEY:
+                raise ConfigError(f"environment: unknown variable {name} (see 'cis490-reconcile config')")
+            env_values[key] = value
+    layers += [("environment", env_values), ("flag", flags)]
+    loaded = resolve(layers)
+    return Loaded(loaded.config, loaded.sources, path if file_values is not None else None)
+
+
+def _read_toml(path: Path, required: bool) -> dict[str, object] | None:
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path}: no such file") from None
+        return None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: not valid TOML: {e}") from None
+    for key, value in values.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"config file {path}: unexpected table [{key}]; keys go at the top level")
+    return values
+
+
+def _where(source: str, setting: Setting, raw: object) -> str:
+    if source == "flag":
+        return f"{setting.flag} {raw!r}"
+    if source == "environment":
+        return f"{ENV_PREFIX}{setting.key.upper()}={raw!r}"
+    if source == "value":
+        return f"{setting.key} {raw!r}"
+    return f"config file {source}: {setting.key} = {raw!r}"
+
+
+def render(loaded: Loaded) -> str:
+    """The effective config as TOML, each key with where it came from."""
+    file_note = loaded.config_file or f"{DEFAULT_CONFIG_FILE} (absent)"
+    lines = [f"# effective configuration; config file: {file_note}"]
+    for field in fields(Config):
+        value = getattr(loaded.config, field.name)
+        source = loaded.sources[field.name]
+        if value is None:
+            lines.append(f"# {field.name} is not set  # {source}")
+        else:
+            lines.append(f"{field.name} = {_toml_value(value)}  # {source}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
 
 
 def check_paths(cfg: Config) -> None:

@@ -1,0 +1,133 @@
+"""Config sources and their precedence: flags > environment > TOML file > defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from helpers import Receiver
+
+from cis490_reconcile import config
+from cis490_reconcile.config import ConfigError
+
+
+def test_flags_beat_environment_beat_file_beat_defaults(tmp_path: Path) -> None:
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text('min_age = 60\nlock_timeout = 5\nlog_level = "debug"\nmax_read_rate = "10M"\n')
+    env = {"CIS490_RECONCILE_LOCK_TIMEOUT": "7", "CIS490_RECONCILE_LOG_LEVEL": "warning"}
+    loaded = config.load({"log_level": "error"}, toml, env)
+    cfg = loaded.config
+    assert (cfg.min_age, cfg.lock_timeout, cfg.log_level) == (60.0, 7.0, "error")
+    assert cfg.max_read_rate == 10 << 20
+    assert cfg.interval is None
+    assert loaded.sources["min_age"] == str(toml)
+    assert loaded.sources["lock_timeout"] == "environment"
+    assert loaded.sources["log_level"] == "flag"
+    assert loaded.sources["index"] == "default"
+
+
+def test_the_environment_names_the_file(tmp_path: Path) -> None:
+    toml = tmp_path / "other.toml"
+    toml.write_text("interval = 300\n")
+    loaded = config.load({}, None, {"CIS490_RECONCILE_CONFIG": str(toml)})
+    assert loaded.config.interval == 300.0 and loaded.config_file == toml
+
+
+def test_a_missing_default_file_is_fine_a_missing_named_file_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
+    assert config.load({}, None, {}).config_file is None
+    with pytest.raises(ConfigError, match=r"config file .*named.toml: no such file"):
+        config.load({}, tmp_path / "named.toml", {})
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("min_agee = 3\n", {}, r"reconcile.toml: unknown setting 'min_agee'"),
+        ("min_age = -3\n", {}, r"config file .*reconcile.toml: min_age = -3: expected a finite number"),
+        ("min_age = [\n", {}, r"not valid TOML"),
+        ("[paths]\nindex = 'x'\n", {}, r"unexpected table \[paths\]"),
+        ("", {"CIS490_RECONCILE_MIN_AEG": "1"}, r"unknown variable CIS490_RECONCILE_MIN_AEG"),
+        ("", {"CIS490_RECONCILE_MAX_READ_RATE": "fast"}, r"CIS490_RECONCILE_MAX_READ_RATE='fast': expected"),
+        ("log_level = 3\n", {}, r"log_level = 3: expected one of debug"),
+        ("allow_root = 'maybe'\n", {}, r"expected true or false"),
+    ],
+)
+def test_bad_sources_name_themselves(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load({}, toml, env)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("50M", 50 << 20), ("50MiB", 50 << 20), ("1.5G", 3 << 29), ("65536", 65536), (0, None), ("0", None)],
+)
+def test_read_rates(raw: object, expected: int | None) -> None:
+    assert config.build({"max_read_rate": raw}).max_read_rate == expected
+
+
+@pytest.mark.parametrize("raw", ["1K", "-5M", "5X", "", True, "inf"])
+def test_bad_read_rates(raw: object) -> None:
+    with pytest.raises(ConfigError, match="max_read_rate"):
+        config.build({"max_read_rate": raw})
+
+
+def test_interval_zero_switches_the_loop_off() -> None:
+    assert config.build({"interval": "0"}).interval is None
+    assert config.build({"interval": "2.5"}).interval == 2.5
+
+
+def test_config_command_prints_toml_with_sources(receiver: Receiver, tmp_path: Path) -> None:
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text(f'episodes_root = "{receiver.episodes}"\nmin_age = 42\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "cis490_reconcile", "config", "--config", str(toml), "--lock-timeout", "9"],
+        capture_output=True,
+        text=True,
+        env={"CIS490_RECONCILE_INTERVAL": "600", "PATH": "/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    effective = tomllib.loads(proc.stdout)  # what it prints is itself a valid config file
+    assert effective["episodes_root"] == str(receiver.episodes)
+    assert (effective["min_age"], effective["lock_timeout"], effective["interval"]) == (42.0, 9.0, 600.0)
+    lines = {line.split(" =")[0]: line for line in proc.stdout.splitlines()}
+    assert lines["min_age"].endswith(f"# {toml}")
+    assert lines["lock_timeout"].endswith("# flag")
+    assert lines["interval"].endswith("# environment")
+    assert lines["index"].endswith("# default")
+    assert "# host is not set  # default" in proc.stdout
+    config.build(effective)  # and it round-trips through the parser
+
+
+def test_bad_config_file_is_one_line_and_exit_2(receiver: Receiver, tmp_path: Path) -> None:
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text("min_age = 'soon'\n")
+    proc = subprocess.run(
+        [*receiver.argv("--once"), "--config", str(toml)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
+    assert "min_age = 'soon': expected a number of seconds" in proc.stderr
+
+
+def test_config_file_drives_a_pass(receiver: Receiver, tmp_path: Path) -> None:
+    receiver.tarball("h1", "a")
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text(f'episodes_root = "{receiver.episodes}"\nindex = "{receiver.index}"\nmin_age = 0\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "cis490_reconcile", "--once", "--config", str(toml)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert receiver.keys() == [("h1", "a")]
