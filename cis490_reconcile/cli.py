@@ -1,22 +1,30 @@
-"""The command line: parse flags, build the config, wire the pieces together,
+"""The command line: parse flags, load the config, wire the pieces together,
 turn the outcome into an exit code. No policy lives here.
 
-Exit codes: 0 the pass completed (even if it reported corrupt files),
-1 the pass could not complete, 2 bad flags, values or paths.
+    cis490-reconcile --once [flags]        one pass (the timer's service)
+    cis490-reconcile --interval S [flags]  a loop (or `interval` in the config)
+    cis490-reconcile config [flags]        print the effective config and sources
+    cis490-reconcile demo                  build a demo store with gaps, reconcile it
+
+Exit codes: 0 the pass completed (even if it reported corrupt files) or was
+stopped by a signal, 1 the pass could not complete, 2 bad flags, values or paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from . import __version__, config, demo
-from .config import SETTINGS, ConfigError
-from .log import make_logger
-from .reconcile import PassFailed, Reconciler
+from .config import SETTINGS, Config, ConfigError
+from .log import Logger, make_logger
+from .notify import Notifier
+from .service import EXIT_FAILED, Service
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_USAGE = 2
 PROG = "cis490-reconcile"
 
 
@@ -26,18 +34,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _parser() -> _Parser:
+def _parser(prog: str = PROG) -> _Parser:
     parser = _Parser(
-        prog=PROG,
+        prog=prog,
         allow_abbrev=False,
         description="Backfill index.jsonl rows for episode tarballs the receiver stored but never indexed.",
-        epilog="Subcommands: 'cis490-reconcile demo' builds a small store with gaps and reconciles it.",
+        epilog="Subcommands: 'config' prints the effective configuration and where each value came "
+        "from; 'demo' builds a small store with gaps and reconciles it.",
     )
-    parser.add_argument("--once", action="store_true", help="run one pass and exit")
+    parser.add_argument("--once", action="store_true", help="run one pass and exit (wins over --interval)")
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="take no lock, write nothing; print the rows a pass would append on stdout (logs go to stderr)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"TOML config file (default: ${config.ENV_CONFIG} or {config.DEFAULT_CONFIG_FILE}, if present)",
     )
     for s in SETTINGS:
         if s.is_switch:
@@ -49,29 +64,45 @@ def _parser() -> _Parser:
     return parser
 
 
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
         return demo.main(argv[1:])
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not args.once:
-        parser.error("nothing to do: pass --once to run one pass")
-    try:
-        given = {s.key: getattr(args, s.key) for s in SETTINGS}
-        cfg = config.build({key: value for key, value in given.items() if value is not None})
+    show_config = argv[:1] == ["config"]
+    parser = _parser(f"{PROG} config" if show_config else PROG)
+    args = parser.parse_args(argv[1:] if show_config else argv)
+    flags = {s.key: getattr(args, s.key) for s in SETTINGS if getattr(args, s.key) is not None}
+
+    def load() -> Config:
+        cfg = config.load(flags, args.config, os.environ).config
         config.check_paths(cfg)
+        return cfg
+
+    try:
+        if show_config:
+            print(config.render(config.load(flags, args.config, os.environ)), end="")
+            return 0
+        cfg = load()
+        if not args.once and cfg.interval is None:
+            parser.error("nothing to do: pass --once for one pass, or --interval SECONDS for a loop")
         if not args.dry_run:
             config.check_user(cfg)
     except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    log = make_logger(cfg.log_level, sys.stderr if args.dry_run else sys.stdout)
+        return _fail(str(e))
+
+    stream = sys.stderr if args.dry_run else sys.stdout
+
+    def logger_for(c: Config) -> Logger:
+        return make_logger(c.log_level, stream)
+
+    service = Service(load, logger_for, Notifier(), once=args.once, dry_run=args.dry_run)
     try:
-        Reconciler(cfg, log, dry_run=args.dry_run).run_pass()
-    except PassFailed:
-        return EXIT_FAILED
+        return service.run(cfg)
     except Exception:
-        log.exception("internal_error")
+        logger_for(cfg).exception("internal_error")
         return EXIT_FAILED
-    return EXIT_OK

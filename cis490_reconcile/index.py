@@ -20,6 +20,7 @@ from . import lock, syscalls
 SCHEMA_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # receiver rows are ~300 bytes; longer lines are garbage
 _READ_CHUNK = 1 << 20
+PROGRESS_LINES = 10_000
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 
 
@@ -127,9 +128,16 @@ class IndexReader:
         self.torn_tail = False  # does the file end inside a line?
         self._identity: tuple[int, int] | None = None
 
-    def catch_up(self, fd: int, on_bad_line: Callable[[BadLine], None]) -> bool:
+    def catch_up(
+        self,
+        fd: int,
+        on_bad_line: Callable[[BadLine], None],
+        on_progress: Callable[[], None] | None = None,
+    ) -> bool:
         """Parse what was appended since the last call. Returns True when the
-        file was replaced or shrank and was therefore parsed from the start."""
+        file was replaced or shrank and was therefore parsed from the start.
+        on_progress is called every PROGRESS_LINES lines (a watchdog ping on a
+        large index)."""
         st = os.fstat(fd)
         identity = (st.st_dev, st.st_ino)
         restarted = self._identity is not None and (identity != self._identity or st.st_size < self.offset)
@@ -147,6 +155,8 @@ class IndexReader:
                 break
             self.lines += 1
             self.offset = next_offset
+            if on_progress is not None and self.lines % PROGRESS_LINES == 0:
+                on_progress()
             if raw is None:
                 self._bad(BadLine(self.lines, offset, "line longer than 1 MiB"), on_bad_line)
             elif raw.strip():

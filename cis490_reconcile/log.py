@@ -2,19 +2,27 @@
 
 Every line starts with ts, level and event (a stable snake_case name); the
 facts follow as fields. Lines are flushed one by one: a process killed by the
-watchdog must not take buffered lines with it.
+watchdog (SIGABRT) must not take buffered lines with it.
+
+When stdout is the journal (systemd sets JOURNAL_STREAM to the device and
+inode of the stream it connected), each line starts with the syslog priority
+"<N>": journald strips it and stores it as PRIORITY, so
+`journalctl -p warning` filters, and `journalctl -o cat` still prints pure JSON.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 Logger = FilteringBoundLogger
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
 
 def _leading_keys(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -22,16 +30,42 @@ def _leading_keys(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict
     return {**head, **event_dict}
 
 
-def make_logger(level: str = "info", stream: TextIO | None = None) -> Logger:
+class _Render:
+    def __init__(self, journal: bool) -> None:
+        self._json = structlog.processors.JSONRenderer(default=str)
+        self._journal = journal
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
+        line = self._json(logger, name, event_dict)
+        if self._journal:
+            return f"<{SYSLOG_PRIORITY.get(event_dict.get('level', ''), 6)}>{line}"
+        return str(line)
+
+
+def is_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Is `stream` the journal stream systemd connected (not a pipe a child
+    inherited JOURNAL_STREAM through)?"""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def make_logger(level: str = "info", stream: TextIO | None = None, journal: bool | None = None) -> Logger:
+    """journal=None: detect it from JOURNAL_STREAM."""
+    stream = stream or sys.stdout
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         structlog.processors.format_exc_info,
         _leading_keys,
-        structlog.processors.JSONRenderer(default=str),
+        _Render(is_journal(stream) if journal is None else journal),
     ]
     logger: Logger = structlog.wrap_logger(
-        structlog.PrintLogger(stream or sys.stdout),
+        structlog.PrintLogger(stream),
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=False,

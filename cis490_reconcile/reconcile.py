@@ -1,20 +1,29 @@
 """One reconcile pass: find the tarballs index.jsonl lacks and append their rows.
 
     1. read the index, unlocked (IndexReader keeps what it parsed)
-    2. walk the store; for each settled tarball the index lacks, verify it
-    3. every BATCH_ROWS rows (or BATCH_SECONDS), commit under the lock:
+    2. list the store and keep the episodes the index lacks (in chunks of
+       SCAN_CHUNK, so memory stays bounded and progress has a total)
+    3. for each one that is settled, verify it
+    4. every BATCH_ROWS rows (or BATCH_SECONDS), commit under the lock:
        catch up on what the receiver appended meanwhile, drop rows that became
        present, append the rest in one write, fdatasync, release
 
-The lock is held only for step 3's short critical section, never while
+The lock is held only for step 4's short critical section, never while
 reading tarballs.
+
+Stopping: every slow step calls _checkpoint(), which feeds the watchdog and
+raises StopRequested when a stop was asked for. Checkpoints are never inside
+the locked section, so a commit that has the lock always finishes. After a
+stop, rows already verified are committed if the lock is free at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TextIO
@@ -24,17 +33,25 @@ from .config import Config
 from .index import BadLine, IndexReader
 from .lock import LockTimeout
 from .log import Logger
-from .store import HostDir, Skipped, Store, Tarball
+from .notify import Notifier
+from .pacing import ReadPacer
+from .store import HostDir, Skipped, Store, Tarball, printable
 from .verify import Intact, Unreadable, Unsettled, verify
 
 BATCH_ROWS = 1000
 BATCH_SECONDS = 10.0
+SCAN_CHUNK = 100_000  # candidate names held at once (a few MB)
 MAX_BAD_LINE_EVENTS = 1000  # per pass; the count in the summary is always complete
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class PassFailed(Exception):
     """The pass could not complete (lock timeout, index unwritable, disk full)."""
+
+
+class StopRequested(BaseException):
+    """Raised at a checkpoint after SIGTERM/SIGINT. A BaseException so that no
+    `except Exception` on the way (tarfile's hostile-input guard) swallows it."""
 
 
 def iso_utc(ns: int) -> str:
@@ -76,6 +93,7 @@ class PassSummary:
     lock_wait_s: float = 0.0
     lock_held_max_s: float = 0.0
     duration_s: float = 0.0
+    interrupted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,24 +107,39 @@ class Reconciler:
     """Runs passes. Keeps its IndexReader between passes, so a long-running
     loop parses each index line once."""
 
-    def __init__(self, cfg: Config, log: Logger, dry_run: bool = False, rows_out: TextIO | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        log: Logger,
+        dry_run: bool = False,
+        rows_out: TextIO | None = None,
+        notifier: Notifier | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ):
         self.cfg = cfg
         self.log = log
         self.dry_run = dry_run
         self.rows_out = rows_out or sys.stdout
+        self.notifier = notifier or Notifier({})
+        self.should_stop = should_stop
         self.reader = IndexReader(cfg.index)
+        self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
         self._summary = PassSummary()
         self._bad_line_events = 0
         self._pending: list[_Pending] = []
         self._pending_since = 0.0
+        self._progress = (0, 0)  # (candidates verified, candidates found)
 
     # --- the pass -------------------------------------------------------------
 
     def run_pass(self) -> PassSummary:
-        """One pass. Raises PassFailed; the summary event is logged either way."""
+        """One pass. Raises PassFailed; the summary event is logged either way.
+        After a stop request it returns early with summary.interrupted set."""
         self._summary = summary = PassSummary()
         self._bad_line_events = 0
         self._pending = []
+        self._progress = (0, 0)
+        self.pacer = ReadPacer(self.cfg.max_read_rate, self._checkpoint)
         started = time.monotonic()
         self.log.info(
             "pass_started",
@@ -114,20 +147,17 @@ class Reconciler:
             index=self.cfg.index,
             host=self.cfg.host,
             min_age_s=self.cfg.min_age,
+            max_read_rate=self.cfg.max_read_rate,
             dry_run=self.dry_run,
         )
         try:
-            self._catch_up_unlocked()
-            if self.reader.torn_tail:
-                self.log.warning("index_torn_tail", offset=self.reader.offset, line=self.reader.lines + 1)
-            with Store(self.cfg.episodes_root) as store:
-                for host in store.host_ids(self.cfg.host):
-                    if isinstance(host, Skipped):
-                        self._skipped(host)
-                        continue
-                    self._reconcile_host(store, host)
-            if self._pending or (self.reader.torn_tail and not self.dry_run):
-                self._commit()
+            try:
+                self._reconcile()
+            except StopRequested:
+                summary.interrupted = True
+                if self._pending:
+                    with contextlib.suppress(StopRequested):
+                        self._commit(wait_for_lock=False)
         except (LockTimeout, OSError) as e:
             summary.duration_s = round(time.monotonic() - started, 3)
             reason = _describe(e, self.cfg)
@@ -138,35 +168,87 @@ class Reconciler:
         self.log.info("pass_finished", dry_run=self.dry_run, **asdict(summary))
         return summary
 
-    def _reconcile_host(self, store: Store, host_id: str) -> None:
-        host = store.open_host(host_id)
+    def _reconcile(self) -> None:
+        self.notifier.status("reading the index", force=True)
+        self._catch_up_unlocked(self._checkpoint)
+        if self.reader.torn_tail:
+            self.log.warning("index_torn_tail", offset=self.reader.offset, line=self.reader.lines + 1)
+        with Store(self.cfg.episodes_root) as store:
+            for chunk in self._unindexed(store):
+                self._progress = (self._progress[0], self._progress[1] + len(chunk))
+                self._verify_chunk(store, chunk)
+        if self._pending or (self.reader.torn_tail and not self.dry_run):
+            self._commit()
+
+    def _unindexed(self, store: Store) -> Iterator[list[tuple[str, str]]]:
+        """(host_id, episode_id) of every episode the index lacks, in chunks."""
+        chunk: list[tuple[str, str]] = []
+        for host_id in store.host_ids(self.cfg.host):
+            if isinstance(host_id, Skipped):
+                self._skipped(host_id)
+                continue
+            self.notifier.status(f"listing {printable(host_id)}")
+            for episode_id in self._listing(store, host_id):
+                self._summary.scanned += 1
+                if self.reader.keys.covers(host_id, episode_id):
+                    self._summary.already_indexed += 1
+                    continue
+                chunk.append((host_id, episode_id))
+                if len(chunk) >= SCAN_CHUNK:
+                    yield chunk
+                    chunk = []
+            self._checkpoint()
+        if chunk:
+            yield chunk
+
+    def _listing(self, store: Store, host_id: str) -> list[str]:
+        host = self._open_host(store, host_id)
         if host is None:
-            if self.cfg.host is not None:
-                self.log.warning("host_not_found", host_id=host_id)
-            return
-        if isinstance(host, Skipped):
-            self._skipped(host)
-            return
+            return []
         with host:
             try:
                 entries = host.entries()
             except OSError as e:
                 self._skipped(Skipped(host_id, f"cannot list: {e.strerror}"))
-                return
-            for entry in entries:
-                if isinstance(entry, Skipped):
-                    self._skipped(entry)
-                    continue
-                self._summary.scanned += 1
-                if self.reader.keys.covers(host_id, entry):
-                    self._summary.already_indexed += 1
-                    continue
-                self._consider(host, entry)
-                if self._pending and (
-                    len(self._pending) >= BATCH_ROWS
-                    or time.monotonic() - self._pending_since >= BATCH_SECONDS
-                ):
-                    self._commit()
+                return []
+        names = []
+        for entry in entries:
+            if isinstance(entry, Skipped):
+                self._skipped(entry)
+            else:
+                names.append(entry)
+        return names
+
+    def _open_host(self, store: Store, host_id: str) -> HostDir | None:
+        host = store.open_host(host_id)
+        if host is None and self.cfg.host is not None:
+            self.log.warning("host_not_found", host_id=host_id)
+        if isinstance(host, Skipped):
+            self._skipped(host)
+            return None
+        return host
+
+    def _verify_chunk(self, store: Store, chunk: list[tuple[str, str]]) -> None:
+        """Verify a chunk host by host (the chunk is in host order)."""
+        i = 0
+        while i < len(chunk):
+            host_id = chunk[i][0]
+            j = i
+            while j < len(chunk) and chunk[j][0] == host_id:
+                j += 1
+            host = store.open_host(host_id)  # removed or replaced since the listing: next pass
+            if isinstance(host, HostDir):
+                with host:
+                    for _, episode_id in chunk[i:j]:
+                        self._consider(host, episode_id)
+                        self._progress = (self._progress[0] + 1, self._progress[1])
+                        self._checkpoint()
+                        if self._pending and (
+                            len(self._pending) >= BATCH_ROWS
+                            or time.monotonic() - self._pending_since >= BATCH_SECONDS
+                        ):
+                            self._commit()
+            i = j
 
     def _consider(self, host: HostDir, episode_id: str) -> None:
         s = self._summary
@@ -181,7 +263,7 @@ class Reconciler:
             s.in_flight += 1
             self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
             return
-        verdict = verify(host, tarball, self._count_read)
+        verdict = verify(host, tarball, self._on_read)
         if isinstance(verdict, Intact):
             if verdict.commit_note:
                 self.log.warning("tarball_without_commit", path=tarball.path, reason=verdict.commit_note)
@@ -201,8 +283,21 @@ class Reconciler:
                 "tarball_corrupt", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
             )
 
-    def _count_read(self, n: int) -> None:
+    def _on_read(self, n: int) -> None:
         self._summary.bytes_read += n
+        self.pacer.consume(n)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """A safe point: feed the watchdog, report progress, honour a stop."""
+        self.notifier.alive()
+        done, found = self._progress
+        if found:
+            self.notifier.status(
+                f"verifying {done}/{found} unindexed tarballs, {_size(self._summary.bytes_read)} read"
+            )
+        if self.should_stop():
+            raise StopRequested
 
     def _skipped(self, skipped: Skipped) -> None:
         self._summary.skipped += 1
@@ -217,23 +312,27 @@ class Reconciler:
         elif self._bad_line_events == MAX_BAD_LINE_EVENTS + 1:
             self.log.warning("index_bad_line_events_suppressed", after=MAX_BAD_LINE_EVENTS)
 
-    def _catch_up(self, fd: int) -> None:
-        if self.reader.catch_up(fd, self._on_bad_line):
+    def _catch_up(self, fd: int, on_progress: Callable[[], None]) -> None:
+        if self.reader.catch_up(fd, self._on_bad_line, on_progress):
             self.log.warning("index_restarted", reason="index replaced or shrank; parsed from the start")
 
-    def _catch_up_unlocked(self) -> None:
+    def _catch_up_unlocked(self, on_progress: Callable[[], None]) -> None:
         try:
             fd = os.open(self.cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return  # nothing indexed yet; the first commit creates it
         try:
-            self._catch_up(fd)
+            self._catch_up(fd, on_progress)
         finally:
             os.close(fd)
 
-    def _commit(self) -> None:
+    def _commit(self, wait_for_lock: bool = True) -> None:
+        """Append the pending rows. With wait_for_lock=False (after a stop
+        request) give up at once if the lock is busy: the rows are verified
+        again next pass, which is cheaper than delaying a stop."""
         pending, self._pending = self._pending, []
-        self._catch_up_unlocked()  # most of what the receiver appended, before locking
+        # most of what the receiver appended, before locking
+        self._catch_up_unlocked(self._checkpoint if wait_for_lock else self.notifier.alive)
         if self.dry_run:
             fresh, raced = self._partition(pending)
             for p in fresh:
@@ -245,14 +344,19 @@ class Reconciler:
 
         def on_wait() -> None:
             nonlocal waited
+            if not wait_for_lock:
+                self.log.info("rows_left_for_next_pass", rows=len(pending), reason="stopping, lock busy")
+                raise StopRequested
             if not waited:
                 waited = True
                 self.log.info("index_lock_waiting", lock_file=self.cfg.lock_path)
+                self.notifier.status(f"waiting for index lock {self.cfg.lock_path}", force=True)
+            self._checkpoint()
 
         asked = time.monotonic()
         with index_mod.locked(self.cfg.index, self.cfg.lock_file, self.cfg.lock_timeout, on_wait) as ix:
             locked_at = time.monotonic()
-            self._catch_up(ix.fd)
+            self._catch_up(ix.fd, self.notifier.alive)  # no checkpoint: a locked commit always finishes
             torn = self.reader.torn_tail
             fresh, raced = self._partition(pending)
             written = ix.append([index_mod.encode_row(p.row) for p in fresh])
@@ -300,6 +404,14 @@ class Reconciler:
                 commit=p.intact.commit,
                 zstd_checksum=p.intact.checksummed,
             )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
 
 
 def _describe(error: BaseException, cfg: Config) -> str:

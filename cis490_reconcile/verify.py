@@ -30,9 +30,11 @@ from dataclasses import dataclass
 
 import zstandard
 
+from . import syscalls
 from .store import HostDir, NotRegularFile, Tarball
 
 _READ_SIZE = 1 << 20  # raw bytes per read()
+_DROP_EVERY = 8 << 20  # drop read pages from the page cache this often
 _TAR_BUFSIZE = 64 << 10  # decompressed bytes per tarfile read
 META_MAX_BYTES = 1 << 20
 HEADER_MAX_BYTES = 1 << 20  # pax / GNU long-name header payloads
@@ -156,7 +158,9 @@ class _FrameWalker:
 class _Source:
     """The file as the decoder sees it: each byte read once, hashed and walked.
     Reads stop at `limit` (the size the scan saw), so a file that keeps growing
-    cannot keep a pass busy; the caller's stat comparison catches the growth."""
+    cannot keep a pass busy; the caller's stat comparison catches the growth.
+    What was read is dropped from the page cache as we go: we will not read
+    it again, and the receiver's working set should stay cached."""
 
     def __init__(self, fd: int, limit: int, on_read: Callable[[int], None] | None) -> None:
         self._fd = fd
@@ -165,6 +169,7 @@ class _Source:
         self.sha256 = hashlib.sha256()
         self.frames = _FrameWalker()
         self.size = 0
+        self._dropped = 0
 
     def read(self, size: int = -1) -> bytes:
         size = min(size if 0 < size <= _READ_SIZE else _READ_SIZE, self._limit - self.size)
@@ -175,6 +180,9 @@ class _Source:
             self.sha256.update(data)
             self.frames.feed(data)
             self.size += len(data)
+            if self.size - self._dropped >= _DROP_EVERY or self.size == self._limit:
+                syscalls.drop_cache(self._fd, self._dropped, self.size - self._dropped)
+                self._dropped = self.size
             if self._on_read is not None:
                 self._on_read(len(data))
         return data

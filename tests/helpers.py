@@ -172,3 +172,56 @@ class Receiver:
         twin = Receiver.__new__(Receiver)
         twin.root, twin.episodes, twin.index = dest, dest / "episodes", dest / "index.jsonl"
         return twin
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET.
+    A thread records every datagram with its arrival time, so cadence can be
+    asserted on what was received rather than on what was sent."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+        import threading
+        import time
+
+        self.path = path
+        self.messages: list[tuple[float, str]] = []
+        self._clock = time.monotonic
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.05)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        while not self._done.is_set():
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            for field_ in data.decode().split("\n"):
+                self.messages.append((self._clock(), field_))
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self._sock.close()
+
+    def fields(self) -> list[str]:
+        return [m for _, m in self.messages]
+
+    def times(self, field_: str) -> list[float]:
+        return [t for t, m in self.messages if m == field_]
+
+    def statuses(self) -> list[str]:
+        return [m.removeprefix("STATUS=") for m in self.fields() if m.startswith("STATUS=")]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment (already isolated by conftest) without
+    anything systemd would set, plus `extra`."""
+    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    return env

@@ -1,0 +1,160 @@
+"""Running passes: once, or in a loop, with signals and systemd notifications.
+
+Signals only set flags; the work notices them at its next checkpoint:
+
+    SIGTERM, SIGINT   stop: the pass stops at its next checkpoint (a commit
+                      that holds the lock finishes first), STOPPING=1, exit 0
+    SIGHUP            loop mode: reload the config after the current pass (a
+                      bad new config is logged and the old one kept);
+                      --once: a hangup of the terminal, so stop as above
+
+The idle wait between passes sleeps in select() on a pipe the kernel writes
+to on every signal (signal.set_wakeup_fd), so a stop is seen at once rather
+than after the interval; it wakes every half watchdog period to ping.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import TextIO
+
+from .config import Config, ConfigError
+from .log import Logger
+from .notify import Notifier
+from .reconcile import PassFailed, Reconciler
+
+EXIT_OK, EXIT_FAILED = 0, 1
+MAX_JITTER_S = 30.0
+
+
+class Signals:
+    """Flags set by signal handlers, and a wakeup pipe for the idle wait."""
+
+    def __init__(self, hangup_reloads: bool) -> None:
+        self.stop_by: str | None = None
+        self.reload = False
+        self._hangup_reloads = hangup_reloads
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._saved: dict[int, object] = {}
+        self._saved_wakeup = -1
+
+    def __enter__(self) -> Signals:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._saved[sig] = signal.signal(sig, self._handle)
+        self._saved_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        signal.set_wakeup_fd(self._saved_wakeup)
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        os.close(self._r)
+        os.close(self._w)
+
+    def _handle(self, signum: int, _: FrameType | None) -> None:
+        if signum == signal.SIGHUP and self._hangup_reloads:
+            self.reload = True
+        else:
+            self.stop_by = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        return self.stop_by is not None
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until `timeout` passes or a signal arrives."""
+        select.select([self._r], [], [], max(timeout, 0.0))
+        try:
+            while os.read(self._r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+
+@dataclass
+class Service:
+    """Wires a config source, a logger and the notifier to a Reconciler."""
+
+    load_config: Callable[[], Config]  # raises ConfigError
+    make_logger: Callable[[Config], Logger]
+    notifier: Notifier
+    once: bool
+    dry_run: bool = False
+    rows_out: TextIO | None = None
+
+    def run(self, cfg: Config) -> int:
+        log = self.make_logger(cfg)
+        with Signals(hangup_reloads=not self.once) as signals:
+            reconciler = self._reconciler(cfg, log, signals)
+            if not self.once:  # a --once run says all it has to say in pass_started/pass_finished
+                log.info("service_started", interval_s=cfg.interval, pid=os.getpid())
+            self.notifier.ready("started")
+            code = EXIT_OK
+            passes = 0
+            while True:
+                passes += 1
+                try:
+                    reconciler.run_pass()
+                    code = EXIT_OK
+                except PassFailed:
+                    code = EXIT_FAILED
+                if self.once or signals.should_stop():
+                    break
+                cfg, log, reconciler = self._idle(cfg, log, reconciler, signals)
+                if signals.should_stop():
+                    break
+            stopped_by = signals.stop_by
+        if stopped_by:
+            code = EXIT_OK  # asked to stop: not a failure, whatever the last pass did
+        if not self.once:
+            log.info("service_stopped", passes=passes, signal=stopped_by, exit_code=code)
+        self.notifier.stopping(f"stopped after {passes} pass(es)")
+        return code
+
+    def _reconciler(self, cfg: Config, log: Logger, signals: Signals) -> Reconciler:
+        return Reconciler(cfg, log, self.dry_run, self.rows_out, self.notifier, signals.should_stop)
+
+    def _idle(
+        self, cfg: Config, log: Logger, reconciler: Reconciler, signals: Signals
+    ) -> tuple[Config, Logger, Reconciler]:
+        """Wait out the interval (plus jitter), pinging the watchdog and
+        handling reloads. Returns the config, logger and reconciler to use next."""
+        last_end = time.monotonic()
+        jitter = random.uniform(0, min((cfg.interval or 0) * 0.1, MAX_JITTER_S))
+        while not signals.should_stop():
+            if signals.reload:
+                signals.reload = False
+                cfg, log, reconciler = self._reload(cfg, log, reconciler, signals)
+            assert cfg.interval is not None  # loop mode needs one; reload refuses to drop it
+            remaining = last_end + cfg.interval + jitter - time.monotonic()
+            if remaining <= 0:
+                break
+            self.notifier.status(f"idle, next pass in {remaining:.0f} s", force=True)
+            self.notifier.alive()
+            signals.wait(min(remaining, self.notifier.watchdog_interval_s or remaining))
+        return cfg, log, reconciler
+
+    def _reload(
+        self, cfg: Config, log: Logger, reconciler: Reconciler, signals: Signals
+    ) -> tuple[Config, Logger, Reconciler]:
+        self.notifier.reloading()
+        try:
+            new = self.load_config()
+            if new.interval is None:
+                raise ConfigError("interval is not set; a running loop keeps its interval")
+        except ConfigError as e:
+            log.error("config_reload_failed", error=str(e), kept="the running configuration")
+            self.notifier.ready("reload failed; running configuration kept")
+            return cfg, log, reconciler
+        if new != cfg:
+            log = self.make_logger(new)
+            reconciler = self._reconciler(new, log, signals)
+        log.info("config_reloaded", changed=new != cfg, interval_s=new.interval)
+        self.notifier.ready("configuration reloaded")
+        return new, log, reconciler

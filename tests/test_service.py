@@ -1,0 +1,220 @@
+"""The service side: sd_notify over a real datagram socket, the watchdog
+cadence, signals on a real subprocess, the interval loop and SIGHUP reload."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import NotifySocket, Receiver, clean_env, episode, parse_events
+
+from cis490_reconcile.notify import Notifier
+
+BIG = 16 << 20  # a tarball that takes ~2 s to read at RATE
+RATE = "8M"
+WATCHDOG_USEC = 400_000
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path):
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def big_tarball(receiver: Receiver, host: str, episode_id: str) -> Path:
+    return receiver.tarball(host, episode_id, episode(os.urandom(BIG)), checksum=True)
+
+
+def start(receiver: Receiver, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        receiver.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def wait_for_field(sock: NotifySocket, pattern: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(re.fullmatch(pattern, m) for m in sock.fields()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no notification matching {pattern!r}; got {sock.fields()}")
+
+
+def test_ready_status_watchdog_cadence_and_stopping(receiver: Receiver, notify_socket: NotifySocket) -> None:
+    big_tarball(receiver, "h1", "big")
+    env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC=str(WATCHDOG_USEC))
+    started = time.monotonic()
+    proc = subprocess.run(
+        receiver.argv("--once", "--max-read-rate", RATE), capture_output=True, text=True, env=env, timeout=60
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert receiver.keys() == [("h1", "big")]
+    assert took >= 1.5, "the rate limit did not slow the read"
+
+    fields = notify_socket.fields()
+    assert fields[0] == "READY=1", fields[:3]
+    assert fields[-2:] == ["STOPPING=1", "STATUS=stopped after 1 pass(es)"]
+    pings = notify_socket.times("WATCHDOG=1")
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    half = WATCHDOG_USEC / 2 / 1e6
+    assert len(pings) >= 6, pings
+    assert max(gaps) < WATCHDOG_USEC / 1e6, gaps  # never long enough for systemd to fire
+    assert min(gaps) >= half * 0.9, gaps  # and not more often than half the period
+    statuses = notify_socket.statuses()
+    assert "reading the index" in statuses
+    assert any(re.fullmatch(r"verifying [01]/1 unindexed tarballs, \d+\.\d MiB read", s) for s in statuses)
+
+
+def test_no_watchdog_pings_for_another_pid(receiver: Receiver, notify_socket: NotifySocket) -> None:
+    receiver.tarball("h1", "a")
+    env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="1000", WATCHDOG_PID="1")
+    proc = subprocess.run(receiver.argv("--once"), capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    fields = notify_socket.fields()
+    assert fields[0] == "READY=1" and "STOPPING=1" in fields
+    assert "WATCHDOG=1" not in fields
+
+
+def test_nothing_is_sent_without_notify_socket(receiver: Receiver, notify_socket: NotifySocket) -> None:
+    receiver.tarball("h1", "a")
+    env = clean_env(WATCHDOG_USEC="1000")  # a watchdog without a socket is still nothing to do
+    proc = subprocess.run(receiver.argv("--once"), capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert receiver.keys() == [("h1", "a")]
+    time.sleep(0.1)
+    assert notify_socket.fields() == []
+    assert not Notifier({}).enabled and Notifier({}).watchdog_interval_s is None
+
+
+def test_sigterm_mid_pass_stops_cleanly_and_keeps_what_was_verified(
+    receiver: Receiver, notify_socket: NotifySocket
+) -> None:
+    for name in ("a", "b", "c"):
+        receiver.tarball("h1", name)
+    big_tarball(receiver, "h2", "big")  # hosts are walked in order: h1's rows are verified first
+    receiver.append_raw(b'{"episode_id": "torn", "host_id": "h0"}')  # a row that lost its newline
+    env = clean_env(NOTIFY_SOCKET=str(notify_socket.path))
+    proc = start(receiver, "--once", "--max-read-rate", RATE, env=env)
+    wait_for_field(notify_socket, r"STATUS=verifying 3/4 unindexed tarballs, .*")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    finished = [e for e in parse_events(out) if e["event"] == "pass_finished"]
+    assert finished and finished[0]["interrupted"] is True
+    assert notify_socket.fields()[-2] == "STOPPING=1"
+    data = receiver.index.read_bytes()
+    assert data.endswith(b"\n")
+    assert [json.loads(line)["episode_id"] for line in data.splitlines()] == ["torn", "a", "b", "c"]
+
+    again = receiver.run()  # the next pass finishes the job
+    assert again.returncode == 0
+    assert sorted(receiver.keys()) == [("h0", "torn"), ("h1", "a"), ("h1", "b"), ("h1", "c"), ("h2", "big")]
+
+
+def test_sigterm_while_waiting_for_the_lock(receiver: Receiver, notify_socket: NotifySocket) -> None:
+    receiver.tarball("h1", "a")
+    receiver.index.touch()
+    holder = subprocess.Popen(
+        ["python3", "-c", LOCK_HOLDER, str(receiver.index)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        env = clean_env(NOTIFY_SOCKET=str(notify_socket.path))
+        proc = start(receiver, "--once", "--lock-timeout", "60", env=env)
+        wait_for_field(notify_socket, r"STATUS=waiting for index lock .*")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, err
+    events = parse_events(out)
+    assert [e["event"] for e in events if e["event"] == "rows_left_for_next_pass"] == []
+    assert next(e for e in events if e["event"] == "pass_finished")["interrupted"] is True
+    assert receiver.index.read_bytes() == b""
+
+
+LOCK_HOLDER = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a")
+fcntl.lockf(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_loop_runs_passes_until_sigterm(receiver: Receiver, notify_socket: NotifySocket) -> None:
+    receiver.tarball("h1", "a")
+    env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="600000")
+    proc = start(receiver, "--interval", "0.3", env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while sum(m == "STATUS=reading the index" for m in notify_socket.fields()) < 3:
+            assert time.monotonic() < deadline, notify_socket.fields()
+            if len(notify_socket.fields()) > 5:
+                receiver.tarball("h1", "b")  # appears between passes
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    events = parse_events(out)
+    names = [e["event"] for e in events]
+    assert names[0] == "service_started" and names[-1] == "service_stopped"
+    assert events[-1]["signal"] == "SIGTERM" and events[-1]["passes"] >= 3
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b")]
+    assert any(s.startswith("idle, next pass in") for s in notify_socket.statuses())
+    fields = notify_socket.fields()
+    assert fields[0] == "READY=1" and fields[-2] == "STOPPING=1"
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text("interval = 0.2\n")
+    proc = start(receiver, "--config", str(toml), env=clean_env())
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def wait_event(name: str) -> dict:
+        while True:
+            event = json.loads(lines.get(timeout=20))
+            if event["event"] == name:
+                return event
+
+    try:
+        wait_event("pass_finished")
+        toml.write_text('interval = 0.2\nmax_read_rate = "1G"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_event("config_reloaded")["changed"] is True
+        assert wait_event("pass_started")["max_read_rate"] == 1 << 30
+        toml.write_text("interval = 'soon'\n")
+        proc.send_signal(signal.SIGHUP)
+        assert "interval = 'soon'" in wait_event("config_reload_failed")["error"]
+        assert wait_event("pass_started")["max_read_rate"] == 1 << 30  # the old config is kept
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    assert wait_event("service_stopped")["signal"] == "SIGTERM"
+
+
+def test_mode_is_required(receiver: Receiver) -> None:
+    proc = subprocess.run(receiver.argv(), capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "cis490-reconcile: error: nothing to do: pass --once for one pass, or --interval SECONDS for a loop\n"
+    )
