@@ -88,6 +88,13 @@ def _rate(value: object) -> int | None:
     return int(rate) or None
 
 
+def _workers(value: object) -> int | None:
+    """A number of worker processes; 0 means one per CPU."""
+    if isinstance(value, bool) or not str(value).strip().isdigit() or int(str(value)) > 256:
+        raise ValueError("expected a number of worker processes from 0 (one per CPU) to 256")
+    return int(str(value)) or None
+
+
 def _host(value: object) -> str:
     if not isinstance(value, str) or not is_safe_name(value):
         raise ValueError("expected a host directory name (no '/', no leading '.', no control characters)")
@@ -176,6 +183,13 @@ SETTINGS: tuple[Setting, ...] = (
         "read tarballs at most this fast, e.g. 50M, so the receiver keeps its disk (0: no limit)",
         "BYTES_PER_S",
     ),
+    Setting(
+        "workers",
+        None,
+        _workers,
+        "verify tarballs in this many processes (default 0: one per CPU; 1: in the main process)",
+        "N",
+    ),
     Setting("log_level", "info", _level, "debug, info, warning or error", "LEVEL"),
     Setting("allow_root", False, _bool, "run as root even though the index belongs to another user"),
 )
@@ -191,6 +205,7 @@ class Config:
     lock_timeout: float
     interval: float | None
     max_read_rate: int | None
+    workers: int | None
     log_level: str
     allow_root: bool
 

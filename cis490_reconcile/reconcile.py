@@ -20,6 +20,8 @@ stop, rows already verified are committed if the lock is free at once.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import os
 import sys
 import time
@@ -36,7 +38,8 @@ from .log import Logger
 from .notify import Notifier
 from .pacing import ReadPacer
 from .store import HostDir, Skipped, Store, Tarball, printable
-from .verify import Intact, Unreadable, Unsettled, verify
+from .verify import Intact, Unreadable, Unsettled, Verdict
+from .workers import VerifyPool, default_workers, verify_one
 
 BATCH_ROWS = 1000
 BATCH_SECONDS = 10.0
@@ -124,11 +127,13 @@ class Reconciler:
         self.should_stop = should_stop
         self.reader = IndexReader(cfg.index)
         self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
+        self.workers = cfg.workers or default_workers()
         self._summary = PassSummary()
         self._bad_line_events = 0
         self._pending: list[_Pending] = []
         self._pending_since = 0.0
         self._progress = (0, 0)  # (candidates verified, candidates found)
+        self._reading = 0  # bytes read by workers for verdicts not yet back
 
     # --- the pass -------------------------------------------------------------
 
@@ -229,41 +234,58 @@ class Reconciler:
         return host
 
     def _verify_chunk(self, store: Store, chunk: list[tuple[str, str]]) -> None:
-        """Verify a chunk host by host (the chunk is in host order)."""
-        i = 0
-        while i < len(chunk):
-            host_id = chunk[i][0]
-            j = i
-            while j < len(chunk) and chunk[j][0] == host_id:
-                j += 1
-            host = store.open_host(host_id)  # removed or replaced since the listing: next pass
-            if isinstance(host, HostDir):
-                with host:
-                    for _, episode_id in chunk[i:j]:
-                        self._consider(host, episode_id)
-                        self._progress = (self._progress[0] + 1, self._progress[1])
-                        self._checkpoint()
-                        if self._pending and (
-                            len(self._pending) >= BATCH_ROWS
-                            or time.monotonic() - self._pending_since >= BATCH_SECONDS
-                        ):
-                            self._commit()
-            i = j
+        """Verify the settled tarballs of a chunk, in this process or in a
+        pool of workers; either way the verdicts are handled here."""
+        settled = self._settled(store, chunk)
+        first = next(settled, None)
+        if first is None:
+            return
+        todo = itertools.chain([first], settled)
+        if self.workers == 1:
+            for tarball in todo:
+                self._handle(tarball, verify_one(store, tarball, self._on_read))
+            return
+        with VerifyPool(store, self.workers, self.cfg.max_read_rate) as pool:
+            counted = 0  # bytes of finished verdicts, already in the summary
 
-    def _consider(self, host: HostDir, episode_id: str) -> None:
+            def tick(progressed: bool) -> None:
+                self._reading = pool.bytes_read - counted  # for the status line
+                self._checkpoint(progressed)
+
+            for tarball, verdict, read in pool.results(todo, tick):
+                counted += read
+                self._summary.bytes_read += read
+                self._handle(tarball, verdict)
+        self._reading = 0
+
+    def _settled(self, store: Store, chunk: list[tuple[str, str]]) -> Iterator[Tarball]:
+        """The tarballs of a chunk (in host order) that are old enough to
+        verify; the rest are counted and reported here."""
         s = self._summary
-        tarball = host.lstat(episode_id)
-        if tarball is None:
-            return  # removed since the listing
-        if isinstance(tarball, Skipped):
-            self._skipped(tarball)
-            return
-        age_s = (time.time_ns() - tarball.ctime_ns) / 1e9
-        if age_s < self.cfg.min_age:
-            s.in_flight += 1
-            self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
-            return
-        verdict = verify(host, tarball, self._on_read)
+        for host_id, group in itertools.groupby(chunk, key=operator.itemgetter(0)):
+            host = store.open_host(host_id)  # removed or replaced since the listing: next pass
+            if not isinstance(host, HostDir):
+                continue
+            with host:
+                for _, episode_id in group:
+                    tarball = host.lstat(episode_id)
+                    if isinstance(tarball, Tarball):
+                        age_s = (time.time_ns() - tarball.ctime_ns) / 1e9
+                        if age_s >= self.cfg.min_age:
+                            yield tarball
+                            continue
+                        s.in_flight += 1
+                        self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
+                    elif isinstance(tarball, Skipped):
+                        self._skipped(tarball)
+                    self._advance()  # removed since the listing, skipped or in flight
+
+    def _advance(self) -> None:
+        self._progress = (self._progress[0] + 1, self._progress[1])
+        self._checkpoint()
+
+    def _handle(self, tarball: Tarball, verdict: Verdict) -> None:
+        s = self._summary
         if isinstance(verdict, Intact):
             if verdict.commit_note:
                 self.log.warning("tarball_without_commit", path=tarball.path, reason=verdict.commit_note)
@@ -282,19 +304,27 @@ class Reconciler:
             self.log.warning(
                 "tarball_corrupt", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
             )
+        self._advance()
+        if self._pending and (
+            len(self._pending) >= BATCH_ROWS or time.monotonic() - self._pending_since >= BATCH_SECONDS
+        ):
+            self._commit()
 
     def _on_read(self, n: int) -> None:
         self._summary.bytes_read += n
         self.pacer.consume(n)
         self._checkpoint()
 
-    def _checkpoint(self) -> None:
-        """A safe point: feed the watchdog, report progress, honour a stop."""
-        self.notifier.alive()
+    def _checkpoint(self, progressed: bool = True) -> None:
+        """A safe point: feed the watchdog (only if work moved on), report
+        progress, honour a stop."""
+        if progressed:
+            self.notifier.alive()
         done, found = self._progress
         if found:
             self.notifier.status(
-                f"verifying {done}/{found} unindexed tarballs, {_size(self._summary.bytes_read)} read"
+                f"verifying {done}/{found} unindexed tarballs, "
+                f"{_size(self._summary.bytes_read + self._reading)} read"
             )
         if self.should_stop():
             raise StopRequested

@@ -239,3 +239,23 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert "== result: 3 rows backfilled, 1 corrupt tarball reported, 1 left in flight" in proc.stdout
     assert "second pass appended 0" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # cleaned up
+
+
+def test_workers_give_the_same_rows_as_one_process(receiver: Receiver, tmp_path: Path) -> None:
+    """The pool is a speed-up only: same rows, same counts, any worker count."""
+    for i in range(150):
+        receiver.tarball(f"h{i % 3}", f"e{i:03}", gnu=i % 50 == 0)
+    receiver.tarball("h1", "cut", blob=receiver.tarball("h1", "whole").read_bytes()[:-7])
+    receiver.tarball("h2", "junk", blob=b"not a tarball")
+    twin = receiver.copy(tmp_path / "twin")
+    one = receiver.run("--workers", "1")
+    many = twin.run("--workers", "3")
+    assert one.returncode == many.returncode == 0
+    for key in ("scanned", "backfilled", "corrupt", "bytes_read"):
+        assert one.one("pass_finished")[key] == many.one("pass_finished")[key]
+    assert one.one("pass_finished")["backfilled"] == 151
+
+    def rows(r: Receiver) -> list[dict]:
+        return sorted(({k: v for k, v in row.items() if k != "backfilled_at"} for row in r.rows()), key=str)
+
+    assert rows(receiver) == rows(twin)

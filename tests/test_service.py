@@ -50,13 +50,17 @@ def wait_for_field(sock: NotifySocket, pattern: str, timeout: float = 20) -> Non
     raise AssertionError(f"no notification matching {pattern!r}; got {sock.fields()}")
 
 
-def test_ready_status_watchdog_cadence_and_stopping(receiver: Receiver, notify_socket: NotifySocket) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ready_status_watchdog_cadence_and_stopping(
+    receiver: Receiver, notify_socket: NotifySocket, workers: str
+) -> None:
+    """With workers the pings come from the parent, but only while the
+    workers' shared byte counter moves."""
     big_tarball(receiver, "h1", "big")
     env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC=str(WATCHDOG_USEC))
     started = time.monotonic()
-    proc = subprocess.run(
-        receiver.argv("--once", "--max-read-rate", RATE), capture_output=True, text=True, env=env, timeout=60
-    )
+    argv = receiver.argv("--once", "--max-read-rate", RATE, "--workers", workers)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     took = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     assert receiver.keys() == [("h1", "big")]
@@ -105,7 +109,7 @@ def test_sigterm_mid_pass_stops_cleanly_and_keeps_what_was_verified(
     big_tarball(receiver, "h2", "big")  # hosts are walked in order: h1's rows are verified first
     receiver.append_raw(b'{"episode_id": "torn", "host_id": "h0"}')  # a row that lost its newline
     env = clean_env(NOTIFY_SOCKET=str(notify_socket.path))
-    proc = start(receiver, "--once", "--max-read-rate", RATE, env=env)
+    proc = start(receiver, "--once", "--max-read-rate", RATE, "--workers", "1", env=env)
     wait_for_field(notify_socket, r"STATUS=verifying 3/4 unindexed tarballs, .*")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=10)
@@ -120,6 +124,22 @@ def test_sigterm_mid_pass_stops_cleanly_and_keeps_what_was_verified(
     again = receiver.run()  # the next pass finishes the job
     assert again.returncode == 0
     assert sorted(receiver.keys()) == [("h0", "torn"), ("h1", "a"), ("h1", "b"), ("h1", "c"), ("h2", "big")]
+
+
+def test_sigterm_stops_the_workers(receiver: Receiver, notify_socket: NotifySocket) -> None:
+    big_tarball(receiver, "h1", "big1")
+    big_tarball(receiver, "h1", "big2")
+    env = clean_env(NOTIFY_SOCKET=str(notify_socket.path))
+    proc = start(receiver, "--once", "--max-read-rate", "4M", "--workers", "2", env=env)
+    wait_for_field(notify_socket, r"STATUS=verifying 0/2 unindexed tarballs, [1-9][\d.]* MiB read")
+    stopped = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert time.monotonic() - stopped < 2, "workers did not stop at their next read"
+    assert proc.returncode == 0, err
+    assert next(e for e in parse_events(out) if e["event"] == "pass_finished")["interrupted"] is True
+    assert not receiver.index.exists() or receiver.index.read_bytes() == b""
+    assert subprocess.run(["pgrep", "-f", str(receiver.episodes)], capture_output=True).stdout == b""
 
 
 def test_sigterm_while_waiting_for_the_lock(receiver: Receiver, notify_socket: NotifySocket) -> None:

@@ -1,0 +1,167 @@
+"""Verifying tarballs in parallel, in forked worker processes.
+
+Why processes: sha256 and zstd release the GIL, but tarfile's header parsing
+is pure Python, and on many small tarballs a thread pool ran slower than one
+worker on these machines while forked processes scaled (FACTS.md).
+
+Why fork: the workers inherit the open store root fd, so they open files
+with the same openat(O_NOFOLLOW) chain as the parent and never resolve a
+path from the root again. Tasks are batches of Tarballs (a few KB pickled);
+results are verdicts, the same values the serial path produces, handled in
+the parent: only the parent commits, logs and talks to systemd.
+
+The watchdog must see real progress, not a parent politely waiting on a
+stuck child. Workers add every byte they read to a shared counter, and the
+parent reports progress only when the counter moved or a batch finished; a
+worker blocked in read() for longer than WatchdogSec gets the service killed.
+
+Stopping: the parent sets a shared flag; each worker checks it after every
+read (1 MiB) and returns what it has done so far.
+
+The read-rate limit is split evenly between the workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+
+from .pacing import ReadPacer
+from .store import HostDir, Store, Tarball
+from .verify import Unsettled, Verdict, verify
+
+BATCH_FILES = 64
+BATCH_BYTES = 32 << 20
+_POLL_S = 0.05
+
+
+class _Stopped(BaseException):
+    pass
+
+
+def verify_one(store: Store, tarball: Tarball, on_read: Callable[[int], None] | None = None) -> Verdict:
+    """Verify one tarball through its host directory fd (opened afresh: the
+    host directory may have been replaced since the listing)."""
+    host = store.open_host(tarball.host_id)
+    if not isinstance(host, HostDir):
+        return Unsettled("host directory removed or replaced")
+    with host:
+        return verify(host, tarball, on_read)
+
+
+@dataclass
+class _Shared:
+    """What a forked worker inherits (never pickled)."""
+
+    store: Store
+    rate: int | None
+    progress: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
+    stop: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
+
+
+_shared: _Shared | None = None  # set in the parent just before the pool forks
+
+
+def _verify_batch(batch: list[Tarball]) -> list[tuple[Tarball, Verdict, int]]:
+    shared = _shared
+    assert shared is not None, "the pool must be created with the fork start method"
+
+    def check_stop() -> None:
+        if shared.stop.value:
+            raise _Stopped
+
+    pacer = ReadPacer(shared.rate, check_stop)
+    results = []
+    for tarball in batch:
+        read = 0
+
+        def on_read(n: int) -> None:
+            nonlocal read
+            read += n
+            with shared.progress.get_lock():
+                shared.progress.value += n
+            pacer.consume(n)
+            check_stop()
+
+        try:
+            verdict = verify_one(shared.store, tarball, on_read)
+        except _Stopped:
+            break
+        results.append((tarball, verdict, read))
+    return results
+
+
+def batches(tarballs: Iterable[Tarball]) -> Iterator[list[Tarball]]:
+    """Up to BATCH_FILES tarballs or BATCH_BYTES per batch: small files are
+    sent many at a time, large ones one by one so they spread over workers."""
+    batch: list[Tarball] = []
+    size = 0
+    for tarball in tarballs:
+        batch.append(tarball)
+        size += tarball.size
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class VerifyPool:
+    """A pool of `workers` forked processes verifying tarballs from `store`."""
+
+    def __init__(self, store: Store, workers: int, rate: int | None) -> None:
+        global _shared
+        ctx = multiprocessing.get_context("fork")
+        self.workers = workers
+        self._progress = ctx.Value("Q", 0)
+        self._stop = ctx.Value("b", 0)
+        share = None if rate is None else max(rate // workers, 1)
+        _shared = _Shared(store, share, self._progress, self._stop)
+        self._pool = ProcessPoolExecutor(workers, mp_context=ctx)
+
+    def __enter__(self) -> VerifyPool:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        global _shared
+        self._stop.value = 1
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        _shared = None
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes the workers have read so far, finished or not."""
+        return int(self._progress.value)
+
+    def results(
+        self, tarballs: Iterable[Tarball], tick: Callable[[bool], None]
+    ) -> Iterator[tuple[Tarball, Verdict, int]]:
+        """Verdicts as batches finish. tick(progressed) is called at least
+        every _POLL_S; progressed says whether any worker read a byte or
+        finished a batch since the last tick. tick may raise to stop."""
+        todo = batches(tarballs)
+        inflight: set[Future[list[tuple[Tarball, Verdict, int]]]] = set()
+        seen = 0
+        exhausted = False
+        while True:
+            while not exhausted and len(inflight) < 2 * self.workers:
+                batch = next(todo, None)
+                if batch is None:
+                    exhausted = True
+                else:
+                    inflight.add(self._pool.submit(_verify_batch, batch))
+            if not inflight:
+                return
+            done, inflight = wait(inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+            now = self._progress.value
+            tick(bool(done) or now != seen)
+            seen = now
+            for future in done:
+                yield from future.result()
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0))
