@@ -49,6 +49,11 @@ def _parser(prog: str = PROG) -> _Parser:
         help="take no lock, write nothing; print the rows a pass would append on stdout (logs go to stderr)",
     )
     parser.add_argument(
+        "--full",
+        action="store_true",
+        help="list every host directory and parse the whole index, whatever the state remembers",
+    )
+    parser.add_argument(
         "--config",
         type=Path,
         metavar="FILE",
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     def logger_for(c: Config) -> Logger:
         return make_logger(c.log_level, stream)
 
-    service = Service(load, logger_for, Notifier(), once=args.once, dry_run=args.dry_run)
+    service = Service(load, logger_for, Notifier(), once=args.once, dry_run=args.dry_run, full=args.full)
     try:
         return service.run(cfg)
     except Exception:

@@ -45,6 +45,11 @@ def _path(value: object) -> Path:
     return Path(value)
 
 
+def _optional_path(value: object) -> Path | None:
+    """ "" switches the setting off."""
+    return None if value == "" else _path(value)
+
+
 def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number of seconds")
@@ -190,6 +195,20 @@ SETTINGS: tuple[Setting, ...] = (
         "verify tarballs in this many processes (default 0: one per CPU; 1: in the main process)",
         "N",
     ),
+    Setting(
+        "state_dir",
+        Path("/var/lib/cis490-reconcile"),
+        _optional_path,
+        'where a pass remembers what the next one can skip ("" for nowhere; absent: nowhere)',
+        "DIR",
+    ),
+    Setting(
+        "full_every",
+        86400.0,
+        _optional_positive_seconds,
+        "list every host directory and parse the whole index at least this often (0: only with --full)",
+        "SECONDS",
+    ),
     Setting("log_level", "info", _level, "debug, info, warning or error", "LEVEL"),
     Setting("allow_root", False, _bool, "run as root even though the index belongs to another user"),
 )
@@ -206,6 +225,8 @@ class Config:
     interval: float | None
     max_read_rate: int | None
     workers: int | None
+    state_dir: Path | None
+    full_every: float | None
     log_level: str
     allow_root: bool
 

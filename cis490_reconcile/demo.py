@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
         print("   3 have no index row (one only a torn last line), 1 is truncated, 1 is still in flight;")
         print(f"   index.jsonl: {len(before.splitlines())} lines, 1 of them garbage, the last one torn")
         print(f"== a pass (--min-age {SETTLE_S:g}), its JSON log events as journald gets them:", flush=True)
-        cfg = config.build({"episodes_root": episodes, "index": index, "min_age": SETTLE_S})
+        cfg = config.build({"episodes_root": episodes, "index": index, "min_age": SETTLE_S, "state_dir": ""})
         summary = Reconciler(cfg, make_logger("info", sys.stdout)).run_pass()
         after = index.read_bytes()
         if not after.startswith(before):

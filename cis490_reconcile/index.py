@@ -8,11 +8,15 @@ or rewrites a byte; see `append_rows` for the one way rows get in.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
 import json
 import os
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import lock, syscalls
@@ -22,6 +26,7 @@ MAX_LINE_BYTES = 1 << 20  # receiver rows are ~300 bytes; longer lines are garba
 _READ_CHUNK = 1 << 20
 PROGRESS_LINES = 10_000
 DEFAULT_LOCK_TIMEOUT_S = 30.0
+_LOW64 = (1 << 64) - 1
 
 
 class IndexWriteError(OSError):
@@ -58,22 +63,81 @@ def parse_key(raw: bytes) -> tuple[str | None, str] | str:
     return host_id, episode_id
 
 
-@dataclass
-class IndexedKeys:
-    """The episodes the index covers. A row without host_id is an old row and
-    covers its episode_id on every host, as the legacy tool assumed."""
+def _digest(host_id: str, episode_id: str) -> int:
+    """128 bits of BLAKE2b over an unambiguous encoding of the key: collisions
+    are out of reach (about 1e-26 for a million rows), so a digest can stand
+    for the key."""
+    key = f"{len(host_id)}:{host_id}/{episode_id}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=16).digest())
 
-    by_host: dict[str, set[str]] = field(default_factory=dict)
-    hostless: set[str] = field(default_factory=set)
+
+class IndexedKeys:
+    """The episodes the index covers, 16 bytes per row.
+
+    Keys are 128-bit digests: most live in two sorted arrays (high and low
+    64 bits, searched with bisect in C), the newest in a small set that is
+    merged in when it grows past half the arrays. A row without
+    host_id is an old row and covers its episode_id on every host, as the
+    legacy tool assumed; those are rare and kept as strings."""
+
+    MERGE_MIN = 1 << 16
+
+    def __init__(self) -> None:
+        self._hi = array("Q")
+        self._lo = array("Q")
+        self._recent: set[int] = set()
+        self.hostless: set[str] = set()
+
+    def __len__(self) -> int:
+        self._merge()
+        return len(self._hi) + len(self.hostless)
 
     def add(self, host_id: str | None, episode_id: str) -> None:
         if host_id is None:
             self.hostless.add(episode_id)
-        else:
-            self.by_host.setdefault(host_id, set()).add(episode_id)
+            return
+        self._recent.add(_digest(host_id, episode_id))
+        if len(self._recent) > max(self.MERGE_MIN, len(self._hi) // 2):
+            self._merge()
 
     def covers(self, host_id: str, episode_id: str) -> bool:
-        return episode_id in self.hostless or episode_id in self.by_host.get(host_id, ())
+        if episode_id in self.hostless:
+            return True
+        digest = _digest(host_id, episode_id)
+        if digest in self._recent:
+            return True
+        hi, lo = digest >> 64, digest & _LOW64
+        i = bisect.bisect_left(self._hi, hi)
+        while i < len(self._hi) and self._hi[i] == hi:
+            if self._lo[i] == lo:
+                return True
+            i += 1
+        return False
+
+    def _merge(self) -> None:
+        if not self._recent:
+            return
+        merged = [(high << 64) | low for high, low in zip(self._hi, self._lo, strict=True)]
+        merged += sorted(self._recent)
+        merged.sort()  # two sorted runs: timsort merges them in linear time
+        self._hi = array("Q", (d >> 64 for d in merged))
+        self._lo = array("Q", (d & _LOW64 for d in merged))
+        self._recent = set()
+
+    def to_bytes(self) -> tuple[bytes, bytes, list[str]]:
+        """(high halves, low halves, host-less episode ids) for the state file."""
+        self._merge()
+        return self._hi.tobytes(), self._lo.tobytes(), sorted(self.hostless)
+
+    @classmethod
+    def from_bytes(cls, hi: bytes, lo: bytes, hostless: Iterable[str]) -> IndexedKeys:
+        keys = cls()
+        keys._hi.frombytes(hi)
+        keys._lo.frombytes(lo)
+        if len(keys._hi) != len(keys._lo) or any(a > b for a, b in itertools.pairwise(keys._hi)):
+            raise ValueError("key arrays are not sorted pairs")
+        keys.hostless = set(hostless)
+        return keys
 
 
 def _split_lines(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bytes | None]]:
@@ -126,7 +190,14 @@ class IndexReader:
         self.lines = 0  # complete lines consumed
         self.bad_lines = 0
         self.torn_tail = False  # does the file end inside a line?
-        self._identity: tuple[int, int] | None = None
+        self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file parsed
+
+    def resume(
+        self, keys: IndexedKeys, identity: tuple[int, int], offset: int, lines: int, bad_lines: int
+    ) -> None:
+        """Continue from a saved position (state.resume_reader checks it first)."""
+        self.keys, self.identity = keys, identity
+        self.offset, self.lines, self.bad_lines = offset, lines, bad_lines
 
     def catch_up(
         self,
@@ -140,11 +211,11 @@ class IndexReader:
         large index)."""
         st = os.fstat(fd)
         identity = (st.st_dev, st.st_ino)
-        restarted = self._identity is not None and (identity != self._identity or st.st_size < self.offset)
+        restarted = self.identity is not None and (identity != self.identity or st.st_size < self.offset)
         if restarted:
             self.keys = IndexedKeys()
             self.offset = self.lines = self.bad_lines = 0
-        self._identity = identity
+        self.identity = identity
         self.torn_tail = False
         for offset, next_offset, raw in _split_lines(fd, self.offset, st.st_size):
             if next_offset < 0:

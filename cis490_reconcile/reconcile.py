@@ -31,12 +31,14 @@ from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
 from . import index as index_mod
+from . import state
 from .config import Config
 from .index import BadLine, IndexReader
 from .lock import LockTimeout
 from .log import Logger
 from .notify import Notifier
 from .pacing import ReadPacer
+from .state import HostMemo, HostTracker
 from .store import HostDir, Skipped, Store, Tarball, printable
 from .verify import Intact, Unreadable, Unsettled, Verdict
 from .workers import VerifyPool, default_workers, verify_one
@@ -97,6 +99,9 @@ class PassSummary:
     lock_held_max_s: float = 0.0
     duration_s: float = 0.0
     interrupted: bool = False
+    full: bool = False  # listed every host directory and parsed the whole index
+    hosts_listed: int = 0
+    hosts_unchanged: int = 0  # not listed: unchanged since the last pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,7 @@ class Reconciler:
         rows_out: TextIO | None = None,
         notifier: Notifier | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        full: bool = False,
     ):
         self.cfg = cfg
         self.log = log
@@ -128,6 +134,13 @@ class Reconciler:
         self.reader = IndexReader(cfg.index)
         self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
         self.workers = cfg.workers or default_workers()
+        self.force_full = full
+        self.memos: dict[str, HostMemo] = {}  # what the last completed pass learned of each host dir
+        self.last_full_ns = 0
+        self._state_dir = cfg.state_dir
+        self._state_checked = False
+        self._hosts = HostTracker({}, full=True)
+        self._index_restarted = False
         self._summary = PassSummary()
         self._bad_line_events = 0
         self._pending: list[_Pending] = []
@@ -145,7 +158,10 @@ class Reconciler:
         self._pending = []
         self._progress = (0, 0)
         self.pacer = ReadPacer(self.cfg.max_read_rate, self._checkpoint)
-        started = time.monotonic()
+        started, started_ns = time.monotonic(), time.time_ns()
+        summary.full = self._prepare_state(started_ns)
+        self._hosts = HostTracker(self.memos, summary.full)
+        self._index_restarted = False
         self.log.info(
             "pass_started",
             episodes_root=self.cfg.episodes_root,
@@ -168,7 +184,10 @@ class Reconciler:
             reason = _describe(e, self.cfg)
             self.log.error("pass_failed", error=reason, **asdict(summary))
             raise PassFailed(reason) from e
+        if not summary.interrupted and not self.dry_run:
+            self._remember(summary.full, started_ns)
         summary.bad_index_lines = self.reader.bad_lines
+        summary.hosts_listed, summary.hosts_unchanged = self._hosts.listed, self._hosts.unchanged
         summary.duration_s = round(time.monotonic() - started, 3)
         self.log.info("pass_finished", dry_run=self.dry_run, **asdict(summary))
         return summary
@@ -198,6 +217,7 @@ class Reconciler:
                 if self.reader.keys.covers(host_id, episode_id):
                     self._summary.already_indexed += 1
                     continue
+                self._hosts.unresolved(host_id, episode_id)
                 chunk.append((host_id, episode_id))
                 if len(chunk) >= SCAN_CHUNK:
                     yield chunk
@@ -212,6 +232,9 @@ class Reconciler:
             return []
         with host:
             try:
+                revisit = self._hosts.revisit_only(host_id, host.stat())
+                if revisit is not None:
+                    return list(revisit)  # unchanged since the last pass: no listing
                 entries = host.entries()
             except OSError as e:
                 self._skipped(Skipped(host_id, f"cannot list: {e.strerror}"))
@@ -276,8 +299,10 @@ class Reconciler:
                             continue
                         s.in_flight += 1
                         self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
-                    elif isinstance(tarball, Skipped):
-                        self._skipped(tarball)
+                    else:
+                        self._hosts.resolved(host_id, episode_id)  # gone, or not a file any more
+                        if isinstance(tarball, Skipped):
+                            self._skipped(tarball)
                     self._advance()  # removed since the listing, skipped or in flight
 
     def _advance(self) -> None:
@@ -333,6 +358,84 @@ class Reconciler:
         self._summary.skipped += 1
         self.log.warning("store_entry_skipped", path=skipped.path, reason=skipped.reason)
 
+    # --- what the next pass remembers ----------------------------------------------
+
+    def _prepare_state(self, now_ns: int) -> bool:
+        """Load the state file on the first pass; say whether this pass is a
+        full one (asked for, due, or nothing remembered yet)."""
+        if not self._state_checked:
+            self._state_checked = True
+            self._load_state()
+        every = self.cfg.full_every
+        full = self.force_full or (every is not None and now_ns - self.last_full_ns >= every * 1e9)
+        if full:
+            self.reader = IndexReader(self.cfg.index)  # parse it all again
+        return full
+
+    def _load_state(self) -> None:
+        state_dir = self._state_dir
+        if state_dir is None:
+            return
+        if not state_dir.is_dir():
+            self.log.info("state_disabled", state_dir=state_dir, reason="not a directory")
+            self._state_dir = None
+            return
+        try:
+            snap = state.load(state_dir)
+        except state.StateInvalid as e:
+            self.log.warning("state_ignored", state_dir=state_dir, reason=str(e))
+            return
+        if snap is None:
+            return
+        if (snap.episodes_root, snap.index_path) != (str(self.cfg.episodes_root), str(self.cfg.index)):
+            self.log.info("state_ignored", state_dir=state_dir, reason="written for another store or index")
+        elif not state.resume_reader(snap, self.reader):
+            self.log.info("state_ignored", state_dir=state_dir, reason="the index was replaced or rewritten")
+        else:
+            self.memos, self.last_full_ns = snap.hosts, snap.last_full_ns
+            self.log.debug("state_loaded", index_offset=snap.index_offset, hosts=len(snap.hosts))
+
+    def _remember(self, full: bool, started_ns: int) -> None:
+        """After a completed pass: keep what it learned, in memory and on disk.
+        The reader first catches up past the rows this pass appended, so the
+        saved offset covers them and a later truncation is noticed."""
+        try:
+            self._catch_up_unlocked(self.notifier.alive)
+        except OSError as e:
+            self.memos = {}
+            self.log.warning("state_save_failed", state_dir=self._state_dir, error=e.strerror or str(e))
+            return
+        self.memos = {} if self._index_restarted else self._hosts.memos(self.memos, self.cfg.host)
+        if full:
+            self.last_full_ns = started_ns
+        if self._state_dir is None or self.reader.identity is None:
+            return
+        try:
+            fd = os.open(self.cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != self.reader.identity:
+                    return  # replaced since we parsed it; the next pass parses it whole
+                tail = state.tail_digest(fd, self.reader.offset)
+            finally:
+                os.close(fd)
+            dev, ino = self.reader.identity
+            snap = state.Snapshot(
+                episodes_root=str(self.cfg.episodes_root),
+                index_path=str(self.cfg.index),
+                index_dev=dev,
+                index_ino=ino,
+                index_offset=self.reader.offset,
+                index_lines=self.reader.lines,
+                index_bad_lines=self.reader.bad_lines,
+                index_tail_sha256=tail,
+                last_full_ns=self.last_full_ns,
+                hosts=self.memos,
+                keys=self.reader.keys,
+            )
+            state.save(self._state_dir, snap)
+        except OSError as e:
+            self.log.warning("state_save_failed", state_dir=self._state_dir, error=e.strerror or str(e))
+
     # --- the index --------------------------------------------------------------
 
     def _on_bad_line(self, bad: BadLine) -> None:
@@ -344,6 +447,7 @@ class Reconciler:
 
     def _catch_up(self, fd: int, on_progress: Callable[[], None]) -> None:
         if self.reader.catch_up(fd, self._on_bad_line, on_progress):
+            self._index_restarted = True  # what the host memos assumed indexed may not be
             self.log.warning("index_restarted", reason="index replaced or shrank; parsed from the start")
 
     def _catch_up_unlocked(self, on_progress: Callable[[], None]) -> None:
@@ -420,6 +524,8 @@ class Reconciler:
         s = self._summary
         s.raced += len(raced)
         s.backfilled += len(fresh)
+        for p in (*fresh, *raced):
+            self._hosts.resolved(p.tarball.host_id, p.tarball.episode_id)
         for p in raced:
             self.log.info("row_already_present", path=p.tarball.path)
         event = "row_would_backfill" if self.dry_run else "row_backfilled"

@@ -86,6 +86,7 @@ class Service:
     notifier: Notifier
     once: bool
     dry_run: bool = False
+    full: bool = False
     rows_out: TextIO | None = None
 
     def run(self, cfg: Config) -> int:
@@ -118,7 +119,9 @@ class Service:
         return code
 
     def _reconciler(self, cfg: Config, log: Logger, signals: Signals) -> Reconciler:
-        return Reconciler(cfg, log, self.dry_run, self.rows_out, self.notifier, signals.should_stop)
+        return Reconciler(
+            cfg, log, self.dry_run, self.rows_out, self.notifier, signals.should_stop, full=self.full
+        )
 
     def _idle(
         self, cfg: Config, log: Logger, reconciler: Reconciler, signals: Signals

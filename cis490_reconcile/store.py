@@ -101,6 +101,9 @@ class HostDir:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
     def entries(self) -> list[str | Skipped]:
         """Episode ids named here, sorted, plus Skipped for unsafe names.
         Dotfiles and temp names (*.tmp, *.partial) are the receiver's business

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import struct
+from pathlib import Path
 
 # Flags for opening anything below the episodes root: never follow a symlink,
 # never block on a FIFO, never acquire a controlling terminal, never leak into
@@ -74,6 +75,25 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the
+    new one, never a mix: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def drop_cache(fd: int, offset: int, length: int) -> None:

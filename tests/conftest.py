@@ -11,14 +11,16 @@ from helpers import Receiver
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tests (and the processes they start) must not see this machine's
-    /etc/cis490/reconcile.toml, CIS490_RECONCILE_* variables or a systemd
-    NOTIFY_SOCKET: point the config at an empty file and drop the rest."""
+    /etc/cis490/reconcile.toml, state directory, CIS490_RECONCILE_* variables
+    or a systemd NOTIFY_SOCKET: point the config at an empty file, switch the
+    state off and drop the rest."""
     for name in list(os.environ):
         if name.startswith("CIS490_RECONCILE_") or name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             monkeypatch.delenv(name)
     empty = tmp_path_factory.getbasetemp() / "empty-config.toml"
     empty.touch()
     monkeypatch.setenv("CIS490_RECONCILE_CONFIG", str(empty))
+    monkeypatch.setenv("CIS490_RECONCILE_STATE_DIR", "")  # tests that want state pass --state-dir
 
 
 @pytest.fixture

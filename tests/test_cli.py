@@ -148,13 +148,18 @@ def test_index_problems_are_reported_and_the_torn_tail_terminated(receiver: Rece
     assert after.startswith(before + b"\n")
     bad = [(e["line"], e["offset"], e["reason"]) for e in result.named("index_bad_line")]
     first = len(before.splitlines()[0]) + 1
-    assert bad == [(3, first + 1, "not valid JSON"), (4, first + 10, "not a JSON object")]
+    torn = len(before) - 50  # once terminated, the torn garbage is a bad line of its own
+    assert bad == [
+        (3, first + 1, "not valid JSON"),
+        (4, first + 10, "not a JSON object"),
+        (6, torn, "not valid JSON"),
+    ]
     assert result.one("index_torn_tail")["line"] == 6
     assert result.named("index_torn_tail_terminated")
     appended = [json.loads(line) for line in after[len(before) + 1 :].splitlines()]
     assert sorted((r["host_id"], r["episode_id"]) for r in appended) == [("h1", "torn"), ("h2", "a")]
     summary = result.one("pass_finished")
-    assert summary["bad_index_lines"] == 2
+    assert summary["bad_index_lines"] == 3
     assert summary["already_indexed"] == 2
 
 
