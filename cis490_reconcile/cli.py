@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, config, demo
+from . import __version__, config
 from .config import SETTINGS, Config, ConfigError
 from .log import Logger, make_logger
 from .notify import Notifier
@@ -77,6 +77,8 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
+        from . import demo  # not imported for a pass: it costs start-up time
+
         return demo.main(argv[1:])
     show_config = argv[:1] == ["config"]
     parser = _parser(f"{PROG} config" if show_config else PROG)

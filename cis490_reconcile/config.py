@@ -21,7 +21,6 @@ import json
 import math
 import os
 import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -290,6 +289,8 @@ def load(flags: Mapping[str, object], config_file: Path | None, environ: Mapping
 
 
 def _read_toml(path: Path, required: bool) -> dict[str, object] | None:
+    import tomllib  # only when there is a file: start-up time counts for a no-op pass
+
     try:
         with open(path, "rb") as f:
             values = tomllib.load(f)

@@ -494,6 +494,7 @@ class Reconciler:
             torn = self.reader.torn_tail
             fresh, raced = self._partition(pending)
             written = ix.append([index_mod.encode_row(p.row) for p in fresh])
+            self.reader.skip_own(ix.fd, written, [(p.tarball.host_id, p.tarball.episode_id) for p in fresh])
             held = time.monotonic() - locked_at
         # everything below happens after the lock is released
         s = self._summary

@@ -226,13 +226,16 @@ class _GuardedTarInfo(tarfile.TarInfo):
         try:
             return super().fromtarfile(tarfile_)
         except tarfile.HeaderError as e:
-            tarfile_.end_reason = e  # type: ignore[attr-defined]
+            # the class and message only: the exception's traceback holds this
+            # TarFile, and the cycle would keep the decoder's buffers alive
+            # until the next garbage collection (RSS grew with files verified)
+            tarfile_.end_reason = (type(e), str(e))  # type: ignore[attr-defined]
             raise
 
 
 class _StreamTar(tarfile.TarFile):
     tarinfo = _GuardedTarInfo
-    end_reason: tarfile.HeaderError | None = None
+    end_reason: tuple[type[tarfile.HeaderError], str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +262,11 @@ def _commit_from_meta(data: bytes) -> tuple[str | None, str | None]:
 def _read_tar(source: _Source) -> _Contents:
     decoder = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
     stream = decoder.stream_reader(source, read_size=_READ_SIZE, read_across_frames=True, closefd=False)
-    tar = _StreamTar.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFSIZE)
+    with stream, _StreamTar.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFSIZE) as tar:
+        return _walk(tar, stream)
+
+
+def _walk(tar: _StreamTar, stream: zstandard.ZstdDecompressionReader) -> _Contents:
     members = 0
     meta: tuple[str | None, str | None] | None = None
     for member in iter(tar.next, None):
@@ -272,10 +279,9 @@ def _read_tar(source: _Source) -> _Contents:
                 handle = tar.extractfile(member)
                 assert handle is not None  # isfile() members always have one
                 meta = _commit_from_meta(handle.read(META_MAX_BYTES))
-    if not isinstance(tar.end_reason, tarfile.EOFHeaderError):
-        raise _HostileTar(
-            f"tar archive ends without an end-of-archive block ({tar.end_reason or 'no header'})"
-        )
+    kind, message = tar.end_reason or (None, "no header")
+    if kind is not tarfile.EOFHeaderError:
+        raise _HostileTar(f"tar archive ends without an end-of-archive block ({message})")
     while stream.read(_READ_SIZE):  # decode to the end of the last frame: checksums
         pass
     if meta is None:
