@@ -144,6 +144,19 @@ class Receiver:
     def keys(self) -> list[tuple[str | None, str]]:
         return [(r.get("host_id"), r["episode_id"]) for r in self.rows()]
 
+    def keys_lenient(self) -> list[tuple[str | None, str]]:
+        """Keys of the lines that are rows, skipping garbage (a write cut short
+        by a full disk leaves one line that is not a row)."""
+        keys = []
+        for line in self.index.read_bytes().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "episode_id" in row:
+                keys.append((row.get("host_id"), row["episode_id"]))
+        return keys
+
     def argv(self, *args: str, min_age: float = 0) -> list[str]:
         return [
             sys.executable,

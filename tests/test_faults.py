@@ -1,0 +1,127 @@
+"""Real faults: a full disk (a small tmpfs), an index the process may not
+write, a lock that is never released. Each pass that cannot complete exits 1
+with a clear error, changes no existing byte, and a later pass converges to
+exactly one row per tarball."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import Receiver
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs and chattr need root")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: small enough to fill in a test."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill `disk`, then give back `leave` bytes. Returns the filler file."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # ENOSPC: full
+    finally:
+        os.close(fd)
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def exactly_one_row_each(receiver: Receiver, episodes: list[tuple[str, str]]) -> None:
+    counts = Counter(receiver.keys_lenient())
+    assert {key: counts[key] for key in episodes} == dict.fromkeys(episodes, 1)
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("leave", [0, 4096], ids=["no-space", "short-write"])
+def test_disk_full_fails_cleanly_and_the_next_pass_converges(
+    receiver: Receiver, small_disk: Path, leave: int
+) -> None:
+    receiver.index = small_disk / "index.jsonl"
+    episodes = [(f"h{i % 2}", f"e{i:02}") for i in range(40)]
+    for host, episode_id in episodes:
+        receiver.tarball(host, episode_id)
+    for host, episode_id in episodes[:3]:  # the receiver indexed a few
+        receiver.append_row(receiver.receiver_row(host, episode_id))
+    before = receiver.index.read_bytes()
+    filler = fill(small_disk, leave)
+
+    failed = receiver.run()
+    assert failed.returncode == 1
+    error = failed.one("pass_failed")["error"]
+    assert ("No space left on device" in error) or ("short write" in error), error
+    assert str(receiver.index) in error
+    assert receiver.index.read_bytes().startswith(before)  # no existing byte changed
+
+    filler.unlink()  # the operator frees space
+    ok = receiver.run()
+    assert ok.returncode == 0, ok.stdout
+    assert receiver.index.read_bytes().startswith(before)
+    exactly_one_row_each(receiver, episodes)
+    assert receiver.run().one("pass_finished")["backfilled"] == 0
+
+
+@ROOT_ONLY
+def test_an_index_that_may_not_be_written(receiver: Receiver) -> None:
+    receiver.tarball("h1", "old")
+    receiver.append_row(receiver.receiver_row("h1", "old"))
+    receiver.tarball("h1", "a")
+    before = receiver.index.read_bytes()
+    subprocess.run(["chattr", "+i", str(receiver.index)], check=True)  # even root may not write it
+    try:
+        failed = receiver.run()
+    finally:
+        subprocess.run(["chattr", "-i", str(receiver.index)], check=True)
+    assert failed.returncode == 1
+    assert "Operation not permitted" in failed.one("pass_failed")["error"]
+    assert receiver.index.read_bytes() == before
+    assert receiver.run().returncode == 0
+    assert receiver.keys() == [("h1", "old"), ("h1", "a")]
+
+
+LOCK_HOLDER = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a")
+fcntl.lockf(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_lock_never_released_times_out(receiver: Receiver) -> None:
+    receiver.tarball("h1", "a")
+    receiver.index.touch()
+    holder = subprocess.Popen(
+        ["python3", "-c", LOCK_HOLDER, str(receiver.index)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        failed = receiver.run("--lock-timeout", "0.5")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert failed.returncode == 1
+    error = failed.one("pass_failed")["error"]
+    assert (
+        error == f"could not lock {receiver.index} within 0.5 s (the receiver or another reconciler holds it)"
+    )
+    assert receiver.index.read_bytes() == b""
+    assert receiver.run().returncode == 0
+    assert receiver.keys() == [("h1", "a")]
