@@ -1,0 +1,78 @@
+"""The store changes between the listing and the read: a host directory
+removed, a tarball deleted, replaced, or growing. No crash, and no row whose
+sha256 or size is not the file's."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+
+import pytest
+from helpers import Receiver
+
+from cis490_reconcile import config, reconcile
+from cis490_reconcile.log import make_logger
+from cis490_reconcile.reconcile import Reconciler
+
+
+def one_pass(receiver: Receiver) -> reconcile.PassSummary:
+    cfg = config.build(
+        {
+            "episodes_root": receiver.episodes,
+            "index": receiver.index,
+            "min_age": 0,
+            "workers": 1,
+            "state_dir": "",
+        }
+    )
+    return Reconciler(cfg, make_logger("error", io.StringIO())).run_pass()
+
+
+def rows_match_files(receiver: Receiver) -> None:
+    for row in receiver.rows():
+        data = (receiver.episodes / row["host_id"] / f"{row['episode_id']}.tar.zst").read_bytes()
+        assert (row["sha256"], row["size_bytes"]) == (hashlib.sha256(data).hexdigest(), len(data)), row
+
+
+def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a", "b", "c", "d"):
+        receiver.tarball("h1", name)
+    receiver.tarball("h2", "x")
+    replacement = receiver.tarball("h9", "c").read_bytes()
+    shutil.rmtree(receiver.episodes / "h9")
+    real_verify = reconcile.verify_one
+    h1 = receiver.episodes / "h1"
+
+    def replace_c() -> None:
+        (h1 / "c.new").write_bytes(replacement)
+        os.rename(h1 / "c.new", h1 / "c.tar.zst")
+
+    def grow_d() -> None:
+        with open(h1 / "d.tar.zst", "ab") as f:
+            f.write(b"more")
+
+    # what happens to each file after the pass stat'ed it and before it reads it
+    meddle = {
+        "b": (h1 / "b.tar.zst").unlink,  # deleted
+        "c": replace_c,  # replaced by another tarball
+        "d": grow_d,  # still growing
+        "x": lambda: shutil.rmtree(receiver.episodes / "h2"),  # its host directory removed
+    }
+
+    def meddle_then_verify(store, tarball, on_read=None):  # type: ignore[no-untyped-def]
+        meddle.pop(tarball.episode_id, lambda: None)()
+        return real_verify(store, tarball, on_read)
+
+    monkeypatch.setattr(reconcile, "verify_one", meddle_then_verify)
+    summary = one_pass(receiver)
+    assert meddle == {}
+    assert (summary.backfilled, summary.unsettled, summary.corrupt) == (1, 4, 0)  # only a was still as seen
+    rows_match_files(receiver)
+
+    monkeypatch.setattr(reconcile, "verify_one", real_verify)
+    again = one_pass(receiver)
+    assert (again.backfilled, again.corrupt) == (1, 1)  # the new c; d has bytes after its frame
+    rows_match_files(receiver)
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "c")]
