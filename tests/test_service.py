@@ -180,10 +180,16 @@ def test_loop_runs_passes_until_sigterm(receiver: Receiver, notify_socket: Notif
     proc = start(receiver, "--interval", "0.3", env=env)
     try:
         deadline = time.monotonic() + 20
-        while sum(m == "STATUS=reading the index" for m in notify_socket.fields()) < 3:
+
+        def passes() -> int:
+            return sum(m == "STATUS=reading the index" for m in notify_socket.fields())
+
+        while passes() < 1 or not receiver.index.exists():
             assert time.monotonic() < deadline, notify_socket.fields()
-            if len(notify_socket.fields()) > 5:
-                receiver.tarball("h1", "b")  # appears between passes
+            time.sleep(0.05)
+        receiver.tarball("h1", "b")  # appears once the loop is running
+        while passes() < 3 or len(receiver.keys()) < 2:
+            assert time.monotonic() < deadline, notify_socket.fields()
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
