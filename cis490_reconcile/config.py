@@ -208,6 +208,13 @@ SETTINGS: tuple[Setting, ...] = (
         "list every host directory and parse the whole index at least this often (0: only with --full)",
         "SECONDS",
     ),
+    Setting(
+        "metrics_file",
+        None,
+        _optional_path,
+        "write Prometheus metrics here after each pass (node_exporter textfile collector: *.prom)",
+        "FILE",
+    ),
     Setting("log_level", "info", _level, "debug, info, warning or error", "LEVEL"),
     Setting("allow_root", False, _bool, "run as root even though the index belongs to another user"),
 )
@@ -226,6 +233,7 @@ class Config:
     workers: int | None
     state_dir: Path | None
     full_every: float | None
+    metrics_file: Path | None
     log_level: str
     allow_root: bool
 

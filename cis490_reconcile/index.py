@@ -87,9 +87,10 @@ class IndexedKeys:
         self._recent: set[int] = set()
         self.hostless: set[str] = set()
 
-    def __len__(self) -> int:
+    def host_rows(self) -> int:
+        """Distinct (host_id, episode_id) keys, host-less rows not counted."""
         self._merge()
-        return len(self._hi) + len(self.hostless)
+        return len(self._hi)
 
     def add(self, host_id: str | None, episode_id: str) -> None:
         if host_id is None:
@@ -100,8 +101,10 @@ class IndexedKeys:
             self._merge()
 
     def covers(self, host_id: str, episode_id: str) -> bool:
-        if episode_id in self.hostless:
-            return True
+        return episode_id in self.hostless or self.has_row(host_id, episode_id)
+
+    def has_row(self, host_id: str, episode_id: str) -> bool:
+        """A row with exactly this host_id (not counting host-less rows)."""
         digest = _digest(host_id, episode_id)
         if digest in self._recent:
             return True
@@ -119,6 +122,7 @@ class IndexedKeys:
         merged = [(high << 64) | low for high, low in zip(self._hi, self._lo, strict=True)]
         merged += sorted(self._recent)
         merged.sort()  # two sorted runs: timsort merges them in linear time
+        merged = list(dict.fromkeys(merged))  # a key indexed twice is one key
         self._hi = array("Q", (d >> 64 for d in merged))
         self._lo = array("Q", (d & _LOW64 for d in merged))
         self._recent = set()

@@ -53,6 +53,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 class PassFailed(Exception):
     """The pass could not complete (lock timeout, index unwritable, disk full)."""
 
+    def __init__(self, reason: str, summary: PassSummary) -> None:
+        super().__init__(reason)
+        self.summary = summary
+
 
 class StopRequested(BaseException):
     """Raised at a checkpoint after SIGTERM/SIGINT. A BaseException so that no
@@ -141,6 +145,8 @@ class Reconciler:
         self._state_checked = False
         self._hosts = HostTracker({}, full=True)
         self._index_restarted = False
+        self.orphan_rows: int | None = None  # index rows without a tarball, from the last full pass
+        self._matched = 0  # listed tarballs with a row of their own host, this pass
         self._summary = PassSummary()
         self._bad_line_events = 0
         self._pending: list[_Pending] = []
@@ -162,6 +168,7 @@ class Reconciler:
         summary.full = self._prepare_state(started_ns)
         self._hosts = HostTracker(self.memos, summary.full)
         self._index_restarted = False
+        self._matched = 0
         self.log.info(
             "pass_started",
             episodes_root=self.cfg.episodes_root,
@@ -183,9 +190,13 @@ class Reconciler:
             summary.duration_s = round(time.monotonic() - started, 3)
             reason = _describe(e, self.cfg)
             self.log.error("pass_failed", error=reason, **asdict(summary))
-            raise PassFailed(reason) from e
+            raise PassFailed(reason, summary) from e
         if not summary.interrupted and not self.dry_run:
             self._remember(summary.full, started_ns)
+            if summary.full and self.cfg.host is None:
+                # this pass's rows (ours, or the receiver's meanwhile) are for tarballs listed as unindexed
+                rows = self.reader.keys.host_rows() - summary.backfilled - summary.raced
+                self.orphan_rows = max(0, rows - self._matched)
         summary.bad_index_lines = self.reader.bad_lines
         summary.hosts_listed, summary.hosts_unchanged = self._hosts.listed, self._hosts.unchanged
         summary.duration_s = round(time.monotonic() - started, 3)
@@ -214,7 +225,11 @@ class Reconciler:
             self.notifier.status(f"listing {printable(host_id)}")
             for episode_id in self._listing(store, host_id):
                 self._summary.scanned += 1
-                if self.reader.keys.covers(host_id, episode_id):
+                if self.reader.keys.has_row(host_id, episode_id):
+                    self._matched += 1
+                    self._summary.already_indexed += 1
+                    continue
+                if episode_id in self.reader.keys.hostless:  # an old row without host_id
                     self._summary.already_indexed += 1
                     continue
                 self._hosts.unresolved(host_id, episode_id)

@@ -21,14 +21,16 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from . import metrics
 from .config import Config, ConfigError
 from .log import Logger
 from .notify import Notifier
-from .reconcile import PassFailed, Reconciler
+from .reconcile import PassFailed, PassSummary, Reconciler
 
 EXIT_OK, EXIT_FAILED = 0, 1
 MAX_JITTER_S = 30.0
@@ -88,6 +90,7 @@ class Service:
     dry_run: bool = False
     full: bool = False
     rows_out: TextIO | None = None
+    _carried: dict[str, float] | None = field(default=None, init=False)  # see metrics.CARRIED
 
     def run(self, cfg: Config) -> int:
         log = self.make_logger(cfg)
@@ -100,11 +103,7 @@ class Service:
             passes = 0
             while True:
                 passes += 1
-                try:
-                    reconciler.run_pass()
-                    code = EXIT_OK
-                except PassFailed:
-                    code = EXIT_FAILED
+                code = EXIT_OK if self._pass(cfg, log, reconciler) else EXIT_FAILED
                 if self.once or signals.should_stop():
                     break
                 cfg, log, reconciler = self._idle(cfg, log, reconciler, signals)
@@ -117,6 +116,43 @@ class Service:
             log.info("service_stopped", passes=passes, signal=stopped_by, exit_code=code)
         self.notifier.stopping(f"stopped after {passes} pass(es)")
         return code
+
+    def _pass(self, cfg: Config, log: Logger, reconciler: Reconciler) -> bool:
+        """One pass, then its metrics. True when it completed."""
+        started, clock = time.time(), time.monotonic()
+        try:
+            summary = reconciler.run_pass()
+            ok = not summary.interrupted
+        except PassFailed as e:
+            summary, ok = e.summary, False
+        if cfg.metrics_file is not None and not self.dry_run:
+            self._write_metrics(cfg.metrics_file, log, reconciler, summary, ok, started, clock)
+        return ok or summary.interrupted
+
+    def _write_metrics(
+        self,
+        path: Path,
+        log: Logger,
+        reconciler: Reconciler,
+        summary: PassSummary,
+        ok: bool,
+        started: float,
+        clock: float,
+    ) -> None:
+        if self._carried is None:
+            self._carried = metrics.carried_forward(path)
+        if ok:
+            self._carried["last_success_timestamp_seconds"] = started
+        if reconciler.orphan_rows is not None:
+            self._carried["orphan_rows"] = reconciler.orphan_rows
+        counts = {k: float(v) for k, v in asdict(summary).items() if isinstance(v, int | float)}
+        facts = metrics.RunFacts(
+            started, time.monotonic() - clock, ok, counts, self._carried.get("orphan_rows")
+        )
+        try:
+            metrics.write(path, facts, self._carried.get("last_success_timestamp_seconds"))
+        except OSError as e:
+            log.warning("metrics_write_failed", metrics_file=path, error=e.strerror or str(e))
 
     def _reconciler(self, cfg: Config, log: Logger, signals: Signals) -> Reconciler:
         return Reconciler(

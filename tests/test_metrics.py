@@ -1,0 +1,91 @@
+"""--metrics-file: a Prometheus textfile that parses, and stays valid (with
+the last success carried forward) when a pass fails."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from helpers import Receiver
+from prometheus_client.parser import text_string_to_metric_families
+
+LOCK_HOLDER = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a")
+fcntl.lockf(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def samples(path: Path) -> dict[str, float]:
+    """name{labels} -> value; fails on anything the parser rejects."""
+    out = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for s in family.samples:
+            assert s.timestamp is None  # the textfile collector wants none
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def helps(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith("# HELP")]
+
+
+def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_path: Path) -> None:
+    receiver.tarball("h1", "a")
+    receiver.tarball("h1", "b")
+    receiver.tarball("h1", "cut", blob=receiver.tarball("h1", "c").read_bytes()[:-9])
+    receiver.append_row({"host_id": "h1", "episode_id": "gone", "schema_version": 1})  # an orphan row
+    receiver.append_raw(b"garbage\n")
+    prom = tmp_path / "cis490_reconcile.prom"
+
+    ok = receiver.run("--metrics-file", str(prom))
+    assert ok.returncode == 0
+    first = samples(prom)
+    assert first["cis490_reconcile_last_run_success"] == 1
+    assert first["cis490_reconcile_last_run_rows_backfilled"] == 3
+    assert first["cis490_reconcile_last_run_tarballs{state=corrupt}"] == 1
+    assert first["cis490_reconcile_last_run_tarballs{state=scanned}"] == 4
+    assert first["cis490_reconcile_index_bad_lines"] == 1
+    assert first["cis490_reconcile_orphan_rows"] == 1
+    assert first["cis490_reconcile_last_run_bytes_read"] > 0
+    assert (
+        first["cis490_reconcile_last_success_timestamp_seconds"]
+        == first["cis490_reconcile_last_run_timestamp_seconds"]
+    )
+    assert any(k.startswith("cis490_reconcile_build_info{") for k in first)
+    first_help = helps(prom)
+
+    receiver.tarball("h2", "new")
+    holder = subprocess.Popen(
+        ["python3", "-c", LOCK_HOLDER, str(receiver.index)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        failed = receiver.run("--metrics-file", str(prom), "--lock-timeout", "0.3")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert failed.returncode == 1
+    second = samples(prom)  # still parses
+    assert second["cis490_reconcile_last_run_success"] == 0
+    assert second["cis490_reconcile_orphan_rows"] == 1  # carried forward by a new process
+    assert (
+        second["cis490_reconcile_last_success_timestamp_seconds"]
+        == first["cis490_reconcile_last_success_timestamp_seconds"]
+    )
+    assert (
+        second["cis490_reconcile_last_run_timestamp_seconds"]
+        > first["cis490_reconcile_last_run_timestamp_seconds"]
+    )
+    assert helps(prom) == first_help and len(first_help) >= 10  # constant HELP strings
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+    third = receiver.run("--metrics-file", str(prom))
+    assert third.returncode == 0
+    assert (
+        samples(prom)["cis490_reconcile_last_success_timestamp_seconds"]
+        > first["cis490_reconcile_last_success_timestamp_seconds"]
+    )
