@@ -61,7 +61,7 @@ def _seconds(value: object) -> float:
     return seconds
 
 
-def _positive_seconds(value: object) -> float:
+def positive_seconds(value: object) -> float:
     seconds = _seconds(value)
     if seconds <= 0:
         raise ValueError("expected a number of seconds > 0")
@@ -72,7 +72,7 @@ def _optional_positive_seconds(value: object) -> float | None:
     """0 or "" switches the setting off (so the environment can override a file)."""
     if value in ("", 0, "0"):
         return None
-    return _positive_seconds(value)
+    return positive_seconds(value)
 
 
 def _rate(value: object) -> int | None:
@@ -169,7 +169,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "lock_timeout",
         30.0,
-        _positive_seconds,
+        positive_seconds,
         "give up (exit 1) if the index lock is not free within this time",
         "SECONDS",
     ),
@@ -215,6 +215,14 @@ SETTINGS: tuple[Setting, ...] = (
         "write Prometheus metrics here after each pass (node_exporter textfile collector: *.prom)",
         "FILE",
     ),
+    Setting(
+        "quarantine_dir",
+        None,
+        _optional_path,
+        "move corrupt tarballs into DIR/<host_id>/ with a JSON sidecar, so the shipper's retry re-sends them "
+        "(same filesystem as the episodes, outside them; never deletes)",
+        "DIR",
+    ),
     Setting("log_level", "info", _level, "debug, info, warning or error", "LEVEL"),
     Setting("allow_root", False, _bool, "run as root even though the index belongs to another user"),
 )
@@ -234,6 +242,7 @@ class Config:
     state_dir: Path | None
     full_every: float | None
     metrics_file: Path | None
+    quarantine_dir: Path | None
     log_level: str
     allow_root: bool
 
@@ -364,6 +373,25 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"{flag} {path}: {e.strerror}") from None
         if not stat.S_ISREG(mode):
             raise ConfigError(f"{flag} {path}: not a regular file")
+    if cfg.quarantine_dir is not None:
+        _check_quarantine(cfg.quarantine_dir, cfg.episodes_root)
+
+
+def _check_quarantine(qdir: Path, root: Path) -> None:
+    """A rename target: an existing directory on the episodes' filesystem,
+    and not inside the episodes root (it would be scanned as a host)."""
+    flag = f"--quarantine-dir {qdir}"
+    try:
+        st = os.stat(qdir)
+    except OSError as e:
+        raise ConfigError(f"{flag}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{flag}: not a directory")
+    if st.st_dev != os.stat(root).st_dev:
+        raise ConfigError(f"{flag}: on another filesystem than {root}; a quarantine move must be a rename")
+    real_q, real_root = qdir.resolve(), root.resolve()
+    if real_q == real_root or real_root in real_q.parents:
+        raise ConfigError(f"{flag}: inside the episodes root {root}")
 
 
 def check_user(cfg: Config) -> None:

@@ -20,7 +20,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from . import __version__, syscalls
 
 NS = "cis490_reconcile"
-TARBALL_STATES = ("scanned", "already_indexed", "in_flight", "corrupt", "unsettled", "unreadable", "skipped")
+TARBALL_STATES = (
+    "scanned",
+    "already_indexed",
+    "in_flight",
+    "corrupt",
+    "quarantined",
+    "unsettled",
+    "unreadable",
+    "skipped",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,16 +28,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TextIO
 
 from . import index as index_mod
-from . import state
+from . import quarantine, state
 from .config import Config
 from .index import BadLine, IndexReader
 from .lock import LockTimeout
 from .log import Logger
 from .notify import Notifier
 from .pacing import ReadPacer
+from .progress import Progress, human_size
 from .state import HostMemo, HostTracker
 from .store import HostDir, Skipped, Store, Tarball, printable
 from .verify import Intact, Unreadable, Unsettled, Verdict
@@ -93,6 +95,7 @@ class PassSummary:
     backfilled: int = 0
     raced: int = 0  # verified, but the receiver's row arrived before our commit
     corrupt: int = 0
+    quarantined: int = 0
     in_flight: int = 0
     unsettled: int = 0
     unreadable: int = 0
@@ -128,6 +131,7 @@ class Reconciler:
         notifier: Notifier | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         full: bool = False,
+        progress: Progress | None = None,
     ):
         self.cfg = cfg
         self.log = log
@@ -139,6 +143,7 @@ class Reconciler:
         self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
         self.workers = cfg.workers or default_workers()
         self.force_full = full
+        self.progress = progress
         self.memos: dict[str, HostMemo] = {}  # what the last completed pass learned of each host dir
         self.last_full_ns = 0
         self._state_dir = cfg.state_dir
@@ -148,6 +153,7 @@ class Reconciler:
         self.orphan_rows: int | None = None  # index rows without a tarball, from the last full pass
         self._matched = 0  # listed tarballs with a row of their own host, this pass
         self._summary = PassSummary()
+        self._store: Store | None = None  # during a pass
         self._bad_line_events = 0
         self._pending: list[_Pending] = []
         self._pending_since = 0.0
@@ -200,6 +206,8 @@ class Reconciler:
         summary.bad_index_lines = self.reader.bad_lines
         summary.hosts_listed, summary.hosts_unchanged = self._hosts.listed, self._hosts.unchanged
         summary.duration_s = round(time.monotonic() - started, 3)
+        if self.progress is not None:
+            self.progress.clear()
         self.log.info("pass_finished", dry_run=self.dry_run, **asdict(summary))
         return summary
 
@@ -209,9 +217,13 @@ class Reconciler:
         if self.reader.torn_tail:
             self.log.warning("index_torn_tail", offset=self.reader.offset, line=self.reader.lines + 1)
         with Store(self.cfg.episodes_root) as store:
-            for chunk in self._unindexed(store):
-                self._progress = (self._progress[0], self._progress[1] + len(chunk))
-                self._verify_chunk(store, chunk)
+            self._store = store
+            try:
+                for chunk in self._unindexed(store):
+                    self._progress = (self._progress[0], self._progress[1] + len(chunk))
+                    self._verify_chunk(store, chunk)
+            finally:
+                self._store = None
         if self._pending or (self.reader.torn_tail and not self.dry_run):
             self._commit()
 
@@ -344,11 +356,27 @@ class Reconciler:
             self.log.warning(
                 "tarball_corrupt", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
             )
+            if self.cfg.quarantine_dir is not None and not self.dry_run:
+                self._quarantine(tarball, verdict.reason, self.cfg.quarantine_dir)
         self._advance()
         if self._pending and (
             len(self._pending) >= BATCH_ROWS or time.monotonic() - self._pending_since >= BATCH_SECONDS
         ):
             self._commit()
+
+    def _quarantine(self, tarball: Tarball, reason: str, qdir: Path) -> None:
+        host = self._store.open_host(tarball.host_id) if self._store else None
+        if not isinstance(host, HostDir):
+            return  # the host directory went away: nothing to move
+        with host:
+            try:
+                moved = quarantine.move(host, tarball, reason, qdir, iso_utc(time.time_ns()))
+            except OSError as e:
+                self.log.warning("quarantine_failed", path=tarball.path, error=e.strerror or str(e))
+                return
+        self._summary.quarantined += 1
+        self._hosts.resolved(tarball.host_id, tarball.episode_id)
+        self.log.warning("tarball_quarantined", path=tarball.path, quarantine_path=moved, reason=reason)
 
     def _on_read(self, n: int) -> None:
         self._summary.bytes_read += n
@@ -362,10 +390,10 @@ class Reconciler:
             self.notifier.alive()
         done, found = self._progress
         if found:
-            self.notifier.status(
-                f"verifying {done}/{found} unindexed tarballs, "
-                f"{_size(self._summary.bytes_read + self._reading)} read"
-            )
+            read = self._summary.bytes_read + self._reading
+            self.notifier.status(f"verifying {done}/{found} unindexed tarballs, {human_size(read)} read")
+            if self.progress is not None:
+                self.progress.update(done, read, done / found)
         if self.should_stop():
             raise StopRequested
 
@@ -556,14 +584,6 @@ class Reconciler:
                 commit=p.intact.commit,
                 zstd_checksum=p.intact.checksummed,
             )
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError
 
 
 def _describe(error: BaseException, cfg: Config) -> str:

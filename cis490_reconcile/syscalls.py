@@ -68,8 +68,11 @@ def fdatasync(fd: int) -> None:
     os.fdatasync(fd)
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename or a file creation in `path` durable."""
+def fsync_dir(path: str | os.PathLike[str] | int) -> None:
+    """Make a rename or a file creation in `path` (or an open directory fd) durable."""
+    if isinstance(path, int):
+        os.fsync(path)
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -114,3 +117,25 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
         length -= len(chunk)
         offset += len(chunk)
     return b"".join(parts)
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+
+
+def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """Move src to dst without ever replacing an existing dst (FileExistsError
+    instead). renameat2(RENAME_NOREPLACE) where the filesystem has it; else a
+    hard link (which also refuses to replace) and an unlink of the old name,
+    so a crash in between leaves two names for one file, never a lost file."""
+    import ctypes  # only loaded when something is moved
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), dst)
+    os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    os.unlink(src, dir_fd=src_dir_fd)

@@ -1,0 +1,100 @@
+"""Moving a corrupt tarball out of the store (opt-in: --quarantine-dir).
+
+The receiver answers a shipper's retry with `already-present` while the
+corrupt file sits at its name, so the gap never closes. Moving the file
+away lets the next retry re-send it. Nothing is ever deleted: the file is
+renamed into DIR/<host_id>/ next to a JSON sidecar saying why and when.
+
+Races, and how each is handled:
+
+- The receiver replaces the file (a re-send) between our verdict and the
+  move. Before moving, the name must still be the inode we verified, with
+  the size and mtime we read; after moving, the moved inode is checked
+  again. If it is not the one we verified, it is renamed back (without
+  replacing anything), so a good re-send is never quarantined. (Should a
+  third file have appeared at the name meanwhile, the move back fails and
+  the re-send stays in the quarantine, sidecar and all: moved, not lost.)
+- A name in the quarantine is taken (the same episode was corrupt before):
+  the move never replaces (renameat2 RENAME_NOREPLACE); the next free
+  name `<episode>.N.tar.zst` is used.
+- A crash after the sidecar is written but before the rename leaves a
+  sidecar with no tarball beside it, and the tarball still in the store;
+  the next pass finds it corrupt again and writes the same sidecar again.
+- The quarantine must be on the episodes' filesystem (a rename, not a copy
+  that a crash could leave half-done) and outside the episodes root (or it
+  would be scanned as a host directory); config.check_paths refuses others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import __version__, syscalls
+from .store import SUFFIX, HostDir, Tarball
+
+SIDECAR_SUFFIX = ".json"
+MAX_NAMES = 1000
+
+
+class QuarantineRace(OSError):
+    """What is at the name now is not the file that was verified."""
+
+
+def _free_name(qfd: int, episode_id: str) -> str:
+    for n in range(MAX_NAMES):
+        name = f"{episode_id}{SUFFIX}" if n == 0 else f"{episode_id}.{n}{SUFFIX}"
+        taken = False
+        for candidate in (name, name + SIDECAR_SUFFIX):
+            try:
+                os.stat(candidate, dir_fd=qfd, follow_symlinks=False)
+                taken = True
+            except FileNotFoundError:
+                pass
+        if not taken:
+            return name
+    raise FileExistsError(f"{MAX_NAMES} quarantined copies of {episode_id}")
+
+
+def _is_verified(st: os.stat_result, tarball: Tarball) -> bool:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+        tarball.dev,
+        tarball.ino,
+        tarball.size,
+        tarball.mtime_ns,
+    )
+
+
+def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> Path:
+    """Rename the verified-corrupt `tarball` into qdir/<host_id>/; return
+    where it went. Raises QuarantineRace or OSError, leaving it in place."""
+    if not _is_verified(os.stat(tarball.name, dir_fd=host.fd, follow_symlinks=False), tarball):
+        raise QuarantineRace(f"{tarball.path} changed since it was verified")
+    host_q = qdir / tarball.host_id
+    host_q.mkdir(mode=0o750, exist_ok=True)
+    qfd = os.open(host_q, syscalls.O_DIRECTORY_NOFOLLOW)
+    try:
+        name = _free_name(qfd, tarball.episode_id)
+        sidecar = {
+            "host_id": tarball.host_id,
+            "episode_id": tarball.episode_id,
+            "original_path": tarball.path,
+            "reason": reason,
+            "size_bytes": tarball.size,
+            "quarantined_at": now,
+            "quarantined_by": f"cis490-reconcile {__version__}",
+        }
+        syscalls.write_atomic(
+            host_q / (name + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode() + b"\n"
+        )
+        syscalls.rename_noreplace(host.fd, tarball.name, qfd, name)
+        if not _is_verified(os.stat(name, dir_fd=qfd, follow_symlinks=False), tarball):
+            syscalls.rename_noreplace(qfd, name, host.fd, tarball.name)  # a re-send: give it back
+            os.unlink(name + SIDECAR_SUFFIX, dir_fd=qfd)
+            raise QuarantineRace(f"{tarball.path} was replaced while it was being moved")
+        syscalls.fsync_dir(qfd)
+        syscalls.fsync_dir(host.fd)
+    finally:
+        os.close(qfd)
+    return host_q / name

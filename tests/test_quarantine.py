@@ -1,0 +1,135 @@
+"""--quarantine-dir: corrupt tarballs are moved aside (never deleted), so the
+shipper's retry can re-send them; good files and re-sends are never moved."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import Receiver, episode, tar_bytes, zstd
+
+from cis490_reconcile import quarantine
+from cis490_reconcile.store import HostDir, Store, Tarball
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+def corrupt_blob() -> bytes:
+    return zstd(tar_bytes(episode()))[:-40]  # cut short, as by a full disk
+
+
+def test_corrupt_tarball_is_moved_with_a_sidecar_and_resent_copies_are_indexed(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    qdir = tmp_path / "quarantine"
+    qdir.mkdir()
+    receiver.tarball("h1", "good")
+    first_bytes = corrupt_blob()
+    receiver.tarball("h1", "cut", blob=first_bytes)
+
+    one = receiver.run("--quarantine-dir", str(qdir))
+    assert one.returncode == 0
+    moved = one.one("tarball_quarantined")
+    assert moved["path"] == "h1/cut.tar.zst" and moved["quarantine_path"] == str(qdir / "h1/cut.tar.zst")
+    assert not (receiver.episodes / "h1/cut.tar.zst").exists()
+    assert (qdir / "h1/cut.tar.zst").read_bytes() == first_bytes
+    sidecar = json.loads((qdir / "h1/cut.tar.zst.json").read_text())
+    assert sidecar["reason"] == moved["reason"] and "zstd" in sidecar["reason"]
+    assert sidecar["original_path"] == "h1/cut.tar.zst" and sidecar["size_bytes"] == len(first_bytes)
+    assert sidecar["quarantined_at"].startswith("20")
+    assert receiver.keys() == [("h1", "good")]
+    assert one.one("pass_finished")["quarantined"] == 1
+
+    # a new process: the shipper's retry re-sent it whole; it is indexed, the quarantine kept
+    receiver.tarball("h1", "cut")
+    two = receiver.run("--quarantine-dir", str(qdir))
+    assert two.returncode == 0 and two.named("tarball_quarantined") == []
+    assert receiver.keys() == [("h1", "good"), ("h1", "cut")]
+    assert (qdir / "h1/cut.tar.zst").read_bytes() == first_bytes
+
+    # more corrupt files; a name whose sidecar is left over takes the next free name
+    receiver.tarball("h1", "again", blob=b"not zstd")
+    receiver.tarball("h3", "cut", blob=b"garbage")
+    (qdir / "h3").mkdir()
+    (qdir / "h3/cut.tar.zst.json").write_text("{}")  # a sidecar left by a crash before its rename
+    three = receiver.run("--quarantine-dir", str(qdir))
+    assert three.returncode == 0
+    assert sorted(e["quarantine_path"] for e in three.named("tarball_quarantined")) == [
+        str(qdir / "h1/again.tar.zst"),
+        str(qdir / "h3/cut.1.tar.zst"),
+    ]
+    assert (qdir / "h1/cut.tar.zst").read_bytes() == first_bytes
+    assert (qdir / "h3/cut.1.tar.zst").read_bytes() == b"garbage"
+
+
+def test_dry_run_moves_nothing(receiver: Receiver, tmp_path: Path) -> None:
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    receiver.tarball("h1", "cut", blob=corrupt_blob())
+    result = receiver.run("--quarantine-dir", str(qdir), "--dry-run")
+    assert result.returncode == 0 and result.named("tarball_corrupt")
+    assert (receiver.episodes / "h1/cut.tar.zst").exists() and list(qdir.iterdir()) == []
+
+
+def test_a_file_replaced_after_its_verdict_is_not_moved(receiver: Receiver, tmp_path: Path) -> None:
+    """The receiver re-sent the episode between our verdict and the move."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    path = receiver.tarball("h1", "e", blob=corrupt_blob())
+    with Store(receiver.episodes) as store:
+        host = store.open_host("h1")
+        assert isinstance(host, HostDir)
+        with host:
+            seen = host.lstat("e")
+            assert isinstance(seen, Tarball)
+            resent = zstd(tar_bytes(episode()))
+            fresh = receiver.episodes / "h1/.e.upload"
+            fresh.write_bytes(resent)
+            os.rename(fresh, path)
+            with pytest.raises(quarantine.QuarantineRace):
+                quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    assert path.read_bytes() == resent
+    assert list(qdir.rglob("*.tar.zst")) == []
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "otherfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@ROOT_ONLY
+def test_refuses_a_quarantine_on_another_filesystem(receiver: Receiver, other_fs: Path) -> None:
+    result = receiver.run("--quarantine-dir", str(other_fs))
+    assert result.returncode == 2
+    assert "another filesystem" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["inside", "root", "missing", "file"])
+def test_refuses_a_quarantine_inside_the_root_or_not_a_directory(
+    receiver: Receiver, tmp_path: Path, where: str
+) -> None:
+    receiver.tarball("h1", "cut", blob=corrupt_blob())
+    qdir = {
+        "inside": receiver.episodes / "quarantine",
+        "root": receiver.episodes,
+        "missing": tmp_path / "nope",
+        "file": receiver.index,
+    }[where]
+    if where == "inside":
+        qdir.mkdir()
+    receiver.index.touch()
+    result = receiver.run("--quarantine-dir", str(qdir))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("cis490-reconcile: error: --quarantine-dir")
+    assert len(result.stderr.splitlines()) == 1
+    assert (receiver.episodes / "h1/cut.tar.zst").exists()
