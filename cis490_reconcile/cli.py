@@ -4,6 +4,7 @@ turn the outcome into an exit code. No policy lives here.
     cis490-reconcile --once [flags]        one pass (the timer's service)
     cis490-reconcile --interval S [flags]  a loop (or `interval` in the config)
     cis490-reconcile config [flags]        print the effective config and sources
+    cis490-reconcile status [--json]       report, read-only
     cis490-reconcile demo                  build a demo store with gaps, reconcile it
 
 Exit codes: 0 the pass completed (even if it reported corrupt files) or was
@@ -18,14 +19,24 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, config
+from . import __version__, config, progress
 from .config import SETTINGS, Config, ConfigError
 from .log import Logger, make_logger
 from .notify import Notifier
+from .progress import Progress
 from .service import EXIT_FAILED, Service
 
 EXIT_USAGE = 2
 PROG = "cis490-reconcile"
+SUBCOMMANDS = {
+    "config": "prints the effective configuration and where each value came from",
+    "status": "reports what is unindexed, corrupt, orphaned or duplicated, changing nothing",
+    "demo": "builds a small store with gaps and reconciles it",
+}
+DESCRIPTIONS = {
+    None: "Backfill index.jsonl rows for episode tarballs the receiver stored but never indexed.",
+    **{c: d[0].upper() + d[1:] + "." for c, d in SUBCOMMANDS.items()},
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,25 +45,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _parser(prog: str = PROG) -> _Parser:
+def _parser(command: str | None) -> _Parser:
+    """The flags of `command` (None: a pass); every subcommand takes the settings."""
     parser = _Parser(
-        prog=prog,
+        prog=f"{PROG} {command}" if command else PROG,
         allow_abbrev=False,
-        description="Backfill index.jsonl rows for episode tarballs the receiver stored but never indexed.",
-        epilog="Subcommands: 'config' prints the effective configuration and where each value came "
-        "from; 'demo' builds a small store with gaps and reconciles it.",
+        description=DESCRIPTIONS[command],
+        epilog=None if command else "Subcommands: " + "; ".join(f"'{c}' {d}" for c, d in SUBCOMMANDS.items()),
     )
-    parser.add_argument("--once", action="store_true", help="run one pass and exit (wins over --interval)")
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="take no lock, write nothing; print the rows a pass would append on stdout (logs go to stderr)",
-    )
-    parser.add_argument(
-        "--full",
-        action="store_true",
-        help="list every host directory and parse the whole index, whatever the state remembers",
-    )
+    if command is None:
+        parser.add_argument(
+            "--once", action="store_true", help="run one pass and exit (wins over --interval)"
+        )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="take no lock, write nothing; print the rows a pass would append on stdout "
+            "(logs go to stderr)",
+        )
+        parser.add_argument(
+            "--full",
+            action="store_true",
+            help="list every host directory and parse the whole index, whatever the state remembers",
+        )
+    elif command == "status":
+        parser.add_argument(
+            "--json", action="store_true", help="one JSON document (stable keys) instead of a table"
+        )
     parser.add_argument(
         "--config",
         type=Path,
@@ -74,15 +93,19 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _progress(label: str) -> Progress | None:
+    return Progress(sys.stderr, label) if progress.wanted(sys.stderr) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:
+    command = argv[0] if argv[:1] and argv[0] in SUBCOMMANDS else None
+    if command == "demo":
         from . import demo  # not imported for a pass: it costs start-up time
 
         return demo.main(argv[1:])
-    show_config = argv[:1] == ["config"]
-    parser = _parser(f"{PROG} config" if show_config else PROG)
-    args = parser.parse_args(argv[1:] if show_config else argv)
+    parser = _parser(command)
+    args = parser.parse_args(argv[1:] if command else argv)
     flags = {s.key: getattr(args, s.key) for s in SETTINGS if getattr(args, s.key) is not None}
 
     def load() -> Config:
@@ -91,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         return cfg
 
     try:
-        if show_config:
+        if command == "config":
             print(config.render(config.load(flags, args.config, os.environ)), end="")
             return 0
         cfg = load()
+        if command == "status":
+            from . import status
+
+            return status.main(cfg, sys.stdout, as_json=args.json, bar=_progress("status"))
         if not args.once and cfg.interval is None:
             parser.error("nothing to do: pass --once for one pass, or --interval SECONDS for a loop")
         if not args.dry_run:
@@ -102,12 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(str(e))
 
+    bar = _progress("reconcile") if args.once else None
     stream = sys.stderr if args.dry_run else sys.stdout
 
     def logger_for(c: Config) -> Logger:
-        return make_logger(c.log_level, stream)
+        return make_logger(c.log_level, progress.clearing(stream, bar))
 
-    service = Service(load, logger_for, Notifier(), once=args.once, dry_run=args.dry_run, full=args.full)
+    service = Service(
+        load, logger_for, Notifier(), once=args.once, dry_run=args.dry_run, full=args.full, progress=bar
+    )
     try:
         return service.run(cfg)
     except Exception:

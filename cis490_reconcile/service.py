@@ -26,11 +26,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from . import metrics
+from . import metrics, state
 from .config import Config, ConfigError
 from .log import Logger
 from .notify import Notifier
-from .reconcile import PassFailed, PassSummary, Reconciler
+from .progress import Progress
+from .reconcile import PassFailed, PassSummary, Reconciler, iso_utc
 
 EXIT_OK, EXIT_FAILED = 0, 1
 MAX_JITTER_S = 30.0
@@ -90,6 +91,7 @@ class Service:
     dry_run: bool = False
     full: bool = False
     rows_out: TextIO | None = None
+    progress: Progress | None = None
     _carried: dict[str, float] | None = field(default=None, init=False)  # see metrics.CARRIED
 
     def run(self, cfg: Config) -> int:
@@ -118,15 +120,26 @@ class Service:
         return code
 
     def _pass(self, cfg: Config, log: Logger, reconciler: Reconciler) -> bool:
-        """One pass, then its metrics. True when it completed."""
+        """One pass, then its metrics and its record for `status`. True
+        when it completed or was stopped."""
         started, clock = time.time(), time.monotonic()
+        error = None
         try:
             summary = reconciler.run_pass()
             ok = not summary.interrupted
         except PassFailed as e:
-            summary, ok = e.summary, False
-        if cfg.metrics_file is not None and not self.dry_run:
+            summary, ok, error = e.summary, False, str(e)
+        if self.dry_run:
+            return ok or summary.interrupted
+        if cfg.metrics_file is not None:
             self._write_metrics(cfg.metrics_file, log, reconciler, summary, ok, started, clock)
+        if cfg.state_dir is not None and cfg.state_dir.is_dir():
+            result = "ok" if ok else "interrupted" if summary.interrupted else "failed"
+            record = {"started_at": iso_utc(int(started * 1e9)), "result": result, "error": error}
+            try:
+                state.save_last_pass(cfg.state_dir, {**record, **asdict(summary)})
+            except OSError as e:
+                log.warning("state_save_failed", state_dir=cfg.state_dir, error=e.strerror or str(e))
         return ok or summary.interrupted
 
     def _write_metrics(
@@ -156,7 +169,14 @@ class Service:
 
     def _reconciler(self, cfg: Config, log: Logger, signals: Signals) -> Reconciler:
         return Reconciler(
-            cfg, log, self.dry_run, self.rows_out, self.notifier, signals.should_stop, full=self.full
+            cfg,
+            log,
+            self.dry_run,
+            self.rows_out,
+            self.notifier,
+            signals.should_stop,
+            full=self.full,
+            progress=self.progress,
         )
 
     def _idle(

@@ -38,6 +38,7 @@ from .index import IndexedKeys, IndexReader
 MAGIC = b"cis490-reconcile state\n"
 VERSION = 1
 FILE_NAME = "state.bin"
+LAST_PASS_FILE = "last_pass.json"  # the outcome of the last pass, for `status`
 GUARD_NS = 3 * 10**9
 TAIL_BYTES = 4096
 _U64 = struct.Struct("<Q")
@@ -142,6 +143,19 @@ def load(state_dir: Path) -> Snapshot | None:
 
 def save(state_dir: Path, snap: Snapshot) -> None:
     syscalls.write_atomic(state_dir / FILE_NAME, encode(snap))
+
+
+def save_last_pass(state_dir: Path, record: dict[str, object]) -> None:
+    syscalls.write_atomic(state_dir / LAST_PASS_FILE, json.dumps(record, sort_keys=True).encode() + b"\n")
+
+
+def load_last_pass(state_dir: Path) -> dict[str, object] | None:
+    """The last pass's record, or None when there is none or it is unreadable."""
+    try:
+        record = json.loads((state_dir / LAST_PASS_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def resume_reader(snap: Snapshot, reader: IndexReader) -> bool:

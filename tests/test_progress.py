@@ -1,0 +1,99 @@
+"""The progress bar: drawn on stderr when it is a real terminal (a pty here),
+never when stderr is a pipe or the journal's stream."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import subprocess
+
+import pytest
+from helpers import Receiver, episode
+
+from cis490_reconcile.progress import render
+
+
+def run_with_tty_stderr(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """(exit code, stdout, what the terminal on stderr showed)."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=follower, timeout=60, env=env, text=True)
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    return proc.returncode, proc.stdout, shown.decode()
+
+
+@pytest.fixture
+def busy(receiver: Receiver) -> Receiver:
+    for i in range(6):
+        receiver.tarball(f"h{i % 2}", f"e{i}", episode(os.urandom(1 << 20)))
+    return receiver
+
+
+def test_bar_on_a_terminal_for_a_pass_and_status(busy: Receiver) -> None:
+    code, stdout, shown = run_with_tty_stderr(busy.argv("--once", "--max-read-rate", "4M"))
+    assert code == 0
+    assert "\rreconcile  [" in shown and " files  " in shown and "/s" in shown
+    assert shown.endswith("\r")  # cleared at the end: the prompt comes back on a clean line
+    assert all(line.startswith("{") for line in stdout.splitlines())  # logs untouched
+
+    (busy.episodes / "h0/late.tar.zst").write_bytes((busy.episodes / "h0/e0.tar.zst").read_bytes())
+    argv = [a for a in busy.argv() if a != "--once"]
+    argv.insert(3, "status")
+    code, stdout, shown = run_with_tty_stderr([*argv, "--max-read-rate", "1M"])
+    assert code == 1 and "UNINDEXED" in stdout
+    assert re.search(r"\rstatus  \[[#.]+\] +[0-9.]+%  0 files  [0-9.]+ (KiB|MiB)", shown), shown
+
+
+def test_no_bar_when_piped_or_on_a_dumb_terminal(busy: Receiver) -> None:
+    piped = subprocess.run(busy.argv("--once"), capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and piped.stderr == ""
+
+    (busy.episodes / "h0/more.tar.zst").write_bytes((busy.episodes / "h0/e0.tar.zst").read_bytes())
+    code, stdout, shown = run_with_tty_stderr(busy.argv("--once"), env={**os.environ, "TERM": "dumb"})
+    assert code == 0 and shown == "" and '"row_backfilled"' in stdout
+
+
+def test_render_shows_percent_rate_and_eta() -> None:
+    line = render("scrub", 10, 50 << 20, 0.25, 10.0)
+    assert line.startswith("scrub  [######..................]  25.0%  10 files  50.0 MiB  5.0 MiB/s")
+    assert line.endswith("ETA 0m30s")
+    assert "ETA" not in render("scrub", 1, 10, None, 10.0) and "%" not in render("scrub", 1, 10, None, 10.0)
+
+
+def test_journal_stream_wins_over_a_terminal(busy: Receiver) -> None:
+    """systemd-run --pty or a unit with StandardError=tty+journal: when
+    JOURNAL_STREAM names stderr, no bar."""
+    leader, follower = pty.openpty()
+    try:
+        st = os.fstat(follower)
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        proc = subprocess.run(
+            busy.argv("--once"), stdout=subprocess.PIPE, stderr=follower, env=env, timeout=60
+        )
+        os.close(follower)
+        follower = -1
+        os.set_blocking(leader, False)
+        try:
+            shown = os.read(leader, 65536)
+        except (BlockingIOError, OSError):
+            shown = b""
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0 and b"reconcile" not in shown and b"row_backfilled" in proc.stdout

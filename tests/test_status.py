@@ -1,0 +1,185 @@
+"""`status`: a read-only report of what needs attention, with exit 0 only
+when there is nothing to look at."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO, Receiver
+
+HOLDER = REPO / "tests" / "lockholder.py"
+
+
+def status(receiver: Receiver, *args: str, state_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [a for a in receiver.argv(*args) if a != "--once"]
+    argv.insert(3, "status")  # python -m cis490_reconcile status ...
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path below root with its size, mtime and mode: 'writes nothing'."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(Path(dirpath, name))
+            out[str(Path(dirpath, name).relative_to(root))] = (st.st_size, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def messy_store(receiver: Receiver, tmp_path: Path) -> None:
+    receiver.tarball("h1", "a")
+    receiver.tarball("h1", "b")  # a gap
+    receiver.tarball("h2", "g", gnu=True)  # a gap, GNU tar + zstd CLI
+    receiver.tarball("h2", "cut", blob=receiver.tarball("h2", "x").read_bytes()[:-30])
+    (receiver.episodes / "h2/x.tar.zst").unlink()
+    outside = tmp_path / "outside.tar.zst"
+    outside.write_bytes(b"secret")
+    (receiver.episodes / "h1/link.tar.zst").symlink_to(outside)
+    receiver.append_row(receiver.receiver_row("h1", "a"))
+    receiver.append_raw(b"\n")  # blank: not a bad line
+    receiver.append_row(receiver.receiver_row("h1", "a"))  # duplicate, line 3
+    receiver.append_row({"host_id": "h3", "episode_id": "gone", "schema_version": 1})  # orphan, line 4
+    receiver.append_raw(b"not json\n")  # bad, line 5
+    receiver.append_row({"episode_id": "old"})  # an old row without host_id
+
+
+def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> None:
+    messy_store(receiver, tmp_path)
+    before = snapshot(tmp_path)
+    result = status(receiver, "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["report_version"] == 1 and report["clean"] is False
+    assert report["hosts"] == {
+        "h1": {
+            "tarballs": 2,
+            "indexed": 1,
+            "unindexed": 1,
+            "in_flight": 0,
+            "corrupt": 0,
+            "unreadable": 0,
+            "orphan_rows": 0,
+            "duplicate_rows": 1,
+        },
+        "h2": {
+            "tarballs": 2,
+            "indexed": 0,
+            "unindexed": 1,
+            "in_flight": 0,
+            "corrupt": 1,
+            "unreadable": 0,
+            "orphan_rows": 0,
+            "duplicate_rows": 0,
+        },
+        "h3": {
+            "tarballs": 0,
+            "indexed": 0,
+            "unindexed": 0,
+            "in_flight": 0,
+            "corrupt": 0,
+            "unreadable": 0,
+            "orphan_rows": 1,
+            "duplicate_rows": 0,
+        },
+    }
+    assert report["totals"]["tarballs"] == 4 and report["totals"]["unindexed"] == 2
+    assert report["index_file"] == {
+        "lines": 6,
+        "rows": 4,
+        "rows_without_host_id": 1,
+        "bad_lines": 1,
+        "torn_tail": False,
+    }
+    assert report["bad_lines"] == [
+        {"line": 5, "offset": report["bad_lines"][0]["offset"], "reason": "not valid JSON"}
+    ]
+    assert receiver.index.read_bytes()[report["bad_lines"][0]["offset"] :].startswith(b"not json\n")
+    assert report["duplicate_rows"] == [{"line": 3, "host_id": "h1", "episode_id": "a"}]
+    assert report["orphan_rows"] == [{"line": 4, "host_id": "h3", "episode_id": "gone"}]
+    assert [c["path"] for c in report["corrupt"]] == ["h2/cut.tar.zst"]
+    assert report["skipped"] == [{"path": "h1/link.tar.zst", "reason": "symlink"}]
+    assert len(report["attention"]) == 6
+    assert report["last_pass"] is None
+    assert snapshot(tmp_path) == before  # wrote nothing, created no lock file or state
+
+
+def test_human_table_and_exit_codes(receiver: Receiver, tmp_path: Path) -> None:
+    messy_store(receiver, tmp_path)
+    table = status(receiver)
+    assert table.returncode == 1
+    lines = table.stdout.splitlines()
+    assert lines[2].split() == [
+        "HOST",
+        "TARBALLS",
+        "INDEXED",
+        "UNINDEXED",
+        "IN",
+        "FLIGHT",
+        "CORRUPT",
+        "UNREADABLE",
+        "ORPHAN",
+        "ROWS",
+        "DUP",
+        "ROWS",
+    ]
+    assert lines[3].split() == ["h1", "2", "1", "1", "0", "0", "0", "0", "1"]
+    assert "  line 5 (byte " in table.stdout and "  line 4: h3/gone" in table.stdout
+    assert lines[-1].startswith("needs attention: 2 settled tarballs not indexed")
+    assert table.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_clean_after_a_pass_and_last_pass_result(receiver: Receiver, tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    receiver.tarball("h1", "a")
+    receiver.tarball("h2", "b", gnu=True)
+    assert status(receiver, state_dir=state_dir).returncode == 1  # two gaps
+    assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    result = status(receiver, "--json", state_dir=state_dir)
+    assert result.returncode == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert report["clean"] is True and report["attention"] == []
+    assert report["last_pass"]["result"] == "ok" and report["last_pass"]["backfilled"] == 2
+    assert status(receiver, state_dir=state_dir).stdout.splitlines()[-1] == "clean"
+
+    # a failed pass is reported, and is itself something to look at
+    receiver.tarball("h1", "c")
+    holder = subprocess.Popen(
+        [sys.executable, str(HOLDER), str(receiver.index), "lockf"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        failed = receiver.run("--state-dir", str(state_dir), "--lock-timeout", "0.2")
+        assert failed.returncode == 1
+        during = status(receiver, "--json", state_dir=state_dir)  # takes no lock: not blocked
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
+    report = json.loads(during.stdout)
+    assert during.returncode == 1
+    assert report["last_pass"]["result"] == "failed" and "lock" in report["last_pass"]["error"]
+    assert report["attention"][-1].startswith("last pass failed: ")
+
+
+def test_in_flight_is_not_attention(receiver: Receiver) -> None:
+    receiver.tarball("h1", "new")
+    result = status(receiver, "--json", "--min-age", "3600")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["totals"]["in_flight"] == 1
+
+
+def test_host_filter_and_missing_index(receiver: Receiver) -> None:
+    receiver.tarball("h1", "a")
+    receiver.tarball("h2", "b")
+    result = status(receiver, "--json", "--host", "h2")
+    assert list(json.loads(result.stdout)["hosts"]) == ["h2"]
+    assert not receiver.index.exists()  # status never creates it
