@@ -92,7 +92,7 @@ class Report:
             (len(self.examples["skipped"]), "store entries skipped"),
             (int(self.torn_tail), "torn last index line"),
         ]
-        notes = [f"{n} {what}" for n, what in found if n]
+        notes = [f"{what}: {n}" for n, what in found if n]
         if self.last_pass is not None and self.last_pass.get("result") == "failed":
             notes.append(f"last pass failed: {self.last_pass.get('error')}")
         return notes

@@ -34,7 +34,7 @@ from .store import HostDir, Store, Tarball
 from .verify import Unsettled, Verdict, verify
 
 BATCH_FILES = 64
-BATCH_BYTES = 32 << 20
+BATCH_BYTES = 8 << 20
 _POLL_S = 0.05
 
 

@@ -130,7 +130,7 @@ def test_human_table_and_exit_codes(receiver: Receiver, tmp_path: Path) -> None:
     ]
     assert lines[3].split() == ["h1", "2", "1", "1", "0", "0", "0", "0", "1"]
     assert "  line 5 (byte " in table.stdout and "  line 4: h3/gone" in table.stdout
-    assert lines[-1].startswith("needs attention: 2 settled tarballs not indexed")
+    assert lines[-1].startswith("needs attention: settled tarballs not indexed (a pass backfills them): 2; ")
     assert table.stderr == ""  # no progress bar when stderr is not a terminal
 
 
