@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, episode, tar_bytes, zstd
+from helpers import Receiver, episode, tar_bytes, tmpfs, zstd
 
 from cis490_reconcile import quarantine
 from cis490_reconcile.store import HostDir, Store, Tarball
@@ -98,13 +97,8 @@ def test_a_file_replaced_after_its_verdict_is_not_moved(receiver: Receiver, tmp_
 
 @pytest.fixture
 def other_fs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "otherfs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "otherfs", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 @ROOT_ONLY
