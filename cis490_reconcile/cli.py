@@ -5,6 +5,7 @@ turn the outcome into an exit code. No policy lives here.
     cis490-reconcile --interval S [flags]  a loop (or `interval` in the config)
     cis490-reconcile config [flags]        print the effective config and sources
     cis490-reconcile status [--json]       report, read-only
+    cis490-reconcile scrub [flags]         re-check indexed tarballs against their rows
     cis490-reconcile demo                  build a demo store with gaps, reconcile it
 
 Exit codes: 0 the pass completed (even if it reported corrupt files) or was
@@ -24,13 +25,14 @@ from .config import SETTINGS, Config, ConfigError
 from .log import Logger, make_logger
 from .notify import Notifier
 from .progress import Progress
-from .service import EXIT_FAILED, Service
+from .service import EXIT_FAILED, Service, Signals
 
 EXIT_USAGE = 2
 PROG = "cis490-reconcile"
 SUBCOMMANDS = {
     "config": "prints the effective configuration and where each value came from",
     "status": "reports what is unindexed, corrupt, orphaned or duplicated, changing nothing",
+    "scrub": "re-reads indexed tarballs and checks them against their rows",
     "demo": "builds a small store with gaps and reconciles it",
 }
 DESCRIPTIONS = {
@@ -72,6 +74,13 @@ def _parser(command: str | None) -> _Parser:
         parser.add_argument(
             "--json", action="store_true", help="one JSON document (stable keys) instead of a table"
         )
+    elif command == "scrub":
+        parser.add_argument(
+            "--max-duration",
+            type=_seconds_arg,
+            metavar="SECONDS",
+            help="stop after this long, saving the cursor; the next scrub resumes there (default: no limit)",
+        )
     parser.add_argument(
         "--config",
         type=Path,
@@ -86,6 +95,13 @@ def _parser(command: str | None) -> _Parser:
             parser.add_argument(s.flag, default=None, metavar=s.metavar, help=s.help + shown)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
+
+
+def _seconds_arg(value: str) -> float:
+    try:
+        return config.positive_seconds(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fail(message: str) -> int:
@@ -122,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import status
 
             return status.main(cfg, sys.stdout, as_json=args.json, bar=_progress("status"))
+        if command == "scrub":
+            if args.host is not None:  # the cursor is one for the whole index
+                parser.error("--host: a scrub walks the whole index; it cannot be limited to one host")
+            return _scrub(cfg, args.max_duration)
         if not args.once and cfg.interval is None:
             parser.error("nothing to do: pass --once for one pass, or --interval SECONDS for a loop")
         if not args.dry_run:
@@ -142,4 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         return service.run(cfg)
     except Exception:
         logger_for(cfg).exception("internal_error")
+        return EXIT_FAILED
+
+
+def _scrub(cfg: Config, max_duration: float | None) -> int:
+    from . import scrub
+
+    if cfg.state_dir is None or not cfg.state_dir.is_dir():
+        raise ConfigError(f"scrub keeps its cursor in state_dir, which is not a directory: {cfg.state_dir}")
+    bar = _progress("scrub")
+    log = make_logger(cfg.log_level, progress.clearing(sys.stdout, bar))
+    notifier = Notifier()
+    try:
+        with Signals(hangup_reloads=False) as signals:
+            return scrub.run(cfg, log, notifier, signals.should_stop, max_duration, bar)
+    except Exception:
+        log.exception("internal_error")
         return EXIT_FAILED

@@ -143,7 +143,7 @@ class IndexedKeys:
         return keys
 
 
-def _split_lines(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bytes | None]]:
+def split_lines(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bytes | None]]:
     """(offset, next_offset, line) for the complete lines in bytes [start, end):
     line lacks its "\\n" and is None when longer than MAX_LINE_BYTES. A torn
     tail (bytes after the last "\\n") comes last with next_offset == -1.
@@ -220,7 +220,7 @@ class IndexReader:
             self.offset = self.lines = self.bad_lines = 0
         self.identity = identity
         self.torn_tail = False
-        for offset, next_offset, raw in _split_lines(fd, self.offset, st.st_size):
+        for offset, next_offset, raw in split_lines(fd, self.offset, st.st_size):
             if next_offset < 0:
                 self.torn_tail = True
                 key = parse_key(raw) if raw is not None else None

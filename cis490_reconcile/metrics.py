@@ -11,6 +11,7 @@ Samples carry no timestamps and HELP strings are constants.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from . import __version__, syscalls
 
 NS = "cis490_reconcile"
+SCRUB_NS = f"{NS}_scrub"
+SCRUB_RESULTS = ("ok", "mismatched", "missing", "unsettled", "unreadable")
 TARBALL_STATES = (
     "scanned",
     "already_indexed",
@@ -61,15 +64,22 @@ def carried_forward(path: Path) -> dict[str, float]:
     return found
 
 
-def render(facts: RunFacts, last_success: float | None) -> bytes:
-    registry = CollectorRegistry()
+def _gauges(registry: CollectorRegistry, ns: str) -> Callable[..., Gauge]:
+    """gauge(name, doc, value=None, labels=()) registering in `registry`;
+    a value None leaves the gauge unset (it is still declared)."""
 
-    def gauge(name: str, doc: str, value: float | None, labels: tuple[str, ...] = ()) -> Gauge:
-        g = Gauge(f"{NS}_{name}", doc, labels, registry=registry)
+    def gauge(name: str, doc: str, value: float | None = None, labels: tuple[str, ...] = ()) -> Gauge:
+        g = Gauge(f"{ns}_{name}", doc, labels, registry=registry)
         if value is not None and not labels:
             g.set(value)
         return g
 
+    return gauge
+
+
+def render(facts: RunFacts, last_success: float | None) -> bytes:
+    registry = CollectorRegistry()
+    gauge = _gauges(registry, NS)
     info = Info(f"{NS}_build", "Version of cis490-reconcile and its Python.", registry=registry)
     info.info({"version": __version__, "python": platform.python_version()})
     gauge("last_run_timestamp_seconds", "When the last pass started (unix time).", facts.started_at)
@@ -83,7 +93,7 @@ def render(facts: RunFacts, last_success: float | None) -> bytes:
     gauge("last_run_bytes_read", "Tarball bytes the last pass read.", c.get("bytes_read"))
     gauge("last_run_lock_wait_seconds", "Time the last pass waited for the index lock.", c.get("lock_wait_s"))
     gauge("index_bad_lines", "Lines of index.jsonl that are not rows.", c.get("bad_index_lines"))
-    tarballs = gauge("last_run_tarballs", "Tarballs the last pass saw, by what it found.", None, ("state",))
+    tarballs = gauge("last_run_tarballs", "Tarballs the last pass saw, by what it found.", labels=("state",))
     for state in TARBALL_STATES:
         if state in c:
             tarballs.labels(state=state).set(c[state])
@@ -98,3 +108,44 @@ def render(facts: RunFacts, last_success: float | None) -> bytes:
 
 def write(path: Path, facts: RunFacts, last_success: float | None) -> None:
     syscalls.write_atomic(path, render(facts, last_success))
+
+
+def render_scrub(
+    started_at: float,
+    duration_s: float,
+    run: Mapping[str, int],
+    in_round: Mapping[str, int],
+    round_number: int,
+    last_round_completed_at: float | None,
+    progress: float,
+) -> bytes:
+    """The scrub's own textfile, so a scrub and a pass never overwrite each
+    other's metrics. The round figures are those of the round this run
+    worked on, so a just-completed round still shows."""
+    registry = CollectorRegistry()
+    gauge = _gauges(registry, SCRUB_NS)
+    gauge("last_run_timestamp_seconds", "When the last scrub run started (unix time).", started_at)
+    gauge("last_run_duration_seconds", "How long the last scrub run took.", duration_s)
+    gauge("last_run_rows_checked", "Index rows whose tarball the last scrub run checked.", run["checked"])
+    gauge("last_run_bytes_read", "Tarball bytes the last scrub run read.", run["bytes_read"])
+    gauge(
+        "last_run_rows_unverifiable",
+        "Rows the last run could not check (no host_id, digest...).",
+        run["unverifiable"],
+    )
+    by_result = gauge("last_run_rows", "Rows the last scrub run checked, by result.", labels=("result",))
+    round_rows = gauge(
+        "round_rows", "Rows checked in the current (or just completed) round, by result.", labels=("result",)
+    )
+    for result in SCRUB_RESULTS:
+        by_result.labels(result=result).set(run[result])
+        round_rows.labels(result=result).set(in_round[result])
+    gauge("round", "Number of the current (or just completed) scrub round.", round_number)
+    gauge("round_progress_ratio", "How far through the index the current round is (by bytes).", progress)
+    if last_round_completed_at is not None:
+        gauge(
+            "last_round_completed_timestamp_seconds",
+            "When the last complete round over the index ended (unix time).",
+            last_round_completed_at,
+        )
+    return generate_latest(registry)

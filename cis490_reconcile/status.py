@@ -31,7 +31,7 @@ from typing import TextIO
 
 from . import state
 from .config import Config
-from .index import IndexedKeys, _split_lines, parse_key
+from .index import IndexedKeys, parse_key, split_lines
 from .pacing import ReadPacer
 from .progress import Progress
 from .store import HostDir, Skipped, Store, Tarball, printable
@@ -64,6 +64,7 @@ class Report:
     rows_without_host_id: int = 0
     bad_lines: int = 0
     torn_tail: bool = False
+    skipped: int = 0  # store entries never opened (symlinks, FIFOs, unsafe names)
     hosts: dict[str, HostCounts] = field(default_factory=lambda: defaultdict(HostCounts))
     examples: dict[str, list[dict[str, object]]] = field(default_factory=lambda: defaultdict(list))
     last_pass: dict[str, object] | None = None
@@ -89,7 +90,7 @@ class Report:
             (t.orphan_rows, "orphan rows (row without tarball)"),
             (t.duplicate_rows, "duplicate rows"),
             (self.bad_lines, "bad index lines"),
-            (len(self.examples["skipped"]), "store entries skipped"),
+            (self.skipped, "store entries skipped"),
             (int(self.torn_tail), "torn last index line"),
         ]
         notes = [f"{what}: {n}" for n, what in found if n]
@@ -113,6 +114,7 @@ class Report:
                 "bad_lines": self.bad_lines,
                 "torn_tail": self.torn_tail,
             },
+            "skipped_entries": self.skipped,
             **{
                 kind: self.examples[kind]
                 for kind in ("bad_lines", "orphan_rows", "duplicate_rows", "corrupt", "unreadable", "skipped")
@@ -140,7 +142,7 @@ class _Survey:
     def read_index(self, fd: int) -> None:
         r = self.report
         self.index_size = os.fstat(fd).st_size
-        for line, (offset, next_offset, raw) in enumerate(_split_lines(fd, 0, self.index_size), 1):
+        for line, (offset, next_offset, raw) in enumerate(split_lines(fd, 0, self.index_size), 1):
             if next_offset < 0:
                 r.torn_tail = True
                 break
@@ -165,16 +167,20 @@ class _Survey:
                     self.rows.add(host_id, episode_id)
                     r.hosts[host_id].orphan_rows += 1  # until its tarball is found
 
+    def _skipped(self, skipped: Skipped) -> None:
+        self.report.skipped += 1
+        self.report.example("skipped", path=skipped.path, reason=skipped.reason)
+
     def list_store(self) -> None:
         with Store(self.cfg.episodes_root) as store:
             host_ids = store.host_ids(self.cfg.host)
             for done, host_id in enumerate(host_ids):
                 if isinstance(host_id, Skipped):
-                    self.report.example("skipped", path=host_id.path, reason=host_id.reason)
+                    self._skipped(host_id)
                     continue
                 host = store.open_host(host_id)
                 if isinstance(host, Skipped):
-                    self.report.example("skipped", path=host.path, reason=host.reason)
+                    self._skipped(host)
                 elif host is not None:
                     with host:
                         self._host(store, host)
@@ -184,11 +190,11 @@ class _Survey:
         counts = self.report.hosts[host.host_id]
         for entry in host.entries():
             if isinstance(entry, Skipped):
-                self.report.example("skipped", path=entry.path, reason=entry.reason)
+                self._skipped(entry)
                 continue
             tarball = host.lstat(entry)
             if isinstance(tarball, Skipped):
-                self.report.example("skipped", path=tarball.path, reason=tarball.reason)
+                self._skipped(tarball)
                 continue
             if tarball is None:
                 continue  # removed since the listing
@@ -233,7 +239,7 @@ class _Survey:
         if not any(c.orphan_rows for c in self.report.hosts.values()):
             return
         shown: set[tuple[str, str]] = set()
-        for line, (_, next_offset, raw) in enumerate(_split_lines(fd, 0, self.index_size), 1):
+        for line, (_, next_offset, raw) in enumerate(split_lines(fd, 0, self.index_size), 1):
             if next_offset < 0 or len(shown) >= EXAMPLES:
                 break
             key = parse_key(raw) if raw else None

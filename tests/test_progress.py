@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import Receiver, episode
@@ -57,6 +58,18 @@ def test_bar_on_a_terminal_for_a_pass_and_status(busy: Receiver) -> None:
     code, stdout, shown = run_with_tty_stderr([*argv, "--max-read-rate", "1M"])
     assert code == 1 and "UNINDEXED" in stdout
     assert re.search(r"\rstatus  \[[#.]+\] +[0-9.]+%  0 files  [0-9.]+ (KiB|MiB)", shown), shown
+
+
+def test_bar_on_a_terminal_for_a_scrub(busy: Receiver, tmp_path: Path) -> None:
+    assert busy.run().returncode == 0  # index them
+    state = tmp_path / "state"
+    state.mkdir()
+    argv = [a for a in busy.argv() if a != "--once"]
+    argv[3:3] = ["scrub", "--state-dir", str(state), "--max-read-rate", "8M"]
+    code, stdout, shown = run_with_tty_stderr(argv)
+    assert code == 0 and '"scrub_finished"' in stdout
+    assert re.search(r"\rscrub  \[[#.]+\] +[0-9.]+%  [0-9]+ files  [0-9.]+ MiB", shown), shown
+    assert shown.endswith("\r")
 
 
 def test_no_bar_when_piped_or_on_a_dumb_terminal(busy: Receiver) -> None:

@@ -104,6 +104,7 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
     assert report["orphan_rows"] == [{"line": 4, "host_id": "h3", "episode_id": "gone"}]
     assert [c["path"] for c in report["corrupt"]] == ["h2/cut.tar.zst"]
     assert report["skipped"] == [{"path": "h1/link.tar.zst", "reason": "symlink"}]
+    assert report["skipped_entries"] == 1
     assert len(report["attention"]) == 6
     assert report["last_pass"] is None
     assert snapshot(tmp_path) == before  # wrote nothing, created no lock file or state

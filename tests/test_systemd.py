@@ -24,6 +24,7 @@ from systemd_container import SystemdContainer, unavailable_reason
 
 UNITS = REPO / "systemd"
 SERVICE, TIMER, LOOP = "cis490-reconcile.service", "cis490-reconcile.timer", "cis490-reconciled.service"
+SCRUB, SCRUB_TIMER = "cis490-reconcile-scrub.service", "cis490-reconcile-scrub.timer"
 DEPLOY_PYTHON = "/usr/bin/python3"  # not pyenv's: ProtectHome=yes hides /root
 VENVS = Path("/opt/cis490-tests")
 STORE = "/var/lib/cis490"
@@ -59,7 +60,7 @@ def test_units_verify_clean(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-@pytest.mark.parametrize("unit", [SERVICE, LOOP])
+@pytest.mark.parametrize("unit", [SERVICE, LOOP, SCRUB])
 def test_services_are_hardened(unit: str) -> None:
     # --threshold is the exposure times ten: exit status 1 above 1.0
     proc = subprocess.run(
@@ -128,6 +129,7 @@ def deployed(tmp_path: Path, venv: Path) -> Iterator[tuple[SystemdContainer, Rec
             box.write_file(f"/etc/systemd/system/{unit.name}", unit.read_text())
         box.write_file(f"/etc/systemd/system/{SERVICE}.d/test.conf", drop_in(venv, "--once"))
         box.write_file(f"/etc/systemd/system/{LOOP}.d/test.conf", drop_in(venv, "--interval 1"))
+        box.write_file(f"/etc/systemd/system/{SCRUB}.d/test.conf", drop_in(venv, "scrub --max-duration 60"))
         box.write_file(
             f"/etc/systemd/system/{TIMER}.d/test.conf",
             "[Timer]\nOnBootSec=1s\nOnUnitInactiveSec=1h\nRandomizedDelaySec=0\n",
@@ -267,3 +269,33 @@ def test_loop_unit_stays_active_reloads_and_stops_cleanly(
     stopped = named(events(box, LOOP), "service_stopped")
     assert stopped[0]["signal"] == "SIGTERM" and stopped[0]["passes"] >= 3
     assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b")]
+
+
+@needs_container
+def test_scrub_unit_checks_the_store_and_fails_on_a_changed_tarball(
+    deployed: tuple[SystemdContainer, Receiver],
+) -> None:
+    box, receiver = deployed
+    for name in ("a", "b"):
+        receiver.tarball("h1", name)
+        receiver.append_row(receiver.receiver_row("h1", name))
+    own(box)
+    index_before = receiver.index.read_bytes()
+    assert box.show(SCRUB_TIMER, "UnitFileState") == "disabled"
+    box.systemctl("enable", "--now", SCRUB_TIMER)
+    assert box.show(SCRUB_TIMER, "ActiveState") == "active"  # waiting for 02:30
+    box.systemctl("start", SCRUB)  # Type=notify: returns at READY
+    box.wait_for(lambda: finished(box, SCRUB), 30, "the scrub")
+    assert box.show(SCRUB, "Result") == "success"
+    summary = named(events(box, SCRUB), "scrub_finished")
+    assert len(summary) == 1 and summary[0]["checked"] == 2 and summary[0]["round_completed"] is True
+
+    blob = bytearray((receiver.episodes / "h1/b.tar.zst").read_bytes())
+    blob[50] ^= 0xFF  # same size, other bytes: bit rot
+    (receiver.episodes / "h1/b.tar.zst").write_bytes(bytes(blob))
+    box.systemctl("start", "--no-block", SCRUB)
+    box.wait_for(lambda: box.show(SCRUB, "Result") == "exit-code", 30, "the scrub to fail")
+    assert box.show(SCRUB, "ExecMainStatus") == "1"
+    mismatch = named(events(box, SCRUB), "scrub_mismatch")
+    assert [(m["path"], m["line"], m["_priority"]) for m in mismatch] == [("h1/b.tar.zst", 2, "4")]
+    assert receiver.index.read_bytes() == index_before  # reported, never fixed

@@ -1,0 +1,531 @@
+"""Scrub: re-read indexed tarballs and check their bytes against their rows.
+
+Order. The index is append-only and every row was verified when it was
+written, so index order is verification order: walking the rows in index
+order re-checks first what was checked longest ago. A scrub walks the index
+in *rounds*, and remembers where it is in a cursor, ``<state_dir>/scrub.json``:
+
+    the index's (st_dev, st_ino), the byte offset and line number of the next
+    row, the round number and when it started, the round's counts so far,
+    and when the last round completed
+
+The cursor is replaced atomically (syscalls.write_atomic) every
+SAVE_INTERVAL_S or SAVE_EVERY_ROWS rows and on exit, so a scrub stopped by
+--max-duration, a signal or even SIGKILL resumes where it stopped (after a
+SIGKILL it re-checks at most the last few seconds of rows). A stop inside a
+read leaves the cursor at that row: it is read again next time, never
+skipped. When the cursor reaches the end of the index the round is complete
+and the next run starts a new round at offset 0.
+
+Races, and why they are harmless:
+
+- The receiver (or a reconcile pass) appends while we scrub: a run stops at
+  the size it saw when it started; rows beyond are checked by the next run
+  of the round or by the next round. A torn last line (an append in
+  progress) is not a row yet: the round ends before it.
+- The index is replaced (another inode), shortened below the cursor, or
+  rewritten so that the cursor no longer follows a "\\n": the offset means
+  nothing any more, so a new round starts at 0 (scrub_round_restarted).
+- A tarball is replaced, grows or is removed while it is read: its size,
+  mtime or inode moves, and it is reported unsettled, not as a mismatch,
+  since the bytes we hashed may be half of one file and half of another. The
+  next round looks again.
+- Two scrubs at once would share the cursor: an exclusive flock on
+  ``<state_dir>/scrub.lock`` keeps the second one out.
+
+Scrub only reads: it takes no index lock, never writes the index and never
+"fixes" a row or a tarball. What it finds is reported (warning events,
+metrics, exit status 1) for an operator to act on. Memory is bounded
+whatever the index size: the index is streamed one capped line at a time,
+tarballs one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import metrics, syscalls
+from .config import Config
+from .index import parse_key, split_lines
+from .log import Logger
+from .notify import Notifier
+from .pacing import ReadPacer
+from .progress import Progress, human_size
+from .reconcile import StopRequested
+from .service import EXIT_FAILED, EXIT_OK
+from .store import SUFFIX, NotRegularFile, Skipped, Store, Tarball, is_safe_name
+
+CURSOR_FILE = "scrub.json"
+LOCK_FILE = "scrub.lock"
+CURSOR_VERSION = 1
+SAVE_INTERVAL_S = 2.0
+SAVE_EVERY_ROWS = 10_000
+REPORT_INTERVAL_S = 0.2  # STATUS= and the progress bar rate-limit themselves; this spares the formatting
+READ_SIZE = 1 << 20
+DROP_EVERY = 8 << 20  # drop read pages from the page cache this often
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+RESULTS = metrics.SCRUB_RESULTS  # what a checked row can come to; "checked" counts them all
+
+
+@dataclass
+class Counts:
+    checked: int = 0  # rows whose tarball was looked at: the sum of RESULTS
+    ok: int = 0
+    mismatched: int = 0
+    missing: int = 0
+    unsettled: int = 0
+    unreadable: int = 0
+    unverifiable: int = 0  # rows that name no checkable file or digest
+    bad_lines: int = 0  # lines that are not rows
+    bytes_read: int = 0
+
+
+@dataclass
+class Cursor:
+    index_dev: int = 0
+    index_ino: int = 0
+    offset: int = 0  # of the next row to check
+    line: int = 0  # lines before offset
+    round: int = 1
+    round_started_at: float | None = None  # unix seconds
+    last_round_completed_at: float | None = None
+    counts: Counts = field(default_factory=Counts)
+
+    def next_round(self) -> Cursor:
+        return Cursor(
+            self.index_dev,
+            self.index_ino,
+            round=self.round + 1,
+            last_round_completed_at=self.last_round_completed_at,
+        )
+
+
+class CursorInvalid(ValueError):
+    """scrub.json cannot be used; the reason says why."""
+
+
+def load_cursor(state_dir: Path) -> Cursor | None:
+    """The saved cursor, or None when there is none yet. Raises CursorInvalid."""
+    try:
+        data = json.loads((state_dir / CURSOR_FILE).read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CursorInvalid(e.strerror or str(e)) from None
+    except ValueError:
+        raise CursorInvalid("not JSON") from None
+    if not isinstance(data, dict) or data.pop("version", None) != CURSOR_VERSION:
+        raise CursorInvalid(f"not a version {CURSOR_VERSION} cursor")
+    try:
+        cursor = Cursor(**{**data, "counts": Counts(**data["counts"])})
+    except (TypeError, KeyError) as e:
+        raise CursorInvalid(f"malformed: {e}") from None
+    counters = [cursor.index_dev, cursor.index_ino, cursor.offset, cursor.line, cursor.round]
+    counters += asdict(cursor.counts).values()
+    times = [cursor.round_started_at, cursor.last_round_completed_at]
+    if not all(type(n) is int and n >= 0 for n in counters) or not all(
+        t is None or type(t) in (int, float) for t in times
+    ):
+        raise CursorInvalid("malformed: a value is not a number >= 0")
+    return cursor
+
+
+def save_cursor(state_dir: Path, cursor: Cursor) -> None:
+    data = {"version": CURSOR_VERSION, **asdict(cursor)}
+    syscalls.write_atomic(state_dir / CURSOR_FILE, (json.dumps(data, indent=1) + "\n").encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Checkable:
+    """What a row claims about a tarball, once we know we can check it."""
+
+    host_id: str
+    episode_id: str
+    sha256: str  # lowercase hex
+    size: int
+
+    @property
+    def path(self) -> str:
+        return f"{self.host_id}/{self.episode_id}{SUFFIX}"
+
+
+def checkable(raw: bytes) -> Checkable | str:
+    """The row's claim, or why it cannot be checked. Call on a line that
+    parse_key accepted (so it is a JSON object with an episode_id string)."""
+    row = json.loads(raw)
+    host_id, episode_id = row.get("host_id"), row["episode_id"]
+    sha256, size = row.get("sha256"), row.get("size_bytes")
+    if host_id is None:
+        return "no host_id"
+    if not is_safe_name(host_id) or not is_safe_name(episode_id):
+        return "host_id or episode_id is not a safe file name"
+    if not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256):
+        return "sha256 is not 64 hex characters"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return "size_bytes is not an integer >= 0"
+    return Checkable(host_id, episode_id, sha256.lower(), size)
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    result: str  # one of RESULTS
+    reason: str | None = None
+    sha256: str | None = None  # of the bytes on disk, when they were all read
+    size: int | None = None
+
+
+class Scrubber:
+    """One scrub run, from the saved cursor until the end of the index, a
+    stop request or the deadline."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        log: Logger,
+        notifier: Notifier,
+        should_stop: Callable[[], bool],
+        max_duration: float | None,
+        bar: Progress | None,
+    ) -> None:
+        assert cfg.state_dir is not None  # cli checks it is a directory
+        self.cfg = cfg
+        self.state_dir = cfg.state_dir
+        self.log = log
+        self.notifier = notifier
+        self.should_stop = should_stop
+        self.bar = bar
+        self.started = time.monotonic()
+        self.started_at = time.time()
+        self.deadline = None if max_duration is None else self.started + max_duration
+        self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
+        self.run_counts = Counts()
+        self.cursor = Cursor()
+        self.index_size = 0
+        self.stopped_by: str | None = None
+        self._saved_at = self.started
+        self._rows_since_save = 0
+        self._next_report = self.started
+
+    # --- the run ------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            fd = os.open(self.cfg.index, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
+            return EXIT_FAILED
+        try:
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(0, "not a regular file")
+                self.index_size = st.st_size
+                self.cursor = self._resume(fd, st)
+            except OSError as e:
+                self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
+                return EXIT_FAILED
+            try:
+                completed = self._scrub(fd)
+            except OSError as e:  # the index or the store became unreadable: keep what we did
+                self.log.error("scrub_failed", error=str(e), **self._summary())
+                self._write_metrics(completed=False)
+                self._save()
+                return EXIT_FAILED
+        finally:
+            os.close(fd)
+        self._finish(completed)
+        c = self.run_counts
+        return EXIT_FAILED if c.mismatched or c.missing or c.unreadable else EXIT_OK
+
+    def _resume(self, fd: int, st: os.stat_result) -> Cursor:
+        """The cursor to continue from: the saved one if it still points at a
+        line start of this same index, else a new round at offset 0."""
+        cursor = self._load()
+        identity = (st.st_dev, st.st_ino)
+        if cursor.offset > 0:
+            reason = None
+            if (cursor.index_dev, cursor.index_ino) != identity:
+                reason = "the index was replaced"
+            elif st.st_size < cursor.offset:
+                reason = "the index is shorter than the cursor"
+            elif syscalls.pread_exact(fd, 1, cursor.offset - 1) != b"\n":
+                reason = "the cursor is not at the start of a line"
+            if reason is not None:
+                self.log.warning(
+                    "scrub_round_restarted",
+                    reason=reason,
+                    previous_round=cursor.round,
+                    previous_offset=cursor.offset,
+                    previous_line=cursor.line,
+                )
+                cursor = cursor.next_round()
+        cursor.index_dev, cursor.index_ino = identity
+        if cursor.round_started_at is None:
+            cursor.round_started_at = self.started_at
+        return cursor
+
+    def _load(self) -> Cursor:
+        try:
+            return load_cursor(self.state_dir) or Cursor()
+        except CursorInvalid as e:
+            self.log.warning("scrub_cursor_ignored", cursor_file=self.state_dir / CURSOR_FILE, reason=str(e))
+            return Cursor()
+
+    def _scrub(self, fd: int) -> bool:
+        """Check rows from the cursor to the size the index had at the start.
+        True when the round completed, False when stopped."""
+        cursor = self.cursor
+        self.log.info(
+            "scrub_started",
+            index=self.cfg.index,
+            episodes_root=self.cfg.episodes_root,
+            round=cursor.round,
+            offset=cursor.offset,
+            line=cursor.line,
+            index_size=self.index_size,
+            max_duration_s=None if self.deadline is None else round(self.deadline - self.started, 3),
+            max_read_rate=self.cfg.max_read_rate,
+        )
+        self.notifier.ready(f"scrub round {cursor.round}")
+        with Store(self.cfg.episodes_root) as store:
+            try:
+                for offset, next_offset, raw in split_lines(fd, cursor.offset, self.index_size):
+                    if next_offset < 0:
+                        self.log.debug("index_torn_tail", offset=offset)
+                        break
+                    self._row(store, cursor.line + 1, offset, raw)
+                    cursor.offset, cursor.line = next_offset, cursor.line + 1
+                    self._rows_since_save += 1
+                    if (
+                        self._rows_since_save >= SAVE_EVERY_ROWS
+                        or time.monotonic() - self._saved_at >= SAVE_INTERVAL_S
+                    ):
+                        self._save()
+                    self._checkpoint()
+            except StopRequested:
+                return False
+        return True
+
+    def _row(self, store: Store, line: int, offset: int, raw: bytes | None) -> None:
+        """Check one line of the index and count what it came to."""
+        round_counts = self.cursor.counts
+        if raw is not None and not raw.strip():
+            return  # a blank line is not a row, nor a bad one
+        key = "line longer than 1 MiB" if raw is None else parse_key(raw)
+        if isinstance(key, str):
+            self.log.debug("index_bad_line", line=line, offset=offset, reason=key)  # reconcile warns
+            self.run_counts.bad_lines += 1
+            round_counts.bad_lines += 1
+            return
+        assert raw is not None
+        claim = checkable(raw)
+        if isinstance(claim, str):
+            self.log.debug("row_unverifiable", line=line, offset=offset, reason=claim)
+            self.run_counts.unverifiable += 1
+            round_counts.unverifiable += 1
+            return
+        read_before = self.run_counts.bytes_read
+        found = self._check(store, claim)  # raises StopRequested: the row stays unchecked
+        round_counts.bytes_read += self.run_counts.bytes_read - read_before
+        for counts in (self.run_counts, round_counts):
+            counts.checked += 1
+            setattr(counts, found.result, getattr(counts, found.result) + 1)
+        self._report(claim, line, found)
+
+    def _report(self, claim: Checkable, line: int, found: Found) -> None:
+        self.log.debug("tarball_scrubbed", path=claim.path, line=line, result=found.result)
+        if found.result == "mismatched":
+            self.log.warning(
+                "scrub_mismatch",
+                path=claim.path,
+                line=line,
+                expected_sha256=claim.sha256,
+                actual_sha256=found.sha256,
+                expected_size=claim.size,
+                actual_size=found.size,
+            )
+        elif found.result == "missing":
+            self.log.warning("scrub_missing", path=claim.path, line=line, reason=found.reason)
+        elif found.result == "unreadable":
+            self.log.warning("scrub_unreadable", path=claim.path, line=line, reason=found.reason)
+        elif found.result == "unsettled":
+            self.log.info("scrub_unsettled", path=claim.path, line=line, reason=found.reason)
+
+    # --- one tarball ----------------------------------------------------------------
+
+    def _check(self, store: Store, claim: Checkable) -> Found:
+        """Compare the file at the row's path with the row. Only a regular
+        file is read (never a symlink, FIFO or directory: those are missing
+        tarballs); one whose size, mtime or inode moves while it is read is
+        unsettled."""
+        host = store.open_host(claim.host_id)
+        if host is None:
+            return Found("missing", "no host directory")
+        if isinstance(host, Skipped):
+            return Found("missing", host.reason)
+        with host:
+            tarball = host.lstat(claim.episode_id)
+            if tarball is None:
+                return Found("missing", "no such file")
+            if isinstance(tarball, Skipped):
+                return Found("missing", f"not a regular file: {tarball.reason}")
+            if tarball.size != claim.size:  # no need to read it: it differs
+                return Found("mismatched", "size", size=tarball.size)
+            try:
+                fd = host.open(tarball)
+            except (FileNotFoundError, NotRegularFile):
+                return Found("unsettled", "removed or replaced before it was read")
+            except OSError as e:
+                return Found("unreadable", f"open: {e.strerror}")
+            try:
+                digest, size = self._hash(fd, tarball.size)
+                after = os.fstat(fd)
+            except OSError as e:
+                return Found("unreadable", f"read: {e.strerror}")
+            finally:
+                os.close(fd)
+            if (after.st_size, after.st_mtime_ns, size) != (tarball.size, tarball.mtime_ns, tarball.size):
+                return Found("unsettled", "changed while it was read")
+            now = host.lstat(claim.episode_id)
+            if not isinstance(now, Tarball) or (now.dev, now.ino) != (tarball.dev, tarball.ino):
+                return Found("unsettled", "replaced while it was read")
+        if digest != claim.sha256:
+            return Found("mismatched", "sha256", sha256=digest, size=size)
+        return Found("ok", sha256=digest, size=size)
+
+    def _hash(self, fd: int, size: int) -> tuple[str, int]:
+        """sha256 of the first `size` bytes, one chunk in memory at a time,
+        paced, with a checkpoint per chunk; read pages are dropped from the
+        page cache as we go (the receiver's working set should stay cached)."""
+        digest = hashlib.sha256()
+        done = dropped = 0
+        try:
+            while done < size:
+                data = os.read(fd, min(READ_SIZE, size - done))
+                if not data:
+                    break
+                digest.update(data)
+                done += len(data)
+                self.run_counts.bytes_read += len(data)
+                if done - dropped >= DROP_EVERY:
+                    syscalls.drop_cache(fd, dropped, done - dropped)
+                    dropped = done
+                self.pacer.consume(len(data))
+                self._checkpoint()
+        finally:
+            syscalls.drop_cache(fd, dropped, 0)  # 0: to the end of the file
+        return digest.hexdigest(), done
+
+    # --- checkpoints, the cursor, the summary -----------------------------------------
+
+    def _checkpoint(self) -> None:
+        """Between rows and inside reads: feed the watchdog, show progress,
+        stop when asked to or when the time is up."""
+        self.notifier.alive()
+        now = time.monotonic()
+        if now >= self._next_report:
+            self._next_report = now + REPORT_INTERVAL_S
+            fraction = self.cursor.offset / self.index_size if self.index_size else 1.0
+            c = self.run_counts
+            self.notifier.status(
+                f"scrub round {self.cursor.round}: {fraction:.1%} of the index, "
+                f"{c.checked} tarballs checked, {human_size(c.bytes_read)} read"
+            )
+            if self.bar is not None:
+                self.bar.update(c.checked, c.bytes_read, fraction)
+        if self.should_stop():
+            self.stopped_by = "signal"
+        elif self.deadline is not None and now >= self.deadline:
+            self.stopped_by = "max_duration"
+        if self.stopped_by is not None:
+            raise StopRequested
+
+    def _save(self) -> None:
+        try:
+            save_cursor(self.state_dir, self.cursor)
+        except OSError as e:
+            self.log.warning(
+                "scrub_cursor_save_failed", cursor_file=self.state_dir / CURSOR_FILE, error=e.strerror
+            )
+        self._saved_at = time.monotonic()
+        self._rows_since_save = 0
+
+    def _summary(self) -> dict[str, object]:
+        return {
+            **asdict(self.run_counts),
+            "duration_s": round(time.monotonic() - self.started, 3),
+            "round": self.cursor.round,
+        }
+
+    def _finish(self, completed: bool) -> None:
+        cursor = self.cursor
+        summary = self._summary()
+        if completed:
+            now = time.time()
+            self.log.info(
+                "scrub_round_completed",
+                round=cursor.round,
+                duration_s=round(now - (cursor.round_started_at or now), 3),
+                **asdict(cursor.counts),
+            )
+            cursor.last_round_completed_at = now
+        self._write_metrics(completed)
+        self.cursor = cursor.next_round() if completed else cursor
+        self._save()
+        if self.bar is not None:
+            self.bar.clear()
+        self.log.info("scrub_finished", **summary, round_completed=completed, stopped_by=self.stopped_by)
+        self.notifier.stopping(f"scrub round {cursor.round} {'completed' if completed else 'paused'}")
+
+    def _write_metrics(self, completed: bool) -> None:
+        path = self.cfg.metrics_file
+        if path is None:
+            return
+        path = path.with_name(f"{path.stem}_scrub.prom")
+        progress = 1.0 if completed else (self.cursor.offset / self.index_size if self.index_size else 0.0)
+        try:
+            syscalls.write_atomic(
+                path,
+                metrics.render_scrub(
+                    self.started_at,
+                    time.monotonic() - self.started,
+                    asdict(self.run_counts),
+                    asdict(self.cursor.counts),
+                    self.cursor.round,
+                    self.cursor.last_round_completed_at,
+                    progress,
+                ),
+            )
+        except OSError as e:
+            self.log.warning("metrics_write_failed", metrics_file=path, error=e.strerror or str(e))
+
+
+def run(
+    cfg: Config,
+    log: Logger,
+    notifier: Notifier,
+    should_stop: Callable[[], bool],
+    max_duration: float | None,
+    bar: Progress | None,
+) -> int:
+    """One scrub run under the scrub lock; the exit code: 0 nothing wrong
+    found (even if stopped early), 1 a mismatch, missing or unreadable
+    tarball, or the scrub could not run."""
+    assert cfg.state_dir is not None  # cli checks it is a directory
+    lock_path = cfg.state_dir / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        if not syscalls.try_flock(fd):
+            log.error("scrub_already_running", lock_file=lock_path)
+            return EXIT_FAILED
+        return Scrubber(cfg, log, notifier, should_stop, max_duration, bar).run()
+    finally:
+        os.close(fd)
