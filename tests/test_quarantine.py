@@ -127,3 +127,35 @@ def test_refuses_a_quarantine_inside_the_root_or_not_a_directory(
     assert result.stderr.startswith("cis490-reconcile: error: --quarantine-dir")
     assert len(result.stderr.splitlines()) == 1
     assert (receiver.episodes / "h1/cut.tar.zst").exists()
+
+
+def test_a_resend_that_lands_between_check_and_rename_is_put_back(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrowest race: the receiver renames a re-send over the name after
+    the pre-move check. The moved inode is not the verified one, so it goes
+    back to its name and its sidecar is removed."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    path = receiver.tarball("h1", "e", blob=corrupt_blob())
+    resent = zstd(tar_bytes(episode()))
+    real_free_name = quarantine._free_name
+
+    def free_name_then_resend(qfd: int, episode_id: str) -> str:
+        name = real_free_name(qfd, episode_id)
+        fresh = receiver.episodes / "h1/.e.upload"
+        fresh.write_bytes(resent)
+        os.rename(fresh, path)  # the receiver's atomic re-send
+        return name
+
+    monkeypatch.setattr(quarantine, "_free_name", free_name_then_resend)
+    with Store(receiver.episodes) as store:
+        host = store.open_host("h1")
+        assert isinstance(host, HostDir)
+        with host:
+            seen = host.lstat("e")
+            assert isinstance(seen, Tarball)
+            with pytest.raises(quarantine.QuarantineRace, match="replaced while it was being moved"):
+                quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    assert path.read_bytes() == resent  # back at its name, whole
+    assert sorted(p.name for p in (qdir / "h1").iterdir()) == []  # no tarball, no sidecar
