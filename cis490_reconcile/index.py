@@ -71,15 +71,19 @@ def _digest(host_id: str, episode_id: str) -> int:
 
 
 class IndexedKeys:
-    """The episodes the index covers, 16 bytes per row.
+    """The episodes the index covers, about 16 bytes per row.
 
     Keys are 128-bit digests: most live in two sorted arrays (high and low
     64 bits, searched with bisect in C), the newest in a small set that is
-    merged in when it grows past half the arrays. A row without
-    host_id is an old row and covers its episode_id on every host, as the
-    legacy tool assumed; those are rare and kept as strings."""
+    merged in when it grows past an eighth of the arrays. A merge copies runs
+    of the arrays between the new keys' positions (C slices), so its peak is
+    the old arrays, the new ones and the small set: no Python int per row. A
+    key added twice is stored once. A row without host_id is
+    an old row and covers its episode_id on every host, as the legacy tool
+    assumed; those are rare and kept as strings."""
 
     MERGE_MIN = 1 << 16
+    MERGE_FRACTION = 8  # merge when the set holds more than 1/8 of the arrays
 
     def __init__(self) -> None:
         self._hi = array("Q")
@@ -97,7 +101,7 @@ class IndexedKeys:
             self.hostless.add(episode_id)
             return
         self._recent.add(_digest(host_id, episode_id))
-        if len(self._recent) > max(self.MERGE_MIN, len(self._hi) // 2):
+        if len(self._recent) > max(self.MERGE_MIN, len(self._hi) // self.MERGE_FRACTION):
             self._merge()
 
     def covers(self, host_id: str, episode_id: str) -> bool:
@@ -110,7 +114,7 @@ class IndexedKeys:
             return True
         hi, lo = digest >> 64, digest & _LOW64
         i = bisect.bisect_left(self._hi, hi)
-        while i < len(self._hi) and self._hi[i] == hi:
+        while i < len(self._hi) and self._hi[i] == hi:  # equal high halves: 1 in 2**64 per pair
             if self._lo[i] == lo:
                 return True
             i += 1
@@ -119,13 +123,24 @@ class IndexedKeys:
     def _merge(self) -> None:
         if not self._recent:
             return
-        merged = [(high << 64) | low for high, low in zip(self._hi, self._lo, strict=True)]
-        merged += sorted(self._recent)
-        merged.sort()  # two sorted runs: timsort merges them in linear time
-        merged = list(dict.fromkeys(merged))  # a key indexed twice is one key
-        self._hi = array("Q", (d >> 64 for d in merged))
-        self._lo = array("Q", (d & _LOW64 for d in merged))
-        self._recent = set()
+        old_hi, old_lo, n = self._hi, self._lo, len(self._hi)
+        hi, lo = array("Q"), array("Q")
+        start = 0
+        for digest in sorted(self._recent):
+            d_hi, d_lo = digest >> 64, digest & _LOW64
+            i = bisect.bisect_left(old_hi, d_hi, start)
+            while i < n and old_hi[i] == d_hi and old_lo[i] < d_lo:
+                i += 1
+            if i < n and old_hi[i] == d_hi and old_lo[i] == d_lo:
+                continue  # added again: a key is stored once
+            hi.extend(old_hi[start:i])
+            lo.extend(old_lo[start:i])
+            hi.append(d_hi)
+            lo.append(d_lo)
+            start = i
+        hi.extend(old_hi[start:])
+        lo.extend(old_lo[start:])
+        self._hi, self._lo, self._recent = hi, lo, set()
 
     def to_bytes(self) -> tuple[bytes, bytes, list[str]]:
         """(high halves, low halves, host-less episode ids) for the state file."""

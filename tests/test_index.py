@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cis490_reconcile import index
 from cis490_reconcile.index import BadLine, IndexReader, append_rows, encode_row
@@ -202,3 +204,27 @@ def test_short_write_is_an_error_not_a_retry(tmp_path: Path) -> None:
     reader, bad = read(path)
     assert [b.line for b in bad] == [2]
     assert reader.keys.covers("x", "c")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    adds=st.lists(st.tuples(st.sampled_from(["h1", "h2", "h3"]), st.integers(0, 300)), max_size=400),
+    probes=st.lists(st.tuples(st.sampled_from(["h1", "h2", "h4"]), st.integers(0, 320)), max_size=50),
+)
+def test_indexed_keys_answer_like_a_set_across_merges(
+    adds: list[tuple[str, int]], probes: list[tuple[str, int]]
+) -> None:
+    """With merges every few keys, membership, the distinct count and the
+    stored arrays (sorted, no key twice) stay those of a plain set."""
+    keys = index.IndexedKeys()
+    keys.MERGE_MIN = 3  # type: ignore[misc]  # merge often: that is what is under test
+    truth: set[tuple[str, str]] = set()
+    for host, n in adds:
+        keys.add(host, f"e{n}")
+        truth.add((host, f"e{n}"))
+        assert keys.host_rows() == len(truth)
+    for host, n in [*probes, *adds[:20]]:
+        assert keys.has_row(host, f"e{n}") == ((host, f"e{n}") in truth)
+    keys._merge()
+    digests = [h << 64 | lo for h, lo in zip(keys._hi, keys._lo, strict=True)]
+    assert digests == sorted(set(digests)) and len(digests) == len(truth)
