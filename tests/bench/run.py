@@ -3,9 +3,10 @@
     .venv/bin/python tests/bench/run.py [--dir DIR] [--scale F] [--only NAMES]
 
 Corpora are generated under DIR (default /var/tmp/cis490-bench), one directory per scale, and reused by
-later runs. The command under test is a black box: ``python -m cis490_reconcile --once --min-age 0`` in a
-subprocess, started by a tiny wrapper process that times it and reports the peak RSS of every process of
-the pass (``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the main process and its forked workers).
+later runs. The command under test is a black box: ``python -m cis490_reconcile --once --min-age 0`` (or
+its ``status`` and ``scrub`` subcommands) in a subprocess, started by a tiny wrapper process that times it
+and reports the peak RSS of every process of the run (``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the main
+process and its forked workers). References are measured the same way, or in-process, in the same run.
 
 Figures (NAMES for --only, comma separated):
 
@@ -18,6 +19,14 @@ Figures (NAMES for --only, comma separated):
 - ``noop``: 200,000 tarballs of 4 KiB payload on 16 hosts, all indexed; wall against
   ``find ROOT -name '*.tar.zst' | wc -l``, and an incremental pass if the build has ``--state-dir``.
 - ``lock``: lock hold and wait from the ``pass_finished`` event of the ``many`` pass (~9,600 rows).
+- ``status``: ``status --json --min-age 0 --state-dir ""`` on the ``noop`` corpus; wall against
+  ``find ROOT -name '*.tar.zst' | wc -l``, peak RSS against ``--version`` (interpreter and imports); the
+  JSON's ``clean`` and ``totals.tarballs`` are printed (expected: true and the corpus' count).
+- ``scrub``: ``scrub`` with a fresh state directory over the ``large`` corpus, indexed first by a pass
+  into its own index file (index.scrub.jsonl); wall and peak RSS against ``sha256sum`` of the same files,
+  the hash floor, and ``openssl dgst -sha256`` if on PATH. The page cache is warmed before each measured
+  run: the scrub drops what it reads (POSIX_FADV_DONTNEED), so it would otherwise leave the next run a
+  cold cache.
 
 Benchmarks print numbers; they assert nothing. Not collected by pytest (not a test_*.py file).
 """
@@ -51,7 +60,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 REPO = Path(__file__).resolve().parents[2]
 LEGACY = REPO / "tests" / "legacy" / "legacy_index_backfill.py"
-NAMES = ("large", "many", "noop", "lock")
+NAMES = ("large", "many", "noop", "lock", "status", "scrub")
 
 # 16 symbols: about 4 bits of entropy per byte, so zstd -3 compresses the payload about 2x and really
 # has to decode Huffman-coded literals (unlike zeros or incompressible bytes).
@@ -289,18 +298,22 @@ class Run:
     maxrss_mib: float
     cpu_s: float
     events: list[dict] = field(default_factory=list)
+    stdout: Path | None = None
 
-    @property
-    def finished(self) -> dict:
+    def event(self, name: str) -> dict:
         for e in reversed(self.events):
-            if e.get("event") == "pass_finished":
+            if e.get("event") == name:
                 return e
         return {}
 
-    def wall_text(self) -> str:
-        """The wall time (process start included), and the pass's own ``duration_s`` in parentheses."""
-        d = self.finished.get("duration_s")
-        return f"{_secs(self.wall_s)}" + (f" (pass {_secs(d)})" if isinstance(d, int | float) else "")
+    @property
+    def finished(self) -> dict:
+        return self.event("pass_finished")
+
+    def wall_text(self, event: str = "pass_finished", what: str = "pass") -> str:
+        """The wall time (process start included), and the run's own ``duration_s`` in parentheses."""
+        d = self.event(event).get("duration_s")
+        return f"{_secs(self.wall_s)}" + (f" ({what} {_secs(d)})" if isinstance(d, int | float) else "")
 
     def describe(self) -> str:
         f = self.finished
@@ -328,7 +341,8 @@ class Bench:
             [sys.executable, "-m", "cis490_reconcile", "--help"], capture_output=True, text=True, env=self.env
         ).stdout
 
-    def measure(self, label: str, cmd: list[str]) -> Run:
+    def measure(self, label: str, cmd: list[str], ok: tuple[int, ...] = (0,)) -> Run:
+        """Run ``cmd`` under the wrapper; an exit status not in ``ok`` raises RuntimeError."""
         slug = "".join(ch if ch.isalnum() else "-" for ch in label)
         out, err, res = (self.logs / f"{slug}.{x}" for x in ("stdout", "stderr", "rusage.json"))
         with out.open("wb") as o, err.open("wb") as e:
@@ -346,9 +360,9 @@ class Bench:
             if line.startswith("{"):
                 with contextlib.suppress(json.JSONDecodeError):
                     events.append(json.loads(line))
-        run = Run(label, r["rc"], r["wall_s"], r["maxrss_kib"] / 1024, r["cpu_s"], events)
+        run = Run(label, r["rc"], r["wall_s"], r["maxrss_kib"] / 1024, r["cpu_s"], events, out)
         print(run.describe(), flush=True)
-        if run.rc != 0:
+        if run.rc not in ok:
             tail = err.read_text(errors="replace")[-2000:] + out.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{label}: exit {run.rc}\n{tail}")
         return run
@@ -357,6 +371,11 @@ class Bench:
         cmd = [sys.executable, "-m", "cis490_reconcile", "--once", "--min-age", "0", "--lock-timeout", "60"]
         cmd += ["--episodes-root", str(c.episodes), "--index", str(index or c.index), *extra]
         return self.measure(label, cmd)
+
+    def supports(self, subcommand: str) -> bool:
+        """Whether this build has ``subcommand`` (its ``--help`` exits 0)."""
+        cmd = [sys.executable, "-m", "cis490_reconcile", subcommand, "--help"]
+        return subprocess.run(cmd, capture_output=True, env=self.env).returncode == 0
 
 
 @dataclass
@@ -611,6 +630,180 @@ def bench_noop(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
     return figs
 
 
+def bench_status(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
+    c = Corpus("noop", b.root / "noop", 16, max(16, round(200_000 * scale)), 4 * KiB, 1.0)
+    what = f"status --json ({c.count:,} tarballs, all indexed)"
+    if not b.supports("status"):
+        print("    status: not supported by this build", flush=True)
+        return [Figure(what, "not supported by this build")]
+    ensure_corpus(c, gen)
+    if not c.index.exists() or c.index.stat().st_size != c.pristine_index.stat().st_size:
+        reset_index(c)
+    _find(c.episodes)
+    find_s = _find(c.episodes)
+    print(f"    find | wc -l (second run): {find_s:.3f} s", flush=True)
+    cmd = [sys.executable, "-m", "cis490_reconcile", "status", "--json", "--min-age", "0", "--state-dir", ""]
+    cmd += ["--episodes-root", str(c.episodes), "--index", str(c.index)]
+    # Exit 1 is "needs attention": not expected here, but reported below rather than raised.
+    runs = [b.measure(f"status run {i}", cmd, ok=(0, 1)) for i in (1, 2)]
+    entries = 2 * c.count  # index rows plus tarballs: what status keeps in memory
+    for run in runs:
+        try:
+            report = json.loads(run.stdout.read_text() if run.stdout else "")
+        except (OSError, ValueError) as e:
+            print(f"    WARNING: {run.label}: stdout is not one JSON document: {e}", flush=True)
+            continue
+        totals = report.get("totals") or {}
+        rows = (report.get("index_file") or {}).get("rows")
+        print(
+            f"    {run.label}: clean={json.dumps(report.get('clean'))}, "
+            f"totals.tarballs={totals.get('tarballs')}, index rows={rows} "
+            f"(expected clean=true, {c.count} and {c.count}); totals {json.dumps(totals)}",
+            flush=True,
+        )
+        if report.get("clean") is not True or totals.get("tarballs") != c.count:
+            print(f"    WARNING: {run.label}: not as expected; attention={report.get('attention')}")
+        if isinstance(rows, int) and isinstance(totals.get("tarballs"), int):
+            entries = rows + totals["tarballs"]
+    # The least memory any run takes: the interpreter and the command's imports, no work at all.
+    base = min(
+        (
+            b.measure(
+                f"status baseline --version {i}", [sys.executable, "-m", "cis490_reconcile", "--version"]
+            )
+            for i in range(3)
+        ),
+        key=lambda r: r.maxrss_mib,
+    )
+    run = runs[-1]
+    ratio = run.wall_s / find_s
+    extra = run.maxrss_mib - base.maxrss_mib
+    per = extra * MiB / entries
+    print(
+        f"    status run 2: {ratio:.2f} x find; peak RSS {run.maxrss_mib:.1f} MiB, "
+        f"{extra:.1f} MiB over --version ({base.maxrss_mib:.1f} MiB), {per:.0f} B per row and tarball "
+        f"({entries:,})",
+        flush=True,
+    )
+    return [
+        Figure(f"{what}: wall, run 2", _secs(run.wall_s), f"find {find_s:.3f} s", f"{ratio:.2f}"),
+        Figure(
+            f"{what}: peak RSS",
+            f"{run.maxrss_mib:.1f} MiB (+{extra:.1f} MiB, {per:.0f} B per row and tarball)",
+            f"--version {base.maxrss_mib:.1f} MiB",
+        ),
+    ]
+
+
+def _resident(paths: list[Path]) -> int | None:
+    """Bytes of ``paths`` in the page cache (util-linux fincore), None without fincore."""
+    if shutil.which("fincore") is None:
+        return None
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", "--", *map(str, paths)],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return sum(int(x) for x in out.split())
+
+
+def bench_scrub(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
+    c = Corpus("large", b.root / "large", 4, max(4, round(40 * scale)), 64 * MiB, 0.0)
+    if not b.supports("scrub"):
+        print("    scrub: not supported by this build", flush=True)
+        return [Figure("scrub", "not supported by this build")]
+    ensure_corpus(c, gen)
+    paths = c.tarballs()
+    total = sum(p.stat().st_size for p in paths)
+    what = f"scrub ({len(paths)} x {_size(c.payload)}, {_size(total)} on disk, all indexed)"
+    # Its own index file, so the large figure's runs (which start from no index) are left alone.
+    index = c.dir / "index.scrub.jsonl"
+    index.unlink(missing_ok=True)
+    b.ours("scrub setup: index the corpus", c, index=index)
+    if _line_count(index) != c.count:
+        print(f"    WARNING: the index has {_line_count(index)} rows, expected {c.count}", flush=True)
+    print(
+        "    page cache warmed before each measured run below (the scrub drops what it reads, "
+        "POSIX_FADV_DONTNEED, and so does the setup pass)",
+        flush=True,
+    )
+
+    def rate(seconds: float) -> str:
+        return f"{total / seconds / GiB:.2f} GiB/s"
+
+    warm(paths)
+    floor = hash_floor(paths)
+    print(f"    sha256 floor (in-process, 1 MiB reads): {floor:.3f} s ({rate(floor)})", flush=True)
+    warm(paths)
+    ssum = b.measure("scrub reference sha256sum", ["sha256sum", "--", *map(str, paths)])
+    ossl = None
+    if shutil.which("openssl"):
+        warm(paths)
+        ossl = b.measure("scrub reference openssl", ["openssl", "dgst", "-sha256", *map(str, paths)])
+    warm(paths)
+    before = _resident(paths)
+    state = Path(tempfile.mkdtemp(prefix="scrub-state-", dir=b.root))
+    try:
+        cmd = [sys.executable, "-m", "cis490_reconcile", "scrub", "--state-dir", str(state)]
+        cmd += ["--episodes-root", str(c.episodes), "--index", str(index)]
+        run = b.measure("scrub", cmd, ok=(0, 1))  # 1: a mismatch, reported below rather than raised
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    after = _resident(paths)
+    fin = run.event("scrub_finished")
+    keys = (
+        "checked",
+        "ok",
+        "mismatched",
+        "missing",
+        "unreadable",
+        "bytes_read",
+        "duration_s",
+        "round_completed",
+    )
+    print(f"    scrub_finished: {', '.join(f'{k}={fin.get(k)}' for k in keys)}", flush=True)
+    if run.rc != 0 or fin.get("ok") != c.count:
+        print(f"    WARNING: expected {c.count} rows ok and exit 0; got ok={fin.get('ok')}, rc {run.rc}")
+    if before is not None and after is not None:
+        print(
+            f"    page cache (fincore): {_size(before)} of {_size(total)} resident before the scrub, "
+            f"{_size(after)} after",
+            flush=True,
+        )
+    print(
+        f"    scrub {rate(run.wall_s)}, sha256sum {rate(ssum.wall_s)}"
+        + (f", openssl {rate(ossl.wall_s)}" if ossl else ""),
+        flush=True,
+    )
+    figs = [
+        Figure(
+            f"{what}: wall",
+            run.wall_text("scrub_finished", "scrub"),
+            f"sha256sum {ssum.wall_s:.2f} s",
+            f"{run.wall_s / ssum.wall_s:.2f}",
+        ),
+        Figure(
+            f"{what}: wall, vs hash floor",
+            _secs(run.wall_s),
+            f"sha256 floor {floor:.2f} s",
+            f"{run.wall_s / floor:.2f}",
+        ),
+    ]
+    if ossl:
+        figs.append(
+            Figure(
+                f"{what}: wall, vs openssl",
+                _secs(run.wall_s),
+                f"openssl dgst -sha256 {ossl.wall_s:.2f} s",
+                f"{run.wall_s / ossl.wall_s:.2f}",
+            )
+        )
+    figs.append(
+        Figure(f"{what}: peak RSS", f"{run.maxrss_mib:.1f} MiB", f"sha256sum {ssum.maxrss_mib:.1f} MiB")
+    )
+    return figs
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -683,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(("many" if "many" in only else "lock", many))
     if "noop" in only:
         steps.append(("noop", lambda: bench_noop(b, args.scale, gen)))
+    if "status" in only:
+        steps.append(("status", lambda: bench_status(b, args.scale, gen)))
+    if "scrub" in only:
+        steps.append(("scrub", lambda: bench_scrub(b, args.scale, gen)))
     failed = False
     for name, step in steps:
         print(f"\n## {name}", flush=True)
