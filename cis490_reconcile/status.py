@@ -2,8 +2,8 @@
 
 Read-only by construction: no lock is taken (the index is append-only, so an
 unlocked reader sees whole lines plus at most a torn tail), nothing is
-written, not even the state. Three steps, memory 16 bytes per row and per
-tarball (the same digests the pass uses):
+written, not even the state. Three steps; memory is the pass's 16-byte
+digest per row and per tarball (47 bytes each at peak, measured):
 
     1. read the index once: rows by (host_id, episode_id), duplicates, bad
        lines, a torn tail
