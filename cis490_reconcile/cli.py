@@ -175,7 +175,7 @@ def _scrub(cfg: Config, max_duration: float | None) -> int:
     notifier = Notifier()
     try:
         with Signals(hangup_reloads=False) as signals:
-            return scrub.run(cfg, log, notifier, signals.should_stop, max_duration, bar)
+            return scrub.Scrubber(cfg, log, notifier, signals.should_stop, max_duration, bar).run()
     except Exception:
         log.exception("internal_error")
         return EXIT_FAILED

@@ -217,6 +217,20 @@ class Scrubber:
     # --- the run ------------------------------------------------------------------
 
     def run(self) -> int:
+        """One scrub run under the scrub lock; the exit code: 0 nothing wrong
+        found (even if stopped early), 1 a mismatch, missing or unreadable
+        tarball, or the scrub could not run."""
+        lock_path = self.state_dir / LOCK_FILE
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            if not syscalls.try_flock(fd):
+                self.log.error("scrub_already_running", lock_file=lock_path)
+                return EXIT_FAILED
+            return self._run()
+        finally:
+            os.close(fd)
+
+    def _run(self) -> int:
         try:
             fd = os.open(self.cfg.index, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -506,26 +520,3 @@ class Scrubber:
             )
         except OSError as e:
             self.log.warning("metrics_write_failed", metrics_file=path, error=e.strerror or str(e))
-
-
-def run(
-    cfg: Config,
-    log: Logger,
-    notifier: Notifier,
-    should_stop: Callable[[], bool],
-    max_duration: float | None,
-    bar: Progress | None,
-) -> int:
-    """One scrub run under the scrub lock; the exit code: 0 nothing wrong
-    found (even if stopped early), 1 a mismatch, missing or unreadable
-    tarball, or the scrub could not run."""
-    assert cfg.state_dir is not None  # cli checks it is a directory
-    lock_path = cfg.state_dir / LOCK_FILE
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        if not syscalls.try_flock(fd):
-            log.error("scrub_already_running", lock_file=lock_path)
-            return EXIT_FAILED
-        return Scrubber(cfg, log, notifier, should_stop, max_duration, bar).run()
-    finally:
-        os.close(fd)

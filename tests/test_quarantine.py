@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,18 @@ def test_corrupt_tarball_is_moved_with_a_sidecar_and_resent_copies_are_indexed(
     assert (qdir / "h3/cut.1.tar.zst").read_bytes() == b"garbage"
 
 
+@contextmanager
+def as_verified(receiver: Receiver, host_id: str, episode_id: str) -> Iterator[tuple[HostDir, Tarball]]:
+    """The host directory open and the tarball as a pass saw it."""
+    with Store(receiver.episodes) as store:
+        host = store.open_host(host_id)
+        assert isinstance(host, HostDir)
+        with host:
+            seen = host.lstat(episode_id)
+            assert isinstance(seen, Tarball)
+            yield host, seen
+
+
 def test_dry_run_moves_nothing(receiver: Receiver, tmp_path: Path) -> None:
     qdir = tmp_path / "q"
     qdir.mkdir()
@@ -79,18 +92,13 @@ def test_a_file_replaced_after_its_verdict_is_not_moved(receiver: Receiver, tmp_
     qdir = tmp_path / "q"
     qdir.mkdir()
     path = receiver.tarball("h1", "e", blob=corrupt_blob())
-    with Store(receiver.episodes) as store:
-        host = store.open_host("h1")
-        assert isinstance(host, HostDir)
-        with host:
-            seen = host.lstat("e")
-            assert isinstance(seen, Tarball)
-            resent = zstd(tar_bytes(episode()))
-            fresh = receiver.episodes / "h1/.e.upload"
-            fresh.write_bytes(resent)
-            os.rename(fresh, path)
-            with pytest.raises(quarantine.QuarantineRace):
-                quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    with as_verified(receiver, "h1", "e") as (host, seen):
+        resent = zstd(tar_bytes(episode()))
+        fresh = receiver.episodes / "h1/.e.upload"
+        fresh.write_bytes(resent)
+        os.rename(fresh, path)
+        with pytest.raises(quarantine.QuarantineRace):
+            quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
     assert path.read_bytes() == resent
     assert list(qdir.rglob("*.tar.zst")) == []
 
@@ -149,13 +157,10 @@ def test_a_resend_that_lands_between_check_and_rename_is_put_back(
         return name
 
     monkeypatch.setattr(quarantine, "_free_name", free_name_then_resend)
-    with Store(receiver.episodes) as store:
-        host = store.open_host("h1")
-        assert isinstance(host, HostDir)
-        with host:
-            seen = host.lstat("e")
-            assert isinstance(seen, Tarball)
-            with pytest.raises(quarantine.QuarantineRace, match="replaced while it was being moved"):
-                quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    with (
+        as_verified(receiver, "h1", "e") as (host, seen),
+        pytest.raises(quarantine.QuarantineRace, match="replaced while it was being moved"),
+    ):
+        quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
     assert path.read_bytes() == resent  # back at its name, whole
     assert sorted(p.name for p in (qdir / "h1").iterdir()) == []  # no tarball, no sidecar
