@@ -18,8 +18,9 @@ Races, and how each is handled:
   the move never replaces (renameat2 RENAME_NOREPLACE); the next free
   name `<episode>.N.tar.zst` is used.
 - A crash after the sidecar is written but before the rename leaves a
-  sidecar with no tarball beside it, and the tarball still in the store;
-  the next pass finds it corrupt again and writes the same sidecar again.
+  sidecar with no tarball beside it (it names no file, and is never
+  deleted), and the tarball still in the store; the next pass finds it
+  corrupt again and moves it under the next free name.
 - The quarantine must be on the episodes' filesystem (a rename, not a copy
   that a crash could leave half-done) and outside the episodes root (or it
   would be scanned as a host directory); config.check_paths refuses others.
