@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -335,7 +336,13 @@ def _last_pass(record: dict[str, object] | None) -> str:
     return line + (f", error: {record['error']}" if record.get("error") else "")
 
 
-def main(cfg: Config, out: TextIO, as_json: bool, bar: Progress | None) -> int:
-    report = survey(cfg, bar)
+def main(cfg: Config, out: TextIO, as_json: bool, bar: Progress | None, err: TextIO = sys.stderr) -> int:
+    """Print the report; exit 0 clean, 1 something needs attention or the
+    store or index could not be read (one line on `err`)."""
+    try:
+        report = survey(cfg, bar)
+    except OSError as e:
+        err.write(f"cis490-reconcile status: error: {e.filename or cfg.index}: {e.strerror or e}\n")
+        return EXIT_ATTENTION
     out.write(json.dumps(report.to_json(), indent=2) + "\n" if as_json else render(report))
     return EXIT_ATTENTION if report.attention() else EXIT_CLEAN

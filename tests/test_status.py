@@ -3,6 +3,7 @@ when there is nothing to look at."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,9 @@ import sys
 from pathlib import Path
 
 from helpers import REPO, Receiver
+
+from cis490_reconcile import config
+from cis490_reconcile import status as status_mod
 
 HOLDER = REPO / "tests" / "lockholder.py"
 
@@ -184,3 +188,20 @@ def test_host_filter_and_missing_index(receiver: Receiver) -> None:
     result = status(receiver, "--json", "--host", "h2")
     assert list(json.loads(result.stdout)["hosts"]) == ["h2"]
     assert not receiver.index.exists()  # status never creates it
+
+
+def test_an_unreadable_index_is_one_line_and_exit_1(receiver: Receiver, tmp_path: Path) -> None:
+    """check_paths refuses a directory as --index; one swapped in after it
+    (or any read error) still ends in one line, not a traceback."""
+    receiver.tarball("h1", "a")
+    (tmp_path / "swapped").mkdir()
+    cfg = config.build(
+        {"episodes_root": str(receiver.episodes), "index": str(tmp_path / "swapped"), "min_age": 0}
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert status_mod.main(cfg, out, as_json=True, bar=None, err=err) == 1
+    assert out.getvalue() == ""
+    assert (
+        err.getvalue().startswith("cis490-reconcile status: error: ") and "Is a directory" in err.getvalue()
+    )
+    assert len(err.getvalue().splitlines()) == 1
