@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from . import metrics, state
+from . import state
 from .config import Config, ConfigError
 from .log import Logger
 from .notify import Notifier
@@ -152,6 +152,8 @@ class Service:
         started: float,
         clock: float,
     ) -> None:
+        from . import metrics  # prometheus_client costs 23 ms of start-up: only when asked for
+
         if self._carried is None:
             self._carried = metrics.carried_forward(path)
         if ok:

@@ -264,3 +264,20 @@ def test_workers_give_the_same_rows_as_one_process(receiver: Receiver, tmp_path:
         return sorted(({k: v for k, v in row.items() if k != "backfilled_at"} for row in r.rows()), key=str)
 
     assert rows(receiver) == rows(twin)
+
+
+def test_a_pass_does_not_import_what_only_subcommands_need() -> None:
+    """Start-up time is most of a no-op pass: prometheus_client (metrics,
+    scrub), tomllib without a config file, and the demo are imported only
+    when used."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cis490_reconcile", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "cis490_reconcile.service" in imported  # the pass's modules are there
+    for lazy in ("prometheus_client", "tomllib", "cis490_reconcile.demo", "cis490_reconcile.scrub"):
+        assert lazy not in imported, lazy
