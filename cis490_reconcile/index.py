@@ -45,8 +45,15 @@ class BadLine:
     reason: str
 
 
-def parse_key(raw: bytes) -> tuple[str | None, str] | str:
-    """(host_id or None, episode_id) of a row, or the reason the line is not a row."""
+def parse_line(raw: bytes | None) -> dict[str, object] | str | None:
+    """A complete line of the index (as split_lines gives it) as a row: a
+    JSON object with an episode_id string and a host_id string or none.
+    None for a blank line (neither a row nor a bad line); otherwise the
+    reason it is not a row."""
+    if raw is None:
+        return "line longer than 1 MiB"
+    if not raw.strip():
+        return None
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError):
@@ -59,7 +66,12 @@ def parse_key(raw: bytes) -> tuple[str | None, str] | str:
     host_id = obj.get("host_id")
     if host_id is not None and not isinstance(host_id, str):
         return "host_id is not a string"
-    return host_id, episode_id
+    return obj
+
+
+def row_key(row: Mapping[str, object]) -> tuple[str | None, str]:
+    """(host_id or None, episode_id) of a row parse_line accepted."""
+    return row.get("host_id"), row["episode_id"]  # type: ignore[return-value]
 
 
 def _digest(host_id: str, episode_id: str) -> int:
@@ -236,24 +248,20 @@ class IndexReader:
         self.identity = identity
         self.torn_tail = False
         for offset, next_offset, raw in split_lines(fd, self.offset, st.st_size):
+            row = parse_line(raw)
             if next_offset < 0:
                 self.torn_tail = True
-                key = parse_key(raw) if raw is not None else None
-                if isinstance(key, tuple):
-                    self.keys.add(*key)
+                if isinstance(row, dict):
+                    self.keys.add(*row_key(row))
                 break
             self.lines += 1
             self.offset = next_offset
             if on_progress is not None and self.lines % PROGRESS_LINES == 0:
                 on_progress()
-            if raw is None:
-                self._bad(BadLine(self.lines, offset, "line longer than 1 MiB"), on_bad_line)
-            elif raw.strip():
-                key = parse_key(raw)
-                if isinstance(key, str):
-                    self._bad(BadLine(self.lines, offset, key), on_bad_line)
-                else:
-                    self.keys.add(*key)
+            if isinstance(row, str):
+                self._bad(BadLine(self.lines, offset, row), on_bad_line)
+            elif row is not None:
+                self.keys.add(*row_key(row))
         return restarted
 
     def skip_own(self, fd: int, written: int, keys: Sequence[tuple[str, str]]) -> None:

@@ -48,13 +48,13 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import metrics, syscalls
 from .config import Config
-from .index import parse_key, split_lines
+from .index import parse_line, row_key, split_lines
 from .log import Logger
 from .notify import Notifier
 from .pacing import ReadPacer
@@ -157,11 +157,10 @@ class Checkable:
         return f"{self.host_id}/{self.episode_id}{SUFFIX}"
 
 
-def checkable(raw: bytes) -> Checkable | str:
-    """The row's claim, or why it cannot be checked. Call on a line that
-    parse_key accepted (so it is a JSON object with an episode_id string)."""
-    row = json.loads(raw)
-    host_id, episode_id = row.get("host_id"), row["episode_id"]
+def checkable(row: Mapping[str, object]) -> Checkable | str:
+    """The row's claim, or why it cannot be checked (a row parse_line
+    accepted: a JSON object with an episode_id string)."""
+    host_id, episode_id = row_key(row)
     sha256, size = row.get("sha256"), row.get("size_bytes")
     if host_id is None:
         return "no host_id"
@@ -331,16 +330,15 @@ class Scrubber:
     def _row(self, store: Store, line: int, offset: int, raw: bytes | None) -> None:
         """Check one line of the index and count what it came to."""
         round_counts = self.cursor.counts
-        if raw is not None and not raw.strip():
+        row = parse_line(raw)
+        if row is None:
             return  # a blank line is not a row, nor a bad one
-        key = "line longer than 1 MiB" if raw is None else parse_key(raw)
-        if isinstance(key, str):
-            self.log.debug("index_bad_line", line=line, offset=offset, reason=key)  # reconcile warns
+        if isinstance(row, str):
+            self.log.debug("index_bad_line", line=line, offset=offset, reason=row)  # reconcile warns
             self.run_counts.bad_lines += 1
             round_counts.bad_lines += 1
             return
-        assert raw is not None
-        claim = checkable(raw)
+        claim = checkable(row)
         if isinstance(claim, str):
             self.log.debug("row_unverifiable", line=line, offset=offset, reason=claim)
             self.run_counts.unverifiable += 1

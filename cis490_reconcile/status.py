@@ -32,7 +32,7 @@ from typing import TextIO
 
 from . import state
 from .config import Config
-from .index import IndexedKeys, parse_key, split_lines
+from .index import IndexedKeys, parse_line, row_key, split_lines
 from .pacing import ReadPacer
 from .progress import Progress
 from .store import HostDir, Skipped, Store, Tarball, printable
@@ -148,15 +148,15 @@ class _Survey:
                 r.torn_tail = True
                 break
             r.index_lines = line
-            if raw is not None and not raw.strip():
+            row = parse_line(raw)
+            if row is None:
                 continue
-            key = parse_key(raw) if raw is not None else "line longer than 1 MiB"
-            if isinstance(key, str):
+            if isinstance(row, str):
                 r.bad_lines += 1
-                r.example("bad_lines", line=line, offset=offset, reason=key)
+                r.example("bad_lines", line=line, offset=offset, reason=row)
                 continue
             r.index_rows += 1
-            host_id, episode_id = key
+            host_id, episode_id = row_key(row)
             if host_id is None:
                 r.rows_without_host_id += 1
                 self.rows.hostless.add(episode_id)
@@ -243,10 +243,12 @@ class _Survey:
         for line, (_, next_offset, raw) in enumerate(split_lines(fd, 0, self.index_size), 1):
             if next_offset < 0 or len(shown) >= EXAMPLES:
                 break
-            key = parse_key(raw) if raw else None
-            if not isinstance(key, tuple) or key[0] is None or not self._wanted(key[0]):
+            row = parse_line(raw)
+            if not isinstance(row, dict):
                 continue
-            host_id, episode_id = key
+            host_id, episode_id = row_key(row)
+            if host_id is None or not self._wanted(host_id):
+                continue
             if not self.on_disk.has_row(host_id, episode_id) and (host_id, episode_id) not in shown:
                 shown.add((host_id, episode_id))
                 self.report.example("orphan_rows", line=line, host_id=host_id, episode_id=episode_id)
