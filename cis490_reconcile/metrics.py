@@ -37,8 +37,8 @@ TARBALL_STATES = (
 
 @dataclass(frozen=True, slots=True)
 class RunFacts:
-    """What the metrics say about one pass; counts are None after a failure
-    that left them meaningless."""
+    """What the metrics say about one pass (a failed pass's counts are those
+    it reached)."""
 
     started_at: float  # unix seconds
     duration_s: float

@@ -153,7 +153,6 @@ class Reconciler:
         self.orphan_rows: int | None = None  # index rows without a tarball, from the last full pass
         self._matched = 0  # listed tarballs with a row of their own host, this pass
         self._summary = PassSummary()
-        self._store: Store | None = None  # during a pass
         self._bad_line_events = 0
         self._pending: list[_Pending] = []
         self._pending_since = 0.0
@@ -217,13 +216,9 @@ class Reconciler:
         if self.reader.torn_tail:
             self.log.warning("index_torn_tail", offset=self.reader.offset, line=self.reader.lines + 1)
         with Store(self.cfg.episodes_root) as store:
-            self._store = store
-            try:
-                for chunk in self._unindexed(store):
-                    self._progress = (self._progress[0], self._progress[1] + len(chunk))
-                    self._verify_chunk(store, chunk)
-            finally:
-                self._store = None
+            for chunk in self._unindexed(store):
+                self._progress = (self._progress[0], self._progress[1] + len(chunk))
+                self._verify_chunk(store, chunk)
         if self._pending or (self.reader.torn_tail and not self.dry_run):
             self._commit()
 
@@ -293,7 +288,7 @@ class Reconciler:
         todo = itertools.chain([first], settled)
         if self.workers == 1:
             for tarball in todo:
-                self._handle(tarball, verify_one(store, tarball, self._on_read))
+                self._handle(store, tarball, verify_one(store, tarball, self._on_read))
             return
         with VerifyPool(store, self.workers, self.cfg.max_read_rate) as pool:
             counted = 0  # bytes of finished verdicts, already in the summary
@@ -305,7 +300,7 @@ class Reconciler:
             for tarball, verdict, read in pool.results(todo, tick):
                 counted += read
                 self._summary.bytes_read += read
-                self._handle(tarball, verdict)
+                self._handle(store, tarball, verdict)
         self._reading = 0
 
     def _settled(self, store: Store, chunk: list[tuple[str, str]]) -> Iterator[Tarball]:
@@ -336,7 +331,7 @@ class Reconciler:
         self._progress = (self._progress[0] + 1, self._progress[1])
         self._checkpoint()
 
-    def _handle(self, tarball: Tarball, verdict: Verdict) -> None:
+    def _handle(self, store: Store, tarball: Tarball, verdict: Verdict) -> None:
         s = self._summary
         if isinstance(verdict, Intact):
             if verdict.commit_note:
@@ -357,15 +352,15 @@ class Reconciler:
                 "tarball_corrupt", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
             )
             if self.cfg.quarantine_dir is not None and not self.dry_run:
-                self._quarantine(tarball, verdict.reason, self.cfg.quarantine_dir)
+                self._quarantine(store, tarball, verdict.reason, self.cfg.quarantine_dir)
         self._advance()
         if self._pending and (
             len(self._pending) >= BATCH_ROWS or time.monotonic() - self._pending_since >= BATCH_SECONDS
         ):
             self._commit()
 
-    def _quarantine(self, tarball: Tarball, reason: str, qdir: Path) -> None:
-        host = self._store.open_host(tarball.host_id) if self._store else None
+    def _quarantine(self, store: Store, tarball: Tarball, reason: str, qdir: Path) -> None:
+        host = store.open_host(tarball.host_id)
         if not isinstance(host, HostDir):
             return  # the host directory went away: nothing to move
         with host:

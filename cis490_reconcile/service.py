@@ -130,7 +130,7 @@ class Service:
         except PassFailed as e:
             summary, ok, error = e.summary, False, str(e)
         if self.dry_run:
-            return ok or summary.interrupted
+            return error is None
         if cfg.metrics_file is not None:
             self._write_metrics(cfg.metrics_file, log, reconciler, summary, ok, started, clock)
         if cfg.state_dir is not None and cfg.state_dir.is_dir():
@@ -140,7 +140,7 @@ class Service:
                 state.save_last_pass(cfg.state_dir, {**record, **asdict(summary)})
             except OSError as e:
                 log.warning("state_save_failed", state_dir=cfg.state_dir, error=e.strerror or str(e))
-        return ok or summary.interrupted
+        return error is None
 
     def _write_metrics(
         self,
