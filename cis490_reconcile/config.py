@@ -28,6 +28,8 @@ from pathlib import Path
 from .store import is_safe_name
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_WINDOW, MAX_WINDOW = 8 << 20, 2 << 30  # 2 GiB: zstd --long=31, the format's largest
+DICTIONARY_MAX_BYTES = 16 << 20
 DEFAULT_CONFIG_FILE = Path("/etc/cis490/reconcile.toml")
 ENV_PREFIX = "CIS490_RECONCILE_"
 ENV_CONFIG = ENV_PREFIX + "CONFIG"
@@ -75,21 +77,42 @@ def _optional_positive_seconds(value: object) -> float | None:
     return positive_seconds(value)
 
 
-def _rate(value: object) -> int | None:
-    """Bytes per second, with an optional K, M or G (powers of 1024); 0 is no limit."""
+def _size(value: object, what: str) -> int:
+    """A number of bytes, with an optional K, M or G (powers of 1024)."""
     text = str(value).strip().upper().removesuffix("B").removesuffix("I")
     if isinstance(value, bool) or not text:
-        raise ValueError("expected bytes per second, like 50M")
+        raise ValueError(f"expected {what}, like 50M")
     number, suffix = (text[:-1], text[-1]) if text[-1] in _SIZE_SUFFIXES else (text, "")
     try:
-        rate = float(number) * _SIZE_SUFFIXES[suffix]
+        size = float(number) * _SIZE_SUFFIXES[suffix]
     except ValueError:
-        raise ValueError("expected bytes per second, like 50M (K, M, G are powers of 1024)") from None
-    if not math.isfinite(rate) or rate < 0:
-        raise ValueError("expected bytes per second >= 0")
+        raise ValueError(f"expected {what}, like 50M (K, M, G are powers of 1024)") from None
+    if not math.isfinite(size) or size < 0:
+        raise ValueError(f"expected {what} >= 0")
+    return int(size)
+
+
+def _rate(value: object) -> int | None:
+    """Bytes per second; 0 is no limit."""
+    rate = _size(value, "bytes per second")
     if 0 < rate < 64 << 10:
         raise ValueError("expected 0 (no limit) or at least 64K per second")
-    return int(rate) or None
+    return rate or None
+
+
+def _window(value: object) -> int:
+    window = _size(value, "a zstd window size")
+    if not MIN_WINDOW <= window <= MAX_WINDOW:
+        raise ValueError("expected a zstd window size from 8M to 2G (zstd --long=31)")
+    return window
+
+
+def _paths(value: object) -> tuple[Path, ...]:
+    """A TOML array of paths, or one string of comma-separated paths; "" for none."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(p, str | Path) for p in items):
+        raise ValueError("expected a list of paths (in a flag: comma-separated)")
+    return tuple(Path(p) for p in (str(p).strip() for p in items) if p)
 
 
 def _workers(value: object) -> int | None:
@@ -188,6 +211,21 @@ SETTINGS: tuple[Setting, ...] = (
         "BYTES_PER_S",
     ),
     Setting(
+        "max_window",
+        128 << 20,
+        _window,
+        "verify zstd frames that declare a window up to this (zstd -d's default limit is 128M; "
+        "2G for --long=31 stores); larger windows are unverifiable",
+        "BYTES",
+    ),
+    Setting(
+        "zstd_dictionaries",
+        (),
+        _paths,
+        "zstd dictionary files (from zstd --train), matched to frames by dictionary id (comma-separated)",
+        "FILES",
+    ),
+    Setting(
         "workers",
         None,
         _workers,
@@ -223,6 +261,14 @@ SETTINGS: tuple[Setting, ...] = (
         "(same filesystem as the episodes, outside them; never deletes)",
         "DIR",
     ),
+    Setting(
+        "quarantine_min_age",
+        3600.0,
+        _seconds,
+        "quarantine a corrupt tarball only once it has stayed unchanged this long (a receiver that writes "
+        "in place and stalls leaves a file that looks cut short)",
+        "SECONDS",
+    ),
     Setting("log_level", "info", _level, "debug, info, warning or error", "LEVEL"),
     Setting("allow_root", False, _bool, "run as root even though the index belongs to another user"),
 )
@@ -238,11 +284,14 @@ class Config:
     lock_timeout: float
     interval: float | None
     max_read_rate: int | None
+    max_window: int
+    zstd_dictionaries: tuple[Path, ...]
     workers: int | None
     state_dir: Path | None
     full_every: float | None
     metrics_file: Path | None
     quarantine_dir: Path | None
+    quarantine_min_age: float
     log_level: str
     allow_root: bool
 
@@ -354,6 +403,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(str(item)) for item in value) + "]"
     return json.dumps(str(value))  # a TOML basic string
 
 
@@ -375,6 +426,31 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"{flag} {path}: not a regular file")
     if cfg.quarantine_dir is not None:
         _check_quarantine(cfg.quarantine_dir, cfg.episodes_root)
+    load_dictionaries(cfg.zstd_dictionaries)
+
+
+def load_dictionaries(paths: tuple[Path, ...]) -> dict[int, bytes]:
+    """The dictionaries by id; ConfigError for a file that is not one, or a
+    second file with the same id."""
+    from .zstdframe import dictionary_id
+
+    found: dict[int, bytes] = {}
+    for path in paths:
+        flag = f"--zstd-dictionaries {path}"
+        try:
+            with open(path, "rb") as f:
+                data = f.read(DICTIONARY_MAX_BYTES + 1)
+            dict_id = dictionary_id(data)
+        except OSError as e:
+            raise ConfigError(f"{flag}: {e.strerror}") from None
+        except ValueError as e:
+            raise ConfigError(f"{flag}: {e}") from None
+        if len(data) > DICTIONARY_MAX_BYTES:
+            raise ConfigError(f"{flag}: larger than {DICTIONARY_MAX_BYTES >> 20} MiB")
+        if dict_id in found:
+            raise ConfigError(f"{flag}: a second dictionary with id {dict_id}")
+        found[dict_id] = data
+    return found
 
 
 def _check_quarantine(qdir: Path, root: Path) -> None:

@@ -28,6 +28,7 @@ TARBALL_STATES = (
     "already_indexed",
     "in_flight",
     "corrupt",
+    "unverifiable",
     "quarantined",
     "unsettled",
     "unreadable",

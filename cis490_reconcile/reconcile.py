@@ -40,10 +40,10 @@ from .log import Logger
 from .notify import Notifier
 from .pacing import ReadPacer
 from .progress import Progress, human_size
-from .state import HostMemo, HostTracker
+from .state import HostMemo, HostTracker, Unverified
 from .store import HostDir, Skipped, Store, Tarball, printable
-from .verify import Intact, Unreadable, Unsettled, Verdict
-from .workers import VerifyPool, default_workers, verify_one
+from .verify import Intact, Unreadable, Unsettled, Unverifiable, Verdict, decoding_for, verify_one
+from .workers import VerifyPool, default_workers
 
 BATCH_ROWS = 1000
 BATCH_SECONDS = 10.0
@@ -95,6 +95,7 @@ class PassSummary:
     backfilled: int = 0
     raced: int = 0  # verified, but the receiver's row arrived before our commit
     corrupt: int = 0
+    unverifiable: int = 0  # found now, or earlier and unchanged since (not read again)
     quarantined: int = 0
     in_flight: int = 0
     unsettled: int = 0
@@ -141,10 +142,18 @@ class Reconciler:
         self.should_stop = should_stop
         self.reader = IndexReader(cfg.index)
         self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
-        self.workers = cfg.workers or default_workers()
+        wanted = cfg.workers or default_workers()
+        plan, self.decoding = decoding_for(cfg, wanted)
+        self.workers = plan.workers
+        if plan.max_window < cfg.max_window or plan.workers < wanted:
+            log.warning(
+                "memory_limited", workers=plan.workers, max_window=plan.max_window, limit=plan.limited_by
+            )
         self.force_full = full
         self.progress = progress
         self.memos: dict[str, HostMemo] = {}  # what the last completed pass learned of each host dir
+        self.unverified: dict[str, Unverified] = {}  # unverifiable tarballs by path, until they change
+        self._unverified_now: dict[str, Unverified] = {}  # this pass's
         self.last_full_ns = 0
         self._state_dir = cfg.state_dir
         self._state_checked = False
@@ -167,6 +176,7 @@ class Reconciler:
         self._summary = summary = PassSummary()
         self._bad_line_events = 0
         self._pending = []
+        self._unverified_now = {}
         self._progress = (0, 0)
         self.pacer = ReadPacer(self.cfg.max_read_rate, self._checkpoint)
         started, started_ns = time.monotonic(), time.time_ns()
@@ -288,9 +298,9 @@ class Reconciler:
         todo = itertools.chain([first], settled)
         if self.workers == 1:
             for tarball in todo:
-                self._handle(store, tarball, verify_one(store, tarball, self._on_read))
+                self._handle(store, tarball, verify_one(store, tarball, self.decoding, self._on_read))
             return
-        with VerifyPool(store, self.workers, self.cfg.max_read_rate) as pool:
+        with VerifyPool(store, self.workers, self.cfg.max_read_rate, self.decoding) as pool:
             counted = 0  # bytes of finished verdicts, already in the summary
 
             def tick(progressed: bool) -> None:
@@ -316,11 +326,17 @@ class Reconciler:
                     tarball = host.lstat(episode_id)
                     if isinstance(tarball, Tarball):
                         age_s = (time.time_ns() - tarball.ctime_ns) / 1e9
-                        if age_s >= self.cfg.min_age:
+                        known = self.unverified.get(tarball.path)
+                        if known is not None and known.still(tarball, self.decoding.key):
+                            s.unverifiable += 1  # unchanged since it was found unverifiable: not read again
+                            self._unverified_now[tarball.path] = known
+                            self.log.debug("tarball_unverifiable_unchanged", path=tarball.path)
+                        elif age_s >= self.cfg.min_age:
                             yield tarball
                             continue
-                        s.in_flight += 1
-                        self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
+                        else:
+                            s.in_flight += 1
+                            self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
                     else:
                         self._hosts.resolved(host_id, episode_id)  # gone, or not a file any more
                         if isinstance(tarball, Skipped):
@@ -346,12 +362,24 @@ class Reconciler:
         elif isinstance(verdict, Unreadable):
             s.unreadable += 1
             self.log.warning("tarball_unreadable", path=tarball.path, reason=verdict.reason)
+        elif isinstance(verdict, Unverifiable):
+            s.unverifiable += 1
+            self._unverified_now[tarball.path] = Unverified.of(tarball, self.decoding.key, verdict.reason)
+            self.log.warning(
+                "tarball_unverifiable", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
+            )
         else:
             s.corrupt += 1
+            unchanged_s = (time.time_ns() - tarball.ctime_ns) / 1e9
+            wait_s = max(0.0, self.cfg.quarantine_min_age - unchanged_s) if self.cfg.quarantine_dir else None
             self.log.warning(
-                "tarball_corrupt", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
+                "tarball_corrupt",
+                path=tarball.path,
+                reason=verdict.reason,
+                size_bytes=tarball.size,
+                **({} if not wait_s else {"quarantine_in_s": round(wait_s)}),
             )
-            if self.cfg.quarantine_dir is not None and not self.dry_run:
+            if wait_s == 0 and self.cfg.quarantine_dir is not None and not self.dry_run:
                 self._quarantine(store, tarball, verdict.reason, self.cfg.quarantine_dir)
         self._advance()
         if self._pending and (
@@ -430,7 +458,7 @@ class Reconciler:
         elif not state.resume_reader(snap, self.reader):
             self.log.info("state_ignored", state_dir=state_dir, reason="the index was replaced or rewritten")
         else:
-            self.memos, self.last_full_ns = snap.hosts, snap.last_full_ns
+            self.memos, self.last_full_ns, self.unverified = snap.hosts, snap.last_full_ns, snap.unverified
             self.log.debug("state_loaded", index_offset=snap.index_offset, hosts=len(snap.hosts))
 
     def _remember(self, full: bool, started_ns: int) -> None:
@@ -444,6 +472,9 @@ class Reconciler:
             self.log.warning("state_save_failed", state_dir=self._state_dir, error=e.strerror or str(e))
             return
         self.memos = {} if self._index_restarted else self._hosts.memos(self.memos, self.cfg.host)
+        only = self.cfg.host
+        kept = {p: u for p, u in self.unverified.items() if only is not None and u.host_id != only}
+        self.unverified = {**kept, **self._unverified_now}
         if full:
             self.last_full_ns = started_ns
         if self._state_dir is None or self.reader.identity is None:
@@ -468,6 +499,7 @@ class Reconciler:
                 index_tail_sha256=tail,
                 last_full_ns=self.last_full_ns,
                 hosts=self.memos,
+                unverified=self.unverified,
                 keys=self.reader.keys,
             )
             state.save(self._state_dir, snap)

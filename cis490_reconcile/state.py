@@ -34,9 +34,10 @@ from pathlib import Path
 
 from . import syscalls
 from .index import IndexedKeys, IndexReader
+from .store import Tarball
 
 MAGIC = b"cis490-reconcile state\n"
-VERSION = 1
+VERSION = 2
 FILE_NAME = "state.bin"
 LAST_PASS_FILE = "last_pass.json"  # the outcome of the last pass, for `status`
 GUARD_NS = 3 * 10**9
@@ -55,6 +56,35 @@ class HostMemo:
     unresolved: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Unverified:
+    """A tarball found unverifiable, as it was then: it is not read again
+    while it stays the same file under the same decoding limits."""
+
+    host_id: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    limits: str  # verify.Decoding.key
+    reason: str
+
+    @classmethod
+    def of(cls, t: Tarball, limits: str, reason: str) -> Unverified:
+        return cls(t.host_id, t.dev, t.ino, t.size, t.mtime_ns, t.ctime_ns, limits, reason)
+
+    def still(self, t: Tarball, limits: str) -> bool:
+        return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns, self.limits) == (
+            t.dev,
+            t.ino,
+            t.size,
+            t.mtime_ns,
+            t.ctime_ns,
+            limits,
+        )
+
+
 @dataclass
 class Snapshot:
     """Everything in the state file, as plain values."""
@@ -69,6 +99,7 @@ class Snapshot:
     index_tail_sha256: str
     last_full_ns: int
     hosts: dict[str, HostMemo] = field(default_factory=dict)
+    unverified: dict[str, Unverified] = field(default_factory=dict)
     keys: IndexedKeys = field(default_factory=IndexedKeys)
 
 
@@ -79,8 +110,9 @@ def tail_digest(fd: int, offset: int) -> str:
 
 def encode(snap: Snapshot) -> bytes:
     hi, lo, hostless = snap.keys.to_bytes()
-    header = {k: v for k, v in asdict(snap).items() if k not in ("hosts", "keys")}
+    header = {k: v for k, v in asdict(snap).items() if k not in ("hosts", "keys", "unverified")}
     header["hosts"] = {h: [m.mtime_ns, m.ctime_ns, list(m.unresolved)] for h, m in snap.hosts.items()}
+    header["unverified"] = {p: asdict(u) for p, u in snap.unverified.items()}
     header["hostless"] = hostless
     head = json.dumps(header, ensure_ascii=True).encode()
     body = b"".join(
@@ -124,8 +156,9 @@ def decode(data: bytes) -> Snapshot:
         hosts = {
             h: HostMemo(int(m), int(c), tuple(map(str, u))) for h, (m, c, u) in header.pop("hosts").items()
         }
+        unverified = {p: Unverified(**u) for p, u in header.pop("unverified").items()}
         keys = IndexedKeys.from_bytes(take(), take(), header.pop("hostless"))
-        return Snapshot(**header, hosts=hosts, keys=keys)
+        return Snapshot(**header, hosts=hosts, unverified=unverified, keys=keys)
     except (ValueError, TypeError, KeyError, struct.error) as e:
         raise StateInvalid(f"malformed: {e}") from None
 

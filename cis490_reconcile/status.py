@@ -36,8 +36,7 @@ from .index import IndexedKeys, parse_line, row_key, split_lines
 from .pacing import ReadPacer
 from .progress import Progress
 from .store import HostDir, Skipped, Store, Tarball, printable
-from .verify import Corrupt, Intact, Unreadable, Unsettled
-from .workers import verify_one
+from .verify import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, decoding_for, verify_one
 
 EXIT_CLEAN, EXIT_ATTENTION = 0, 1
 EXAMPLES = 100
@@ -50,7 +49,8 @@ class HostCounts:
     indexed: int = 0
     unindexed: int = 0  # settled, intact: the next pass backfills these
     in_flight: int = 0  # younger than min_age, or changing while read
-    corrupt: int = 0
+    corrupt: int = 0  # damaged bytes
+    unverifiable: int = 0  # bytes that may be fine but cannot be checked with this configuration
     unreadable: int = 0
     orphan_rows: int = 0
     duplicate_rows: int = 0
@@ -87,6 +87,7 @@ class Report:
         found = [
             (t.unindexed, "settled tarballs not indexed (a pass backfills them)"),
             (t.corrupt, "corrupt tarballs"),
+            (t.unverifiable, "unverifiable tarballs (see max_window, zstd_dictionaries)"),
             (t.unreadable, "unreadable tarballs"),
             (t.orphan_rows, "orphan rows (row without tarball)"),
             (t.duplicate_rows, "duplicate rows"),
@@ -118,7 +119,15 @@ class Report:
             "skipped_entries": self.skipped,
             **{
                 kind: self.examples[kind]
-                for kind in ("bad_lines", "orphan_rows", "duplicate_rows", "corrupt", "unreadable", "skipped")
+                for kind in (
+                    "bad_lines",
+                    "orphan_rows",
+                    "duplicate_rows",
+                    "corrupt",
+                    "unverifiable",
+                    "unreadable",
+                    "skipped",
+                )
             },
             "examples_cap": EXAMPLES,
             "last_pass": self.last_pass,
@@ -136,6 +145,7 @@ class _Survey:
         self.files = self.bytes_read = 0
         self.fraction = 0.0  # of the host directories listed
         self.pacer = ReadPacer(cfg.max_read_rate, lambda: None)
+        self.decoding = decoding_for(cfg, workers=1)[1]
 
     def _wanted(self, host_id: str) -> bool:
         return self.cfg.host is None or host_id == self.cfg.host
@@ -218,7 +228,7 @@ class _Survey:
             self.pacer.consume(n)
             self._show()
 
-        verdict = verify_one(store, tarball, on_read)
+        verdict = verify_one(store, tarball, self.decoding, on_read)
         self.files += 1
         if isinstance(verdict, Intact):
             counts.unindexed += 1
@@ -230,6 +240,9 @@ class _Survey:
         elif isinstance(verdict, Corrupt):
             counts.corrupt += 1
             self.report.example("corrupt", path=printable(tarball.path), reason=verdict.reason)
+        elif isinstance(verdict, Unverifiable):
+            counts.unverifiable += 1
+            self.report.example("unverifiable", path=printable(tarball.path), reason=verdict.reason)
 
     def _show(self) -> None:
         if self.bar is not None:
@@ -282,6 +295,7 @@ _COLUMNS = (
     ("unindexed", "UNINDEXED"),
     ("in_flight", "IN FLIGHT"),
     ("corrupt", "CORRUPT"),
+    ("unverifiable", "UNVERIFIABLE"),
     ("unreadable", "UNREADABLE"),
     ("orphan_rows", "ORPHAN ROWS"),
     ("duplicate_rows", "DUP ROWS"),
@@ -309,6 +323,7 @@ def render(report: Report) -> str:
         ("orphan_rows", "orphan rows (no tarball on disk)"),
         ("duplicate_rows", "duplicate rows"),
         ("corrupt", "corrupt tarballs"),
+        ("unverifiable", "unverifiable tarballs"),
         ("unreadable", "unreadable tarballs"),
         ("skipped", "skipped store entries"),
     ):

@@ -119,6 +119,34 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The tightest memory limit of this process's cgroup and its ancestors
+    (a unit's MemoryMax= lands there), in bytes; None when there is none.
+    cgroup v2 (memory.max) or v1 (memory.limit_in_bytes, where "no limit" is
+    a huge number). Re-measure with `systemd-run -p MemoryMax=300M --wait
+    --pipe cat /proc/self/cgroup` and the memory.max file it names."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, name = Path(root), "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = Path(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        here = Path(path)
+        for directory in (here, *here.parents):
+            with contextlib.suppress(OSError, ValueError):
+                limits.append(int((base / directory.relative_to("/") / name).read_text()))
+    real = [limit for limit in limits if 0 < limit < 1 << 60]  # v1 says 2**63-4096 for "none"
+    return min(real, default=None)
+
+
 _RENAME_NOREPLACE = 1  # linux/fs.h
 
 

@@ -19,6 +19,10 @@ Stopping: the parent sets a shared flag; each worker checks it after every
 read (1 MiB) and returns what it has done so far.
 
 The read-rate limit is split evenly between the workers.
+
+Large zstd windows (zstd --long, --ultra) come out of one SharedWindowBudget
+of max_window bytes: two workers never both hold a 128 MiB window unless
+max_window leaves room for both (see verify.plan_memory).
 """
 
 from __future__ import annotations
@@ -27,29 +31,42 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .pacing import ReadPacer
-from .store import HostDir, Store, Tarball
-from .verify import Unsettled, Verdict, verify
+from .store import Store, Tarball
+from .verify import Decoding, Verdict, verify_one
 
 BATCH_FILES = 64
 BATCH_BYTES = 8 << 20
 _POLL_S = 0.05
+_BUDGET_POLL_S = 0.1
 
 
 class _Stopped(BaseException):
     pass
 
 
-def verify_one(store: Store, tarball: Tarball, on_read: Callable[[int], None] | None = None) -> Verdict:
-    """Verify one tarball through its host directory fd (opened afresh: the
-    host directory may have been replaced since the listing)."""
-    host = store.open_host(tarball.host_id)
-    if not isinstance(host, HostDir):
-        return Unsettled("host directory removed or replaced")
-    with host:
-        return verify(host, tarball, on_read)
+class SharedWindowBudget:
+    """verify.WindowBudget across forked processes: a byte count under a
+    condition variable in shared memory."""
+
+    def __init__(self, ctx: multiprocessing.context.BaseContext, total: int) -> None:
+        self._total = total
+        self._used = ctx.Value("Q", 0, lock=False)
+        self._cond = ctx.Condition()
+
+    def reserve(self, n: int, wait: Callable[[], None]) -> None:
+        with self._cond:
+            while self._used.value and self._used.value + n > self._total:
+                self._cond.wait(_BUDGET_POLL_S)
+                wait()
+            self._used.value += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._used.value -= n
+            self._cond.notify_all()
 
 
 @dataclass
@@ -57,6 +74,7 @@ class _Shared:
     """What a forked worker inherits (never pickled)."""
 
     store: Store
+    decoding: Decoding
     rate: int | None
     progress: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
     stop: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
@@ -87,7 +105,7 @@ def _verify_batch(batch: list[Tarball]) -> list[tuple[Tarball, Verdict, int]]:
             check_stop()
 
         try:
-            verdict = verify_one(shared.store, tarball, on_read)
+            verdict = verify_one(shared.store, tarball, shared.decoding, on_read, check_stop)
         except _Stopped:
             break
         results.append((tarball, verdict, read))
@@ -112,14 +130,15 @@ def batches(tarballs: Iterable[Tarball]) -> Iterator[list[Tarball]]:
 class VerifyPool:
     """A pool of `workers` forked processes verifying tarballs from `store`."""
 
-    def __init__(self, store: Store, workers: int, rate: int | None) -> None:
+    def __init__(self, store: Store, workers: int, rate: int | None, decoding: Decoding) -> None:
         global _shared
         ctx = multiprocessing.get_context("fork")
         self.workers = workers
         self._progress = ctx.Value("Q", 0)
         self._stop = ctx.Value("b", 0)
         share = None if rate is None else max(rate // workers, 1)
-        _shared = _Shared(store, share, self._progress, self._stop)
+        shared_decoding = replace(decoding, budget=SharedWindowBudget(ctx, decoding.max_window))
+        _shared = _Shared(store, shared_decoding, share, self._progress, self._stop)
         self._pool = ProcessPoolExecutor(workers, mp_context=ctx)
 
     def __enter__(self) -> VerifyPool:

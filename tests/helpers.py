@@ -50,17 +50,33 @@ def episode(payload: bytes | None = None, commit: object = COMMIT) -> dict[str, 
     }
 
 
-def gnu_tarball(path: Path, members: dict[str, bytes]) -> bytes:
-    """A .tar.zst made by GNU tar piping through the zstd CLI."""
+def gnu_tarball(
+    path: Path,
+    members: dict[str, bytes],
+    zstd_args: tuple[str, ...] = (),
+    tar_args: tuple[str, ...] = (),
+    sparse: dict[str, list[tuple[int, bytes]]] | None = None,
+) -> bytes:
+    """A .tar.zst made the way a shipper's shell does: GNU tar piped into the
+    zstd CLI (`tar -cf - ... | zstd ARGS`). `sparse` adds files written as
+    (offset, data) extents with holes between them, for `tar -S`."""
     with tempfile.TemporaryDirectory() as src:
+        names = [*members, *(sparse or {})]
         for name, data in members.items():
             target = Path(src, name)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        subprocess.run(
-            ["tar", "--use-compress-program=zstd -q", "-cf", str(path), "-C", src, *members],
-            check=True,
-        )
+        for name, extents in (sparse or {}).items():
+            target = Path(src, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as f:
+                for offset, data in extents:
+                    f.seek(offset)
+                    f.write(data)
+        tar = subprocess.Popen(["tar", *tar_args, "-cf", "-", "-C", src, *names], stdout=subprocess.PIPE)
+        subprocess.run(["zstd", "-q", "-f", *zstd_args, "-o", str(path)], stdin=tar.stdout, check=True)
+        assert tar.stdout is not None and tar.wait() == 0
+        tar.stdout.close()
     return path.read_bytes()
 
 
@@ -187,6 +203,56 @@ class Receiver:
         twin = Receiver.__new__(Receiver)
         twin.root, twin.episodes, twin.index = dest, dest / "episodes", dest / "index.jsonl"
         return twin
+
+
+def _tree_rss(root: int) -> tuple[int, int]:
+    """(largest RSS of one process, sum of RSS) over `root` and its
+    descendants, in bytes, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    sizes = []
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                sizes += [int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:")]
+        except OSError:
+            continue
+    return max(sizes, default=0), sum(sizes)
+
+
+def measure_rss(args: list[str], timeout: float = 120) -> tuple[Result, int, int]:
+    """Run the command with `args`; return its result, the peak RSS of its
+    largest process (getrusage, exact) and the peak of the sum over its
+    process tree (sampled from /proc every 10 ms), in bytes."""
+    import time
+
+    wrapper = (
+        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    )
+    argv = [sys.executable, "-c", wrapper, sys.executable, "-m", "cis490_reconcile", *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_pass = 0
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        peak_pass = max(peak_pass, _tree_rss(proc.pid)[1])
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate(timeout=5)
+    lines = stderr.splitlines()
+    peak_process = int(lines[-1]) << 10
+    result = Result(proc.returncode, stdout, "\n".join(lines[:-1]), parse_events(stdout))
+    return result, peak_process, peak_pass
 
 
 class NotifySocket:

@@ -131,3 +131,40 @@ def test_config_file_drives_a_pass(receiver: Receiver, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert receiver.keys() == [("h1", "a")]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("128M", 128 << 20), ("2G", 2 << 30), ("8M", 8 << 20)])
+def test_max_window(raw: str, expected: int) -> None:
+    assert config.build({"max_window": raw}).max_window == expected
+
+
+@pytest.mark.parametrize("raw", ["4M", "3G", "big", "0"])
+def test_bad_max_window(raw: str) -> None:
+    with pytest.raises(ConfigError, match=r"max_window .*: expected a zstd window size"):
+        config.build({"max_window": raw})
+
+
+def test_zstd_dictionaries_are_checked_at_start(receiver: Receiver, tmp_path: Path) -> None:
+    good = tmp_path / "fleet.dict"
+    good.write_bytes((0xEC30A437).to_bytes(4, "little") + (77).to_bytes(4, "little") + bytes(100))
+    raw = tmp_path / "raw.dict"
+    raw.write_bytes(b"just some bytes a raw-content dictionary would hold")
+    assert config.build({"zstd_dictionaries": f"{good}, "}).zstd_dictionaries == (good,)
+    assert config.build({"zstd_dictionaries": [str(good)]}).zstd_dictionaries == (good,)
+    assert config.load_dictionaries((good,)) == {77: good.read_bytes()}
+    for paths, message in [
+        (str(raw), "not a zstd dictionary"),
+        (str(tmp_path / "absent.dict"), "No such file"),
+        (f"{good},{good}", "a second dictionary with id 77"),
+    ]:
+        proc = subprocess.run(
+            [*receiver.argv("--once"), "--zstd-dictionaries", paths],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert (
+            proc.stderr.startswith("cis490-reconcile: error: --zstd-dictionaries ") and message in proc.stderr
+        )
+        assert proc.stderr.count("\n") == 1

@@ -169,7 +169,8 @@ def test_a_changed_index_forces_a_full_parse(
         lambda data: b"nonsense",
         lambda data: data[:40] + bytes([data[40] ^ 1]) + data[41:],
         lambda data: data.replace(
-            state.MAGIC + (1).to_bytes(8, "little"), state.MAGIC + (0).to_bytes(8, "little")
+            state.MAGIC + state.VERSION.to_bytes(8, "little"),
+            state.MAGIC + (state.VERSION - 1).to_bytes(8, "little"),
         ),
     ],
     ids=["truncated", "garbage", "bit-flip", "older-version"],

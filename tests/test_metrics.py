@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from helpers import Receiver
+from helpers import Receiver, episode, gnu_tarball
 from prometheus_client.parser import text_string_to_metric_families
 
 LOCK_HOLDER = """
@@ -37,6 +37,7 @@ def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_pat
     receiver.tarball("h1", "a")
     receiver.tarball("h1", "b")
     receiver.tarball("h1", "cut", blob=receiver.tarball("h1", "c").read_bytes()[:-9])
+    gnu_tarball(receiver.episodes / "h1/long.tar.zst", episode(), ("--long=31",))  # unverifiable
     receiver.append_row({"host_id": "h1", "episode_id": "gone", "schema_version": 1})  # an orphan row
     receiver.append_raw(b"garbage\n")
     prom = tmp_path / "cis490_reconcile.prom"
@@ -47,7 +48,8 @@ def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_pat
     assert first["cis490_reconcile_last_run_success"] == 1
     assert first["cis490_reconcile_last_run_rows_backfilled"] == 3
     assert first["cis490_reconcile_last_run_tarballs{state=corrupt}"] == 1
-    assert first["cis490_reconcile_last_run_tarballs{state=scanned}"] == 4
+    assert first["cis490_reconcile_last_run_tarballs{state=unverifiable}"] == 1
+    assert first["cis490_reconcile_last_run_tarballs{state=scanned}"] == 5
     assert first["cis490_reconcile_index_bad_lines"] == 1
     assert first["cis490_reconcile_orphan_rows"] == 1
     assert first["cis490_reconcile_last_run_bytes_read"] > 0

@@ -61,9 +61,9 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
         "x": lambda: shutil.rmtree(receiver.episodes / "h2"),  # its host directory removed
     }
 
-    def meddle_then_verify(store, tarball, on_read=None):  # type: ignore[no-untyped-def]
+    def meddle_then_verify(store, tarball, *args):  # type: ignore[no-untyped-def]
         meddle.pop(tarball.episode_id, lambda: None)()
-        return real_verify(store, tarball, on_read)
+        return real_verify(store, tarball, *args)
 
     monkeypatch.setattr(reconcile, "verify_one", meddle_then_verify)
     summary = one_pass(receiver)

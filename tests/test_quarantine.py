@@ -31,7 +31,7 @@ def test_corrupt_tarball_is_moved_with_a_sidecar_and_resent_copies_are_indexed(
     first_bytes = corrupt_blob()
     receiver.tarball("h1", "cut", blob=first_bytes)
 
-    one = receiver.run("--quarantine-dir", str(qdir))
+    one = receiver.run("--quarantine-dir", str(qdir), "--quarantine-min-age", "0")
     assert one.returncode == 0
     moved = one.one("tarball_quarantined")
     assert moved["path"] == "h1/cut.tar.zst" and moved["quarantine_path"] == str(qdir / "h1/cut.tar.zst")
@@ -46,7 +46,7 @@ def test_corrupt_tarball_is_moved_with_a_sidecar_and_resent_copies_are_indexed(
 
     # a new process: the shipper's retry re-sent it whole; it is indexed, the quarantine kept
     receiver.tarball("h1", "cut")
-    two = receiver.run("--quarantine-dir", str(qdir))
+    two = receiver.run("--quarantine-dir", str(qdir), "--quarantine-min-age", "0")
     assert two.returncode == 0 and two.named("tarball_quarantined") == []
     assert receiver.keys() == [("h1", "good"), ("h1", "cut")]
     assert (qdir / "h1/cut.tar.zst").read_bytes() == first_bytes
@@ -56,7 +56,7 @@ def test_corrupt_tarball_is_moved_with_a_sidecar_and_resent_copies_are_indexed(
     receiver.tarball("h3", "cut", blob=b"garbage")
     (qdir / "h3").mkdir()
     (qdir / "h3/cut.tar.zst.json").write_text("{}")  # a sidecar left by a crash before its rename
-    three = receiver.run("--quarantine-dir", str(qdir))
+    three = receiver.run("--quarantine-dir", str(qdir), "--quarantine-min-age", "0")
     assert three.returncode == 0
     assert sorted(e["quarantine_path"] for e in three.named("tarball_quarantined")) == [
         str(qdir / "h1/again.tar.zst"),
@@ -82,7 +82,7 @@ def test_dry_run_moves_nothing(receiver: Receiver, tmp_path: Path) -> None:
     qdir = tmp_path / "q"
     qdir.mkdir()
     receiver.tarball("h1", "cut", blob=corrupt_blob())
-    result = receiver.run("--quarantine-dir", str(qdir), "--dry-run")
+    result = receiver.run("--quarantine-dir", str(qdir), "--quarantine-min-age", "0", "--dry-run")
     assert result.returncode == 0 and result.named("tarball_corrupt")
     assert (receiver.episodes / "h1/cut.tar.zst").exists() and list(qdir.iterdir()) == []
 
@@ -130,7 +130,7 @@ def test_refuses_a_quarantine_inside_the_root_or_not_a_directory(
     if where == "inside":
         qdir.mkdir()
     receiver.index.touch()
-    result = receiver.run("--quarantine-dir", str(qdir))
+    result = receiver.run("--quarantine-dir", str(qdir), "--quarantine-min-age", "0")
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("cis490-reconcile: error: --quarantine-dir")
     assert len(result.stderr.splitlines()) == 1

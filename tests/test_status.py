@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, Receiver
+from helpers import REPO, Receiver, episode, gnu_tarball
 
 from cis490_reconcile import config
 from cis490_reconcile import status as status_mod
@@ -42,6 +42,7 @@ def messy_store(receiver: Receiver, tmp_path: Path) -> None:
     receiver.tarball("h2", "g", gnu=True)  # a gap, GNU tar + zstd CLI
     receiver.tarball("h2", "cut", blob=receiver.tarball("h2", "x").read_bytes()[:-30])
     (receiver.episodes / "h2/x.tar.zst").unlink()
+    gnu_tarball(receiver.episodes / "h2/long.tar.zst", episode(), ("--long=31",))  # 2 GiB window
     outside = tmp_path / "outside.tar.zst"
     outside.write_bytes(b"secret")
     (receiver.episodes / "h1/link.tar.zst").symlink_to(outside)
@@ -67,16 +68,18 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
             "unindexed": 1,
             "in_flight": 0,
             "corrupt": 0,
+            "unverifiable": 0,
             "unreadable": 0,
             "orphan_rows": 0,
             "duplicate_rows": 1,
         },
         "h2": {
-            "tarballs": 2,
+            "tarballs": 3,
             "indexed": 0,
             "unindexed": 1,
             "in_flight": 0,
             "corrupt": 1,
+            "unverifiable": 1,
             "unreadable": 0,
             "orphan_rows": 0,
             "duplicate_rows": 0,
@@ -87,12 +90,13 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
             "unindexed": 0,
             "in_flight": 0,
             "corrupt": 0,
+            "unverifiable": 0,
             "unreadable": 0,
             "orphan_rows": 1,
             "duplicate_rows": 0,
         },
     }
-    assert report["totals"]["tarballs"] == 4 and report["totals"]["unindexed"] == 2
+    assert report["totals"]["tarballs"] == 5 and report["totals"]["unindexed"] == 2
     assert report["index_file"] == {
         "lines": 6,
         "rows": 4,
@@ -107,9 +111,15 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
     assert report["duplicate_rows"] == [{"line": 3, "host_id": "h1", "episode_id": "a"}]
     assert report["orphan_rows"] == [{"line": 4, "host_id": "h3", "episode_id": "gone"}]
     assert [c["path"] for c in report["corrupt"]] == ["h2/cut.tar.zst"]
+    assert report["unverifiable"] == [
+        {
+            "path": "h2/long.tar.zst",
+            "reason": "a zstd frame declares a 2.0 GiB window, over max_window (128.0 MiB)",
+        }
+    ]
     assert report["skipped"] == [{"path": "h1/link.tar.zst", "reason": "symlink"}]
     assert report["skipped_entries"] == 1
-    assert len(report["attention"]) == 6
+    assert len(report["attention"]) == 7
     assert report["last_pass"] is None
     assert snapshot(tmp_path) == before  # wrote nothing, created no lock file or state
 
@@ -127,13 +137,15 @@ def test_human_table_and_exit_codes(receiver: Receiver, tmp_path: Path) -> None:
         "IN",
         "FLIGHT",
         "CORRUPT",
+        "UNVERIFIABLE",
         "UNREADABLE",
         "ORPHAN",
         "ROWS",
         "DUP",
         "ROWS",
     ]
-    assert lines[3].split() == ["h1", "2", "1", "1", "0", "0", "0", "0", "1"]
+    assert lines[3].split() == ["h1", "2", "1", "1", "0", "0", "0", "0", "0", "1"]
+    assert lines[4].split() == ["h2", "3", "0", "1", "0", "1", "1", "0", "0", "0"]
     assert "  line 5 (byte " in table.stdout and "  line 4: h3/gone" in table.stdout
     assert lines[-1].startswith("needs attention: settled tarballs not indexed (a pass backfills them): 2; ")
     assert table.stderr == ""  # no progress bar when stderr is not a terminal

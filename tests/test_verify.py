@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -14,22 +15,37 @@ import zstandard
 from helpers import COMMIT, episode, gnu_tarball, meta, tar_bytes, zstd
 
 from cis490_reconcile.store import Store
-from cis490_reconcile.verify import Corrupt, Intact, Unsettled, read_tarball, verify
+from cis490_reconcile.verify import (
+    Corrupt,
+    Decoding,
+    Intact,
+    Unsettled,
+    Unverifiable,
+    meta_rank,
+    read_tarball,
+    verify,
+)
 
 
-def check(data: bytes, tmp_path: Path) -> Intact:
+def check(data: bytes, tmp_path: Path, decoding: Decoding | None = None, episode_id: str = "ep") -> Intact:
     path = tmp_path / "x.tar.zst"
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        return read_tarball(fd, len(data))
+        return read_tarball(fd, len(data), episode_id, decoding)
     finally:
         os.close(fd)
 
 
-def corrupt_reason(data: bytes, tmp_path: Path) -> str:
+def corrupt_reason(data: bytes, tmp_path: Path, decoding: Decoding | None = None) -> str:
     with pytest.raises(Corrupt) as info:
-        check(data, tmp_path)
+        check(data, tmp_path, decoding)
+    return info.value.reason
+
+
+def unverifiable_reason(data: bytes, tmp_path: Path, decoding: Decoding | None = None) -> str:
+    with pytest.raises(Unverifiable) as info:
+        check(data, tmp_path, decoding)
     return info.value.reason
 
 
@@ -171,16 +187,125 @@ def test_not_a_tar_zst(tmp_path: Path, data: bytes, expected: str) -> None:
     assert expected in corrupt_reason(data, tmp_path)
 
 
-def test_oversized_pax_header_is_refused_without_reading_it(tmp_path: Path) -> None:
+def test_oversized_pax_header_is_unverifiable_without_reading_it(tmp_path: Path) -> None:
     """A pax header claiming 64 MiB (compressed to a few KB): tarfile would
-    read it whole into memory."""
+    read it whole into memory. Past the bound we cannot check the file; its
+    bytes are not known to be damaged."""
     header = tarfile.TarInfo("././@PaxHeader")
     header.type = tarfile.XHDTYPE
     header.size = 64 << 20
     block = header.tobuf(format=tarfile.USTAR_FORMAT)
     data = zstd(block + bytes(header.size) + bytes(1024))
     assert len(data) < 20_000
-    assert "tar header payload" in corrupt_reason(data, tmp_path)
+    assert "headers of a tar member exceed 1.0 MiB" in unverifiable_reason(data, tmp_path)
+
+
+# --- what the frames declare: window, dictionary, reserved bits ------------------------
+
+
+def frame(data: bytes, window_log: int, dict_data: zstandard.ZstdCompressionDict | None = None) -> bytes:
+    """One zstd frame declaring a 2**window_log window (streamed, so zstd
+    does not shrink the window to the input)."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=window_log, write_checksum=True, write_dict_id=True
+    )
+    cobj = zstandard.ZstdCompressor(compression_params=params, dict_data=dict_data).compressobj()
+    return cobj.compress(data) + cobj.flush()
+
+
+class SpyBudget:
+    def __init__(self) -> None:
+        self.reserved: list[int] = []
+        self.held = 0
+
+    def reserve(self, n: int, wait: object) -> None:
+        self.reserved.append(n)
+        self.held += n
+
+    def release(self, n: int) -> None:
+        self.held -= n
+
+
+def test_large_window_is_verified_within_max_window_and_budgeted(tmp_path: Path) -> None:
+    data = frame(tar_bytes(episode()), 27)
+    budget = SpyBudget()
+    got = check(data, tmp_path, Decoding(budget=budget))
+    assert got.commit == COMMIT
+    assert budget.reserved == [128 << 20] and budget.held == 0
+
+
+def test_small_window_takes_no_budget(tmp_path: Path) -> None:
+    budget = SpyBudget()
+    check(frame(tar_bytes(episode()), 22), tmp_path, Decoding(budget=budget))
+    assert budget.reserved == []
+
+
+def test_window_over_max_window_is_unverifiable_unless_cut(tmp_path: Path) -> None:
+    data = frame(tar_bytes(episode(os.urandom(200_000))), 27)
+    small = Decoding(max_window=64 << 20)
+    assert unverifiable_reason(data, tmp_path, small) == (
+        "a zstd frame declares a 128.0 MiB window, over max_window (64.0 MiB)"
+    )
+    assert "truncated" in corrupt_reason(data[: len(data) // 2], tmp_path, small)  # structure first
+    assert "garbage after" in corrupt_reason(data + b"junk", tmp_path, small)
+
+
+def test_a_later_frame_with_a_larger_window_is_read_again_with_its_budget(tmp_path: Path) -> None:
+    tar = tar_bytes(episode(os.urandom(100_000)))
+    data = frame(tar[:20_000], 20) + frame(tar[20_000:], 25)
+    budget = SpyBudget()
+    got = check(data, tmp_path, Decoding(budget=budget))
+    assert got.sha256 == hashlib.sha256(data).hexdigest() and got.commit == COMMIT
+    assert budget.reserved == [32 << 20] and budget.held == 0
+
+
+def test_dictionary_frames(tmp_path: Path) -> None:
+    samples = [json.dumps({"robot": f"r{i}", "frames": list(range(i % 40))}).encode() for i in range(400)]
+    trained = zstandard.train_dictionary(2048, samples)
+    data = frame(tar_bytes(episode()), 22, trained)
+    assert zstandard.get_frame_parameters(data).dict_id == trained.dict_id()
+    assert unverifiable_reason(data, tmp_path) == (
+        f"a zstd frame needs dictionary {trained.dict_id()}, which zstd_dictionaries does not name"
+    )
+    with_dict = Decoding(dictionaries={trained.dict_id(): trained.as_bytes()})
+    assert check(data, tmp_path, with_dict).commit == COMMIT
+    assert "truncated" in corrupt_reason(data[:-10], tmp_path)  # cut: corrupt, dictionary or not
+    other = zstandard.train_dictionary(2048, [s + b"x" for s in samples[::-1]])
+    two = frame(tar_bytes(episode())[:1024], 22, trained) + frame(tar_bytes(episode())[1024:], 22, other)
+    both = Decoding(dictionaries={d.dict_id(): d.as_bytes() for d in (trained, other)})
+    assert unverifiable_reason(two, tmp_path, both) == "zstd frames use more than one dictionary"
+
+
+def test_reserved_header_bit_is_unverifiable(tmp_path: Path) -> None:
+    data = bytearray(zstd(tar_bytes(episode())))
+    data[4] |= 0x08  # the frame header descriptor's reserved bit
+    assert "reserved bit" in unverifiable_reason(bytes(data), tmp_path)
+
+
+def _gnu_sparse_chain(extension_blocks: int) -> bytes:
+    """A GNU sparse member whose map continues in `extension_blocks`
+    extension headers (each holds 21 entries; a few bytes of zstd apiece)."""
+    info = tarfile.TarInfo("ep/sparse.bin")
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[482] = 1  # isextended
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    entry = b"%011o\0%011o\0" % (1 << 20, 1)
+    block = bytearray(entry * 21 + bytes(512 - 21 * 24))
+    block[504] = 1
+    last = bytearray(block)
+    last[504] = 0
+    return bytes(header) + bytes(block) * (extension_blocks - 1) + bytes(last) + bytes(1024)
+
+
+def test_gnu_sparse_extension_chain_is_bounded(tmp_path: Path) -> None:
+    """A chain of extension blocks longer than 1 MiB is not read into memory:
+    unverifiable, not corrupt (and a chain of a few blocks is parsed)."""
+    data = zstd(_gnu_sparse_chain(4096))
+    assert len(data) < 10_000
+    assert "headers of a tar member exceed" in unverifiable_reason(data, tmp_path)
+    assert check(zstd(_gnu_sparse_chain(3)), tmp_path).members == 1
 
 
 # --- meta.json ------------------------------------------------------------------
@@ -197,9 +322,33 @@ def test_oversized_pax_header_is_refused_without_reading_it(tmp_path: Path) -> N
         ({"ep/meta.json": meta(commit=12345)}, None, "no code_version.commit"),
         ({"ep/meta.json": meta(commit=COMMIT.upper())}, COMMIT, None),
         ({"ep/meta.json": meta() + b" " * (2 << 20)}, None, "limit"),
-        ({"a.bin": b"1", "x/episode_meta.json": meta(), "y/meta.json": b"{}"}, COMMIT, None),
+        ({"a.bin": b"1", "ep/episode_meta.json": meta(), "y/meta.json": b"{}"}, None, "no code_version"),
+        ({"ep/calib/sensor_meta.json": meta("1" * 40), "ep/meta.json": meta()}, COMMIT, None),
+        ({"ep/calib/meta.json": meta("1" * 40), "ep/meta.json": meta()}, COMMIT, None),
+        (
+            {"x/y/meta.json": meta("1" * 40), "z/meta.json": meta(), "w/meta.json": meta("2" * 40)},
+            COMMIT,
+            None,
+        ),
+        ({"./ep/meta.json": meta()}, COMMIT, None),
+        ({"ep/meta.json.bak": meta(), "ep/my_meta.json": meta()}, None, "no meta.json member"),
     ],
-    ids=["none", "invalid", "not-object", "short", "not-hex", "number", "uppercase", "huge", "first-wins"],
+    ids=[
+        "none",
+        "invalid",
+        "not-object",
+        "short",
+        "not-hex",
+        "number",
+        "uppercase",
+        "huge",
+        "suffix-is-not-a-match",
+        "decoy-sensor-meta-first",
+        "episode-dir-beats-deeper",
+        "shallowest-then-first",
+        "dot-slash",
+        "near-misses",
+    ],
 )
 def test_commit_from_meta(
     tmp_path: Path, members: dict[str, bytes], commit: str | None, note: str | None
@@ -217,6 +366,23 @@ def test_many_tiny_members(tmp_path: Path) -> None:
     got = check(zstd(tar_bytes(members, fmt=tarfile.USTAR_FORMAT)), tmp_path)
     assert got.members == 5001
     assert got.commit == COMMIT
+
+
+@pytest.mark.parametrize(
+    ("name", "rank"),
+    [
+        ("ep/meta.json", 0),
+        ("./ep/meta.json", 0),
+        ("meta.json", 1),
+        ("other/meta.json", 2),
+        ("ep/calib/meta.json", 3),
+        ("ep/sensor_meta.json", None),
+        ("ep/meta.json.orig", None),
+        ("ep/meta.jsonx", None),
+    ],
+)
+def test_meta_rank(name: str, rank: int | None) -> None:
+    assert meta_rank(name, "ep") == rank
 
 
 # --- stability: a file that moves while it is read ----------------------------------
@@ -244,7 +410,7 @@ def test_rewritten_while_read_is_unsettled(tmp_path: Path) -> None:
                 f.write(b"\0" * 4096)
 
     with store, host:
-        verdict = verify(host, tarball, rewrite)
+        verdict = verify(host, tarball, on_read=rewrite)
     assert len(calls) > 1
     assert verdict == Unsettled("changed while it was read")
 
@@ -259,7 +425,7 @@ def test_growing_while_read_is_unsettled(tmp_path: Path) -> None:
             f.write(b"more")
 
     with store, host:
-        assert isinstance(verify(host, tarball, grow), Unsettled)
+        assert isinstance(verify(host, tarball, on_read=grow), Unsettled)
 
 
 def test_replaced_while_read_is_unsettled(tmp_path: Path) -> None:
@@ -273,7 +439,7 @@ def test_replaced_while_read_is_unsettled(tmp_path: Path) -> None:
             os.rename(replacement, tmp_path / "h" / "e.tar.zst")
 
     with store, host:
-        assert verify(host, tarball, replace) == Unsettled("replaced while it was read")
+        assert verify(host, tarball, on_read=replace) == Unsettled("replaced while it was read")
 
 
 def test_removed_before_read_is_unsettled(tmp_path: Path) -> None:
@@ -296,4 +462,4 @@ def test_truncated_file_still_being_written_is_unsettled_not_corrupt(tmp_path: P
                 f.write(rest.pop())
 
     with store, host:
-        assert verify(host, tarball, finish_upload) == Unsettled("changed while it was read")
+        assert verify(host, tarball, on_read=finish_upload) == Unsettled("changed while it was read")
