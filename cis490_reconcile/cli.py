@@ -20,12 +20,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, config, progress
+from . import __version__, config, progress, syscalls
 from .config import SETTINGS, Config, ConfigError
 from .log import Logger, make_logger
 from .notify import Notifier
 from .progress import Progress
-from .service import EXIT_FAILED, Service, Signals
+from .runtime import Signals
+from .service import EXIT_FAILED, Service
 
 EXIT_USAGE = 2
 PROG = "cis490-reconcile"
@@ -73,6 +74,12 @@ def _parser(command: str | None) -> _Parser:
     elif command == "status":
         parser.add_argument(
             "--json", action="store_true", help="one JSON document (stable keys) instead of a table"
+        )
+        parser.add_argument(
+            "--all-orphans",
+            action="store_true",
+            help="instead of the report, stream every row whose tarball is gone as JSON lines "
+            "(host_id, episode_id, offset, kind: missing or pruned)",
         )
     elif command == "scrub":
         parser.add_argument(
@@ -137,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "status":
             from . import status
 
-            return status.main(cfg, sys.stdout, as_json=args.json, bar=_progress("status"))
+            bar = None if args.all_orphans else _progress("status")
+            return status.main(cfg, sys.stdout, args.json, bar, all_orphans=args.all_orphans)
         if command == "scrub":
             if args.host is not None:  # the cursor is one for the whole index
                 parser.error("--host: a scrub walks the whole index; it cannot be limited to one host")
@@ -175,7 +183,17 @@ def _scrub(cfg: Config, max_duration: float | None) -> int:
     notifier = Notifier()
     try:
         with Signals(hangup_reloads=False) as signals:
-            return scrub.Scrubber(cfg, log, notifier, signals.should_stop, max_duration, bar).run()
+            scrubber = scrub.Scrubber(cfg, log, notifier, signals.should_stop, max_duration, bar)
+            code = scrubber.run()
+        if cfg.metrics_file is not None and scrubber.outcome is not None:
+            from . import metrics
+
+            path = scrub.metrics_path(cfg.metrics_file)
+            try:
+                syscalls.write_atomic(path, metrics.render_scrub(scrubber.outcome))
+            except OSError as e:
+                log.warning("metrics_write_failed", metrics_file=path, error=e.strerror or str(e))
+        return code
     except Exception:
         log.exception("internal_error")
         return EXIT_FAILED

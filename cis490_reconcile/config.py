@@ -92,6 +92,20 @@ def _size(value: object, what: str) -> int:
     return int(size)
 
 
+_DURATION_SUFFIXES = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _retention(value: object) -> float | None:
+    """Seconds, or with s, m, h or d; 0 or "" for no retention."""
+    text = str(value).strip().lower()
+    if text[-1:] in _DURATION_SUFFIXES and not isinstance(value, bool):
+        try:
+            value = float(text[:-1]) * _DURATION_SUFFIXES[text[-1]]
+        except ValueError:
+            raise ValueError("expected seconds, or a number with s, m, h or d (like 30d)") from None
+    return _optional_positive_seconds(value)
+
+
 def _rate(value: object) -> int | None:
     """Bytes per second; 0 is no limit."""
     rate = _size(value, "bytes per second")
@@ -262,6 +276,14 @@ SETTINGS: tuple[Setting, ...] = (
         "DIR",
     ),
     Setting(
+        "retention",
+        None,
+        _retention,
+        "tarballs older than this are pruned by design: a row older than it whose tarball is gone is "
+        "counted as pruned, not reported missing (seconds, or 30d, 12h...; 0: none)",
+        "SECONDS",
+    ),
+    Setting(
         "quarantine_min_age",
         3600.0,
         _seconds,
@@ -291,6 +313,7 @@ class Config:
     full_every: float | None
     metrics_file: Path | None
     quarantine_dir: Path | None
+    retention: float | None
     quarantine_min_age: float
     log_level: str
     allow_root: bool

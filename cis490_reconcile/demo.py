@@ -20,7 +20,8 @@ import zstandard
 from . import config
 from .index import encode_row
 from .log import make_logger
-from .reconcile import Reconciler, iso_utc
+from .reconcile import Reconciler
+from .runtime import iso_utc
 
 DEMO_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -105,14 +106,16 @@ def main(argv: list[str]) -> int:
         print(f"   index.jsonl: {len(before.splitlines())} lines, 1 of them garbage, the last one torn")
         print(f"== a pass (--min-age {SETTLE_S:g}), its JSON log events as journald gets them:", flush=True)
         cfg = config.build({"episodes_root": episodes, "index": index, "min_age": SETTLE_S, "state_dir": ""})
-        summary = Reconciler(cfg, make_logger("info", sys.stdout)).run_pass()
+        reconciler = Reconciler(cfg, make_logger("info", sys.stdout))
+        summary = reconciler.run_pass()
         after = index.read_bytes()
         if not after.startswith(before):
             raise SystemExit("demo: the index was rewritten; this is a bug")
         print("== bytes appended to index.jsonl:")
         sys.stdout.write(after[len(before) :].decode())
         print("== a second pass over the same store:", flush=True)
-        again = Reconciler(cfg, make_logger("info", sys.stdout)).run_pass()
+        again = reconciler.run_pass()
+        reconciler.close()
         print(
             f"== result: {summary.backfilled} rows backfilled, {summary.corrupt} corrupt tarball reported, "
             f"{summary.in_flight} left in flight, {summary.bad_index_lines} bad index line; "

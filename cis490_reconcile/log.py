@@ -71,3 +71,24 @@ def make_logger(level: str = "info", stream: TextIO | None = None, journal: bool
         cache_logger_on_first_use=False,
     )
     return logger
+
+
+MAX_EVENTS = 1000  # per kind and pass (or scrub run); the counts in the summary are always complete
+
+
+class Events:
+    """Per-item events, at most MAX_EVENTS of each kind, then one
+    `events_suppressed`: a condition that can cover millions of files or
+    rows (a pruned store, a garbage index) must not flood the journal."""
+
+    def __init__(self, log: Logger, limit: int = MAX_EVENTS) -> None:
+        self.log = log
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, event: str, level: str = "warning", **fields: object) -> None:
+        n = self.counts[event] = self.counts.get(event, 0) + 1
+        if n <= self.limit:
+            getattr(self.log, level)(event, **fields)
+        elif n == self.limit + 1:
+            self.log.warning("events_suppressed", suppressed_event=event, after=self.limit)

@@ -11,18 +11,21 @@ Samples carry no timestamps and HELP strings are constants.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, Info, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__, syscalls
 
+if TYPE_CHECKING:
+    from .scrub import Outcome as ScrubOutcome
+
 NS = "cis490_reconcile"
 SCRUB_NS = f"{NS}_scrub"
-SCRUB_RESULTS = ("ok", "mismatched", "missing", "unsettled", "unreadable")
 TARBALL_STATES = (
     "scanned",
     "already_indexed",
@@ -45,10 +48,10 @@ class RunFacts:
     duration_s: float
     success: bool
     counts: dict[str, float]  # PassSummary fields by name
-    orphan_rows: float | None  # from the last full pass, None if never known
+    orphan_rows: tuple[int, int] | None  # (missing, pruned) as of the last full pass, None if never known
 
 
-CARRIED = ("last_success_timestamp_seconds", "orphan_rows")
+CARRIED = ("last_success_timestamp_seconds",)
 
 
 def carried_forward(path: Path) -> dict[str, float]:
@@ -99,11 +102,14 @@ def render(facts: RunFacts, last_success: float | None) -> bytes:
         if state in c:
             tarballs.labels(state=state).set(c[state])
     if facts.orphan_rows is not None:
-        gauge(
+        orphans = gauge(
             "orphan_rows",
-            "Index rows whose tarball is not on disk (as of the last full pass).",
-            facts.orphan_rows,
+            "Index rows whose tarball is not on disk, as of the last full pass: missing (received within "
+            "the retention, or no retention set) or pruned (older).",
+            labels=("kind",),
         )
+        for kind, value in zip(("missing", "pruned"), facts.orphan_rows, strict=True):
+            orphans.labels(kind=kind).set(value)
     return generate_latest(registry)
 
 
@@ -111,42 +117,36 @@ def write(path: Path, facts: RunFacts, last_success: float | None) -> None:
     syscalls.write_atomic(path, render(facts, last_success))
 
 
-def render_scrub(
-    started_at: float,
-    duration_s: float,
-    run: Mapping[str, int],
-    in_round: Mapping[str, int],
-    round_number: int,
-    last_round_completed_at: float | None,
-    progress: float,
-) -> bytes:
+def render_scrub(o: ScrubOutcome) -> bytes:
     """The scrub's own textfile, so a scrub and a pass never overwrite each
     other's metrics. The round figures are those of the round this run
     worked on, so a just-completed round still shows."""
+    from .scrub import RESULTS
+
     registry = CollectorRegistry()
     gauge = _gauges(registry, SCRUB_NS)
-    gauge("last_run_timestamp_seconds", "When the last scrub run started (unix time).", started_at)
-    gauge("last_run_duration_seconds", "How long the last scrub run took.", duration_s)
-    gauge("last_run_rows_checked", "Index rows whose tarball the last scrub run checked.", run["checked"])
-    gauge("last_run_bytes_read", "Tarball bytes the last scrub run read.", run["bytes_read"])
+    gauge("last_run_timestamp_seconds", "When the last scrub run started (unix time).", o.started_at)
+    gauge("last_run_duration_seconds", "How long the last scrub run took.", o.duration_s)
+    gauge("last_run_rows_checked", "Index rows whose tarball the last scrub run checked.", o.run["checked"])
+    gauge("last_run_bytes_read", "Tarball bytes the last scrub run read.", o.run["bytes_read"])
     gauge(
         "last_run_rows_unverifiable",
         "Rows the last run could not check (no host_id, digest...).",
-        run["unverifiable"],
+        o.run["unverifiable"],
     )
     by_result = gauge("last_run_rows", "Rows the last scrub run checked, by result.", labels=("result",))
     round_rows = gauge(
         "round_rows", "Rows checked in the current (or just completed) round, by result.", labels=("result",)
     )
-    for result in SCRUB_RESULTS:
-        by_result.labels(result=result).set(run[result])
-        round_rows.labels(result=result).set(in_round[result])
-    gauge("round", "Number of the current (or just completed) scrub round.", round_number)
-    gauge("round_progress_ratio", "How far through the index the current round is (by bytes).", progress)
-    if last_round_completed_at is not None:
+    for result in RESULTS:
+        by_result.labels(result=result).set(o.run[result])
+        round_rows.labels(result=result).set(o.in_round[result])
+    gauge("round", "Number of the current (or just completed) scrub round.", o.round)
+    gauge("round_progress_ratio", "How far through the index the current round is (by bytes).", o.progress)
+    if o.last_round_completed_at is not None:
         gauge(
             "last_round_completed_timestamp_seconds",
             "When the last complete round over the index ended (unix time).",
-            last_round_completed_at,
+            o.last_round_completed_at,
         )
     return generate_latest(registry)

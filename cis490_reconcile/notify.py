@@ -3,13 +3,13 @@
 Without NOTIFY_SOCKET (a shell, cron, a test) every method returns at once
 and nothing is allocated: the socket is created only when systemd gave one.
 
-The watchdog is fed only by code that does the work: the pass calls alive()
+The watchdog is fed only by code that does the work: the pass calls keepalive()
 between files, inside the read loop of a tarball, while it waits for the
 index lock and while it parses the index. There is no heartbeat thread, so a
 pass that stops making progress (a hung NFS read, a SIGSTOP, a deadlock)
 stops pinging and systemd kills it: that is the point of a watchdog.
 
-alive() sends at most one WATCHDOG=1 per WATCHDOG_USEC/2, and only when
+keepalive() sends at most one WATCHDOG=1 per WATCHDOG_USEC/2, and only when
 WATCHDOG_USEC is set and WATCHDOG_PID (if set) names this process: a child
 that inherited the environment must not feed its parent's watchdog.
 STATUS= is rate-limited too (journald and `systemctl status` need no more
@@ -52,7 +52,7 @@ class Notifier:
         """Config is loaded and checked; also the first watchdog ping."""
         self._send(f"READY=1\nSTATUS={status}")
         self._last_status = time.monotonic()
-        self.alive(force=True)
+        self.keepalive(force=True)
 
     def status(self, text: str, force: bool = False) -> None:
         """Human progress for `systemctl status`; at most one a second
@@ -64,7 +64,7 @@ class Notifier:
             self._send(f"STATUS={text}")
             self._last_status = now
 
-    def alive(self, force: bool = False) -> None:
+    def keepalive(self, force: bool = False) -> None:
         """Work is progressing: feed the watchdog if half its period passed."""
         if self._socket is None or self.watchdog_interval_s is None:
             return

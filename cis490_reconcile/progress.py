@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import TextIO
 
 from .log import is_journal
+from .runtime import human_size
 
 REDRAW_INTERVAL_S = 0.2
 _BAR_WIDTH = 24
@@ -29,14 +30,6 @@ def wanted(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
     except ValueError:  # closed
         return False
     return tty and env.get("TERM", "") != "dumb" and not is_journal(stream, env)
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _duration(s: float) -> str:

@@ -58,19 +58,10 @@ def _free_name(qfd: int, episode_id: str) -> str:
     raise FileExistsError(f"{MAX_NAMES} quarantined copies of {episode_id}")
 
 
-def _is_verified(st: os.stat_result, tarball: Tarball) -> bool:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
-        tarball.dev,
-        tarball.ino,
-        tarball.size,
-        tarball.mtime_ns,
-    )
-
-
 def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> Path:
     """Rename the verified-corrupt `tarball` into qdir/<host_id>/; return
     where it went. Raises QuarantineRace or OSError, leaving it in place."""
-    if not _is_verified(os.stat(tarball.name, dir_fd=host.fd, follow_symlinks=False), tarball):
+    if not tarball.is_file(os.stat(tarball.name, dir_fd=host.fd, follow_symlinks=False)):
         raise QuarantineRace(f"{tarball.path} changed since it was verified")
     host_q = qdir / tarball.host_id
     host_q.mkdir(mode=0o750, exist_ok=True)
@@ -90,7 +81,7 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
             host_q / (name + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode() + b"\n"
         )
         syscalls.rename_noreplace(host.fd, tarball.name, qfd, name)
-        if not _is_verified(os.stat(name, dir_fd=qfd, follow_symlinks=False), tarball):
+        if not tarball.is_file(os.stat(name, dir_fd=qfd, follow_symlinks=False)):
             syscalls.rename_noreplace(qfd, name, host.fd, tarball.name)  # a re-send: give it back
             os.unlink(name + SIDECAR_SUFFIX, dir_fd=qfd)
             raise QuarantineRace(f"{tarball.path} was replaced while it was being moved")

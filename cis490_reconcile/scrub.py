@@ -3,19 +3,20 @@
 Order. The index is append-only and every row was verified when it was
 written, so index order is verification order: walking the rows in index
 order re-checks first what was checked longest ago. A scrub walks the index
-in *rounds*, and remembers where it is in a cursor, ``<state_dir>/scrub.json``:
+in *rounds*, and keeps where it is in a cursor, the record "scrub_cursor" of
+the state database (one file to back up or delete):
 
     the index's (st_dev, st_ino), the byte offset and line number of the next
     row, the round number and when it started, the round's counts so far,
     and when the last round completed
 
-The cursor is replaced atomically (syscalls.write_atomic) every
-SAVE_INTERVAL_S or SAVE_EVERY_ROWS rows and on exit, so a scrub stopped by
---max-duration, a signal or even SIGKILL resumes where it stopped (after a
-SIGKILL it re-checks at most the last few seconds of rows). A stop inside a
-read leaves the cursor at that row: it is read again next time, never
-skipped. When the cursor reaches the end of the index the round is complete
-and the next run starts a new round at offset 0.
+The cursor is saved every SAVE_INTERVAL_S or SAVE_EVERY_ROWS rows and on
+exit, each time in one transaction, so a scrub stopped by --max-duration, a
+signal or even SIGKILL resumes where it stopped (after a SIGKILL it re-checks
+at most the last few seconds of rows). A stop inside a read leaves the cursor
+at that row: it is read again next time, never skipped. When the cursor
+reaches the end of the index the round is complete and the next run starts a
+new round at offset 0.
 
 Races, and why they are harmless:
 
@@ -26,24 +27,24 @@ Races, and why they are harmless:
 - The index is replaced (another inode), shortened below the cursor, or
   rewritten so that the cursor no longer follows a "\\n": the offset means
   nothing any more, so a new round starts at 0 (scrub_round_restarted).
-- A tarball is replaced, grows or is removed while it is read: its size,
-  mtime or inode moves, and it is reported unsettled, not as a mismatch,
-  since the bytes we hashed may be half of one file and half of another. The
-  next round looks again.
+- A tarball is replaced, grows or is removed while it is read: it is
+  unsettled, not a mismatch (store.HostDir.moved). The next round looks again.
 - Two scrubs at once would share the cursor: an exclusive flock on
-  ``<state_dir>/scrub.lock`` keeps the second one out.
+  ``<state_dir>/scrub.lock`` keeps the second one out. A pass may run at the
+  same time: its writes and the cursor's are short transactions.
 
-Scrub only reads: it takes no index lock, never writes the index and never
-"fixes" a row or a tarball. What it finds is reported (warning events,
-metrics, exit status 1) for an operator to act on. Memory is bounded
-whatever the index size: the index is streamed one capped line at a time,
-tarballs one chunk at a time.
+Pruned rows. With `retention` set, a row received before it whose tarball is
+gone is *pruned*: counted, no warning, no failure, found by one lstat (the
+file is never opened). A newer one is *missing*. At most log.MAX_EVENTS
+events of each kind are logged per round; the counts are always complete.
+
+Scrub only reads the store and the index: it takes no index lock, never
+writes the index and never "fixes" a row or a tarball. What it finds is
+reported (warning events, metrics, exit status 1) for an operator to act on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import stat
@@ -52,27 +53,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import metrics, syscalls
+from . import index, statedir, syscalls
 from .config import Config
-from .index import parse_line, row_key, split_lines
-from .log import Logger
+from .coverage import received_seconds
+from .log import MAX_EVENTS, Logger
 from .notify import Notifier
-from .pacing import ReadPacer
-from .progress import Progress, human_size
-from .reconcile import StopRequested
-from .service import EXIT_FAILED, EXIT_OK
-from .store import SUFFIX, NotRegularFile, Skipped, Store, Tarball, is_safe_name
+from .progress import Progress
+from .reading import HashingReader, ReadPacer
+from .runtime import ExitCode, StopRequested, human_size
+from .state import State
+from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name
 
-CURSOR_FILE = "scrub.json"
+CURSOR = "scrub_cursor"
 LOCK_FILE = "scrub.lock"
-CURSOR_VERSION = 1
+OLD_CURSOR_FILE = "scrub.json"
 SAVE_INTERVAL_S = 2.0
 SAVE_EVERY_ROWS = 10_000
 REPORT_INTERVAL_S = 0.2  # STATUS= and the progress bar rate-limit themselves; this spares the formatting
-READ_SIZE = 1 << 20
-DROP_EVERY = 8 << 20  # drop read pages from the page cache this often
+RESULTS = ("ok", "mismatched", "missing", "pruned", "unsettled", "unreadable")  # "checked" counts them all
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-RESULTS = metrics.SCRUB_RESULTS  # what a checked row can come to; "checked" counts them all
 
 
 @dataclass
@@ -81,6 +80,7 @@ class Counts:
     ok: int = 0
     mismatched: int = 0
     missing: int = 0
+    pruned: int = 0  # gone, and received before the retention: by design
     unsettled: int = 0
     unreadable: int = 0
     unverifiable: int = 0  # rows that name no checkable file or digest
@@ -107,40 +107,21 @@ class Cursor:
             last_round_completed_at=self.last_round_completed_at,
         )
 
-
-class CursorInvalid(ValueError):
-    """scrub.json cannot be used; the reason says why."""
-
-
-def load_cursor(state_dir: Path) -> Cursor | None:
-    """The saved cursor, or None when there is none yet. Raises CursorInvalid."""
-    try:
-        data = json.loads((state_dir / CURSOR_FILE).read_bytes())
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise CursorInvalid(e.strerror or str(e)) from None
-    except ValueError:
-        raise CursorInvalid("not JSON") from None
-    if not isinstance(data, dict) or data.pop("version", None) != CURSOR_VERSION:
-        raise CursorInvalid(f"not a version {CURSOR_VERSION} cursor")
-    try:
-        cursor = Cursor(**{**data, "counts": Counts(**data["counts"])})
-    except (TypeError, KeyError) as e:
-        raise CursorInvalid(f"malformed: {e}") from None
-    counters = [cursor.index_dev, cursor.index_ino, cursor.offset, cursor.line, cursor.round]
-    counters += asdict(cursor.counts).values()
-    times = [cursor.round_started_at, cursor.last_round_completed_at]
-    if not all(type(n) is int and n >= 0 for n in counters) or not all(
-        t is None or type(t) in (int, float) for t in times
-    ):
-        raise CursorInvalid("malformed: a value is not a number >= 0")
-    return cursor
-
-
-def save_cursor(state_dir: Path, cursor: Cursor) -> None:
-    data = {"version": CURSOR_VERSION, **asdict(cursor)}
-    syscalls.write_atomic(state_dir / CURSOR_FILE, (json.dumps(data, indent=1) + "\n").encode())
+    @classmethod
+    def load(cls, record: Mapping[str, object]) -> Cursor:
+        """From its record; ValueError when it is not one."""
+        try:
+            cursor = cls(**{**record, "counts": Counts(**record["counts"])})  # type: ignore[arg-type]
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"malformed: {e}") from None
+        counters = [cursor.index_dev, cursor.index_ino, cursor.offset, cursor.line, cursor.round]
+        counters += asdict(cursor.counts).values()
+        times = [cursor.round_started_at, cursor.last_round_completed_at]
+        if not all(type(n) is int and n >= 0 for n in counters) or not all(
+            t is None or type(t) in (int, float) for t in times
+        ):
+            raise ValueError("malformed: a value is not a number >= 0")
+        return cursor
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,26 +132,27 @@ class Checkable:
     episode_id: str
     sha256: str  # lowercase hex
     size: int
+    received: int | None  # unix seconds
 
     @property
     def path(self) -> str:
         return f"{self.host_id}/{self.episode_id}{SUFFIX}"
 
 
-def checkable(row: Mapping[str, object]) -> Checkable | str:
-    """The row's claim, or why it cannot be checked (a row parse_line
-    accepted: a JSON object with an episode_id string)."""
-    host_id, episode_id = row_key(row)
-    sha256, size = row.get("sha256"), row.get("size_bytes")
-    if host_id is None:
+def checkable(row: index.Row) -> Checkable | str:
+    """The row's claim, or why it cannot be checked."""
+    sha256, size = row.sha256, row.size_bytes
+    if row.host_id is None:
         return "no host_id"
-    if not is_safe_name(host_id) or not is_safe_name(episode_id):
+    if not is_safe_name(row.host_id) or not is_safe_name(row.episode_id):
         return "host_id or episode_id is not a safe file name"
     if not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256):
         return "sha256 is not 64 hex characters"
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         return "size_bytes is not an integer >= 0"
-    return Checkable(host_id, episode_id, sha256.lower(), size)
+    return Checkable(
+        row.host_id, row.episode_id, sha256.lower(), size, received_seconds(row.received_at_wall)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,37 +186,44 @@ class Scrubber:
         self.started = time.monotonic()
         self.started_at = time.time()
         self.deadline = None if max_duration is None else self.started + max_duration
+        self.cutoff = None if cfg.retention is None else self.started_at - cfg.retention
         self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
         self.run_counts = Counts()
         self.cursor = Cursor()
         self.index_size = 0
         self.stopped_by: str | None = None
+        self.state: State | None = None
+        self.outcome: Outcome | None = None  # for the metrics file, once the run got going
         self._saved_at = self.started
         self._rows_since_save = 0
         self._next_report = self.started
 
     # --- the run ------------------------------------------------------------------
 
-    def run(self) -> int:
-        """One scrub run under the scrub lock; the exit code: 0 nothing wrong
-        found (even if stopped early), 1 a mismatch, missing or unreadable
-        tarball, or the scrub could not run."""
+    def run(self) -> ExitCode:
+        """One scrub run under the scrub lock: 0 nothing wrong found (even if
+        stopped early), 1 a mismatched, missing or unreadable tarball, or the
+        scrub could not run."""
         lock_path = self.state_dir / LOCK_FILE
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             if not syscalls.try_flock(fd):
                 self.log.error("scrub_already_running", lock_file=lock_path)
-                return EXIT_FAILED
-            return self._run()
+                return ExitCode.FAILED
+            self.state = statedir.open_state(self.state_dir / "state.sqlite3", self.cfg, self.log)
+            try:
+                return self._run()
+            finally:
+                self.state.close()
         finally:
             os.close(fd)
 
-    def _run(self) -> int:
+    def _run(self) -> ExitCode:
         try:
             fd = os.open(self.cfg.index, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
-            return EXIT_FAILED
+            return ExitCode.FAILED
         try:
             try:
                 st = os.fstat(fd)
@@ -244,19 +233,19 @@ class Scrubber:
                 self.cursor = self._resume(fd, st)
             except OSError as e:
                 self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
-                return EXIT_FAILED
+                return ExitCode.FAILED
             try:
                 completed = self._scrub(fd)
             except OSError as e:  # the index or the store became unreadable: keep what we did
                 self.log.error("scrub_failed", error=str(e), **self._summary())
-                self._write_metrics(completed=False)
+                self.outcome = self._outcome(completed=False)
                 self._save()
-                return EXIT_FAILED
+                return ExitCode.FAILED
         finally:
             os.close(fd)
         self._finish(completed)
         c = self.run_counts
-        return EXIT_FAILED if c.mismatched or c.missing or c.unreadable else EXIT_OK
+        return ExitCode.FAILED if c.mismatched or c.missing or c.unreadable else ExitCode.OK
 
     def _resume(self, fd: int, st: os.stat_result) -> Cursor:
         """The cursor to continue from: the saved one if it still points at a
@@ -286,10 +275,14 @@ class Scrubber:
         return cursor
 
     def _load(self) -> Cursor:
+        assert self.state is not None
+        record = self.state.record(CURSOR)
+        if record is None:
+            return Cursor()
         try:
-            return load_cursor(self.state_dir) or Cursor()
-        except CursorInvalid as e:
-            self.log.warning("scrub_cursor_ignored", cursor_file=self.state_dir / CURSOR_FILE, reason=str(e))
+            return Cursor.load(record)
+        except ValueError as e:
+            self.log.warning("scrub_cursor_ignored", reason=str(e))
             return Cursor()
 
     def _scrub(self, fd: int) -> bool:
@@ -310,12 +303,12 @@ class Scrubber:
         self.notifier.ready(f"scrub round {cursor.round}")
         with Store(self.cfg.episodes_root) as store:
             try:
-                for offset, next_offset, raw in split_lines(fd, cursor.offset, self.index_size):
-                    if next_offset < 0:
-                        self.log.debug("index_torn_tail", offset=offset)
+                for entry in index.entries(fd, cursor.offset, self.index_size, cursor.line):
+                    if isinstance(entry, index.TornTail):
+                        self.log.debug("index_torn_tail", offset=entry.offset)
                         break
-                    self._row(store, cursor.line + 1, offset, raw)
-                    cursor.offset, cursor.line = next_offset, cursor.line + 1
+                    self._line(store, entry)
+                    cursor.offset, cursor.line = entry.end, entry.line
                     self._rows_since_save += 1
                     if (
                         self._rows_since_save >= SAVE_EVERY_ROWS
@@ -327,20 +320,17 @@ class Scrubber:
                 return False
         return True
 
-    def _row(self, store: Store, line: int, offset: int, raw: bytes | None) -> None:
+    def _line(self, store: Store, entry: index.Row | index.BadLine) -> None:
         """Check one line of the index and count what it came to."""
         round_counts = self.cursor.counts
-        row = parse_line(raw)
-        if row is None:
-            return  # a blank line is not a row, nor a bad one
-        if isinstance(row, str):
-            self.log.debug("index_bad_line", line=line, offset=offset, reason=row)  # reconcile warns
+        if isinstance(entry, index.BadLine):
+            self.log.debug("index_bad_line", line=entry.line, offset=entry.offset, reason=entry.reason)
             self.run_counts.bad_lines += 1
             round_counts.bad_lines += 1
             return
-        claim = checkable(row)
+        claim = checkable(entry)
         if isinstance(claim, str):
-            self.log.debug("row_unverifiable", line=line, offset=offset, reason=claim)
+            self.log.debug("row_unverifiable", line=entry.line, offset=entry.offset, reason=claim)
             self.run_counts.unverifiable += 1
             round_counts.unverifiable += 1
             return
@@ -350,45 +340,57 @@ class Scrubber:
         for counts in (self.run_counts, round_counts):
             counts.checked += 1
             setattr(counts, found.result, getattr(counts, found.result) + 1)
-        self._report(claim, line, found)
+        self._report(claim, entry.line, found)
 
     def _report(self, claim: Checkable, line: int, found: Found) -> None:
         self.log.debug("tarball_scrubbed", path=claim.path, line=line, result=found.result)
+        event = {
+            "mismatched": "scrub_mismatch",
+            "missing": "scrub_missing",
+            "unreadable": "scrub_unreadable",
+            "unsettled": "scrub_unsettled",
+        }.get(found.result)
+        if event is None:
+            return
+        n = getattr(self.cursor.counts, found.result)  # this round's, counting this one
+        if n > MAX_EVENTS:
+            if n == MAX_EVENTS + 1:
+                self.log.warning("events_suppressed", suppressed_event=event, after=MAX_EVENTS)
+            return
+        level = "info" if found.result == "unsettled" else "warning"
         if found.result == "mismatched":
-            self.log.warning(
-                "scrub_mismatch",
-                path=claim.path,
-                line=line,
-                expected_sha256=claim.sha256,
-                actual_sha256=found.sha256,
-                expected_size=claim.size,
-                actual_size=found.size,
-            )
-        elif found.result == "missing":
-            self.log.warning("scrub_missing", path=claim.path, line=line, reason=found.reason)
-        elif found.result == "unreadable":
-            self.log.warning("scrub_unreadable", path=claim.path, line=line, reason=found.reason)
-        elif found.result == "unsettled":
-            self.log.info("scrub_unsettled", path=claim.path, line=line, reason=found.reason)
+            facts: dict[str, object] = {
+                "expected_sha256": claim.sha256,
+                "actual_sha256": found.sha256,
+                "expected_size": claim.size,
+                "actual_size": found.size,
+            }
+        else:
+            facts = {"reason": found.reason}
+        getattr(self.log, level)(event, path=claim.path, line=line, **facts)
 
     # --- one tarball ----------------------------------------------------------------
 
     def _check(self, store: Store, claim: Checkable) -> Found:
         """Compare the file at the row's path with the row. Only a regular
         file is read (never a symlink, FIFO or directory: those are missing
-        tarballs); one whose size, mtime or inode moves while it is read is
-        unsettled."""
+        tarballs)."""
+        pruned = self.cutoff is not None and claim.received is not None and claim.received < self.cutoff
         host = store.open_host(claim.host_id)
-        if host is None:
-            return Found("missing", "no host directory")
-        if isinstance(host, Skipped):
-            return Found("missing", host.reason)
+        if host is None or isinstance(host, Skipped):
+            return (
+                Found("pruned")
+                if pruned
+                else Found("missing", "no host directory" if host is None else host.reason)
+            )
         with host:
             tarball = host.lstat(claim.episode_id)
-            if tarball is None:
-                return Found("missing", "no such file")
-            if isinstance(tarball, Skipped):
-                return Found("missing", f"not a regular file: {tarball.reason}")
+            if tarball is None or isinstance(tarball, Skipped):
+                if pruned:
+                    return Found("pruned")
+                return Found(
+                    "missing", "no such file" if tarball is None else f"not a regular file: {tarball.reason}"
+                )
             if tarball.size != claim.size:  # no need to read it: it differs
                 return Found("mismatched", "size", size=tarball.size)
             try:
@@ -398,50 +400,31 @@ class Scrubber:
             except OSError as e:
                 return Found("unreadable", f"open: {e.strerror}")
             try:
-                digest, size = self._hash(fd, tarball.size)
-                after = os.fstat(fd)
+                reader = HashingReader(fd, tarball.size, on_read=self._on_read)
+                reader.drain()
+                moved = host.moved(tarball, fd)
             except OSError as e:
                 return Found("unreadable", f"read: {e.strerror}")
             finally:
                 os.close(fd)
-            if (after.st_size, after.st_mtime_ns, size) != (tarball.size, tarball.mtime_ns, tarball.size):
-                return Found("unsettled", "changed while it was read")
-            now = host.lstat(claim.episode_id)
-            if not isinstance(now, Tarball) or (now.dev, now.ino) != (tarball.dev, tarball.ino):
-                return Found("unsettled", "replaced while it was read")
+            if moved is not None or reader.size != tarball.size:
+                return Found("unsettled", moved or "changed while it was read")
+        digest = reader.sha256.hexdigest()
         if digest != claim.sha256:
-            return Found("mismatched", "sha256", sha256=digest, size=size)
-        return Found("ok", sha256=digest, size=size)
+            return Found("mismatched", "sha256", sha256=digest, size=reader.size)
+        return Found("ok", sha256=digest, size=reader.size)
 
-    def _hash(self, fd: int, size: int) -> tuple[str, int]:
-        """sha256 of the first `size` bytes, one chunk in memory at a time,
-        paced, with a checkpoint per chunk; read pages are dropped from the
-        page cache as we go (the receiver's working set should stay cached)."""
-        digest = hashlib.sha256()
-        done = dropped = 0
-        try:
-            while done < size:
-                data = os.read(fd, min(READ_SIZE, size - done))
-                if not data:
-                    break
-                digest.update(data)
-                done += len(data)
-                self.run_counts.bytes_read += len(data)
-                if done - dropped >= DROP_EVERY:
-                    syscalls.drop_cache(fd, dropped, done - dropped)
-                    dropped = done
-                self.pacer.consume(len(data))
-                self._checkpoint()
-        finally:
-            syscalls.drop_cache(fd, dropped, 0)  # 0: to the end of the file
-        return digest.hexdigest(), done
+    def _on_read(self, n: int) -> None:
+        self.run_counts.bytes_read += n
+        self.pacer.consume(n)
+        self._checkpoint()
 
     # --- checkpoints, the cursor, the summary -----------------------------------------
 
     def _checkpoint(self) -> None:
         """Between rows and inside reads: feed the watchdog, show progress,
         stop when asked to or when the time is up."""
-        self.notifier.alive()
+        self.notifier.keepalive()
         now = time.monotonic()
         if now >= self._next_report:
             self._next_report = now + REPORT_INTERVAL_S
@@ -461,12 +444,12 @@ class Scrubber:
             raise StopRequested
 
     def _save(self) -> None:
+        assert self.state is not None
         try:
-            save_cursor(self.state_dir, self.cursor)
-        except OSError as e:
-            self.log.warning(
-                "scrub_cursor_save_failed", cursor_file=self.state_dir / CURSOR_FILE, error=e.strerror
-            )
+            with self.state.transaction():
+                self.state.save_record(CURSOR, asdict(self.cursor))
+        except Exception as e:  # sqlite3.Error: busy past the timeout, disk full
+            self.log.warning("scrub_cursor_save_failed", error=str(e))
         self._saved_at = time.monotonic()
         self._rows_since_save = 0
 
@@ -489,32 +472,41 @@ class Scrubber:
                 **asdict(cursor.counts),
             )
             cursor.last_round_completed_at = now
-        self._write_metrics(completed)
+        self.outcome = self._outcome(completed)
         self.cursor = cursor.next_round() if completed else cursor
         self._save()
+        statedir.remove_old_files(self.state_dir, (OLD_CURSOR_FILE,), self.log)
         if self.bar is not None:
             self.bar.clear()
         self.log.info("scrub_finished", **summary, round_completed=completed, stopped_by=self.stopped_by)
         self.notifier.stopping(f"scrub round {cursor.round} {'completed' if completed else 'paused'}")
 
-    def _write_metrics(self, completed: bool) -> None:
-        path = self.cfg.metrics_file
-        if path is None:
-            return
-        path = path.with_name(f"{path.stem}_scrub.prom")
-        progress = 1.0 if completed else (self.cursor.offset / self.index_size if self.index_size else 0.0)
-        try:
-            syscalls.write_atomic(
-                path,
-                metrics.render_scrub(
-                    self.started_at,
-                    time.monotonic() - self.started,
-                    asdict(self.run_counts),
-                    asdict(self.cursor.counts),
-                    self.cursor.round,
-                    self.cursor.last_round_completed_at,
-                    progress,
-                ),
-            )
-        except OSError as e:
-            self.log.warning("metrics_write_failed", metrics_file=path, error=e.strerror or str(e))
+    def _outcome(self, completed: bool) -> Outcome:
+        cursor = self.cursor
+        return Outcome(
+            self.started_at,
+            time.monotonic() - self.started,
+            asdict(self.run_counts),
+            asdict(cursor.counts),
+            cursor.round,
+            cursor.last_round_completed_at,
+            1.0 if completed else (cursor.offset / self.index_size if self.index_size else 0.0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a scrub run's metrics say."""
+
+    started_at: float
+    duration_s: float
+    run: Mapping[str, int]
+    in_round: Mapping[str, int]
+    round: int
+    last_round_completed_at: float | None
+    progress: float
+
+
+def metrics_path(metrics_file: Path) -> Path:
+    """The scrub's own textfile beside the pass's, so neither overwrites the other."""
+    return metrics_file.with_name(f"{metrics_file.stem}_scrub.prom")

@@ -1,83 +1,33 @@
 """Running passes: once, or in a loop, with signals and systemd notifications.
 
-Signals only set flags; the work notices them at its next checkpoint:
-
-    SIGTERM, SIGINT   stop: the pass stops at its next checkpoint (a commit
-                      that holds the lock finishes first), STOPPING=1, exit 0
-    SIGHUP            loop mode: reload the config after the current pass (a
-                      bad new config is logged and the old one kept);
-                      --once: a hangup of the terminal, so stop as above
-
-The idle wait between passes sleeps in select() on a pipe the kernel writes
-to on every signal (signal.set_wakeup_fd), so a stop is seen at once rather
-than after the interval; it wakes every half watchdog period to ping.
+Signals (runtime.Signals) only set flags. SIGTERM and SIGINT stop the pass at
+its next checkpoint, then STOPPING=1 and exit 0. SIGHUP in loop mode reloads
+the config after the current pass (a bad new config is logged and the old one
+kept); with --once it is a hangup of the terminal, so it stops as above. The
+idle wait between passes wakes at once on a signal, and every half watchdog
+period to ping.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import select
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TextIO
 
-from . import state
 from .config import Config, ConfigError
 from .log import Logger
 from .notify import Notifier
+from .passrun import PassSummary
 from .progress import Progress
-from .reconcile import PassFailed, PassSummary, Reconciler, iso_utc
+from .reconcile import PassFailed, Reconciler
+from .runtime import Signals
 
 EXIT_OK, EXIT_FAILED = 0, 1
 MAX_JITTER_S = 30.0
-
-
-class Signals:
-    """Flags set by signal handlers, and a wakeup pipe for the idle wait."""
-
-    def __init__(self, hangup_reloads: bool) -> None:
-        self.stop_by: str | None = None
-        self.reload = False
-        self._hangup_reloads = hangup_reloads
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._saved: dict[int, object] = {}
-        self._saved_wakeup = -1
-
-    def __enter__(self) -> Signals:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self._saved[sig] = signal.signal(sig, self._handle)
-        self._saved_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        signal.set_wakeup_fd(self._saved_wakeup)
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        os.close(self._r)
-        os.close(self._w)
-
-    def _handle(self, signum: int, _: FrameType | None) -> None:
-        if signum == signal.SIGHUP and self._hangup_reloads:
-            self.reload = True
-        else:
-            self.stop_by = signal.Signals(signum).name
-
-    def should_stop(self) -> bool:
-        return self.stop_by is not None
-
-    def wait(self, timeout: float) -> None:
-        """Sleep until `timeout` passes or a signal arrives."""
-        select.select([self._r], [], [], max(timeout, 0.0))
-        try:
-            while os.read(self._r, 512):
-                pass
-        except BlockingIOError:
-            pass
 
 
 @dataclass
@@ -96,21 +46,24 @@ class Service:
 
     def run(self, cfg: Config) -> int:
         log = self.make_logger(cfg)
+        passes = 0
+        code = EXIT_OK
         with Signals(hangup_reloads=not self.once) as signals:
             reconciler = self._reconciler(cfg, log, signals)
             if not self.once:  # a --once run says all it has to say in pass_started/pass_finished
                 log.info("service_started", interval_s=cfg.interval, pid=os.getpid())
             self.notifier.ready("started")
-            code = EXIT_OK
-            passes = 0
-            while True:
-                passes += 1
-                code = EXIT_OK if self._pass(cfg, log, reconciler) else EXIT_FAILED
-                if self.once or signals.should_stop():
-                    break
-                cfg, log, reconciler = self._idle(cfg, log, reconciler, signals)
-                if signals.should_stop():
-                    break
+            try:
+                while True:
+                    passes += 1
+                    code = EXIT_OK if self._pass(cfg, log, reconciler) else EXIT_FAILED
+                    if self.once or signals.should_stop():
+                        break
+                    cfg, log, reconciler = self._idle(cfg, log, reconciler, signals)
+                    if signals.should_stop():
+                        break
+            finally:
+                reconciler.close()
             stopped_by = signals.stop_by
         if stopped_by:
             code = EXIT_OK  # asked to stop: not a failure, whatever the last pass did
@@ -129,17 +82,8 @@ class Service:
             ok = not summary.interrupted
         except PassFailed as e:
             summary, ok, error = e.summary, False, str(e)
-        if self.dry_run:
-            return error is None
-        if cfg.metrics_file is not None:
+        if not self.dry_run and cfg.metrics_file is not None:
             self._write_metrics(cfg.metrics_file, log, reconciler, summary, ok, started, clock)
-        if cfg.state_dir is not None and cfg.state_dir.is_dir():
-            result = "ok" if ok else "interrupted" if summary.interrupted else "failed"
-            record = {"started_at": iso_utc(int(started * 1e9)), "result": result, "error": error}
-            try:
-                state.save_last_pass(cfg.state_dir, {**record, **asdict(summary)})
-            except OSError as e:
-                log.warning("state_save_failed", state_dir=cfg.state_dir, error=e.strerror or str(e))
         return error is None
 
     def _write_metrics(
@@ -158,12 +102,8 @@ class Service:
             self._carried = metrics.carried_forward(path)
         if ok:
             self._carried["last_success_timestamp_seconds"] = started
-        if reconciler.orphan_rows is not None:
-            self._carried["orphan_rows"] = reconciler.orphan_rows
         counts = {k: float(v) for k, v in asdict(summary).items() if isinstance(v, int | float)}
-        facts = metrics.RunFacts(
-            started, time.monotonic() - clock, ok, counts, self._carried.get("orphan_rows")
-        )
+        facts = metrics.RunFacts(started, time.monotonic() - clock, ok, counts, reconciler.orphans)
         try:
             metrics.write(path, facts, self._carried.get("last_success_timestamp_seconds"))
         except OSError as e:
@@ -173,12 +113,12 @@ class Service:
         return Reconciler(
             cfg,
             log,
-            self.dry_run,
-            self.rows_out,
             self.notifier,
             signals.should_stop,
+            dry_run=self.dry_run,
+            rows_out=self.rows_out,
             full=self.full,
-            progress=self.progress,
+            bar=self.progress,
         )
 
     def _idle(
@@ -197,7 +137,7 @@ class Service:
             if remaining <= 0:
                 break
             self.notifier.status(f"idle, next pass in {remaining:.0f} s", force=True)
-            self.notifier.alive()
+            self.notifier.keepalive()
             signals.wait(min(remaining, self.notifier.watchdog_interval_s or remaining))
         return cfg, log, reconciler
 
@@ -215,6 +155,7 @@ class Service:
             return cfg, log, reconciler
         if new != cfg:
             log = self.make_logger(new)
+            reconciler.close()
             reconciler = self._reconciler(new, log, signals)
         log.info("config_reloaded", changed=new != cfg, interval_s=new.interval)
         self.notifier.ready("configuration reloaded")

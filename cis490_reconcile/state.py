@@ -1,67 +1,144 @@
-"""What a pass remembers for the next one, so a pass with nothing to do is cheap.
+"""The state database: everything a pass remembers, in one SQLite file, and
+every query on it. Nothing else in the package writes SQL.
 
-Two things are remembered, both only as hints that are checked before use:
+``<state_dir>/state.sqlite3`` holds what the index covers (one row per
+(host_id, episode_id) key), how far the index has been read (the checkpoint),
+what each host directory looked like when last listed, tarballs found
+unverifiable, the orphan counts of the last full pass, the last pass's record
+and the scrub's cursor. Read it with the sqlite3 CLI:
 
-- How far the index was parsed: its identity (device, inode), the offset,
-  and a digest of the 4 KiB before that offset. The next pass parses only
-  what was appended; a different identity, a shorter file or different bytes
-  before the offset (the file was replaced or rewritten) mean a full parse,
-  and a full listing of every host.
-- For each host directory, its mtime and ctime when it was last listed, and
-  the episodes it then left unresolved (in flight, unsettled, unreadable,
-  corrupt, not yet committed). A directory whose mtime and ctime are
-  unchanged has had no entry added, removed or renamed, so only the
-  unresolved episodes need another look. Timestamps are coarse on some
-  filesystems: a directory listed less than GUARD_NS after its mtime might
-  change again within the same tick, so it is not remembered at all.
+    sqlite3 -readonly /var/lib/cis490-reconcile/state.sqlite3 \\
+        'SELECT name, missing_rows, pruned_rows FROM hosts'
 
-The keys the index covers are stored as IndexedKeys' 16-byte digests, so
-the file is about 16 bytes per row. It is written atomically (temp file,
-fsync, rename, fsync of the directory) after each completed pass. A file
-that is unreadable, of another version, for another store, or fails its
-checksum is ignored: the pass is then a full one and rewrites it.
+Schema (version 1; `PRAGMA user_version` is the version, MIGRATIONS the
+numbered steps to it):
+
+- store(episodes_root, index_path): the store this file describes.
+- checkpoint(index_dev, index_ino, offset, lines, bad_lines, tail_sha256,
+  rebuilt_at): keys cover the index up to byte `offset` (`lines` lines) of
+  the file with that device and inode, whose 4 KiB before `offset` hash to
+  `tail_sha256`; `rebuilt_at` is when keys were last read from the whole
+  index (a full pass).
+- hosts(id, name, dir_mtime_ns, dir_ctime_ns, missing_rows, pruned_rows):
+  id 0 stands for rows without host_id (they cover their episode on every
+  host). The directory times are a memo: unchanged since the last listing
+  means nothing was added or removed. Orphan counts are the last full pass's.
+- keys(host, digest, offset, received, copies), WITHOUT ROWID, primary key
+  (host, digest): digest is 12 bytes of BLAKE2b of the episode_id
+  (collisions within one host: about 1e-17 for a million rows), offset where
+  the key's first row starts (read the names there), received its
+  received_at_wall in unix seconds (NULL if absent), copies the number of
+  rows with the key (over 1: duplicates). About 33 bytes a row on disk.
+- bad_lines(line, offset, reason): the first EXAMPLES lines that are not rows.
+- unresolved(host, episode_id): episodes the last pass left to look at again.
+- unverifiable(host, episode_id, dev, ino, size, mtime_ns, ctime_ns, limits,
+  reason): not read again while the file and the decoding limits stay the same.
+- records(name, value): JSON documents: the last pass, the scrub cursor.
+
+Concurrency: WAL mode, so readers (status, opened read-only) never block the
+writer nor are blocked by it; every change is an explicit transaction, and the
+checkpoint is committed in the same transaction as the keys it covers, so a
+kill -9 at any moment leaves a file consistent in itself (re-measure:
+tests/test_crash.py). One pass at a time holds the state directory's flock.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
-import os
-import struct
-import time
-from dataclasses import asdict, dataclass, field
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import syscalls
-from .index import IndexedKeys, IndexReader
-from .store import Tarball
+FILE_NAME = "state.sqlite3"
+APPLICATION_ID = 0x63343930  # "c490": a file of ours, not any SQLite database
+EXAMPLES = 100
+CACHE_KIB = 8 << 10  # the page cache: memory stays flat whatever the number of rows
+KEYS_TABLE = """
+    CREATE TABLE keys (
+        host INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        offset INTEGER NOT NULL,
+        received INTEGER,
+        copies INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (host, digest)
+    ) WITHOUT ROWID"""
+MIGRATIONS: tuple[str, ...] = (
+    f"""
+    CREATE TABLE store (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        episodes_root TEXT NOT NULL,
+        index_path TEXT NOT NULL
+    );
+    CREATE TABLE checkpoint (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        index_dev INTEGER NOT NULL,
+        index_ino INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        lines INTEGER NOT NULL,
+        bad_lines INTEGER NOT NULL,
+        tail_sha256 BLOB NOT NULL,
+        rebuilt_at REAL NOT NULL
+    );
+    CREATE TABLE hosts (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        dir_mtime_ns INTEGER,
+        dir_ctime_ns INTEGER,
+        missing_rows INTEGER,
+        pruned_rows INTEGER
+    );
+    INSERT INTO hosts (id, name) VALUES (0, '');
+    {KEYS_TABLE};
+    CREATE TABLE bad_lines (line INTEGER PRIMARY KEY, offset INTEGER NOT NULL, reason TEXT NOT NULL);
+    CREATE TABLE unresolved (
+        host INTEGER NOT NULL,
+        episode_id TEXT NOT NULL,
+        PRIMARY KEY (host, episode_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE unverifiable (
+        host INTEGER NOT NULL,
+        episode_id TEXT NOT NULL,
+        dev INTEGER NOT NULL,
+        ino INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        limits TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (host, episode_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE records (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
 
-MAGIC = b"cis490-reconcile state\n"
-VERSION = 2
-FILE_NAME = "state.bin"
-LAST_PASS_FILE = "last_pass.json"  # the outcome of the last pass, for `status`
-GUARD_NS = 3 * 10**9
-TAIL_BYTES = 4096
-_U64 = struct.Struct("<Q")
+
+class _RolledBack(Exception):
+    pass
 
 
-class StateInvalid(ValueError):
-    """The state file cannot be used; the reason says why."""
+class StateUnusable(Exception):
+    """The file is damaged, of another schema or for another store; the
+    reason says which. The caller starts a new one."""
 
 
 @dataclass(frozen=True, slots=True)
-class HostMemo:
-    mtime_ns: int
-    ctime_ns: int
-    unresolved: tuple[str, ...] = ()
+class Checkpoint:
+    index_dev: int
+    index_ino: int
+    offset: int
+    lines: int
+    bad_lines: int
+    tail_sha256: bytes
+    rebuilt_at: float
 
 
 @dataclass(frozen=True, slots=True)
 class Unverified:
-    """A tarball found unverifiable, as it was then: it is not read again
-    while it stays the same file under the same decoding limits."""
+    """A tarball found unverifiable, as it was then."""
 
-    host_id: str
     dev: int
     ino: int
     size: int
@@ -70,187 +147,320 @@ class Unverified:
     limits: str  # verify.Decoding.key
     reason: str
 
-    @classmethod
-    def of(cls, t: Tarball, limits: str, reason: str) -> Unverified:
-        return cls(t.host_id, t.dev, t.ino, t.size, t.mtime_ns, t.ctime_ns, limits, reason)
 
-    def still(self, t: Tarball, limits: str) -> bool:
-        return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns, self.limits) == (
-            t.dev,
-            t.ino,
-            t.size,
-            t.mtime_ns,
-            t.ctime_ns,
-            limits,
+@dataclass(frozen=True, slots=True)
+class HostRows:
+    """What the keys say about one host (or, for id 0, about rows without host_id)."""
+
+    rows: int
+    duplicates: int
+    older: int  # rows received before the cutoff asked for
+
+
+def connect(path: Path | str, readonly: bool = False, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, a
+    bounded page cache. Read-only connections never write, not even the WAL."""
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+    db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+    db.execute("PRAGMA secure_delete = OFF")  # Debian builds zero freed pages: 70 MiB of writes per 2M rows
+    if not readonly:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoint, consistent always
+    return db
+
+
+class State:
+    """One open state database. `attach` adds a read-only second database
+    whose keys count too: status and dry runs read the state of the last pass
+    that way, and put only the index's newer rows into a temporary one."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.base = False  # a read-only database is attached as "base"
+
+    @classmethod
+    def open(cls, path: Path | str, episodes_root: str, index_path: str, readonly: bool = False) -> State:
+        """Open (creating and migrating as needed) the state of this store.
+        Raises StateUnusable, or OSError/sqlite3.OperationalError when the
+        file cannot be opened at all (permissions, a read-only directory)."""
+        try:
+            db = connect(path, readonly)
+        except sqlite3.OperationalError:
+            raise  # cannot be opened at all: permissions, a missing directory
+        except sqlite3.DatabaseError as e:
+            raise StateUnusable(f"not a usable database: {e}") from None
+        try:
+            state = cls(db)
+            state._check(episodes_root, index_path, readonly)
+        except sqlite3.DatabaseError as e:
+            db.close()
+            if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
+                raise
+            raise StateUnusable(f"not a usable database: {e}") from None
+        except StateUnusable:
+            db.close()
+            raise
+        return state
+
+    def _check(self, episodes_root: str, index_path: str, readonly: bool) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        app = self.db.execute("PRAGMA application_id").fetchone()[0]
+        if (app, version) == (0, 0):  # a new file, unless it is someone else's database
+            if self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise StateUnusable("a database of something else")
+        elif app != APPLICATION_ID:
+            raise StateUnusable("a database of something else")
+        if version > len(MIGRATIONS):
+            raise StateUnusable(f"schema version {version}, newer than this program's {len(MIGRATIONS)}")
+        if version < len(MIGRATIONS):
+            if readonly:
+                raise StateUnusable(f"schema version {version}: the next pass migrates it")
+            with self.transaction():
+                for step in MIGRATIONS[version:]:
+                    for statement in step.split(";"):
+                        if statement.strip():
+                            self.db.execute(statement)
+                if version == 0:
+                    self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    self.db.execute("INSERT INTO store VALUES (1, ?, ?)", (episodes_root, index_path))
+                self.db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+        found = self.db.execute("SELECT episodes_root, index_path FROM store").fetchone()
+        if found != (episodes_root, index_path):
+            raise StateUnusable(
+                f"written for another store ({found[0]}, {found[1]})" if found else "no store"
+            )
+        if not readonly:  # a header that forbids writing is found by a write, not by a read
+            with contextlib.suppress(_RolledBack), self.transaction():
+                self.db.execute("UPDATE store SET index_path = index_path")
+                raise _RolledBack
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def attach_base(self, path: Path | str) -> None:
+        self.db.execute("ATTACH DATABASE ? AS base", (f"file:{path}?mode=ro",))
+        self.base = True
+
+    def detach_base(self) -> None:
+        self.db.execute("DETACH DATABASE base")
+        self.base = False
+
+    def _both(self, sql: str) -> str:
+        """`sql` over main's keys, plus base's when one is attached."""
+        return sql if not self.base else f"{sql} UNION ALL {sql.replace(' keys', ' base.keys')}"
+
+    # --- the checkpoint and host ids -------------------------------------------------
+
+    def checkpoint(self, schema: str = "main") -> Checkpoint | None:
+        row = self.db.execute(
+            f"SELECT index_dev, index_ino, offset, lines, bad_lines, tail_sha256, rebuilt_at "
+            f"FROM {schema}.checkpoint"
+        ).fetchone()
+        return None if row is None else Checkpoint(*row)
+
+    def save_checkpoint(self, cp: Checkpoint) -> None:
+        """Inside the transaction that added the keys it covers."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+            (cp.index_dev, cp.index_ino, cp.offset, cp.lines, cp.bad_lines, cp.tail_sha256, cp.rebuilt_at),
         )
 
+    def host_ids(self) -> dict[str, int]:
+        """Host name -> id (bounded by the number of hosts, not rows)."""
+        return dict(self.db.execute("SELECT name, id FROM hosts"))
 
-@dataclass
-class Snapshot:
-    """Everything in the state file, as plain values."""
+    def add_host(self, name: str) -> int:
+        cur = self.db.execute("INSERT INTO hosts (name) VALUES (?)", (name,))
+        assert cur.lastrowid is not None
+        return cur.lastrowid
 
-    episodes_root: str
-    index_path: str
-    index_dev: int
-    index_ino: int
-    index_offset: int
-    index_lines: int
-    index_bad_lines: int
-    index_tail_sha256: str
-    last_full_ns: int
-    hosts: dict[str, HostMemo] = field(default_factory=dict)
-    unverified: dict[str, Unverified] = field(default_factory=dict)
-    keys: IndexedKeys = field(default_factory=IndexedKeys)
+    def copy_hosts_from_base(self) -> None:
+        self.db.execute("INSERT OR IGNORE INTO hosts (id, name) SELECT id, name FROM base.hosts")
 
+    # --- keys -------------------------------------------------------------------
 
-def tail_digest(fd: int, offset: int) -> str:
-    start = max(0, offset - TAIL_BYTES)
-    return hashlib.sha256(syscalls.pread_exact(fd, offset - start, start)).hexdigest()
+    def add_keys(self, keys: Sequence[tuple[int, bytes, int, int | None]]) -> None:
+        """(host, digest, offset, received) of rows read in index order; a
+        key already there counts one more copy."""
+        self.db.executemany(
+            "INSERT INTO keys (host, digest, offset, received) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
+            keys,
+        )
 
+    def in_base(self, host: int, digest: bytes) -> bool:
+        return self.base and self._one("SELECT 1 FROM base.keys WHERE host = ? AND digest = ?", host, digest)
 
-def encode(snap: Snapshot) -> bytes:
-    hi, lo, hostless = snap.keys.to_bytes()
-    header = {k: v for k, v in asdict(snap).items() if k not in ("hosts", "keys", "unverified")}
-    header["hosts"] = {h: [m.mtime_ns, m.ctime_ns, list(m.unresolved)] for h, m in snap.hosts.items()}
-    header["unverified"] = {p: asdict(u) for p, u in snap.unverified.items()}
-    header["hostless"] = hostless
-    head = json.dumps(header, ensure_ascii=True).encode()
-    body = b"".join(
-        [
-            MAGIC,
-            _U64.pack(VERSION),
-            _U64.pack(len(head)),
-            head,
-            _U64.pack(len(hi)),
-            hi,
-            _U64.pack(len(lo)),
-            lo,
+    def has_host_rows(self, host: int) -> bool:
+        return self._one(
+            self._both("SELECT 1 FROM keys WHERE host = ?") + " LIMIT 1", *([host] * (1 + self.base))
+        )
+
+    def add_bad_lines(self, bad: Iterable[tuple[int, int, str]]) -> None:
+        """(line, offset, reason); only the first EXAMPLES are kept."""
+        room = EXAMPLES - self.db.execute("SELECT count(*) FROM bad_lines").fetchone()[0]
+        self.db.executemany("INSERT OR IGNORE INTO bad_lines VALUES (?, ?, ?)", list(bad)[: max(room, 0)])
+
+    @contextmanager
+    def rebuilding(self) -> Iterator[None]:
+        """Collect every key of the whole index with add_staged, then replace
+        the keys in one transaction, inserting them sorted (random-order
+        inserts cost 2.3x: the B-tree pages are then written once each)."""
+        self.db.execute("DROP TABLE IF EXISTS temp.staging")
+        self.db.execute(
+            "CREATE TEMP TABLE staging (host INTEGER, digest BLOB, offset INTEGER, received INTEGER)"
+        )
+        try:
+            yield
+        finally:
+            self.db.execute("DROP TABLE IF EXISTS temp.staging")
+
+    def add_staged(self, keys: Sequence[tuple[int, bytes, int, int | None]]) -> None:
+        self.db.executemany("INSERT INTO temp.staging VALUES (?, ?, ?, ?)", keys)
+
+    def replace_keys(self) -> None:
+        """Inside the transaction that saves the new checkpoint."""
+        self.db.execute("DROP TABLE keys")
+        self.db.execute(KEYS_TABLE)
+        self.db.execute("DELETE FROM bad_lines")
+        self.db.execute(
+            "INSERT INTO keys (host, digest, offset, received) SELECT host, digest, offset, received "
+            "FROM temp.staging WHERE true ORDER BY host, digest, offset "
+            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1"
+        )
+
+    def _one(self, sql: str, *args: object) -> bool:
+        return self.db.execute(sql, args).fetchone() is not None
+
+    def has(self, host: int, digest: bytes) -> int | bool | None:
+        """The key's received time (None when unknown), or False when absent."""
+        row = self.db.execute(
+            self._both("SELECT received FROM keys WHERE host = ? AND digest = ?"),
+            (host, digest, host, digest) if self.base else (host, digest),
+        ).fetchone()
+        return False if row is None else row[0]
+
+    def digests(self, host: int) -> Iterator[tuple[bytes, int | None]]:
+        """(digest, received) of a host's keys in digest order."""
+        yield from self.db.execute(
+            "SELECT digest, received FROM keys WHERE host = ? ORDER BY digest", (host,)
+        )
+        if self.base:
+            yield from self.db.execute(
+                "SELECT digest, received FROM base.keys WHERE host = ? ORDER BY digest", (host,)
+            )
+
+    def host_rows(self, host: int, cutoff: float | None) -> HostRows:
+        rows = dups = older = 0
+        for schema in ("main", "base") if self.base else ("main",):
+            n, copies, old = self.db.execute(
+                f"SELECT count(*), total(copies), total(received < ?) FROM {schema}.keys WHERE host = ?",
+                (-1 if cutoff is None else cutoff, host),
+            ).fetchone()
+            rows, dups, older = rows + n, dups + int(copies) - n, older + int(old)
+        return HostRows(rows, dups, older)
+
+    def key_rows(
+        self, host: int, since: float | None = None, min_copies: int = 1
+    ) -> Iterator[tuple[bytes, int, int | None, int]]:
+        """(digest, offset, received, copies) of a host's keys with at least
+        `min_copies` rows, received at or after `since` or at an unknown time
+        (all when since is None)."""
+        where = "host = ? AND copies >= ?"
+        args: tuple[object, ...] = (host, min_copies)
+        if since is not None:
+            where += " AND (received >= ? OR received IS NULL)"
+            args += (since,)
+        for schema in ("main", "base") if self.base else ("main",):
+            sql = f"SELECT digest, offset, received, copies FROM {schema}.keys WHERE {where}"
+            yield from self.db.execute(sql, args)
+
+    def bad_line_examples(self) -> list[tuple[int, int, str]]:
+        sql = "SELECT line, offset, reason FROM {}bad_lines"
+        rows = self.db.execute(sql.format("")).fetchall()
+        if self.base:
+            rows += self.db.execute(sql.format("base.")).fetchall()
+        return sorted(rows)[:EXAMPLES]
+
+    # --- host directories -------------------------------------------------------
+
+    def memo(self, host: int) -> tuple[int | None, int | None, list[str]]:
+        """(mtime_ns, ctime_ns, unresolved episodes) as the last pass left the host."""
+        row = self.db.execute("SELECT dir_mtime_ns, dir_ctime_ns FROM hosts WHERE id = ?", (host,)).fetchone()
+        unresolved = [
+            r[0] for r in self.db.execute("SELECT episode_id FROM unresolved WHERE host = ?", (host,))
         ]
-    )
-    return body + hashlib.sha256(body).digest()
+        return (None, None, unresolved) if row is None else (row[0], row[1], unresolved)
 
+    def save_memo(self, host: int, times: tuple[int, int] | None, unresolved: Iterable[str]) -> None:
+        """Only when it changed: a pass with nothing to do writes nothing."""
+        mtime, ctime, before = self.memo(host)
+        unresolved = sorted(unresolved)
+        if (mtime, ctime) != (times or (None, None)):
+            self.db.execute(
+                "UPDATE hosts SET dir_mtime_ns = ?, dir_ctime_ns = ? WHERE id = ?",
+                (*(times or (None, None)), host),
+            )
+        if sorted(before) != unresolved:
+            self.db.execute("DELETE FROM unresolved WHERE host = ?", (host,))
+            self.db.executemany("INSERT INTO unresolved VALUES (?, ?)", [(host, e) for e in unresolved])
 
-def decode(data: bytes) -> Snapshot:
-    if not data.startswith(MAGIC):
-        raise StateInvalid("not a state file")
-    body, checksum = data[:-32], data[-32:]
-    if hashlib.sha256(body).digest() != checksum:
-        raise StateInvalid("checksum mismatch")
-    pos = len(MAGIC)
+    def forget_memos(self) -> None:
+        """After the index was replaced: what the memos assumed indexed may not be."""
+        self.db.execute("UPDATE hosts SET dir_mtime_ns = NULL, dir_ctime_ns = NULL")
 
-    def take() -> bytes:
-        nonlocal pos
-        (n,) = _U64.unpack_from(body, pos)
-        chunk = body[pos + 8 : pos + 8 + n]
-        if len(chunk) != n:
-            raise StateInvalid("truncated")
-        pos += 8 + n
-        return chunk
+    def save_orphans(self, host: int, missing: int, pruned: int) -> None:
+        self.db.execute(
+            "UPDATE hosts SET missing_rows = ?, pruned_rows = ? WHERE id = ?", (missing, pruned, host)
+        )
 
-    (version,) = _U64.unpack_from(body, pos)
-    if version != VERSION:
-        raise StateInvalid(f"version {version}, expected {VERSION}")
-    pos += 8
-    try:
-        header = json.loads(take())
-        hosts = {
-            h: HostMemo(int(m), int(c), tuple(map(str, u))) for h, (m, c, u) in header.pop("hosts").items()
-        }
-        unverified = {p: Unverified(**u) for p, u in header.pop("unverified").items()}
-        keys = IndexedKeys.from_bytes(take(), take(), header.pop("hostless"))
-        return Snapshot(**header, hosts=hosts, unverified=unverified, keys=keys)
-    except (ValueError, TypeError, KeyError, struct.error) as e:
-        raise StateInvalid(f"malformed: {e}") from None
+    def orphans(self) -> tuple[int, int] | None:
+        """(missing, pruned) rows without a tarball, as of the last full pass."""
+        row = self.db.execute(
+            "SELECT total(missing_rows), total(pruned_rows), count(missing_rows) FROM hosts"
+        ).fetchone()
+        return None if not row[2] else (int(row[0]), int(row[1]))
 
+    # --- verdicts -------------------------------------------------------------------
 
-def load(state_dir: Path) -> Snapshot | None:
-    """The snapshot, or None when there is none yet. Raises StateInvalid."""
-    try:
-        data = (state_dir / FILE_NAME).read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise StateInvalid(e.strerror or str(e)) from None
-    return decode(data)
+    def unverified(self, host: int, episode_id: str) -> Unverified | None:
+        row = self.db.execute(
+            "SELECT dev, ino, size, mtime_ns, ctime_ns, limits, reason FROM unverifiable "
+            "WHERE host = ? AND episode_id = ?",
+            (host, episode_id),
+        ).fetchone()
+        return None if row is None else Unverified(*row)
 
+    def save_unverified(self, host: int, episode_id: str, u: Unverified | None) -> None:
+        """Remember (or, with None, forget) a tarball's unverifiable verdict."""
+        self.db.execute("DELETE FROM unverifiable WHERE host = ? AND episode_id = ?", (host, episode_id))
+        if u is not None:
+            self.db.execute(
+                "INSERT INTO unverifiable VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (host, episode_id, u.dev, u.ino, u.size, u.mtime_ns, u.ctime_ns, u.limits, u.reason),
+            )
 
-def save(state_dir: Path, snap: Snapshot) -> None:
-    syscalls.write_atomic(state_dir / FILE_NAME, encode(snap))
+    def unverified_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM unverifiable").fetchone()[0])
 
+    # --- records ---------------------------------------------------------------------
 
-def save_last_pass(state_dir: Path, record: dict[str, object]) -> None:
-    syscalls.write_atomic(state_dir / LAST_PASS_FILE, json.dumps(record, sort_keys=True).encode() + b"\n")
+    def record(self, name: str, schema: str = "main") -> dict[str, object] | None:
+        row = self.db.execute(f"SELECT value FROM {schema}.records WHERE name = ?", (name,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
-
-def load_last_pass(state_dir: Path) -> dict[str, object] | None:
-    """The last pass's record, or None when there is none or it is unreadable."""
-    try:
-        record = json.loads((state_dir / LAST_PASS_FILE).read_bytes())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def resume_reader(snap: Snapshot, reader: IndexReader) -> bool:
-    """Point `reader` at where the snapshot stopped, if the index is still
-    the file it parsed (same identity, at least as long, same bytes before
-    the offset). Returns False, leaving the reader alone, otherwise."""
-    try:
-        fd = os.open(reader.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (snap.index_dev, snap.index_ino) or st.st_size < snap.index_offset:
-            return False
-        if tail_digest(fd, snap.index_offset) != snap.index_tail_sha256:
-            return False
-    finally:
-        os.close(fd)
-    reader.resume(
-        snap.keys, (snap.index_dev, snap.index_ino), snap.index_offset, snap.index_lines, snap.index_bad_lines
-    )
-    return True
-
-
-class HostTracker:
-    """One pass's view of the host directories; becomes the next pass's memos.
-
-    Episodes start unresolved when the pass finds them unindexed and are
-    resolved once their row is in the index (ours or the receiver's), or when
-    they are gone. Whatever is still unresolved at the end is revisited by
-    the next pass even if its directory looks unchanged."""
-
-    def __init__(self, memos: dict[str, HostMemo], full: bool) -> None:
-        self._old = {} if full else memos
-        self._seen: dict[str, tuple[int, int, int]] = {}  # host -> (mtime, ctime, listed at)
-        self._open: dict[str, set[str]] = {}
-        self.unchanged = 0
-        self.listed = 0
-
-    def revisit_only(self, host_id: str, st: os.stat_result) -> tuple[str, ...] | None:
-        """The episodes to look at again if the directory is unchanged, or
-        None if it must be listed. Call before listing: a change during the
-        listing then shows up as a different mtime next time."""
-        self._seen[host_id] = (st.st_mtime_ns, st.st_ctime_ns, time.time_ns())
-        memo = self._old.get(host_id)
-        if memo is not None and (memo.mtime_ns, memo.ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns):
-            self.unchanged += 1
-            return memo.unresolved
-        self.listed += 1
-        return None
-
-    def unresolved(self, host_id: str, episode_id: str) -> None:
-        self._open.setdefault(host_id, set()).add(episode_id)
-
-    def resolved(self, host_id: str, episode_id: str) -> None:
-        self._open.get(host_id, set()).discard(episode_id)
-
-    def memos(self, previous: dict[str, HostMemo], only_host: str | None) -> dict[str, HostMemo]:
-        """Memos after a completed pass. Hosts this pass did not look at keep
-        theirs when it was limited to one host, and are dropped otherwise."""
-        memos = {h: m for h, m in previous.items() if only_host is not None and h != only_host}
-        for host_id, (mtime_ns, ctime_ns, listed_ns) in self._seen.items():
-            if listed_ns - mtime_ns >= GUARD_NS and listed_ns - ctime_ns >= GUARD_NS:
-                memos[host_id] = HostMemo(mtime_ns, ctime_ns, tuple(sorted(self._open.get(host_id, ()))))
-        return memos
+    def save_record(self, name: str, value: dict[str, object]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO records VALUES (?, ?)", (name, json.dumps(value, sort_keys=True))
+        )

@@ -1,23 +1,24 @@
 """`cis490-reconcile status`: what needs attention, changing nothing.
 
 Read-only by construction: no lock is taken (the index is append-only, so an
-unlocked reader sees whole lines plus at most a torn tail), nothing is
-written, not even the state. Three steps; memory is the pass's 16-byte
-digest per row and per tarball (47 bytes each at peak, measured):
+unlocked reader sees whole lines plus at most a torn tail) and nothing of the
+store or of the state is written. The state database of the last pass is
+opened read-only, so only the index's rows since that pass are read (into a
+temporary database, removed at the end); without one, the whole index is read
+that way, in bounded memory. Then:
 
-    1. read the index once: rows by (host_id, episode_id), duplicates, bad
-       lines, a torn tail
-    2. list the store: each tarball is indexed, in flight (younger than
-       min_age), or unindexed; unindexed settled tarballs are verified, as
-       the next pass would, so a gap is told apart from a corrupt file
-    3. read the same bytes of the index again for the rows whose tarball is
-       not on disk (orphans), with their line numbers
+    1. list the store: each tarball is indexed, in flight (younger than
+       min_age), or unindexed; unindexed settled tarballs are verified, as the
+       next pass would, so a gap is told apart from a corrupt file
+    2. per host, rows without a tarball: missing (received within the
+       retention, or no retention set), or pruned (older: normal); and rows
+       that repeat a key (duplicates)
 
 It is a snapshot of a store that may be changing: a row or tarball that
-arrives between the steps can show up as unindexed or in flight, never
-lost. Rows without host_id (old rows) cover their episode on every host and
-are counted, not checked for orphans. Lists of examples stop at EXAMPLES;
-the counts are always complete.
+arrives meanwhile can show up as unindexed or in flight, never lost. Rows
+without host_id cover their episode on every host and are counted, not
+checked for orphans. Lists of examples stop at EXAMPLES; counts are complete,
+and --all-orphans streams every row without a tarball instead of the report.
 """
 
 from __future__ import annotations
@@ -26,21 +27,22 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from . import state
+from . import index, statedir
 from .config import Config
-from .index import IndexedKeys, parse_line, row_key, split_lines
-from .pacing import ReadPacer
+from .coverage import Coverage, digest
+from .log import Logger, make_logger
 from .progress import Progress
+from .reading import ReadPacer
+from .runtime import ExitCode
+from .state import EXAMPLES, State
 from .store import HostDir, Skipped, Store, Tarball, printable
 from .verify import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, decoding_for, verify_one
 
-EXIT_CLEAN, EXIT_ATTENTION = 0, 1
-EXAMPLES = 100
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 @dataclass
@@ -52,8 +54,20 @@ class HostCounts:
     corrupt: int = 0  # damaged bytes
     unverifiable: int = 0  # bytes that may be fine but cannot be checked with this configuration
     unreadable: int = 0
-    orphan_rows: int = 0
+    missing_rows: int = 0  # rows whose tarball is gone, received within the retention (or no retention)
+    pruned_rows: int = 0  # rows whose tarball is gone, received before the retention: normal
     duplicate_rows: int = 0
+
+
+EXAMPLE_KINDS = (
+    "bad_lines",
+    "missing_rows",
+    "duplicate_rows",
+    "corrupt",
+    "unverifiable",
+    "unreadable",
+    "skipped",
+)
 
 
 @dataclass
@@ -66,9 +80,14 @@ class Report:
     bad_lines: int = 0
     torn_tail: bool = False
     skipped: int = 0  # store entries never opened (symlinks, FIFOs, unsafe names)
-    hosts: dict[str, HostCounts] = field(default_factory=lambda: defaultdict(HostCounts))
-    examples: dict[str, list[dict[str, object]]] = field(default_factory=lambda: defaultdict(list))
+    hosts: dict[str, HostCounts] = field(default_factory=dict)
+    examples: dict[str, list[dict[str, object]]] = field(
+        default_factory=lambda: {k: [] for k in EXAMPLE_KINDS}
+    )
     last_pass: dict[str, object] | None = None
+
+    def host(self, host_id: str) -> HostCounts:
+        return self.hosts.setdefault(host_id, HostCounts())
 
     def example(self, kind: str, **facts: object) -> None:
         if len(self.examples[kind]) < EXAMPLES:
@@ -89,7 +108,7 @@ class Report:
             (t.corrupt, "corrupt tarballs"),
             (t.unverifiable, "unverifiable tarballs (see max_window, zstd_dictionaries)"),
             (t.unreadable, "unreadable tarballs"),
-            (t.orphan_rows, "orphan rows (row without tarball)"),
+            (t.missing_rows, "missing tarballs (rows without a tarball, within the retention)"),
             (t.duplicate_rows, "duplicate rows"),
             (self.bad_lines, "bad index lines"),
             (self.skipped, "store entries skipped"),
@@ -117,70 +136,46 @@ class Report:
                 "torn_tail": self.torn_tail,
             },
             "skipped_entries": self.skipped,
-            **{
-                kind: self.examples[kind]
-                for kind in (
-                    "bad_lines",
-                    "orphan_rows",
-                    "duplicate_rows",
-                    "corrupt",
-                    "unverifiable",
-                    "unreadable",
-                    "skipped",
-                )
-            },
+            **self.examples,
             "examples_cap": EXAMPLES,
             "last_pass": self.last_pass,
         }
 
 
-class _Survey:
-    def __init__(self, cfg: Config, bar: Progress | None) -> None:
+class Survey:
+    def __init__(self, cfg: Config, log: Logger, view: State, fd: int | None, bar: Progress | None) -> None:
         self.cfg = cfg
+        self.view = view
+        self.fd = fd
         self.bar = bar
+        self.coverage = Coverage(view)
         self.report = Report(str(cfg.episodes_root), str(cfg.index))
-        self.rows = IndexedKeys()  # distinct keys of rows with a host_id
-        self.on_disk = IndexedKeys()  # tarballs listed
-        self.index_size = 0
+        self.cutoff = None if cfg.retention is None else time.time() - cfg.retention
+        self.decoding = decoding_for(cfg, workers=1)[1]
+        self.pacer = ReadPacer(cfg.max_read_rate, lambda: None)
         self.files = self.bytes_read = 0
         self.fraction = 0.0  # of the host directories listed
-        self.pacer = ReadPacer(cfg.max_read_rate, lambda: None)
-        self.decoding = decoding_for(cfg, workers=1)[1]
+        self.listed: dict[str, set[bytes]] = {}  # digests of each host's tarballs, for orphan examples
 
     def _wanted(self, host_id: str) -> bool:
         return self.cfg.host is None or host_id == self.cfg.host
 
-    def read_index(self, fd: int) -> None:
+    def read_index(self) -> None:
         r = self.report
-        self.index_size = os.fstat(fd).st_size
-        for line, (offset, next_offset, raw) in enumerate(split_lines(fd, 0, self.index_size), 1):
-            if next_offset < 0:
-                r.torn_tail = True
-                break
-            r.index_lines = line
-            row = parse_line(raw)
-            if row is None:
-                continue
-            if isinstance(row, str):
-                r.bad_lines += 1
-                r.example("bad_lines", line=line, offset=offset, reason=row)
-                continue
-            r.index_rows += 1
-            host_id, episode_id = row_key(row)
-            if host_id is None:
-                r.rows_without_host_id += 1
-                self.rows.hostless.add(episode_id)
-            elif self._wanted(host_id):
-                if self.rows.has_row(host_id, episode_id):
-                    r.hosts[host_id].duplicate_rows += 1
-                    r.example("duplicate_rows", line=line, host_id=host_id, episode_id=episode_id)
-                else:
-                    self.rows.add(host_id, episode_id)
-                    r.hosts[host_id].orphan_rows += 1  # until its tarball is found
-
-    def _skipped(self, skipped: Skipped) -> None:
-        self.report.skipped += 1
-        self.report.example("skipped", path=skipped.path, reason=skipped.reason)
+        if self.fd is None:
+            return
+        found = self.coverage.catch_up(self.fd, full=False)
+        r.torn_tail = found.torn is not None
+        cp = self.view.checkpoint() or self.view.checkpoint("base" if self.view.base else "main")
+        if cp is not None:
+            r.index_lines, r.bad_lines = cp.lines, cp.bad_lines
+        for line, offset, reason in self.view.bad_line_examples():
+            r.example("bad_lines", line=line, offset=offset, reason=reason)
+        for name, host in self.coverage.host_names().items():
+            rows = self.coverage.host_rows(name, None)
+            r.index_rows += rows.rows + rows.duplicates
+            if host == 0:
+                r.rows_without_host_id = rows.rows + rows.duplicates
 
     def list_store(self) -> None:
         with Store(self.cfg.episodes_root) as store:
@@ -197,30 +192,42 @@ class _Survey:
                         self._host(store, host)
                 self.fraction = (done + 1) / len(host_ids)
 
+    def _skipped(self, skipped: Skipped) -> None:
+        self.report.skipped += 1
+        self.report.example("skipped", path=skipped.path, reason=skipped.reason)
+
     def _host(self, store: Store, host: HostDir) -> None:
-        counts = self.report.hosts[host.host_id]
+        counts = self.report.host(host.host_id)
+        names = []
         for entry in host.entries():
             if isinstance(entry, Skipped):
                 self._skipped(entry)
-                continue
-            tarball = host.lstat(entry)
+            else:
+                names.append(entry)
+        listing = self.coverage.listing(host.host_id, names, self.cutoff)
+        self._rows(host.host_id, listing.matched, listing.matched_older)
+        self.listed[host.host_id] = {digest(name) for name in names}
+        unindexed = set(listing.unindexed)
+        for name in names:
+            tarball = host.lstat(name)
             if isinstance(tarball, Skipped):
                 self._skipped(tarball)
-                continue
-            if tarball is None:
-                continue  # removed since the listing
-            counts.tarballs += 1
-            self.on_disk.add(host.host_id, entry)
-            if self.rows.has_row(host.host_id, entry):
-                counts.indexed += 1
-                counts.orphan_rows -= 1
-            elif entry in self.rows.hostless:
-                counts.indexed += 1
-            elif (time.time_ns() - tarball.ctime_ns) / 1e9 < self.cfg.min_age:
-                counts.in_flight += 1
-            else:
-                self._verify(store, tarball, counts)
+            elif tarball is not None:
+                counts.tarballs += 1
+                if name not in unindexed:
+                    counts.indexed += 1
+                elif (time.time_ns() - tarball.ctime_ns) / 1e9 < self.cfg.min_age:
+                    counts.in_flight += 1
+                else:
+                    self._verify(store, tarball, counts)
             self._show()
+
+    def _rows(self, host_id: str, matched: int, matched_older: int) -> None:
+        rows = self.coverage.host_rows(host_id, self.cutoff)
+        counts = self.report.host(host_id)
+        counts.pruned_rows = rows.older - matched_older
+        counts.missing_rows = rows.rows - matched - counts.pruned_rows
+        counts.duplicate_rows = rows.duplicates
 
     def _verify(self, store: Store, tarball: Tarball, counts: HostCounts) -> None:
         def on_read(n: int) -> None:
@@ -230,63 +237,123 @@ class _Survey:
 
         verdict = verify_one(store, tarball, self.decoding, on_read)
         self.files += 1
+        path = printable(tarball.path)
         if isinstance(verdict, Intact):
             counts.unindexed += 1
         elif isinstance(verdict, Unsettled):
             counts.in_flight += 1
         elif isinstance(verdict, Unreadable):
             counts.unreadable += 1
-            self.report.example("unreadable", path=printable(tarball.path), reason=verdict.reason)
+            self.report.example("unreadable", path=path, reason=verdict.reason)
         elif isinstance(verdict, Corrupt):
             counts.corrupt += 1
-            self.report.example("corrupt", path=printable(tarball.path), reason=verdict.reason)
+            self.report.example("corrupt", path=path, reason=verdict.reason)
         elif isinstance(verdict, Unverifiable):
             counts.unverifiable += 1
-            self.report.example("unverifiable", path=printable(tarball.path), reason=verdict.reason)
+            self.report.example("unverifiable", path=path, reason=verdict.reason)
 
     def _show(self) -> None:
         if self.bar is not None:
             self.bar.update(self.files, self.bytes_read, self.fraction)
 
-    def find_orphans(self, fd: int) -> None:
-        """Line numbers of the first orphan rows (the counts are already known)."""
-        if not any(c.orphan_rows for c in self.report.hosts.values()):
+    def gone_hosts(self) -> None:
+        """Hosts with rows but no directory: every row is without a tarball."""
+        for host_id, host in self.coverage.host_names().items():
+            if host and host_id not in self.report.hosts and self._wanted(host_id):
+                self._rows(host_id, 0, 0)
+                self.listed[host_id] = set()
+        self.report.hosts = {
+            h: c for h, c in self.report.hosts.items() if c != HostCounts() or h in self.listed
+        }
+
+    def orphan_rows(self, missing_only: bool) -> Iterator[dict[str, object]]:
+        """Rows whose tarball is gone (only the missing ones, or all), named
+        from the index itself."""
+        assert self.fd is not None
+        for host_id, listed in sorted(self.listed.items()):
+            host = self.coverage.known_host(host_id)
+            if host is None:
+                continue
+            since = self.cutoff if missing_only else None
+            for key, offset, received, _ in self.view.key_rows(host, since=since):
+                if key not in listed:
+                    row = index.row_at(self.fd, offset)
+                    if row is not None:
+                        kind = (
+                            "pruned"
+                            if self.cutoff and received is not None and received < self.cutoff
+                            else "missing"
+                        )
+                        yield {
+                            "host_id": host_id,
+                            "episode_id": row.episode_id,
+                            "offset": offset,
+                            "kind": kind,
+                        }
+
+    def examples(self) -> None:
+        r = self.report
+        if self.fd is None:
             return
-        shown: set[tuple[str, str]] = set()
-        for line, (_, next_offset, raw) in enumerate(split_lines(fd, 0, self.index_size), 1):
-            if next_offset < 0 or len(shown) >= EXAMPLES:
-                break
-            row = parse_line(raw)
-            if not isinstance(row, dict):
+        if r.totals().missing_rows:
+            for found in self.orphan_rows(missing_only=True):
+                r.example("missing_rows", **{k: v for k, v in found.items() if k != "kind"})
+                if len(r.examples["missing_rows"]) >= EXAMPLES:
+                    break
+        for host_id in sorted(self.listed):
+            host = self.coverage.known_host(host_id)
+            if host is None or not r.hosts[host_id].duplicate_rows:
                 continue
-            host_id, episode_id = row_key(row)
-            if host_id is None or not self._wanted(host_id):
-                continue
-            if not self.on_disk.has_row(host_id, episode_id) and (host_id, episode_id) not in shown:
-                shown.add((host_id, episode_id))
-                self.report.example("orphan_rows", line=line, host_id=host_id, episode_id=episode_id)
+            for _, offset, _, copies in self.view.key_rows(host, min_copies=2):
+                row = index.row_at(self.fd, offset)
+                if row is not None:
+                    r.example(
+                        "duplicate_rows",
+                        host_id=host_id,
+                        episode_id=row.episode_id,
+                        offset=offset,
+                        rows=copies,
+                    )
 
 
-def survey(cfg: Config, bar: Progress | None = None) -> Report:
-    s = _Survey(cfg, bar)
+def survey(
+    cfg: Config, bar: Progress | None = None, log: Logger | None = None, orphans: TextIO | None = None
+) -> Report:
+    """The report (or, with `orphans`, every row without a tarball streamed there)."""
+    log = log or make_logger("error", sys.stderr)
+    temp = statedir.TempState()
     try:
-        fd = os.open(cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        fd = None  # nothing indexed yet
-    try:
-        if fd is not None:
-            s.read_index(fd)
-        s.list_store()
-        if fd is not None:
-            s.find_orphans(fd)
+        view = statedir.open_view(cfg, log, temp)
+        try:
+            fd = _open_index(cfg)
+            try:
+                s = Survey(cfg, log, view, fd, bar)
+                s.read_index()
+                s.list_store()
+                s.gone_hosts()
+                if orphans is not None and fd is not None:
+                    for found in s.orphan_rows(missing_only=False):
+                        orphans.write(json.dumps(found) + "\n")
+                else:
+                    s.examples()
+                s.report.last_pass = view.record("last_pass", "base" if view.base else "main")
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        finally:
+            view.close()
     finally:
-        if fd is not None:
-            os.close(fd)
+        temp.close()
         if bar is not None:
             bar.clear()
-    if cfg.state_dir is not None:
-        s.report.last_pass = state.load_last_pass(cfg.state_dir)
     return s.report
+
+
+def _open_index(cfg: Config) -> int | None:
+    try:
+        return os.open(cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # nothing indexed yet
 
 
 _COLUMNS = (
@@ -297,7 +364,8 @@ _COLUMNS = (
     ("corrupt", "CORRUPT"),
     ("unverifiable", "UNVERIFIABLE"),
     ("unreadable", "UNREADABLE"),
-    ("orphan_rows", "ORPHAN ROWS"),
+    ("missing_rows", "MISSING ROWS"),
+    ("pruned_rows", "PRUNED ROWS"),
     ("duplicate_rows", "DUP ROWS"),
 )
 
@@ -320,7 +388,7 @@ def render(report: Report) -> str:
     ]
     for kind, title in (
         ("bad_lines", "bad index lines"),
-        ("orphan_rows", "orphan rows (no tarball on disk)"),
+        ("missing_rows", "missing tarballs (rows without a tarball)"),
         ("duplicate_rows", "duplicate rows"),
         ("corrupt", "corrupt tarballs"),
         ("unverifiable", "unverifiable tarballs"),
@@ -339,8 +407,11 @@ def render(report: Report) -> str:
 def _example(kind: str, e: dict[str, object]) -> str:
     if kind == "bad_lines":
         return f"line {e['line']} (byte {e['offset']}): {e['reason']}"
-    if kind in ("orphan_rows", "duplicate_rows"):
-        return f"line {e['line']}: {printable(str(e['host_id']))}/{printable(str(e['episode_id']))}"
+    if kind == "missing_rows":
+        return f"byte {e['offset']}: {printable(str(e['host_id']))}/{printable(str(e['episode_id']))}"
+    if kind == "duplicate_rows":
+        name = f"{printable(str(e['host_id']))}/{printable(str(e['episode_id']))}"
+        return f"{name}: {e['rows']} rows, the first at byte {e['offset']}"
     return f"{e['path']}: {e['reason']}"
 
 
@@ -353,13 +424,22 @@ def _last_pass(record: dict[str, object] | None) -> str:
     return line + (f", error: {record['error']}" if record.get("error") else "")
 
 
-def main(cfg: Config, out: TextIO, as_json: bool, bar: Progress | None, err: TextIO = sys.stderr) -> int:
+def main(
+    cfg: Config,
+    out: TextIO,
+    as_json: bool,
+    bar: Progress | None,
+    err: TextIO = sys.stderr,
+    all_orphans: bool = False,
+) -> int:
     """Print the report; exit 0 clean, 1 something needs attention or the
     store or index could not be read (one line on `err`)."""
     try:
-        report = survey(cfg, bar)
+        report = survey(cfg, bar, orphans=out if all_orphans else None)
     except OSError as e:
         err.write(f"cis490-reconcile status: error: {e.filename or cfg.index}: {e.strerror or e}\n")
-        return EXIT_ATTENTION
+        return ExitCode.FAILED
+    if all_orphans:
+        return ExitCode.OK
     out.write(json.dumps(report.to_json(), indent=2) + "\n" if as_json else render(report))
-    return EXIT_ATTENTION if report.attention() else EXIT_CLEAN
+    return ExitCode.FAILED if report.attention() else ExitCode.OK

@@ -57,6 +57,15 @@ class Tarball:
     def path(self) -> str:
         return f"{self.host_id}/{self.name}"
 
+    def is_file(self, st: os.stat_result) -> bool:
+        """`st` is of this very file as scanned: same inode, size and mtime."""
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+            self.dev,
+            self.ino,
+            self.size,
+            self.mtime_ns,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
@@ -130,6 +139,17 @@ class HostDir:
         return Tarball(
             self.host_id, episode_id, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino
         )
+
+    def moved(self, tarball: Tarball, fd: int) -> str | None:
+        """Why what was read from `fd` may not be `tarball` as scanned (the
+        bytes may be half of one file and half of another), or None. The one
+        test of "changed while it was read", for verifying and scrubbing."""
+        if not tarball.is_file(os.fstat(fd)):
+            return "changed while it was read"
+        now = self.lstat(tarball.episode_id)
+        if not isinstance(now, Tarball) or (now.dev, now.ino) != (tarball.dev, tarball.ino):
+            return "replaced while it was read"
+        return None
 
     def open(self, tarball: Tarball) -> int:
         """Open the scanned file for reading without following links or

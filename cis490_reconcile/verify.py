@@ -39,7 +39,6 @@ WindowBudget shared by all workers, so several workers never hold several
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -53,11 +52,10 @@ import zstandard
 
 from . import syscalls, zstdframe
 from .config import Config, load_dictionaries
-from .progress import human_size
+from .reading import READ_SIZE, HashingReader
+from .runtime import human_size
 from .store import HostDir, NotRegularFile, Store, Tarball
 
-_READ_SIZE = 1 << 20  # raw bytes per read()
-_DROP_EVERY = 8 << 20  # drop read pages from the page cache this often
 _TAR_BUFSIZE = 64 << 10  # decompressed bytes per tarfile read
 META_MAX_BYTES = 1 << 20
 HEADER_MAX_BYTES = 1 << 20  # all header bytes of one tar member: pax, long names, sparse maps
@@ -195,45 +193,6 @@ def decoding_for(cfg: Config, workers: int) -> tuple[MemoryPlan, Decoding]:
 # --- the single read ----------------------------------------------------------
 
 
-class _Source:
-    """The file as the decoder sees it: each byte read once, hashed and walked.
-    Reads stop at `limit` (the size the scan saw), so a file that keeps growing
-    cannot keep a pass busy; the caller's stat comparison catches the growth.
-    What was read is dropped from the page cache as we go: we will not read
-    it again, and the receiver's working set should stay cached."""
-
-    def __init__(
-        self, fd: int, limit: int, walker: zstdframe.FrameWalker, on_read: Callable[[int], None] | None
-    ) -> None:
-        self._fd = fd
-        self._limit = limit
-        self._on_read = on_read
-        self.sha256 = hashlib.sha256()
-        self.frames = walker
-        self.size = 0
-        self._dropped = 0
-
-    def read(self, size: int = -1) -> bytes:
-        size = min(size if 0 < size <= _READ_SIZE else _READ_SIZE, self._limit - self.size)
-        if size <= 0:
-            return b""
-        data = os.pread(self._fd, size, self.size)
-        if data:
-            self.sha256.update(data)
-            self.frames.feed(data)
-            self.size += len(data)
-            if self.size - self._dropped >= _DROP_EVERY or self.size == self._limit:
-                syscalls.drop_cache(self._fd, self._dropped, self.size - self._dropped)
-                self._dropped = self.size
-            if self._on_read is not None:
-                self._on_read(len(data))
-        return data
-
-    def drain(self) -> None:
-        while self.read(_READ_SIZE):
-            pass
-
-
 # --- tar ----------------------------------------------------------------------
 
 
@@ -338,14 +297,14 @@ def _walk(tar: _StreamTar, stream: zstandard.ZstdDecompressionReader, episode_id
     kind, message = tar.end_reason or (None, "no header")
     if kind is not tarfile.EOFHeaderError:
         raise tarfile.TarError(f"archive ends without an end-of-archive block ({message})")
-    while stream.read(_READ_SIZE):  # decode to the end of the last frame: checksums
+    while stream.read(READ_SIZE):  # decode to the end of the last frame: checksums
         pass
     commit, note = (None, "no meta.json member") if best is None else best[1]
     return _Contents(members, commit, note)
 
 
-def _read_tar(source: _Source, decoder: zstandard.ZstdDecompressor, episode_id: str) -> _Contents:
-    stream = decoder.stream_reader(source, read_size=_READ_SIZE, read_across_frames=True, closefd=False)
+def _read_tar(source: HashingReader, decoder: zstandard.ZstdDecompressor, episode_id: str) -> _Contents:
+    stream = decoder.stream_reader(source, read_size=READ_SIZE, read_across_frames=True, closefd=False)
     with stream, _StreamTar.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFSIZE) as tar:
         return _walk(tar, stream, episode_id)
 
@@ -383,7 +342,7 @@ def read_tarball(
     window = 0 if first is None else first.window
     while True:  # twice at most: a later frame may need a larger window than the first
         walker = zstdframe.FrameWalker(lambda frame: decoding.refuse(frame, first and first.dict_id))
-        source = _Source(fd, size, walker, on_read)
+        source = HashingReader(fd, size, walker.feed, on_read)
         problem = unverifiable = None
         contents = None
         allowed = window
@@ -464,17 +423,12 @@ def verify(
     except OSError as e:
         verdict = Unreadable(f"read: {e.strerror}")
     try:
-        after = os.fstat(fd)
+        moved = host.moved(tarball, fd)
     finally:
         os.close(fd)
-    if (after.st_size, after.st_mtime_ns) != (tarball.size, tarball.mtime_ns):
-        return Unsettled("changed while it was read")
-    if isinstance(verdict, Intact) and verdict.size != tarball.size:
-        return Unsettled("changed while it was read")
-    now = host.lstat(tarball.episode_id)
-    if not isinstance(now, Tarball) or (now.dev, now.ino) != (tarball.dev, tarball.ino):
-        return Unsettled("replaced while it was read")
-    return verdict
+    if moved is None and isinstance(verdict, Intact) and verdict.size != tarball.size:
+        moved = "changed while it was read"  # shorter than scanned, then back to the same size and time
+    return verdict if moved is None else Unsettled(moved)
 
 
 def verify_one(

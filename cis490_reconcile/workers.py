@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 
-from .pacing import ReadPacer
+from .reading import ReadPacer
 from .store import Store, Tarball
 from .verify import Decoding, Verdict, verify_one
 

@@ -1,24 +1,31 @@
-"""Incremental passes: what the state lets a pass skip, and proof that it
-never changes the outcome."""
+"""Incremental passes: what the state database lets a pass skip, and proof
+that it never changes the outcome, whatever happens to the store, the index or
+the process in between."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
+import sqlite3
+import subprocess
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, parse_events
+from helpers import Receiver, parse_events, tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cis490_reconcile import config, state
+from cis490_reconcile import config, passrun, state
+from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.log import make_logger
-from cis490_reconcile.reconcile import PassSummary, Reconciler
+from cis490_reconcile.passrun import PassSummary
+from cis490_reconcile.reconcile import Reconciler
+from cis490_reconcile.state import State
 from cis490_reconcile.store import HostDir
 
 
@@ -34,6 +41,9 @@ class Run:
     def once(self) -> PassSummary:
         return self.reconciler.run_pass()
 
+    def close(self) -> None:
+        self.reconciler.close()
+
     def events(self, name: str) -> list[dict]:
         return [e for e in parse_events(self.log.getvalue()) if e["event"] == name]
 
@@ -43,7 +53,7 @@ def no_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remember directories however recently they changed. Only safe when a
     scheduler tick passes between a listing and the next change (ext4 stamps
     times with a clock that ticks every few ms): tests using this sleep."""
-    monkeypatch.setattr(state, "GUARD_NS", 0)
+    monkeypatch.setattr(passrun, "GUARD_NS", 0)
 
 
 def tick() -> None:
@@ -57,7 +67,7 @@ def test_a_second_process_skips_unchanged_directories(receiver: Receiver, tmp_pa
             receiver.tarball(host, f"e{i}")
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    time.sleep(state.GUARD_NS / 1e9 + 0.2)
+    time.sleep(passrun.GUARD_NS / 1e9 + 0.2)
     first = receiver.run("--state-dir", str(state_dir)).one("pass_finished")
     assert (first["full"], first["hosts_listed"], first["backfilled"]) == (True, 3, 15)
     assert (state_dir / state.FILE_NAME).stat().st_size > 15 * 16
@@ -109,12 +119,10 @@ def test_the_guard_lists_a_directory_that_changed_within_its_timestamp_tick(
 def test_a_file_left_in_flight_is_revisited(receiver: Receiver, tmp_path: Path, no_guard: None) -> None:
     receiver.tarball("h1", "a")
     receiver.tarball("h1", "young")
-    run = Run(receiver, tmp_path, min_age=3600)
-    first = run.once()
+    first = Run(receiver, tmp_path, min_age=3600).once()
     assert (first.in_flight, first.backfilled) == (2, 0)
     tick()
-    run.reconciler.cfg = replace(run.cfg, min_age=0)  # time passes: both settle
-    second = run.once()
+    second = Run(receiver, tmp_path, min_age=0).once()  # time passes: both settle
     assert (second.hosts_unchanged, second.hosts_listed, second.backfilled) == (1, 0, 2)
 
 
@@ -162,103 +170,216 @@ def test_a_changed_index_forces_a_full_parse(
     assert run.events("state_ignored") or run.events("index_restarted")
 
 
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"nonsense" * 1000)
+
+
+def _header_flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[18] ^= 0xFF  # the header's file format write version
+    path.write_bytes(bytes(data))
+
+
+def _newer_schema(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 99")
+
+
+def _other_store(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE store SET episodes_root = '/somewhere/else'")
+
+
 @pytest.mark.parametrize(
     "damage",
-    [
-        lambda data: data[:-5],
-        lambda data: b"nonsense",
-        lambda data: data[:40] + bytes([data[40] ^ 1]) + data[41:],
-        lambda data: data.replace(
-            state.MAGIC + state.VERSION.to_bytes(8, "little"),
-            state.MAGIC + (state.VERSION - 1).to_bytes(8, "little"),
-        ),
-    ],
-    ids=["truncated", "garbage", "bit-flip", "older-version"],
+    [_truncate, _garbage, _header_flip, _newer_schema, _other_store],
+    ids=["truncated", "garbage", "header", "newer-schema", "another-store"],
 )
-def test_a_bad_state_file_is_ignored_and_rebuilt(receiver: Receiver, tmp_path: Path, damage: object) -> None:
+def test_a_bad_state_database_is_rebuilt_with_a_warning(
+    receiver: Receiver, tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    for i in range(300):  # enough rows for a database of several pages
+        receiver.tarball("h1", f"a{i}", blob=b"x")
+        receiver.append_row({"host_id": "h1", "episode_id": f"a{i}"})
     receiver.tarball("h1", "a")
-    Run(receiver, tmp_path).once()
+    first = Run(receiver, tmp_path)
+    first.once()
+    first.close()
     path = tmp_path / state.FILE_NAME
-    path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
+    damage(path)
     receiver.tarball("h1", "b")
     run = Run(receiver, tmp_path)
     summary = run.once()
-    assert run.events("state_ignored")
+    assert run.events("state_rebuilt"), run.log.getvalue()
     assert summary.full and summary.backfilled == 1
-    assert state.decode(path.read_bytes()).index_lines == 2  # rewritten, valid
+    indexed = receiver.keys()
+    assert sorted(k for k in indexed if not k[1].startswith("a")) == [("h1", "b")]
+    with contextlib.closing(State.open(path, str(receiver.episodes), str(receiver.index))) as rebuilt:
+        assert rebuilt.checkpoint().lines == 302  # type: ignore[union-attr]
 
 
-def test_loop_mode_keeps_its_memory_between_passes(receiver: Receiver, no_guard: None) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_read_only_state_directory_is_said_and_the_pass_still_works(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A real read-only filesystem under the state directory: the pass says
+    so, keeps its state in a temporary database, and still backfills."""
     receiver.tarball("h1", "a")
-    run = Run(receiver, None)  # no state directory: memory only
+    with tmpfs(tmp_path / "state", "1M") as state_dir:
+        subprocess.run(["mount", "-o", "remount,ro", str(state_dir)], check=True)
+        result = receiver.run("--state-dir", str(state_dir))
+    assert result.returncode == 0
+    assert result.one("state_dir_unusable")["reason"] == "not writable by this user"
+    assert receiver.keys() == [("h1", "a")]
+
+
+def test_another_pass_holding_the_state_waits_then_fails_in_one_line(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    receiver.tarball("h1", "a")
+    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        started = time.monotonic()
+        result = receiver.run("--state-dir", str(state_dir), "--lock-timeout", "0.5")
+        waited = time.monotonic() - started
+    finally:
+        os.close(fd)
+    assert result.returncode == 1 and waited >= 0.5
+    failed = result.one("pass_failed")
+    assert failed["error"] == f"another pass holds the state directory {state_dir} (waited 0.5 s)"
+    assert not receiver.index.exists()
+    assert receiver.run("--state-dir", str(state_dir)).returncode == 0  # released: it runs
+
+
+def test_old_state_files_are_removed_after_the_first_good_pass(receiver: Receiver, tmp_path: Path) -> None:
+    for name in ("state.bin", "last_pass.json"):
+        (tmp_path / name).write_bytes(b"from an earlier version")
+    receiver.tarball("h1", "a")
+    run = Run(receiver, tmp_path)
     run.once()
+    assert not (tmp_path / "state.bin").exists() and not (tmp_path / "last_pass.json").exists()
+    assert len(run.events("state_file_removed")) == 2
+
+
+def test_without_a_state_dir_a_loop_keeps_a_temporary_database(receiver: Receiver, no_guard: None) -> None:
+    receiver.tarball("h1", "a")
+    run = Run(receiver, None)  # no state directory: a temporary database, for as long as the process
+    run.once()
+    temp = run.reconciler._temp
+    assert temp is not None and temp.path.exists()
     tick()
     again = run.once()
     assert (again.full, again.hosts_unchanged, again.scanned) == (False, 1, 0)
+    run.close()
+    assert not temp.dir.exists()
 
 
-# --- the property: incremental == full -----------------------------------------------
+# --- the property: whatever happened, the same rows and the same database as a full pass ------------
 
 HOSTS = ["h0", "h1", "h2"]
+CRASH_POINTS = ("index_written", "appended", "in_transaction", "rebuilding")
 step = st.one_of(
     st.tuples(st.just("tarball"), st.sampled_from(HOSTS), st.integers(0, 5)),
     st.tuples(st.just("receiver_row"), st.sampled_from(HOSTS), st.integers(0, 5)),
     st.tuples(st.just("corrupt"), st.sampled_from(HOSTS), st.integers(0, 5)),
     st.tuples(st.just("remove"), st.sampled_from(HOSTS), st.integers(0, 5)),
     st.tuples(st.just("torn"), st.sampled_from(HOSTS), st.integers(0, 5)),
-    st.tuples(st.just("pass"), st.booleans(), st.just(0)),
+    st.tuples(st.just("replace_index"), st.just(""), st.just(0)),
+    st.tuples(st.just("pass"), st.sampled_from(["same process", "new process", "full"]), st.just(0)),
+    st.tuples(st.just("crash"), st.sampled_from(CRASH_POINTS), st.just(0)),
 )
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history=st.lists(step, max_size=14))
-def test_incremental_passes_end_where_full_passes_end(
-    tmp_path_factory: pytest.TempPathFactory, history: list[tuple[str, object, int]]
+def test_any_history_ends_as_one_full_pass_from_scratch(
+    tmp_path_factory: pytest.TempPathFactory, history: list[tuple[str, str, int]]
 ) -> None:
     """Play a random store history against two twins: one reconciled by
-    incremental passes (state on disk, a new process at every other pass),
-    one by full passes only. After a final pass both indexes hold the same rows."""
-    saved, state.GUARD_NS = state.GUARD_NS, 0
+    incremental passes (state on disk, sometimes a new process, sometimes a
+    pass killed with SIGKILL at a named step), one by full passes without
+    state. After a last pass both indexes hold the same rows, and the state
+    database holds exactly what one full pass from scratch puts there."""
+    saved, passrun.GUARD_NS = passrun.GUARD_NS, 0
+    root = tmp_path_factory.mktemp("history")
+    (root / "inc").mkdir()
+    (root / "full").mkdir()
+    inc, full = Receiver(root / "inc"), Receiver(root / "full")
+    state_dir = root / "state"
+    state_dir.mkdir()
+    keep = Run(inc, state_dir)
     try:
-        root = tmp_path_factory.mktemp("history")
-        twins = [Receiver(root / "inc"), Receiver(root / "full")] if _mkdirs(root) else []
-        inc, full = twins
-        state_dir = root / "state"
-        state_dir.mkdir()
-        keep = Run(inc, state_dir)
-        for what, host, n in history:
-            for r in twins:
-                _apply(r, what, host, n)
+        for what, arg, n in history:
             if what == "pass":
-                keep = Run(inc, state_dir) if host else keep  # host: a fresh process this time
+                if arg != "same process":
+                    keep.close()
+                    keep = Run(inc, state_dir, **({"full_every": 1e-9} if arg == "full" else {}))
                 keep.once()
-                Run(full, None, full_every=0).reconciler.run_pass()
+                with Reconciler(Run(full, None).cfg, make_logger("error", io.StringIO())) as r:
+                    r.run_pass()
+            elif what == "crash":
+                env = {**os.environ, "CIS490_TEST_CRASH_AT": arg}
+                argv = inc.argv("--once", "--state-dir", str(state_dir), "--workers", "1", "--full")
+                subprocess.run(argv, env=env, capture_output=True, timeout=60)
+            else:
+                for r in (inc, full):
+                    _apply(r, what, arg, n)
             tick()
-        Run(inc, state_dir).once()
+        keep.close()
+        last = Run(inc, state_dir)
+        last.once()
+        last.close()
         fresh = Run(full, None)
         fresh.reconciler.force_full = True
         fresh.once()
+        fresh.close()
         assert _rows(inc) == _rows(full)
         assert sorted(set(_rows(inc))) == _rows(inc), "a duplicate row"
+        scratch = root / "scratch"
+        scratch.mkdir()
+        with contextlib.closing(
+            State.open(scratch / state.FILE_NAME, str(inc.episodes), str(inc.index))
+        ) as st_:
+            fd = os.open(inc.index, os.O_RDONLY)
+            try:
+                Coverage(st_).catch_up(fd, full=True)
+            finally:
+                os.close(fd)
+        assert _database(state_dir) == _database(scratch)
     finally:
-        state.GUARD_NS = saved
+        keep.close()
+        passrun.GUARD_NS = saved
 
 
-def _mkdirs(root: Path) -> bool:
-    for name in ("inc", "full"):
-        (root / name).mkdir()
-    return True
+def _database(state_dir: Path) -> tuple[list[tuple], tuple, list[tuple]]:
+    """What the index is known to hold: keys by host name, the checkpoint's
+    position, the bad line examples."""
+    with contextlib.closing(sqlite3.connect(state_dir / state.FILE_NAME)) as db:
+        query = "SELECT h.name, k.digest, k.offset, k.received, k.copies FROM keys k"
+        keys = sorted(db.execute(query + " JOIN hosts h ON h.id = k.host"))
+        position = db.execute(
+            "SELECT index_ino, offset, lines, bad_lines, tail_sha256 FROM checkpoint"
+        ).fetchone()
+        bad = db.execute("SELECT * FROM bad_lines ORDER BY line").fetchall()
+    return keys, position, bad
 
 
-def _apply(r: Receiver, what: str, host: object, n: int) -> None:
+def _apply(r: Receiver, what: str, host: str, n: int) -> None:
     """One event of a store's life. The receiver appends a row for a tarball
     that has none (a late row; the in-flight guard is not what is tested)."""
     episode_id = f"e{n}"
-    path = r.episodes / str(host) / f"{episode_id}.tar.zst"
+    path = r.episodes / host / f"{episode_id}.tar.zst"
     if what == "tarball" and not path.exists():
-        r.tarball(str(host), episode_id, {"meta.json": b"{}", "data": episode_id.encode() * 10})
+        r.tarball(host, episode_id, {"meta.json": b"{}", "data": episode_id.encode() * 10})
     elif what == "corrupt" and not path.exists():
-        r.tarball(str(host), episode_id, blob=b"\x28\xb5\x2f\xfd" + b"\x00" * 7)
+        r.tarball(host, episode_id, blob=b"\x28\xb5\x2f\xfd" + b"\x00" * 7)
     elif what == "remove" and path.exists():
         path.unlink()
     elif what == "receiver_row" and path.exists() and (host, episode_id) not in _rows(r):
@@ -266,6 +387,10 @@ def _apply(r: Receiver, what: str, host: object, n: int) -> None:
         r.append_row(row)
     elif what == "torn" and path.exists() and (host, episode_id) not in _rows(r):  # a row without its "\n"
         r.append_raw(json.dumps({"host_id": host, "episode_id": episode_id}, sort_keys=True).encode())
+    elif what == "replace_index" and r.index.exists():  # same bytes, another inode
+        copy = r.index.with_name("index.copy")
+        copy.write_bytes(r.index.read_bytes())
+        os.replace(copy, r.index)
 
 
 def _rows(r: Receiver) -> list[tuple[str, str]]:

@@ -12,18 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cis490_reconcile import index
-from cis490_reconcile.index import BadLine, IndexReader, append_rows, encode_row
+from cis490_reconcile.index import BadLine, Row, TornTail, append_rows, encode_row
 
 
-def read(path: Path, reader: IndexReader | None = None) -> tuple[IndexReader, list[BadLine]]:
-    reader = reader or IndexReader(path)
-    bad: list[BadLine] = []
+def read(path: Path, start: int = 0, line: int = 0) -> list[index.Entry]:
     fd = os.open(path, os.O_RDONLY)
     try:
-        reader.catch_up(fd, bad.append)
+        return list(index.entries(fd, start, os.fstat(fd).st_size, line))
     finally:
         os.close(fd)
-    return reader, bad
 
 
 def row(host: str | None, episode: str) -> bytes:
@@ -39,7 +36,7 @@ def test_encode_row_is_the_legacy_format() -> None:
     assert encode_row({"episode_id": "é\n"}) == b'{"episode_id": "\\u00e9\\n"}\n'
 
 
-def test_tolerant_read_reports_line_and_offset(tmp_path: Path) -> None:
+def test_every_line_with_its_number_and_offset(tmp_path: Path) -> None:
     lines = [
         row("h1", "a"),
         b"\n",
@@ -52,12 +49,17 @@ def test_tolerant_read_reports_line_and_offset(tmp_path: Path) -> None:
         b"[" * 100_000 + b"\n",  # deep nesting: RecursionError in json
         row(None, "old"),
         row("h2", "b"),
+        b'{"episode_id": "nan", "x": NaN}\n',  # json.loads takes NaN; msgspec does not: json decides
+        b'{"episode_id": "u", "x": "\xc0\x80"}\n',  # invalid UTF-8 msgspec would skip; json refuses
     ]
     path = tmp_path / "index.jsonl"
     path.write_bytes(b"".join(lines))
-    reader, bad = read(path)
-    offsets = [sum(map(len, lines[:i])) for i in range(len(lines))]
-    assert [(b.line, b.offset) for b in bad] == [(i + 1, offsets[i]) for i in (3, 4, 5, 6, 7, 8)]
+    got = read(path)
+    offsets = [sum(map(len, lines[:i])) for i in range(len(lines) + 1)]
+    bad = [e for e in got if isinstance(e, BadLine)]
+    assert [(b.line, b.offset, b.end) for b in bad] == [
+        (i + 1, offsets[i], offsets[i + 1]) for i in (3, 4, 5, 6, 7, 8, 12)
+    ]
     assert [b.reason for b in bad] == [
         "not valid JSON",
         "not a JSON object",
@@ -65,78 +67,113 @@ def test_tolerant_read_reports_line_and_offset(tmp_path: Path) -> None:
         "host_id is not a string",
         "not valid JSON",
         "not valid JSON",
+        "not valid JSON",
     ]
-    assert reader.bad_lines == 6
-    assert reader.lines == len(lines)
-    assert not reader.torn_tail
-    assert reader.keys.covers("h1", "a")
-    assert not reader.keys.covers("h2", "a")  # an id indexed under another host
-    assert reader.keys.covers("h2", "b")
-    assert reader.keys.covers("any-host", "old")  # rows without host_id match on episode_id
+    rows = [e for e in got if isinstance(e, Row)]
+    assert [(r.line, r.host_id, r.episode_id, r.offset) for r in rows] == [
+        (1, "h1", "a", 0),
+        (10, None, "old", offsets[9]),
+        (11, "h2", "b", offsets[10]),
+        (12, None, "nan", offsets[11]),
+    ]
+    assert rows[0].sha256 == "00" and rows[0].size_bytes == 1
+    assert not any(isinstance(e, TornTail) for e in got)
 
 
 def test_overlong_line_is_bad_and_memory_is_not_spent_on_it(tmp_path: Path) -> None:
     path = tmp_path / "index.jsonl"
     path.write_bytes(row("h", "a") + b"x" * (3 * index.MAX_LINE_BYTES) + b"\n" + row("h", "b"))
-    reader, bad = read(path)
-    assert [(b.line, b.reason) for b in bad] == [(2, "line longer than 1 MiB")]
-    assert reader.keys.covers("h", "b")
-    assert reader.offset == path.stat().st_size
+    got = read(path)
+    assert [(e.line, e.reason) for e in got if isinstance(e, BadLine)] == [(2, "line longer than 1 MiB")]
+    assert got[-1].episode_id == "b" and got[-1].end == path.stat().st_size
 
 
 @pytest.mark.parametrize("complete_row", [True, False])
-def test_torn_tail_is_not_consumed(tmp_path: Path, complete_row: bool) -> None:
-    """A torn last line is parsed only to be conservative, and read again
-    once it is terminated."""
+def test_torn_tail_comes_last_and_keeps_a_complete_row(tmp_path: Path, complete_row: bool) -> None:
     path = tmp_path / "index.jsonl"
     tail = row("h", "t")[:-1] if complete_row else row("h", "t")[:20]
     path.write_bytes(row("h", "a") + tail)
-    reader, bad = read(path)
-    assert reader.torn_tail
-    assert bad == []
-    assert reader.offset == len(row("h", "a"))
-    assert reader.keys.covers("h", "t") is complete_row
-    with open(path, "ab") as f:
-        f.write(b"\n" + row("h", "b"))
-    reader, bad = read(path, reader)
-    assert not reader.torn_tail
-    assert len(bad) == (0 if complete_row else 1)
-    assert reader.keys.covers("h", "b")
+    *rest, torn = read(path)
+    assert isinstance(torn, TornTail) and (torn.line, torn.offset) == (2, len(row("h", "a")))
+    assert (torn.row is not None and torn.row.episode_id == "t") is complete_row
+    assert [e.episode_id for e in rest] == ["a"]
 
 
-def test_catch_up_parses_only_what_was_appended(tmp_path: Path) -> None:
+def test_reading_on_from_an_offset_numbers_lines_from_there(tmp_path: Path) -> None:
     path = tmp_path / "index.jsonl"
-    path.write_bytes(row("h", "a") + b"junk\n")
-    reader, bad = read(path)
-    assert len(bad) == 1
-    with open(path, "ab") as f:
-        f.write(row("h", "b"))
-    reader, bad = read(path, reader)
-    assert bad == []  # the junk line is not reported twice
-    assert reader.bad_lines == 1
-    assert reader.keys.covers("h", "b")
+    path.write_bytes(row("h", "a") + b"junk\n" + row("h", "b"))
+    start = len(row("h", "a") + b"junk\n")
+    (only,) = read(path, start, line=2)
+    assert (only.line, only.episode_id, only.offset) == (3, "b", start)
 
 
-@pytest.mark.parametrize("how", ["replaced", "shrunk"])
-def test_replaced_or_shrunk_index_is_parsed_from_the_start(tmp_path: Path, how: str) -> None:
+def test_row_at_names_the_key_of_an_offset(tmp_path: Path) -> None:
     path = tmp_path / "index.jsonl"
-    path.write_bytes(row("h", "a") + row("h", "b"))
-    reader, _ = read(path)
-    fd = os.open(path, os.O_RDONLY)
-    if how == "replaced":
-        new = tmp_path / "new"
-        new.write_bytes(row("h", "c") + row("h", "d") + row("h", "e"))
-        os.rename(new, path)
-    else:
-        path.write_bytes(row("h", "c"))
-    os.close(fd)
+    path.write_bytes(row("h", "a") + b"junk\n" + row("h", "b"))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert reader.catch_up(fd, lambda bad: None) is True
+        assert index.row_at(fd, len(row("h", "a")) + 5).episode_id == "b"  # type: ignore[union-attr]
+        assert index.row_at(fd, len(row("h", "a"))) is None
     finally:
         os.close(fd)
-    assert not reader.keys.covers("h", "a")
-    assert reader.keys.covers("h", "c")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+objects = st.fixed_dictionaries(
+    {},
+    optional={
+        "episode_id": st.one_of(st.text(max_size=4), json_values),
+        "host_id": st.one_of(st.text(max_size=4), json_values),
+        "received_at_wall": json_values,
+        "sha256": json_values,
+        "size_bytes": json_values,
+    },
+).flatmap(
+    lambda d: st.dictionaries(st.text(max_size=4), json_values, max_size=2).map(lambda extra: {**extra, **d})
+)
+raw_lines = st.one_of(
+    objects.map(lambda d: json.dumps(d).encode()),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")),
+    objects.map(lambda d: json.dumps(d).encode()[:-1]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(raw_lines, max_size=20))
+def test_the_fast_path_decides_exactly_as_json_loads(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[bytes]
+) -> None:
+    """Whether a chunk goes through msgspec at once or line by line, a line
+    is a row exactly when json.loads makes it one, with the same key."""
+    path = tmp_path_factory.mktemp("idx") / "index.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    got = {e.line: e for e in read(path)}
+    for n, raw in enumerate(lines, 1):
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            obj = None
+        is_row = (
+            isinstance(obj, dict)
+            and isinstance(obj.get("episode_id"), str)
+            and obj["episode_id"] != ""
+            and (obj.get("host_id") is None or isinstance(obj.get("host_id"), str))
+        )
+        entry = got.get(n)
+        if not raw.strip():
+            assert entry is None
+        elif is_row:
+            assert isinstance(entry, Row) and (entry.host_id, entry.episode_id) == (
+                obj.get("host_id"),
+                obj["episode_id"],
+            )
+        else:
+            assert isinstance(entry, BadLine), (raw, entry)
 
 
 def test_append_terminates_torn_tail_and_keeps_every_byte(tmp_path: Path) -> None:
@@ -201,30 +238,6 @@ def test_short_write_is_an_error_not_a_retry(tmp_path: Path) -> None:
         os.write = real_write  # type: ignore[assignment]
     assert path.read_bytes() == row("h", "a") + encode_row({"episode_id": "b"})[:10]
     append_rows(path, [{"episode_id": "c"}])  # the next append repairs the tail
-    reader, bad = read(path)
-    assert [b.line for b in bad] == [2]
-    assert reader.keys.covers("x", "c")
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    adds=st.lists(st.tuples(st.sampled_from(["h1", "h2", "h3"]), st.integers(0, 300)), max_size=400),
-    probes=st.lists(st.tuples(st.sampled_from(["h1", "h2", "h4"]), st.integers(0, 320)), max_size=50),
-)
-def test_indexed_keys_answer_like_a_set_across_merges(
-    adds: list[tuple[str, int]], probes: list[tuple[str, int]]
-) -> None:
-    """With merges every few keys, membership, the distinct count and the
-    stored arrays (sorted, no key twice) stay those of a plain set."""
-    keys = index.IndexedKeys()
-    keys.MERGE_MIN = 3  # type: ignore[misc]  # merge often: that is what is under test
-    truth: set[tuple[str, str]] = set()
-    for host, n in adds:
-        keys.add(host, f"e{n}")
-        truth.add((host, f"e{n}"))
-        assert keys.host_rows() == len(truth)
-    for host, n in [*probes, *adds[:20]]:
-        assert keys.has_row(host, f"e{n}") == ((host, f"e{n}") in truth)
-    keys._merge()
-    digests = [h << 64 | lo for h, lo in zip(keys._hi, keys._lo, strict=True)]
-    assert digests == sorted(set(digests)) and len(digests) == len(truth)
+    got = read(path)
+    assert [e.line for e in got if isinstance(e, BadLine)] == [2]
+    assert got[-1].episode_id == "c"

@@ -41,8 +41,10 @@ def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_pat
     receiver.append_row({"host_id": "h1", "episode_id": "gone", "schema_version": 1})  # an orphan row
     receiver.append_raw(b"garbage\n")
     prom = tmp_path / "cis490_reconcile.prom"
+    state = tmp_path / "state"
+    state.mkdir()
 
-    ok = receiver.run("--metrics-file", str(prom))
+    ok = receiver.run("--metrics-file", str(prom), "--state-dir", str(state))
     assert ok.returncode == 0
     first = samples(prom)
     assert first["cis490_reconcile_last_run_success"] == 1
@@ -51,7 +53,8 @@ def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_pat
     assert first["cis490_reconcile_last_run_tarballs{state=unverifiable}"] == 1
     assert first["cis490_reconcile_last_run_tarballs{state=scanned}"] == 5
     assert first["cis490_reconcile_index_bad_lines"] == 1
-    assert first["cis490_reconcile_orphan_rows"] == 1
+    assert first["cis490_reconcile_orphan_rows{kind=missing}"] == 1
+    assert first["cis490_reconcile_orphan_rows{kind=pruned}"] == 0
     assert first["cis490_reconcile_last_run_bytes_read"] > 0
     assert (
         first["cis490_reconcile_last_success_timestamp_seconds"]
@@ -66,14 +69,15 @@ def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_pat
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        failed = receiver.run("--metrics-file", str(prom), "--lock-timeout", "0.3")
+        failed = receiver.run("--metrics-file", str(prom), "--lock-timeout", "0.3", "--state-dir", str(state))
     finally:
         holder.kill()
         holder.wait()
     assert failed.returncode == 1
     second = samples(prom)  # still parses
     assert second["cis490_reconcile_last_run_success"] == 0
-    assert second["cis490_reconcile_orphan_rows"] == 1  # carried forward by a new process
+    assert second["cis490_reconcile_orphan_rows{kind=missing}"] == 1  # from the state of the last full pass
+    assert second["cis490_reconcile_last_run_lock_wait_seconds"] >= 0.3  # a timeout is a wait too
     assert (
         second["cis490_reconcile_last_success_timestamp_seconds"]
         == first["cis490_reconcile_last_success_timestamp_seconds"]
@@ -85,7 +89,7 @@ def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_pat
     assert helps(prom) == first_help and len(first_help) >= 10  # constant HELP strings
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
-    third = receiver.run("--metrics-file", str(prom))
+    third = receiver.run("--metrics-file", str(prom), "--state-dir", str(state))
     assert third.returncode == 0
     assert (
         samples(prom)["cis490_reconcile_last_success_timestamp_seconds"]

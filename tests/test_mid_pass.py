@@ -12,12 +12,12 @@ import shutil
 import pytest
 from helpers import Receiver
 
-from cis490_reconcile import config, reconcile
+from cis490_reconcile import config, passrun
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import Reconciler
 
 
-def one_pass(receiver: Receiver) -> reconcile.PassSummary:
+def one_pass(receiver: Receiver) -> passrun.PassSummary:
     cfg = config.build(
         {
             "episodes_root": receiver.episodes,
@@ -27,7 +27,8 @@ def one_pass(receiver: Receiver) -> reconcile.PassSummary:
             "state_dir": "",
         }
     )
-    return Reconciler(cfg, make_logger("error", io.StringIO())).run_pass()
+    with Reconciler(cfg, make_logger("error", io.StringIO())) as reconciler:
+        return reconciler.run_pass()
 
 
 def rows_match_files(receiver: Receiver) -> None:
@@ -42,7 +43,7 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
     receiver.tarball("h2", "x")
     replacement = receiver.tarball("h9", "c").read_bytes()
     shutil.rmtree(receiver.episodes / "h9")
-    real_verify = reconcile.verify_one
+    real_verify = passrun.verify_one
     h1 = receiver.episodes / "h1"
 
     def replace_c() -> None:
@@ -65,13 +66,13 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
         meddle.pop(tarball.episode_id, lambda: None)()
         return real_verify(store, tarball, *args)
 
-    monkeypatch.setattr(reconcile, "verify_one", meddle_then_verify)
+    monkeypatch.setattr(passrun, "verify_one", meddle_then_verify)
     summary = one_pass(receiver)
     assert meddle == {}
     assert (summary.backfilled, summary.unsettled, summary.corrupt) == (1, 4, 0)  # only a was still as seen
     rows_match_files(receiver)
 
-    monkeypatch.setattr(reconcile, "verify_one", real_verify)
+    monkeypatch.setattr(passrun, "verify_one", real_verify)
     again = one_pass(receiver)
     assert (again.backfilled, again.corrupt) == (1, 1)  # the new c; d has bytes after its frame
     rows_match_files(receiver)

@@ -73,7 +73,8 @@ def test_any_index_contents(store: Receiver, lines: list[bytes], torn: bool) -> 
         cfg = config.build(
             {"episodes_root": store.episodes, "index": index, "min_age": 0, "workers": 1, "state_dir": ""}
         )
-        summary = Reconciler(cfg, make_logger("error", io.StringIO())).run_pass()
+        with Reconciler(cfg, make_logger("error", io.StringIO())) as reconciler:
+            summary = reconciler.run_pass()
         after = index.read_bytes()
     assert after.startswith(original)  # not one existing byte changed
     added = after[len(original) :]

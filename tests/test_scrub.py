@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,15 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def cursor_of(state: Path) -> dict | None:
+    """The scrub's cursor as the state database holds it."""
+    if not (state / "state.sqlite3").exists():
+        return None
+    with closing(sqlite3.connect(f"file:{state / 'state.sqlite3'}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT value FROM records WHERE name = 'scrub_cursor'").fetchone()
+    return None if row is None else json.loads(row[0])
+
+
 def scrubbed(result: Result) -> list[tuple[int, str]]:
     return [(e["line"], e["path"]) for e in result.named("tarball_scrubbed")]
 
@@ -111,7 +122,7 @@ def test_all_good_checks_every_row_and_completes_the_round(receiver: Receiver, s
     assert result.one("scrub_round_completed")["round"] == 1
     assert result.named("scrub_mismatch") == result.named("scrub_missing") == []
     assert digest(receiver.index) == before
-    assert sorted(p.name for p in state.iterdir()) == ["scrub.json", "scrub.lock"]
+    assert sorted(p.name for p in state.iterdir()) == ["scrub.lock", "state.sqlite3"]
     # the next run starts the next round from the top
     again = run_scrub(receiver, state)
     assert again.one("scrub_started")["round"] == 2 and again.one("scrub_started")["offset"] == 0
@@ -187,7 +198,7 @@ def test_interrupted_by_max_duration_resumes_where_it_stopped(
     head = first.one("scrub_finished")
     assert head["stopped_by"] == "max_duration" and head["round_completed"] is False
     assert 0 < head["checked"] < 40 and head["duration_s"] < 2
-    cursor = json.loads((state / "scrub.json").read_text())
+    cursor = cursor_of(state)
     assert (cursor["line"], cursor["round"], cursor["counts"]["checked"]) == (
         head["checked"],
         1,
@@ -216,7 +227,7 @@ def test_a_stop_inside_a_read_leaves_that_row_for_the_next_run(receiver: Receive
     head = first.one("scrub_finished")
     assert (head["checked"], head["stopped_by"], head["round_completed"]) == (1, "max_duration", False)
     assert head["bytes_read"] > 1000  # it was reading big
-    cursor = json.loads((state / "scrub.json").read_text())
+    cursor = cursor_of(state)
     assert (cursor["line"], cursor["offset"]) == (1, len(receiver.index.read_bytes().splitlines(True)[0]))
     assert cursor["counts"]["bytes_read"] == small.stat().st_size  # a partial read is not the round's
 
@@ -290,7 +301,7 @@ def test_a_second_scrub_is_refused_while_one_holds_the_lock(receiver: Receiver, 
     assert result.returncode == 1
     assert [(e["event"], e["level"]) for e in result.events] == [("scrub_already_running", "error")]
     assert result.events[0]["lock_file"] == str(state / "scrub.lock")
-    assert not (state / "scrub.json").exists()
+    assert cursor_of(state) is None
 
 
 @pytest.mark.parametrize(
@@ -307,7 +318,7 @@ def test_a_rewritten_index_restarts_the_round_from_the_top(
     for i in range(8):
         indexed(receiver, "h1", f"e{i}")
     first = run_scrub(receiver, state, *SLOW, "--max-duration", "0.5")
-    offset = json.loads((state / "scrub.json").read_text())["offset"]
+    offset = cursor_of(state)["offset"]
     assert offset > 0 and first.one("scrub_finished")["round_completed"] is False
     data = receiver.index.read_bytes()
     if change == "replace":  # same bytes, another inode
@@ -360,4 +371,4 @@ def test_bad_flags_are_one_line_and_exit_2(
         "cis490-reconcile: error: "
     )
     assert message in proc.stderr and len(proc.stderr.splitlines()) == 1
-    assert not (state / "scrub.json").exists()
+    assert cursor_of(state) is None

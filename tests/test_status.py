@@ -60,7 +60,7 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
     result = status(receiver, "--json")
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
-    assert report["report_version"] == 1 and report["clean"] is False
+    assert report["report_version"] == 2 and report["clean"] is False
     assert report["hosts"] == {
         "h1": {
             "tarballs": 2,
@@ -70,7 +70,8 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
             "corrupt": 0,
             "unverifiable": 0,
             "unreadable": 0,
-            "orphan_rows": 0,
+            "missing_rows": 0,
+            "pruned_rows": 0,
             "duplicate_rows": 1,
         },
         "h2": {
@@ -81,7 +82,8 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
             "corrupt": 1,
             "unverifiable": 1,
             "unreadable": 0,
-            "orphan_rows": 0,
+            "missing_rows": 0,
+            "pruned_rows": 0,
             "duplicate_rows": 0,
         },
         "h3": {
@@ -92,7 +94,8 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
             "corrupt": 0,
             "unverifiable": 0,
             "unreadable": 0,
-            "orphan_rows": 1,
+            "missing_rows": 1,
+            "pruned_rows": 0,
             "duplicate_rows": 0,
         },
     }
@@ -108,8 +111,10 @@ def test_json_report_of_a_messy_store(receiver: Receiver, tmp_path: Path) -> Non
         {"line": 5, "offset": report["bad_lines"][0]["offset"], "reason": "not valid JSON"}
     ]
     assert receiver.index.read_bytes()[report["bad_lines"][0]["offset"] :].startswith(b"not json\n")
-    assert report["duplicate_rows"] == [{"line": 3, "host_id": "h1", "episode_id": "a"}]
-    assert report["orphan_rows"] == [{"line": 4, "host_id": "h3", "episode_id": "gone"}]
+    assert report["duplicate_rows"] == [{"host_id": "h1", "episode_id": "a", "offset": 0, "rows": 2}]
+    (missing,) = report["missing_rows"]
+    assert (missing["host_id"], missing["episode_id"]) == ("h3", "gone")
+    assert receiver.index.read_bytes()[missing["offset"] :].startswith(b'{"episode_id": "gone"')
     assert [c["path"] for c in report["corrupt"]] == ["h2/cut.tar.zst"]
     assert report["unverifiable"] == [
         {
@@ -139,14 +144,17 @@ def test_human_table_and_exit_codes(receiver: Receiver, tmp_path: Path) -> None:
         "CORRUPT",
         "UNVERIFIABLE",
         "UNREADABLE",
-        "ORPHAN",
+        "MISSING",
+        "ROWS",
+        "PRUNED",
         "ROWS",
         "DUP",
         "ROWS",
     ]
-    assert lines[3].split() == ["h1", "2", "1", "1", "0", "0", "0", "0", "0", "1"]
-    assert lines[4].split() == ["h2", "3", "0", "1", "0", "1", "1", "0", "0", "0"]
-    assert "  line 5 (byte " in table.stdout and "  line 4: h3/gone" in table.stdout
+    assert lines[3].split() == ["h1", "2", "1", "1", "0", "0", "0", "0", "0", "0", "1"]
+    assert lines[4].split() == ["h2", "3", "0", "1", "0", "1", "1", "0", "0", "0", "0"]
+    assert "  line 5 (byte " in table.stdout and ": h3/gone" in table.stdout
+    assert "  h1/a: 2 rows, the first at byte 0" in table.stdout
     assert lines[-1].startswith("needs attention: settled tarballs not indexed (a pass backfills them): 2; ")
     assert table.stderr == ""  # no progress bar when stderr is not a terminal
 

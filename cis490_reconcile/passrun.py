@@ -1,0 +1,483 @@
+"""One reconcile pass: find the tarballs index.jsonl lacks and append their rows.
+
+    1. catch up: read what the index gained into the state database
+       (everything on a full pass)
+    2. list: each host directory that changed since the last pass is listed
+       and checked against the index; one that did not is only looked at for
+       the episodes it left unresolved. Candidates come in chunks of
+       SCAN_CHUNK, so memory stays bounded and progress has a total.
+    3. verify each candidate that is settled (older than min_age); `record`
+       is the one place a verdict is counted, logged and acted on
+    4. commit every BATCH_ROWS rows or BATCH_SECONDS, and at the end
+       (commit.py: the only step that takes the index lock)
+    5. remember: host directory memos, unverifiable tarballs, orphan counts
+
+Stopping: every slow step calls `checkpoint`, which feeds the watchdog and
+raises StopRequested when a stop was asked for. Checkpoints are never inside
+the locked section, so a commit that has the lock always finishes. After a
+stop, rows already verified are committed if the lock is free at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import operator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from . import index, quarantine
+from .commit import Committed, Committer, Pending
+from .config import Config
+from .coverage import CatchUp, Coverage
+from .lock import LockTimeout
+from .log import Events, Logger
+from .notify import Notifier
+from .progress import Progress
+from .reading import ReadPacer
+from .runtime import StopRequested, human_size, iso_utc
+from .state import State, Unverified
+from .store import HostDir, Skipped, Store, Tarball, printable
+from .verify import Corrupt, Decoding, Intact, Unreadable, Unsettled, Unverifiable, Verdict, verify_one
+
+BATCH_ROWS = 1000
+BATCH_SECONDS = 10.0
+SCAN_CHUNK = 100_000  # candidate names held at once (a few MB)
+GUARD_NS = 3 * 10**9  # a directory changed this recently may change again within its timestamp tick
+
+
+@dataclass
+class PassSummary:
+    scanned: int = 0
+    already_indexed: int = 0
+    backfilled: int = 0
+    raced: int = 0  # verified, but the receiver's row arrived before our commit
+    corrupt: int = 0
+    unverifiable: int = 0  # found now, or earlier and unchanged since (not read again)
+    quarantined: int = 0
+    in_flight: int = 0
+    unsettled: int = 0
+    unreadable: int = 0
+    skipped: int = 0
+    bad_index_lines: int = 0
+    bytes_read: int = 0
+    lock_wait_s: float = 0.0
+    lock_held_max_s: float = 0.0
+    duration_s: float = 0.0
+    interrupted: bool = False
+    full: bool = False  # listed every host directory and read the whole index
+    hosts_listed: int = 0
+    hosts_unchanged: int = 0  # not listed: unchanged since the last pass
+
+
+def backfill_row(tarball: Tarball, intact: Intact, now_ns: int) -> dict[str, object]:
+    """The receiver's row (received_at_wall is the tarball's mtime, the best
+    estimate of when the receiver got it), marked backfilled, plus when."""
+    row: dict[str, object] = {
+        "received_at_wall": iso_utc(tarball.mtime_ns),
+        "host_id": tarball.host_id,
+        "episode_id": tarball.episode_id,
+        "sha256": intact.sha256,
+        "size_bytes": intact.size,
+        "schema_version": index.SCHEMA_VERSION,
+        "backfilled": True,
+        "backfilled_at": iso_utc(now_ns),
+    }
+    if intact.commit:
+        row["commit"] = intact.commit
+    return row
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass needs from the long-lived Reconciler."""
+
+    cfg: Config
+    log: Logger
+    notifier: Notifier
+    should_stop: Callable[[], bool]
+    decoding: Decoding
+    workers: int
+    dry_run: bool = False
+    rows_out: TextIO | None = None
+    bar: Progress | None = None
+
+
+def unverified(tarball: Tarball, limits: str, reason: str) -> Unverified:
+    t = tarball
+    return Unverified(t.dev, t.ino, t.size, t.mtime_ns, t.ctime_ns, limits, reason)
+
+
+@dataclass
+class _Host:
+    """What this pass learned of one host directory."""
+
+    times: tuple[int, int] | None  # (mtime, ctime) to remember, None: list it next time
+    unresolved: set[str] = field(default_factory=set)
+
+
+class PassRun:
+    def __init__(self, env: PassContext, state: State, full: bool) -> None:
+        self.env = env
+        self.cfg = env.cfg
+        self.log = env.log
+        self.state = state
+        self.coverage = Coverage(state)
+        self.events = Events(env.log)
+        self.committer = Committer(self.cfg, self.coverage, self._read, env.dry_run, env.rows_out)
+        self.summary = PassSummary(full=full)
+        self.hosts: dict[str, _Host] = {}
+        self.unverified: dict[tuple[str, str], Unverified | None] = {}  # to remember (None: forget)
+        self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
+        self.pending: list[Pending] = []
+        self.pending_since = 0.0
+        self.verified = self.found = 0  # candidates looked at, candidates found
+        self.reading = 0  # bytes read by workers for verdicts not yet back
+        self.replaced = False  # the index was replaced: the memos cannot be trusted
+        self.torn_reported = False
+        self.store: Store | None = None
+        self.cutoff = None if self.cfg.retention is None else time.time() - self.cfg.retention
+
+    # --- the pass -------------------------------------------------------------------
+
+    def run(self) -> None:
+        env, s = self.env, self.summary
+        env.notifier.status("reading the index", force=True)
+        self.committer.catch_up(s.full, self.checkpoint)
+        with Store(self.cfg.episodes_root) as store:
+            self.store = store
+            for chunk in self._candidates(store):
+                self.found += len(chunk)
+                self._verify(store, chunk)
+        if self.pending or not env.dry_run:
+            self._commit()  # also ends a torn last line
+
+    def stop(self) -> None:
+        """After a stop request: commit what is verified if the lock is free now."""
+        self.summary.interrupted = True
+        if self.pending and not self.env.dry_run:
+            with contextlib.suppress(StopRequested):
+                self._commit(wait_for_lock=False)
+
+    def checkpoint(self, progressed: bool = True) -> None:
+        """A safe point: feed the watchdog (only if work moved on), report
+        progress, honour a stop."""
+        env = self.env
+        if progressed:
+            env.notifier.keepalive()
+        if self.found:
+            read = self.summary.bytes_read + self.reading
+            env.notifier.status(
+                f"verifying {self.verified}/{self.found} unindexed tarballs, {human_size(read)} read"
+            )
+            if env.bar is not None:
+                env.bar.update(self.verified, read, self.verified / self.found)
+        if env.should_stop():
+            raise StopRequested
+
+    def _read(self, found: CatchUp) -> None:
+        """What a catch-up of the index found."""
+        if found.rebuilt:
+            self.summary.full = True  # read the whole index: list every host too
+        if found.replaced:
+            self.replaced = True
+            self.log.warning("index_restarted", reason="index replaced or shrank; read from the start")
+        for bad in found.bad:
+            self.events("index_bad_line", line=bad.line, offset=bad.offset, reason=bad.reason)
+        if found.torn is not None and not self.torn_reported:
+            self.torn_reported = True
+            self.log.warning("index_torn_tail", offset=found.torn.offset, line=found.torn.line)
+
+    # --- listing ----------------------------------------------------------------------
+
+    def _candidates(self, store: Store) -> Iterator[list[tuple[str, str]]]:
+        """(host_id, episode_id) of every episode the index lacks, in chunks."""
+        chunk: list[tuple[str, str]] = []
+        for host_id in store.host_ids(self.cfg.host):
+            if isinstance(host_id, Skipped):
+                self._skipped(host_id)
+                continue
+            self.env.notifier.status(f"listing {printable(host_id)}")
+            for episode_id in self._host_candidates(store, host_id):
+                chunk.append((host_id, episode_id))
+                if len(chunk) >= SCAN_CHUNK:
+                    yield chunk
+                    chunk = []
+            self.checkpoint()
+        if chunk:
+            yield chunk
+
+    def _host_candidates(self, store: Store, host_id: str) -> list[str]:
+        host = store.open_host(host_id)
+        if host is None and self.cfg.host is not None:
+            self.log.warning("host_not_found", host_id=host_id)
+        if not isinstance(host, HostDir):
+            if isinstance(host, Skipped):
+                self._skipped(host)
+            return []
+        with host:
+            try:
+                st = host.stat()
+                listed_ns = time.time_ns()
+                settled = listed_ns - st.st_mtime_ns >= GUARD_NS and listed_ns - st.st_ctime_ns >= GUARD_NS
+                memo = self._memo(host_id)
+                times = (st.st_mtime_ns, st.st_ctime_ns)
+                self.hosts[host_id] = _Host(times if settled else None)
+                if not self.summary.full and memo is not None and memo[:2] == times:
+                    self.summary.hosts_unchanged += 1
+                    self.summary.scanned += len(memo[2])
+                    return self._track(host_id, memo[2])
+                entries = host.entries()
+            except OSError as e:
+                self._skipped(Skipped(host_id, f"cannot list: {e.strerror}"))
+                self.hosts.pop(host_id, None)
+                return []
+        self.summary.hosts_listed += 1
+        names = []
+        for entry in entries:
+            if isinstance(entry, Skipped):
+                self._skipped(entry)
+            else:
+                names.append(entry)
+        listing = self.coverage.listing(host_id, names, self.cutoff)
+        self.summary.scanned += len(names)
+        self.summary.already_indexed += len(names) - len(listing.unindexed)
+        if self.summary.full and self.cfg.host is None:
+            rows = self.coverage.host_rows(host_id, self.cutoff)
+            pruned = rows.older - listing.matched_older
+            self.orphans[host_id] = (rows.rows - listing.matched - pruned, pruned)
+        return self._track(host_id, listing.unindexed)
+
+    def _memo(self, host_id: str) -> tuple[int | None, int | None, list[str]] | None:
+        host = self.coverage.known_host(host_id)
+        return None if host is None else self.state.memo(host)
+
+    def _track(self, host_id: str, episodes: list[str]) -> list[str]:
+        self.hosts[host_id].unresolved.update(episodes)
+        return episodes
+
+    def _resolved(self, tarball: Tarball) -> None:
+        host = self.hosts.get(tarball.host_id)
+        if host is not None:
+            host.unresolved.discard(tarball.episode_id)
+
+    def _skipped(self, skipped: Skipped) -> None:
+        self.summary.skipped += 1
+        self.events("store_entry_skipped", path=skipped.path, reason=skipped.reason)
+
+    # --- verifying --------------------------------------------------------------------
+
+    def _verify(self, store: Store, chunk: list[tuple[str, str]]) -> None:
+        """Verify the settled tarballs of a chunk, here or in the workers;
+        either way each verdict is recorded here, and commits are due here."""
+        for tarball, verdict in self._verdicts(store, self._settled(store, chunk)):
+            self.record(tarball, verdict)
+            self.verified += 1
+            self.checkpoint()
+            if self.pending and (
+                len(self.pending) >= BATCH_ROWS or time.monotonic() - self.pending_since >= BATCH_SECONDS
+            ):
+                self._commit()
+
+    def _verdicts(self, store: Store, tarballs: Iterable[Tarball]) -> Iterator[tuple[Tarball, Verdict]]:
+        env = self.env
+        if env.workers == 1:
+            pacer = ReadPacer(self.cfg.max_read_rate, self.checkpoint)
+
+            def on_read(n: int) -> None:
+                self.summary.bytes_read += n
+                pacer.consume(n)
+                self.checkpoint()
+
+            for tarball in tarballs:
+                yield tarball, verify_one(store, tarball, env.decoding, on_read)
+            return
+        from .workers import VerifyPool  # multiprocessing: only when there is something to verify
+
+        first = next(iter_ := iter(tarballs), None)
+        if first is None:
+            return
+        with VerifyPool(store, env.workers, self.cfg.max_read_rate, env.decoding) as pool:
+            counted = 0  # bytes of finished verdicts, already in the summary
+
+            def tick(progressed: bool) -> None:
+                self.reading = pool.bytes_read - counted  # for the status line
+                self.checkpoint(progressed)
+
+            for tarball, verdict, read in pool.results(itertools.chain([first], iter_), tick):
+                counted += read
+                self.summary.bytes_read += read
+                yield tarball, verdict
+        self.reading = 0
+
+    def _settled(self, store: Store, chunk: list[tuple[str, str]]) -> Iterator[Tarball]:
+        """The tarballs of a chunk (in host order) old enough to verify and
+        not known unverifiable; the rest are counted here."""
+        s = self.summary
+        for host_id, group in itertools.groupby(chunk, key=operator.itemgetter(0)):
+            host = store.open_host(host_id)  # removed or replaced since the listing: next pass
+            if not isinstance(host, HostDir):
+                continue
+            with host:
+                for _, episode_id in group:
+                    tarball = host.lstat(episode_id)
+                    if not isinstance(tarball, Tarball):
+                        self._resolved_name(host_id, episode_id)  # gone, or not a file any more
+                        if isinstance(tarball, Skipped):
+                            self._skipped(tarball)
+                    elif self._known_unverifiable(tarball):
+                        s.unverifiable += 1
+                    elif (age_s := (time.time_ns() - tarball.ctime_ns) / 1e9) >= self.cfg.min_age:
+                        yield tarball
+                        continue
+                    else:
+                        s.in_flight += 1
+                        self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
+                    self.verified += 1
+                    self.checkpoint()
+
+    def _resolved_name(self, host_id: str, episode_id: str) -> None:
+        host = self.hosts.get(host_id)
+        if host is not None:
+            host.unresolved.discard(episode_id)
+        self.unverified[(host_id, episode_id)] = None
+
+    def _known_unverifiable(self, tarball: Tarball) -> bool:
+        host = self.coverage.known_host(tarball.host_id)
+        known = None if host is None else self.state.unverified(host, tarball.episode_id)
+        if known is None or known != unverified(tarball, self.env.decoding.key, known.reason):
+            return False
+        self.log.debug("tarball_unverifiable_unchanged", path=tarball.path)
+        return True
+
+    def record(self, tarball: Tarball, verdict: Verdict) -> None:
+        """The one place a verdict is counted, logged and acted on."""
+        s = self.summary
+        if isinstance(verdict, Intact):
+            if verdict.commit_note:
+                self.events("tarball_without_commit", path=tarball.path, reason=verdict.commit_note)
+            if not self.pending:
+                self.pending_since = time.monotonic()
+            self.pending.append(Pending(tarball, verdict, backfill_row(tarball, verdict, time.time_ns())))
+        elif isinstance(verdict, Unsettled):
+            s.unsettled += 1
+            self.events("tarball_unsettled", level="info", path=tarball.path, reason=verdict.reason)
+        elif isinstance(verdict, Unreadable):
+            s.unreadable += 1
+            self.events("tarball_unreadable", path=tarball.path, reason=verdict.reason)
+        elif isinstance(verdict, Unverifiable):
+            s.unverifiable += 1
+            key = (tarball.host_id, tarball.episode_id)
+            self.unverified[key] = unverified(tarball, self.env.decoding.key, verdict.reason)
+            self.events(
+                "tarball_unverifiable", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
+            )
+        else:
+            self._corrupt(tarball, verdict)
+
+    def _corrupt(self, tarball: Tarball, verdict: Corrupt) -> None:
+        self.summary.corrupt += 1
+        qdir = self.cfg.quarantine_dir
+        wait_s = None
+        if qdir is not None:
+            wait_s = max(0.0, self.cfg.quarantine_min_age - (time.time_ns() - tarball.ctime_ns) / 1e9)
+        extra = {"quarantine_in_s": round(wait_s)} if wait_s else {}
+        self.events(
+            "tarball_corrupt", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size, **extra
+        )
+        if qdir is None or wait_s or self.env.dry_run or self.store is None:
+            return
+        host = self.store.open_host(tarball.host_id)
+        if not isinstance(host, HostDir):
+            return  # the host directory went away: nothing to move
+        with host:
+            try:
+                moved = quarantine.move(host, tarball, verdict.reason, qdir, iso_utc(time.time_ns()))
+            except OSError as e:
+                self.events("quarantine_failed", path=tarball.path, error=e.strerror or str(e))
+                return
+        self.summary.quarantined += 1
+        self._resolved(tarball)
+        self.events("tarball_quarantined", path=tarball.path, quarantine_path=moved, reason=verdict.reason)
+
+    # --- committing ---------------------------------------------------------------------
+
+    def _commit(self, wait_for_lock: bool = True) -> None:
+        """Append the pending rows. Without wait_for_lock (stopping), give up
+        at once if the lock is busy: the rows are verified again next pass."""
+        pending, self.pending = self.pending, []
+        waited = False
+
+        def on_wait() -> None:
+            nonlocal waited
+            if not wait_for_lock:
+                self.log.info("rows_left_for_next_pass", rows=len(pending), reason="stopping, lock busy")
+                raise StopRequested
+            if not waited:
+                waited = True
+                self.log.info("index_lock_waiting", lock_file=self.cfg.lock_path)
+                self.env.notifier.status(f"waiting for index lock {self.cfg.lock_path}", force=True)
+            self.checkpoint()
+
+        asked = time.monotonic()
+        try:
+            done = self.committer.commit(pending, on_wait)
+        except LockTimeout:  # a wait that ended in failure is a wait too (the alert on lock waits sees it)
+            self.summary.lock_wait_s = round(self.summary.lock_wait_s + time.monotonic() - asked, 4)
+            raise
+        self._report(done)
+
+    def _report(self, done: Committed) -> None:
+        s = self.summary
+        s.lock_wait_s = round(s.lock_wait_s + done.lock_wait_s, 4)
+        s.lock_held_max_s = round(max(s.lock_held_max_s, done.lock_held_s), 4)
+        s.raced += len(done.raced)
+        s.backfilled += len(done.fresh)
+        if done.terminated_torn_tail:
+            self.log.info("index_torn_tail_terminated")
+        if done.written:
+            self.log.info(
+                "index_appended",
+                rows=len(done.fresh),
+                bytes=done.written,
+                lock_wait_s=round(done.lock_wait_s, 4),
+                lock_held_s=round(done.lock_held_s, 4),
+            )
+        for p in (*done.fresh, *done.raced):
+            self._resolved(p.tarball)
+        for p in done.raced:
+            self.events("row_already_present", level="info", path=p.tarball.path)
+        event = "row_would_backfill" if self.env.dry_run else "row_backfilled"
+        for p in done.fresh:
+            self.events(
+                event,
+                level="info",
+                path=p.tarball.path,
+                host_id=p.tarball.host_id,
+                episode_id=p.tarball.episode_id,
+                sha256=p.intact.sha256,
+                size_bytes=p.intact.size,
+                commit=p.intact.commit,
+                zstd_checksum=p.intact.checksummed,
+            )
+
+    # --- remembering ----------------------------------------------------------------------
+
+    def remember(self) -> None:
+        """After a completed pass: memos, verdicts and orphan counts, in one transaction."""
+        host_id = self.coverage.host_id
+        with self.state.transaction():
+            for name, seen in self.hosts.items():
+                self.state.save_memo(host_id(name), None if self.replaced else seen.times, seen.unresolved)
+            for (name, episode_id), verdict in self.unverified.items():
+                self.state.save_unverified(host_id(name), episode_id, verdict)
+            if self.summary.full and self.cfg.host is None:
+                for name, host in self.coverage.host_names().items():
+                    if host == 0:
+                        continue
+                    if name not in self.orphans:  # its directory is gone: every row is an orphan
+                        rows = self.coverage.host_rows(name, self.cutoff)
+                        self.orphans[name] = (rows.rows - rows.older, rows.older)
+                    self.state.save_orphans(host, *self.orphans[name])

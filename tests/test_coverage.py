@@ -1,0 +1,191 @@
+"""What the index covers, kept in the state database: read on from the
+checkpoint, read from the start when the file is not the one read, and
+answer "is it indexed?" the same way by lookup and by merge."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cis490_reconcile import coverage
+from cis490_reconcile.coverage import Coverage
+from cis490_reconcile.index import encode_row
+from cis490_reconcile.state import State, StateUnusable
+
+
+def row(host: str | None, episode: str, received: str = "2026-11-01T00:00:00+00:00") -> bytes:
+    r: dict[str, object] = {"episode_id": episode, "received_at_wall": received}
+    if host is not None:
+        r["host_id"] = host
+    return encode_row(r)
+
+
+@contextmanager
+def opened(tmp_path: Path, index: Path) -> Iterator[Coverage]:
+    state = State.open(tmp_path / "state.sqlite3", "/episodes", str(index))
+    try:
+        yield Coverage(state)
+    finally:
+        state.close()
+
+
+def catch_up(cov: Coverage, index: Path, full: bool = False) -> coverage.CatchUp:
+    fd = os.open(index, os.O_RDONLY)
+    try:
+        return cov.catch_up(fd, full)
+    finally:
+        os.close(fd)
+
+
+def keys_table(path: Path) -> list[tuple]:
+    with sqlite3.connect(path) as db:
+        query = "SELECT h.name, k.digest, k.offset, k.received, k.copies FROM keys k"
+        return sorted(db.execute(query + " JOIN hosts h ON h.id = k.host"))
+
+
+def test_reads_on_from_the_checkpoint_and_remembers_it(tmp_path: Path) -> None:
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h1", "a") + b"junk\n" + row(None, "old"))
+    with opened(tmp_path, index) as cov:
+        first = catch_up(cov, index)
+        assert (first.rows, [b.line for b in first.bad], first.rebuilt) == (2, [2], True)
+        assert cov.covers("h1", "a") and not cov.covers("h2", "a")
+        assert cov.covers("anyone", "old")  # a row without host_id covers every host
+    with open(index, "ab") as f:
+        f.write(row("h2", "b") + row("h1", "a"))
+    with opened(tmp_path, index) as cov:  # a new process: the checkpoint is in the file
+        again = catch_up(cov, index)
+        assert (again.rows, again.bad, again.rebuilt) == (2, [], False)  # only the new lines
+        assert cov.covers("h2", "b")
+        assert cov.host_rows("h1", None).duplicates == 1
+        cp = cov.state.checkpoint()
+        assert cp is not None and (cp.offset, cp.lines, cp.bad_lines) == (index.stat().st_size, 5, 1)
+
+
+@pytest.mark.parametrize("how", ["replaced", "shrunk", "rewritten"])
+def test_an_index_that_is_not_the_one_read_is_read_from_the_start(tmp_path: Path, how: str) -> None:
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h", "a") + row("h", "b"))
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+    if how == "replaced":
+        (tmp_path / "new").write_bytes(row("h", "c") + row("h", "d") + row("h", "e"))
+        os.rename(tmp_path / "new", index)
+    elif how == "shrunk":
+        index.write_bytes(row("h", "c"))
+    else:  # same inode, same length, other bytes before the checkpoint
+        data = index.read_bytes()
+        index.write_bytes(data.replace(b'"a"', b'"c"') + row("h", "d"))
+    with opened(tmp_path, index) as cov:
+        found = catch_up(cov, index)
+        assert found.rebuilt and found.replaced
+        assert not cov.covers("h", "a") and cov.covers("h", "c")
+
+
+def test_a_complete_torn_row_counts_until_it_is_read_whole(tmp_path: Path) -> None:
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h", "a") + row("h", "t")[:-1])
+    with opened(tmp_path, index) as cov:
+        found = catch_up(cov, index)
+        assert found.torn is not None and cov.covers("h", "t")
+        assert cov.listing("h", ["a", "t", "u"], None).unindexed == ["u"]
+        with open(index, "ab") as f:
+            f.write(b"\n")
+        catch_up(cov, index)
+        assert cov.covers("h", "t") and cov.host_rows("h", None).duplicates == 0
+
+
+def test_a_full_rebuild_and_reading_on_make_the_same_table(tmp_path: Path) -> None:
+    index = tmp_path / "index.jsonl"
+    lines = [row(f"h{i % 3}", f"e{i % 7}", f"2026-0{1 + i % 9}-01T00:00:00Z") for i in range(40)]
+    index.write_bytes(b"".join(lines[:10]))
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+        for start in range(10, 40, 10):  # read on in steps
+            with open(index, "ab") as f:
+                f.write(b"".join(lines[start : start + 10]))
+            catch_up(cov, index)
+    stepwise = keys_table(tmp_path / "state.sqlite3")
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index, full=True)
+    assert keys_table(tmp_path / "state.sqlite3") == stepwise
+    assert sum(copies for *_, copies in stepwise) == 40 and len(stepwise) == 21
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    indexed=st.lists(st.integers(0, 60), max_size=60),
+    listed=st.lists(st.integers(0, 80), max_size=60, unique=True),
+    old=st.sets(st.integers(0, 60)),
+)
+def test_lookup_and_merge_agree(
+    tmp_path_factory: pytest.TempPathFactory, indexed: list[int], listed: list[int], old: set[int]
+) -> None:
+    tmp = tmp_path_factory.mktemp("cov")
+    index = tmp / "index.jsonl"
+    stamp = {True: "2020-01-01T00:00:00+00:00", False: "2026-01-01T00:00:00+00:00"}
+    index.write_bytes(b"".join(row("h", f"e{n}", stamp[n in old]) for n in indexed))
+    cutoff = 1.7e9  # 2023
+    names = [f"e{n}" for n in listed]
+    with opened(tmp, index) as cov:
+        catch_up(cov, index)
+        by_merge = cov.listing("h", names, cutoff)
+        saved = coverage._POINT_US, coverage._SCAN_US
+        coverage._POINT_US, coverage._SCAN_US = 0.0, 1.0  # force lookups
+        try:
+            by_lookup = cov.listing("h", names, cutoff)
+        finally:
+            coverage._POINT_US, coverage._SCAN_US = saved
+    have = set(indexed)
+    assert (
+        sorted(by_merge.unindexed)
+        == sorted(by_lookup.unindexed)
+        == sorted(f"e{n}" for n in listed if n not in have)
+    )
+    assert by_merge.matched == by_lookup.matched == len([n for n in listed if n in have])
+    assert (
+        by_merge.matched_older
+        == by_lookup.matched_older
+        == len([n for n in listed if n in have and n in old])
+    )
+
+
+def test_a_file_of_something_else_or_another_store_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.sqlite3"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(StateUnusable, match="a database of something else"):
+        State.open(other, "/episodes", "/index")
+    State.open(tmp_path / "s.sqlite3", "/episodes", "/index").close()
+    with pytest.raises(StateUnusable, match="written for another store"):
+        State.open(tmp_path / "s.sqlite3", "/elsewhere", "/index")
+    (tmp_path / "junk.sqlite3").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StateUnusable, match="not a usable database"):
+        State.open(tmp_path / "junk.sqlite3", "/episodes", "/index")
+    with sqlite3.connect(tmp_path / "s.sqlite3") as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StateUnusable, match="schema version 99, newer"):
+        State.open(tmp_path / "s.sqlite3", "/episodes", "/index")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("2026-11-25T08:23:02.659399+00:00", 1795594982),
+        ("2026-11-25T08:23:02Z", 1795594982),
+        ("2026-11-25T08:23:02", 1795594982),  # no zone: UTC, as the receiver writes
+        ("2026-11-25T09:23:02+01:00", 1795594982),
+        ("yesterday", None),
+        (1795594982, None),
+        (None, None),
+    ],
+)
+def test_received_seconds(value: object, seconds: int | None) -> None:
+    assert coverage.received_seconds(value) == seconds
