@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from helpers import REPO, NotifySocket, Receiver, Result, clean_env, parse_event
 from prometheus_client.parser import text_string_to_metric_families
 
 from cis490_reconcile import metrics
+from cis490_reconcile.log import MAX_EVENTS
 
 # 256 KiB tarballs read at 4 MiB/s: 16 a second, so a run can be cut short
 # mid-round in a fraction of a second and resumed
@@ -372,3 +374,61 @@ def test_bad_flags_are_one_line_and_exit_2(
     )
     assert message in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert cursor_of(state) is None
+
+
+def _pruned_store(receiver: Receiver, old: int, young: int) -> None:
+    """Rows of tarballs that are gone: `old` received two days ago, `young` an hour ago."""
+    now = time.time()
+    for i in range(old + young):
+        stamp = now - (2 * 86400 if i < old else 3600)
+        receiver.append_row(
+            {
+                "host_id": "h1",
+                "episode_id": f"e{i:05}",
+                "received_at_wall": datetime.fromtimestamp(stamp, UTC).isoformat(),
+                "sha256": "0" * 64,
+                "size_bytes": 100,
+                "schema_version": 1,
+            }
+        )
+    (receiver.episodes / "h1").mkdir(exist_ok=True)
+
+
+def test_pruned_rows_are_counted_not_reported_and_missing_ones_fail(
+    receiver: Receiver, state: Path, tmp_path: Path
+) -> None:
+    _pruned_store(receiver, old=30, young=2)
+    indexed(receiver, "h1", "kept", size=1000)
+    prom = tmp_path / "cis490_reconcile.prom"
+
+    result = run_scrub(receiver, state, "--retention", "1d", "--metrics-file", str(prom))
+
+    finished = result.one("scrub_finished")
+    assert (finished["pruned"], finished["missing"], finished["ok"]) == (30, 2, 1)
+    assert [m["path"] for m in result.named("scrub_missing")] == ["h1/e00030.tar.zst", "h1/e00031.tar.zst"]
+    assert result.returncode == 1  # the two young ones are missing
+    assert finished["bytes_read"] == 1000  # a pruned row costs one lstat, never a read
+    scrub_prom = {
+        (s.name, s.labels.get("result")): s.value
+        for f in text_string_to_metric_families((tmp_path / "cis490_reconcile_scrub.prom").read_text())
+        for s in f.samples
+    }
+    assert scrub_prom[("cis490_reconcile_scrub_last_run_rows", "pruned")] == 30
+    assert scrub_prom[("cis490_reconcile_scrub_last_run_rows", "missing")] == 2
+
+    clean = run_scrub(receiver, state, "--retention", "30m")  # the next round: all of them old enough
+    assert clean.returncode == 0 and clean.one("scrub_finished")["pruned"] == 32
+    assert clean.named("scrub_missing") == []
+
+
+def test_per_row_events_stop_at_the_cap_with_one_summary(receiver: Receiver, state: Path) -> None:
+    """A condition that can cover millions of rows (a store pruned without a
+    retention set) must not flood the journal: MAX_EVENTS of a kind, then one
+    events_suppressed; the counts stay complete."""
+    _pruned_store(receiver, old=MAX_EVENTS + 20, young=0)
+    result = run_scrub(receiver, state)  # no retention: every gone tarball is missing
+    assert len(result.named("scrub_missing")) == MAX_EVENTS
+    (suppressed,) = result.named("events_suppressed")
+    assert (suppressed["suppressed_event"], suppressed["after"]) == ("scrub_missing", MAX_EVENTS)
+    assert result.one("scrub_finished")["missing"] == MAX_EVENTS + 20
+    assert len(result.stdout.encode()) < 1 << 20

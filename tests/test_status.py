@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from helpers import REPO, Receiver, episode, gnu_tarball
@@ -225,3 +227,28 @@ def test_an_unreadable_index_is_one_line_and_exit_1(receiver: Receiver, tmp_path
         err.getvalue().startswith("cis490-reconcile status: error: ") and "Is a directory" in err.getvalue()
     )
     assert len(err.getvalue().splitlines()) == 1
+
+
+def test_pruned_rows_are_normal_missing_ones_need_attention(receiver: Receiver) -> None:
+    now = time.time()
+    for i, age in enumerate([5 * 86400] * 5 + [3600]):
+        received = datetime.fromtimestamp(now - age, UTC).isoformat()
+        receiver.append_row({"host_id": "h1", "episode_id": f"gone{i}", "received_at_wall": received})
+    receiver.tarball("h1", "kept")
+    receiver.append_row(receiver.receiver_row("h1", "kept"))
+
+    result = status(receiver, "--json", "--retention", "1d")
+    report = json.loads(result.stdout)
+    h1 = report["hosts"]["h1"]
+    assert (h1["pruned_rows"], h1["missing_rows"], h1["indexed"]) == (5, 1, 1)
+    assert [(m["host_id"], m["episode_id"]) for m in report["missing_rows"]] == [("h1", "gone5")]
+    assert report["attention"] == ["missing tarballs (rows without a tarball, within the retention): 1"]
+    assert result.returncode == 1
+
+    everything = status(receiver, "--all-orphans", "--retention", "1d")
+    assert everything.returncode == 0
+    streamed = sorted((o["episode_id"], o["kind"]) for o in map(json.loads, everything.stdout.splitlines()))
+    assert streamed == [(f"gone{i}", "pruned") for i in range(5)] + [("gone5", "missing")]
+
+    older = status(receiver, "--json", "--retention", "30m")  # now the young one is past it too
+    assert older.returncode == 0 and json.loads(older.stdout)["totals"]["pruned_rows"] == 6
