@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import struct
 from pathlib import Path
 
@@ -145,6 +146,24 @@ def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
                 limits.append(int((base / directory.relative_to("/") / name).read_text()))
     real = [limit for limit in limits if 0 < limit < 1 << 60]  # v1 says 2**63-4096 for "none"
     return min(real, default=None)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this (forked) process when its parent dies,
+    so a pass killed by the watchdog or by kill -9 leaves no workers behind
+    (without a unit's cgroup to sweep them up, they would wait forever).
+    Exits at once if the parent is already gone."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # died before the prctl took effect
+        os._exit(1)
 
 
 _RENAME_NOREPLACE = 1  # linux/fs.h

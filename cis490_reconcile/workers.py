@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 
+from . import syscalls
 from .reading import ReadPacer
 from .store import Store, Tarball
 from .verify import Decoding, Verdict, verify_one
@@ -139,7 +140,9 @@ class VerifyPool:
         share = None if rate is None else max(rate // workers, 1)
         shared_decoding = replace(decoding, budget=SharedWindowBudget(ctx, decoding.max_window))
         _shared = _Shared(store, shared_decoding, share, self._progress, self._stop)
-        self._pool = ProcessPoolExecutor(workers, mp_context=ctx)
+        self._pool = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=syscalls.die_with_parent, initargs=(os.getpid(),)
+        )
 
     def __enter__(self) -> VerifyPool:
         return self

@@ -64,6 +64,7 @@ def test_kill_9_at_random_moments_never_damages_the_index(receiver: Receiver) ->
         outcomes[_phase(proc.returncode, log.read_text())] += 1
         keys = check_index(receiver)
         assert len(keys) == len(set(keys)), f"trial {trial}: a duplicate row"
+    assert _processes_under(receiver.root) == [], "a killed pass left its workers behind"
     final = receiver.run("--workers", "1")
     assert final.returncode == 0
     keys = check_index(receiver)
@@ -71,6 +72,19 @@ def test_kill_9_at_random_moments_never_damages_the_index(receiver: Receiver) ->
     assert receiver.index.read_bytes().endswith(b"\n")
     print(f"{TRIALS} trials: {dict(outcomes)}")
     assert outcomes["finished"] < TRIALS * 0.9, "the kills missed the passes"
+
+
+def _processes_under(root: Path) -> list[int]:
+    """Processes still running with `root` in their command line."""
+    time.sleep(0.2)  # the kernel delivers the parent-death signal at once; let them be reaped
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if str(root).encode() in cmdline and state != "Z":
+                found.append(int(pid))
+    return found
 
 
 def _phase(returncode: int, log: str) -> str:
