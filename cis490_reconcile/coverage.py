@@ -193,6 +193,7 @@ class Coverage:
         offset = lines = bad_lines = 0
         examples: list[BadLine] = []
         keys: list[tuple[int, bytes, int, int | None]] = []
+        key = self._key
         with self.state.rebuilding():
             for entry in index.entries(fd, 0, st.st_size):
                 if isinstance(entry, TornTail):
@@ -205,7 +206,7 @@ class Coverage:
                         examples.append(entry)
                     continue
                 found.rows += 1
-                keys.append(self._key(entry))
+                keys.append(key(entry))
                 if len(keys) >= COMMIT_ROWS:
                     self.state.add_staged(keys)
                     keys = []
