@@ -15,7 +15,8 @@ Figures (NAMES for --only, comma separated):
   payload for RSS as tarballs grow. --scale scales the number of 64 MiB tarballs and the size of the
   256 MiB ones.
 - ``many``: 32,000 tarballs of 64 KiB payload on 16 hosts, 70% indexed; wall against the legacy
-  script (tests/legacy/legacy_index_backfill.py) on an identical copy of the store.
+  tool's work on an identical copy of the store: legacy_like.py restates it, or --legacy PATH runs
+  the real script.
 - ``noop``: 200,000 tarballs of 4 KiB payload on 16 hosts, all indexed; wall against
   ``find ROOT -name '*.tar.zst' | wc -l``, and an incremental pass if the build has ``--state-dir``.
 - ``lock``: lock hold and wait from the ``pass_finished`` event of the ``many`` pass (~9,600 rows).
@@ -34,376 +35,39 @@ Benchmarks print numbers; they assert nothing. Not collected by pytest (not a te
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import contextlib
-import hashlib
-import io
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 
 import zstandard
-
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
-REPO = Path(__file__).resolve().parents[2]
-LEGACY = REPO / "tests" / "legacy" / "legacy_index_backfill.py"
-NAMES = ("large", "many", "noop", "lock", "status", "scrub")
-
-# 16 symbols: about 4 bits of entropy per byte, so zstd -3 compresses the payload about 2x and really
-# has to decode Huffman-coded literals (unlike zeros or incompressible bytes).
-_HEX = bytes(b"0123456789abcdef"[i & 15] for i in range(256))
-
-# Runs one command and reports its wall time (process start included) and the peak RSS of any of its
-# processes. Its own interpreter start is not timed; RUSAGE_CHILDREN excludes the wrapper itself.
-_WRAPPER = """\
-import json, resource, subprocess, sys, time
-t0 = time.perf_counter()
-rc = subprocess.call(sys.argv[2:])
-wall = time.perf_counter() - t0
-ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-with open(sys.argv[1], "w") as f:
-    json.dump({"rc": rc, "wall_s": wall, "maxrss_kib": ru.ru_maxrss, "cpu_s": ru.ru_utime + ru.ru_stime}, f)
-"""
-
-
-# ---------------------------------------------------------------------------------------------- corpora
-
-
-class _RandomHex:
-    """A file-like payload of ``size`` bytes over a 16-symbol alphabet, made as it is read."""
-
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self.left:
-            n = self.left
-        self.left -= n
-        return os.urandom(n).translate(_HEX)
-
-
-def _write_tarball(path: Path, episode_id: str, payload_size: int, cctx: zstandard.ZstdCompressor) -> None:
-    """meta.json, then one payload member, streamed through zstd (level 3, content checksum)."""
-    commit = hashlib.sha1(episode_id.encode()).hexdigest()
-    meta = json.dumps({"episode_id": episode_id, "code_version": {"commit": commit}}).encode()
-    with (
-        path.open("wb") as f,
-        cctx.stream_writer(f, closefd=False) as zw,
-        tarfile.open(fileobj=zw, mode="w|", copybufsize=MiB) as tar,
-    ):
-        now = time.time()
-        for name, size, src in (
-            (f"{episode_id}/meta.json", len(meta), io.BytesIO(meta)),
-            (f"{episode_id}/payload.bin", payload_size, _RandomHex(payload_size)),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = size, int(now), 0o644
-            tar.addfile(info, src)
-
-
-def _row(path: Path, host: str, episode_id: str) -> str:
-    """The receiver's row for a tarball, exactly as README's contract has it."""
-    st = path.stat()
-    h = hashlib.sha256()
-    with path.open("rb", buffering=0) as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    row = {
-        "received_at_wall": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(),
-        "host_id": host,
-        "episode_id": episode_id,
-        "sha256": h.hexdigest(),
-        "size_bytes": st.st_size,
-        "schema_version": 1,
-    }
-    return json.dumps(row, sort_keys=True) + "\n"
-
-
-def _gen_chunk(root: str, host: str, ids: list[str], payload_size: int, indexed: list[bool]) -> list[str]:
-    """Write tarballs ``ids`` of ``host``; return the index lines of those marked indexed."""
-    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
-    hostdir = Path(root) / host
-    hostdir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for episode_id, is_indexed in zip(ids, indexed, strict=True):
-        path = hostdir / f"{episode_id}.tar.zst"
-        _write_tarball(path, episode_id, payload_size, cctx)
-        if is_indexed:
-            lines.append(_row(path, host, episode_id))
-    return lines
-
-
-@dataclass
-class Corpus:
-    name: str
-    dir: Path
-    hosts: int
-    count: int
-    payload: int
-    indexed_fraction: float
-
-    @property
-    def episodes(self) -> Path:
-        return self.dir / "episodes"
-
-    @property
-    def pristine_index(self) -> Path:
-        return self.dir / "index.pristine.jsonl"
-
-    @property
-    def index(self) -> Path:
-        return self.dir / "index.jsonl"
-
-    @property
-    def unindexed(self) -> int:
-        return self.count - round(self.count * self.indexed_fraction)
-
-    def params(self) -> dict[str, object]:
-        return {
-            "hosts": self.hosts,
-            "count": self.count,
-            "payload": self.payload,
-            "indexed_fraction": self.indexed_fraction,
-        }
-
-    def describe(self) -> str:
-        what = f"{self.count:,} tarballs of {_size(self.payload)} payload"
-        return f"{self.name}: {what} on {self.hosts} hosts, {self.indexed_fraction:.0%} indexed"
-
-    def tarballs(self, root: Path | None = None) -> list[Path]:
-        return sorted((root or self.episodes).glob("*/*.tar.zst"))
-
-
-def _estimate_disk(c: Corpus) -> int:
-    per_file = (c.payload // 2 + 2 * KiB + 4 * KiB - 1) // (4 * KiB) * 4 * KiB  # ~2x, 4 KiB blocks
-    return c.count * (per_file + 300)
-
-
-def ensure_corpus(c: Corpus, gen_times: dict[str, str]) -> None:
-    """Generate the corpus unless a complete one with the same parameters is there; note the time."""
-    marker = c.dir / "corpus.json"
-    if marker.exists():
-        done = json.loads(marker.read_text())
-        if done.get("params") == c.params():
-            msg = f"reused ({_bytes_on_disk(c.dir)}; generated in {done['gen_s']:.1f} s earlier)"
-            print(f"  {c.describe()}: {msg}", flush=True)
-            gen_times[c.name] = f"{done['gen_s']:.1f} s (reused)"
-            return
-    if c.dir.exists():
-        shutil.rmtree(c.dir)
-    need = _estimate_disk(c)
-    free = shutil.disk_usage(c.dir.parent).free
-    if need > free - 2 * GiB:
-        raise SystemExit(f"not enough disk for {c.name}: need ~{_size(need)}, {_size(free)} free")
-    c.episodes.mkdir(parents=True)
-    print(f"  {c.describe()}: generating (~{_size(need)}) ...", end="", flush=True)
-    t0 = time.perf_counter()
-    rng = random.Random(f"cis490-bench-{c.name}")
-    names = [(f"h{i % c.hosts:02d}", f"ep-{c.name}-{i:07d}") for i in range(c.count)]
-    indexed = set(rng.sample(range(c.count), round(c.count * c.indexed_fraction)))
-    chunk = max(1, min(500, (64 * MiB) // max(c.payload, 1)))
-    by_host: dict[str, list[tuple[str, bool]]] = {}
-    for i, (host, ep) in enumerate(names):
-        by_host.setdefault(host, []).append((ep, i in indexed))
-    jobs = []
-    for host, eps in sorted(by_host.items()):
-        for s in range(0, len(eps), chunk):
-            part = eps[s : s + chunk]
-            jobs.append((host, [e for e, _ in part], [x for _, x in part]))
-    lines: list[str] = []
-    with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1) as ex:
-        futs = [ex.submit(_gen_chunk, str(c.episodes), h, ids, c.payload, idx) for h, ids, idx in jobs]
-        for fut in futs:
-            lines.extend(fut.result())
-    rng.shuffle(lines)  # the receiver's rows arrive interleaved from all hosts
-    c.pristine_index.write_text("".join(lines))
-    os.sync()
-    gen_s = time.perf_counter() - t0
-    marker.write_text(json.dumps({"params": c.params(), "gen_s": gen_s}))
-    print(f" {gen_s:.1f} s, {_bytes_on_disk(c.dir)}", flush=True)
-    gen_times[c.name] = f"{gen_s:.1f} s"
-
-
-def _bytes_on_disk(path: Path) -> str:
-    out = subprocess.run(["du", "-sh", str(path)], capture_output=True, text=True).stdout.split()
-    return out[0] if out else "?"
-
-
-def reset_index(c: Corpus, index: Path | None = None) -> None:
-    """Back to the corpus' initial index (deleted when nothing was indexed): a new file each time."""
-    index = index or c.index
-    index.unlink(missing_ok=True)
-    if c.pristine_index.exists() and c.pristine_index.stat().st_size:
-        shutil.copyfile(c.pristine_index, index)
-
-
-def _line_count(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with path.open("rb") as f:
-        return sum(buf.count(b"\n") for buf in iter(lambda: f.read(MiB), b""))
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-def warm(paths: Iterable[Path]) -> None:
-    """Read files into the page cache (our pass drops what it read: POSIX_FADV_DONTNEED)."""
-    for p in paths:
-        with p.open("rb", buffering=0) as f:
-            while f.read(MiB):
-                pass
-
-
-def hash_floor(paths: list[Path]) -> float:
-    t0 = time.perf_counter()
-    for p in paths:
-        h = hashlib.sha256()
-        with p.open("rb", buffering=0) as f:
-            while chunk := f.read(MiB):
-                h.update(chunk)
-        h.hexdigest()
-    return time.perf_counter() - t0
-
-
-def decode_floor(paths: list[Path]) -> float:
-    """What one verify must at least do, in one thread: sha256 of the file and zstd-decode all of it."""
-    hashing = hash_floor(paths)
-    t0 = time.perf_counter()
-    for p in paths:
-        with p.open("rb") as f, zstandard.ZstdDecompressor().stream_reader(f, read_size=MiB) as r:
-            while r.read(MiB):
-                pass
-    return hashing + time.perf_counter() - t0
-
-
-@dataclass
-class Run:
-    label: str
-    rc: int
-    wall_s: float
-    maxrss_mib: float
-    cpu_s: float
-    events: list[dict] = field(default_factory=list)
-    stdout: Path | None = None
-
-    def event(self, name: str) -> dict:
-        for e in reversed(self.events):
-            if e.get("event") == name:
-                return e
-        return {}
-
-    @property
-    def finished(self) -> dict:
-        return self.event("pass_finished")
-
-    def wall_text(self, event: str = "pass_finished", what: str = "pass") -> str:
-        """The wall time (process start included), and the run's own ``duration_s`` in parentheses."""
-        d = self.event(event).get("duration_s")
-        return f"{_secs(self.wall_s)}" + (f" ({what} {_secs(d)})" if isinstance(d, int | float) else "")
-
-    def describe(self) -> str:
-        f = self.finished
-        keys = ("scanned", "already_indexed", "backfilled", "corrupt", "bytes_read", "duration_s")
-        facts = ", ".join(f"{k}={f[k]}" for k in keys if k in f)
-        return (
-            f"    {self.label}: wall {self.wall_s:.3f} s, cpu {self.cpu_s:.2f} s, "
-            f"peak RSS {self.maxrss_mib:.1f} MiB, rc {self.rc}; {facts}"
-        )
-
-
-class Bench:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        empty = root / "empty-config.toml"
-        empty.touch()
-        drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
-        self.env = {
-            k: v for k, v in os.environ.items() if not k.startswith("CIS490_RECONCILE_") and k not in drop
-        }
-        self.env["CIS490_RECONCILE_CONFIG"] = str(empty)
-        self.help = subprocess.run(
-            [sys.executable, "-m", "cis490_reconcile", "--help"], capture_output=True, text=True, env=self.env
-        ).stdout
-
-    def measure(self, label: str, cmd: list[str], ok: tuple[int, ...] = (0,)) -> Run:
-        """Run ``cmd`` under the wrapper; an exit status not in ``ok`` raises RuntimeError."""
-        slug = "".join(ch if ch.isalnum() else "-" for ch in label)
-        out, err, res = (self.logs / f"{slug}.{x}" for x in ("stdout", "stderr", "rusage.json"))
-        with out.open("wb") as o, err.open("wb") as e:
-            subprocess.run(
-                [sys.executable, "-c", _WRAPPER, str(res), *cmd],
-                stdout=o,
-                stderr=e,
-                env=self.env,
-                cwd=self.root,
-                check=True,
-            )
-        r = json.loads(res.read_text())
-        events = []
-        for line in out.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    events.append(json.loads(line))
-        run = Run(label, r["rc"], r["wall_s"], r["maxrss_kib"] / 1024, r["cpu_s"], events, out)
-        print(run.describe(), flush=True)
-        if run.rc not in ok:
-            tail = err.read_text(errors="replace")[-2000:] + out.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{label}: exit {run.rc}\n{tail}")
-        return run
-
-    def ours(self, label: str, c: Corpus, *extra: str, index: Path | None = None) -> Run:
-        cmd = [sys.executable, "-m", "cis490_reconcile", "--once", "--min-age", "0", "--lock-timeout", "60"]
-        cmd += ["--episodes-root", str(c.episodes), "--index", str(index or c.index), *extra]
-        return self.measure(label, cmd)
-
-    def supports(self, subcommand: str) -> bool:
-        """Whether this build has ``subcommand`` (its ``--help`` exits 0)."""
-        cmd = [sys.executable, "-m", "cis490_reconcile", subcommand, "--help"]
-        return subprocess.run(cmd, capture_output=True, env=self.env).returncode == 0
-
-
-@dataclass
-class Figure:
-    figure: str
-    ours: str
-    reference: str = "-"
-    ratio: str = "-"
-    goal: str = "-"
-
-
-def _size(n: float) -> str:
-    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= div:
-            v = n / div
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _secs(s: float) -> str:
-    return f"{s:.2f} s" if s >= 1 else f"{s:.3f} s"
-
-
-def _goal(text: str, met: bool | None) -> str:
-    if met is None:
-        return text
-    return f"{text}: {'met' if met else 'MISSED'}"
-
+from common import (
+    NAMES,
+    REPO,
+    Bench,
+    Corpus,
+    Figure,
+    GiB,
+    KiB,
+    MiB,
+    Run,
+    bytes_on_disk,
+    decode_floor,
+    ensure_corpus,
+    goal,
+    hash_floor,
+    line_count,
+    reset_index,
+    secs_text,
+    size_text,
+    warm,
+)
 
 # ---------------------------------------------------------------------------------------------- figures
 
@@ -422,7 +86,7 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
     for c in (main, big):
         paths = c.tarballs()
         total = sum(p.stat().st_size for p in paths)
-        print(f"  {c.describe()}: {_size(total)} on disk", flush=True)
+        print(f"  {c.describe()}: {size_text(total)} on disk", flush=True)
         walls: list[tuple[str, Run]] = []
         for workers, extra in ((f"default ({cpus} workers)", ()), ("--workers 1", ("--workers", "1"))):
             c.index.unlink(missing_ok=True)
@@ -433,7 +97,7 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
             if run.finished.get("backfilled") != c.count:
                 print(f"    WARNING: backfilled {run.finished.get('backfilled')} of {c.count}")
             ratio = run.wall_s / floor
-            what = f"{len(paths)} x {_size(c.payload)}"
+            what = f"{len(paths)} x {size_text(c.payload)}"
             if c is main:
                 figs.append(
                     Figure(
@@ -441,7 +105,7 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
                         run.wall_text(),
                         f"sha256 floor {floor:.2f} s",
                         f"{ratio:.2f}",
-                        _goal("<= 1.3", ratio <= 1.3),
+                        goal("<= 1.3", ratio <= 1.3),
                     )
                 )
                 walls.append((workers, run))
@@ -450,7 +114,7 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
                 Figure(
                     f"large ({what}): peak RSS, {workers}",
                     f"{rss:.1f} MiB",
-                    goal=_goal("<= 64 MiB", rss <= 64),
+                    goal=goal("<= 64 MiB", rss <= 64),
                 )
             )
         if walls:  # context for the ratio above: the hash floor omits decoding, which verifying needs
@@ -461,7 +125,7 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
                 figs.append(
                     Figure(
                         f"large ({what}): wall, {workers}, vs decode floor",
-                        _secs(run.wall_s),
+                        secs_text(run.wall_s),
                         f"sha256+zstd, 1 thread {floor:.2f} s",
                         f"{run.wall_s / floor:.2f}",
                     )
@@ -470,19 +134,19 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
 
 
 def bench_many(
-    b: Bench, scale: float, cpus: int, gen: dict[str, str], legacy: bool
+    b: Bench, scale: float, cpus: int, gen: dict[str, str], legacy: bool, legacy_script: Path
 ) -> tuple[list[Figure], Run]:
     figs: list[Figure] = []
     c = Corpus("many", b.root / "many", 16, max(16, round(32_000 * scale)), 64 * KiB, 0.7)
     ensure_corpus(c, gen)
     paths = c.tarballs()
-    indexed_lines = _line_count(c.pristine_index)
+    indexed_lines = line_count(c.pristine_index)
     runs: list[tuple[str, Run]] = []
     for workers, extra in ((f"default ({cpus} workers)", ()), ("--workers 1", ("--workers", "1"))):
         reset_index(c)
         warm(paths)
         run = b.ours(f"many {workers}", c, *extra)
-        added = _line_count(c.index) - indexed_lines
+        added = line_count(c.index) - indexed_lines
         if run.finished.get("backfilled") != c.unindexed or added != c.unindexed:
             got = run.finished.get("backfilled")
             print(f"    WARNING: expected {c.unindexed} rows; backfilled {got}, index grew by {added}")
@@ -508,9 +172,16 @@ def bench_many(
         warm(lc.tarballs())
         run = b.measure(
             "many legacy script",
-            [sys.executable, str(LEGACY), "--episodes-root", str(lc.episodes), "--index", str(lc.index)],
+            [
+                sys.executable,
+                str(legacy_script),
+                "--episodes-root",
+                str(lc.episodes),
+                "--index",
+                str(lc.index),
+            ],
         )
-        added = _line_count(lc.index) - indexed_lines
+        added = line_count(lc.index) - indexed_lines
         print(f"    legacy appended {added} rows (expected {c.unindexed})", flush=True)
         if added != c.unindexed:
             print("    WARNING: the legacy script did not write the expected rows")
@@ -519,11 +190,11 @@ def bench_many(
         ratio = leg_wall / run.wall_s if leg_wall else None
         figs.append(
             Figure(
-                f"many small ({c.count:,} x {_size(c.payload)}, {c.unindexed:,} unindexed): wall, {workers}",
+                f"many small ({c.count:,} x {size_text(c.payload)}, {c.unindexed:,} new): wall, {workers}",
                 run.wall_text(),
                 f"legacy {leg_wall:.2f} s" if leg_wall else "-",
                 f"{ratio:.1f}x faster" if ratio else "-",
-                _goal(">= 10x faster", ratio >= 10 if ratio else None),
+                goal(">= 10x faster", ratio >= 10 if ratio else None),
             )
         )
         verified = run.finished.get("backfilled", 0) + run.finished.get("corrupt", 0)
@@ -559,7 +230,7 @@ def bench_lock(run: Run) -> list[Figure]:
         Figure(
             f"lock hold, max of {len(commits)} commits ({rows:,} rows)",
             f"{held * 1e3:.1f} ms",
-            goal=_goal("<= 50 ms", held <= 0.05),
+            goal=goal("<= 50 ms", held <= 0.05),
         ),
         Figure("lock wait, whole pass", f"{wait * 1e3:.1f} ms" if wait is not None else "not reported"),
     ]
@@ -605,7 +276,7 @@ def bench_noop(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
             run.wall_text(),
             f"find {find_s:.3f} s",
             f"{ratio:.2f}",
-            _goal(f"<= {limit:g} of find", ratio <= limit) if limit else "-",
+            goal(f"<= {limit:g} of find", ratio <= limit) if limit else "-",
         )
 
     figs.append(fig("pass 1", b.ours("noop pass 1", c)))
@@ -633,7 +304,7 @@ def bench_noop(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
     figs.append(
         Figure(
             "no-op: process start + imports (--version, best of 5)",
-            _secs(start.wall_s),
+            secs_text(start.wall_s),
             f"find {find_s:.3f} s",
             f"{ratio:.2f}",
         )
@@ -692,7 +363,7 @@ def bench_status(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
         flush=True,
     )
     return [
-        Figure(f"{what}: wall, run 2", _secs(run.wall_s), f"find {find_s:.3f} s", f"{ratio:.2f}"),
+        Figure(f"{what}: wall, run 2", secs_text(run.wall_s), f"find {find_s:.3f} s", f"{ratio:.2f}"),
         Figure(
             f"{what}: peak RSS",
             f"{run.maxrss_mib:.1f} MiB (+{extra:.1f} MiB, {per:.0f} B per row and tarball)",
@@ -721,13 +392,13 @@ def bench_scrub(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
     ensure_corpus(c, gen)
     paths = c.tarballs()
     total = sum(p.stat().st_size for p in paths)
-    what = f"scrub ({len(paths)} x {_size(c.payload)}, {_size(total)} on disk, all indexed)"
+    what = f"scrub ({len(paths)} x {size_text(c.payload)}, {size_text(total)} on disk, all indexed)"
     # Its own index file, so the large figure's runs (which start from no index) are left alone.
     index = c.dir / "index.scrub.jsonl"
     index.unlink(missing_ok=True)
     b.ours("scrub setup: index the corpus", c, index=index)
-    if _line_count(index) != c.count:
-        print(f"    WARNING: the index has {_line_count(index)} rows, expected {c.count}", flush=True)
+    if line_count(index) != c.count:
+        print(f"    WARNING: the index has {line_count(index)} rows, expected {c.count}", flush=True)
     print(
         "    page cache warmed before each measured run below (the scrub drops what it reads, "
         "POSIX_FADV_DONTNEED, and so does the setup pass)",
@@ -772,8 +443,8 @@ def bench_scrub(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
         print(f"    WARNING: expected {c.count} rows ok and exit 0; got ok={fin.get('ok')}, rc {run.rc}")
     if before is not None and after is not None:
         print(
-            f"    page cache (fincore): {_size(before)} of {_size(total)} resident before the scrub, "
-            f"{_size(after)} after",
+            f"    page cache (fincore): {size_text(before)} of {size_text(total)} resident before the scrub, "
+            f"{size_text(after)} after",
             flush=True,
         )
     print(
@@ -790,7 +461,7 @@ def bench_scrub(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
         ),
         Figure(
             f"{what}: wall, vs hash floor",
-            _secs(run.wall_s),
+            secs_text(run.wall_s),
             f"sha256 floor {floor:.2f} s",
             f"{run.wall_s / floor:.2f}",
         ),
@@ -799,7 +470,7 @@ def bench_scrub(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
         figs.append(
             Figure(
                 f"{what}: wall, vs openssl",
-                _secs(run.wall_s),
+                secs_text(run.wall_s),
                 f"openssl dgst -sha256 {ossl.wall_s:.2f} s",
                 f"{run.wall_s / ossl.wall_s:.2f}",
             )
@@ -859,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path("/var/tmp/cis490-bench"), help="corpora and logs")
     p.add_argument("--scale", type=float, default=1.0, help="corpus size factor (0.05: a quick smoke run)")
     p.add_argument("--only", default=",".join(NAMES), help=f"comma-separated subset of {','.join(NAMES)}")
+    p.add_argument(
+        "--legacy",
+        type=Path,
+        default=Path(__file__).with_name("legacy_like.py"),
+        help="the legacy backfill script for `many` (default: legacy_like.py, its work restated)",
+    )
     args = p.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     if not only <= set(NAMES) or args.scale <= 0:
@@ -867,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     b = Bench(root)
     cpus = len(os.sched_getaffinity(0))
-    print(f"benchmarks in {root} (free: {_size(shutil.disk_usage(root).free)})", flush=True)
+    print(f"benchmarks in {root} (free: {size_text(shutil.disk_usage(root).free)})", flush=True)
     figs: list[Figure] = []
     gen: dict[str, str] = {}
     steps: list[tuple[str, Callable[[], list[Figure]]]] = []
@@ -876,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     if only & {"many", "lock"}:
 
         def many() -> list[Figure]:
-            out, run = bench_many(b, args.scale, cpus, gen, legacy="many" in only)
+            out, run = bench_many(b, args.scale, cpus, gen, "many" in only, args.legacy)
             return (out if "many" in only else []) + (bench_lock(run) if "lock" in only else [])
 
         steps.append(("many" if "many" in only else "lock", many))
@@ -886,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(("status", lambda: bench_status(b, args.scale, gen)))
     if "scrub" in only:
         steps.append(("scrub", lambda: bench_scrub(b, args.scale, gen)))
+    if "scale" in only:
+        import scale
+
+        steps.append(("scale", lambda: scale.run_scale(b, args.scale)))
     failed = False
     for name, step in steps:
         print(f"\n## {name}", flush=True)
@@ -904,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {fact}")
     if gen:
         print("- corpus generation: " + ", ".join(f"{k} {v}" for k, v in gen.items()))
-    print(f"- {args.dir}: {_bytes_on_disk(args.dir)}")
+    print(f"- {args.dir}: {bytes_on_disk(args.dir)}")
     return 1 if failed else 0
 
 
