@@ -18,7 +18,6 @@ from pathlib import Path
 import zstandard
 
 REPO = Path(__file__).resolve().parent.parent
-LEGACY = REPO / "tests" / "legacy" / "legacy_index_backfill.py"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
