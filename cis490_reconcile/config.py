@@ -21,6 +21,7 @@ import json
 import math
 import os
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -378,7 +379,11 @@ def load(flags: Mapping[str, object], config_file: Path | None, environ: Mapping
 
 
 def _read_toml(path: Path, required: bool) -> dict[str, object] | None:
-    import tomllib  # only when there is a file: start-up time counts for a no-op pass
+    # only when there is a file: start-up time counts for a no-op pass
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
 
     try:
         with open(path, "rb") as f:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 from helpers import Receiver
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 from cis490_reconcile import config
 from cis490_reconcile.config import ConfigError
