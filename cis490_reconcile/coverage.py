@@ -23,8 +23,9 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 from . import index, runtime, syscalls
 from .index import BadLine, Row, TornTail
@@ -32,6 +33,7 @@ from .state import Checkpoint, HostRows, State
 
 TAIL_BYTES = 4096
 COMMIT_ROWS = 50_000  # keys per transaction while catching up
+STAGE_BATCH = 20_000  # keys a rebuild hands to its staging thread at a time (about 3 MB)
 MAX_BAD_LINES = 1000  # bad lines a catch-up hands back (for events); the count is complete
 _POINT_US, _SCAN_US = 15.0, 0.4  # measured costs of a lookup and of a key merged
 
@@ -50,7 +52,7 @@ def received_seconds(value: object) -> int | None:
     except ValueError:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+        when = when.replace(tzinfo=timezone.utc)
     return int(when.timestamp())
 
 
@@ -194,7 +196,10 @@ class Coverage:
         examples: list[BadLine] = []
         keys: list[tuple[int, bytes, int, int | None]] = []
         key = self._key
-        with self.state.rebuilding():
+        # SQLite lets go of the GIL while it inserts: stage one batch in a
+        # thread while this one parses the next (at most one batch in flight)
+        with self.state.rebuilding(), ThreadPoolExecutor(1) as stager:
+            staging: Future[None] | None = None
             for entry in index.entries(fd, 0, st.st_size):
                 if isinstance(entry, TornTail):
                     found.torn = entry
@@ -207,10 +212,14 @@ class Coverage:
                     continue
                 found.rows += 1
                 keys.append(key(entry))
-                if len(keys) >= COMMIT_ROWS:
-                    self.state.add_staged(keys)
+                if len(keys) >= STAGE_BATCH:
+                    if staging is not None:
+                        staging.result()
+                    staging = stager.submit(self.state.add_staged, keys)
                     keys = []
                     on_progress()
+            if staging is not None:
+                staging.result()
             self.state.add_staged(keys)
             on_progress()
             with self.state.transaction():

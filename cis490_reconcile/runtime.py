@@ -18,10 +18,10 @@ import enum
 import os
 import select
 import signal
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from types import FrameType
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _CRASH_AT = os.environ.get("CIS490_TEST_CRASH_AT")
 
 

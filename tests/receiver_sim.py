@@ -31,7 +31,7 @@ import struct
 import tarfile
 import time
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import zstandard
@@ -68,7 +68,7 @@ def tarball(rng: random.Random, episode_id: str) -> bytes:
 
 def row_bytes(host: str, episode_id: str, data: bytes) -> bytes:
     row = {
-        "received_at_wall": datetime.now(UTC).isoformat(),
+        "received_at_wall": datetime.now(timezone.utc).isoformat(),
         "host_id": host,
         "episode_id": episode_id,
         "sha256": hashlib.sha256(data).hexdigest(),

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -385,7 +385,7 @@ def _pruned_store(receiver: Receiver, old: int, young: int) -> None:
             {
                 "host_id": "h1",
                 "episode_id": f"e{i:05}",
-                "received_at_wall": datetime.fromtimestamp(stamp, UTC).isoformat(),
+                "received_at_wall": datetime.fromtimestamp(stamp, timezone.utc).isoformat(),
                 "sha256": "0" * 64,
                 "size_bytes": 100,
                 "schema_version": 1,

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from helpers import REPO, Receiver, episode, gnu_tarball
@@ -232,7 +232,7 @@ def test_an_unreadable_index_is_one_line_and_exit_1(receiver: Receiver, tmp_path
 def test_pruned_rows_are_normal_missing_ones_need_attention(receiver: Receiver) -> None:
     now = time.time()
     for i, age in enumerate([5 * 86400] * 5 + [3600]):
-        received = datetime.fromtimestamp(now - age, UTC).isoformat()
+        received = datetime.fromtimestamp(now - age, timezone.utc).isoformat()
         receiver.append_row({"host_id": "h1", "episode_id": f"gone{i}", "received_at_wall": received})
     receiver.tarball("h1", "kept")
     receiver.append_row(receiver.receiver_row("h1", "kept"))

@@ -23,7 +23,7 @@ import tarfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import zstandard
@@ -95,7 +95,7 @@ def _row(path: Path, host: str, episode_id: str) -> str:
         while chunk := f.read(MiB):
             h.update(chunk)
     row = {
-        "received_at_wall": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(),
+        "received_at_wall": datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(),
         "host_id": host,
         "episode_id": episode_id,
         "sha256": h.hexdigest(),

@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import zstandard
@@ -50,7 +50,7 @@ def _rows(path: Path, count: int, seed: str) -> None:
         batch = []
         for i in range(count):
             row = {
-                "received_at_wall": datetime.fromtimestamp(start + i * step, UTC).isoformat(),
+                "received_at_wall": datetime.fromtimestamp(start + i * step, timezone.utc).isoformat(),
                 "host_id": f"robot-{rng.randrange(HOSTS):03d}",
                 "episode_id": f"ep-{i:09d}-{rng.getrandbits(32):08x}",
                 "sha256": f"{rng.getrandbits(256):064x}",
