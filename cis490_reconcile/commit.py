@@ -30,7 +30,7 @@ from . import index, runtime
 from .config import Config
 from .coverage import CatchUp, Coverage
 from .store import Tarball
-from .verify import Intact
+from .verdicts import Intact
 
 
 @dataclass(frozen=True, slots=True)

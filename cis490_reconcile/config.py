@@ -379,21 +379,22 @@ def load(flags: Mapping[str, object], config_file: Path | None, environ: Mapping
 
 
 def _read_toml(path: Path, required: bool) -> dict[str, object] | None:
-    # only when there is a file: start-up time counts for a no-op pass
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-
     try:
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            data = f.read()
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path}: no such file") from None
         return None
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
+    # imported only when there is a file: start-up time counts for a no-op pass
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        values = tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: not valid TOML: {e}") from None
     for key, value in values.items():

@@ -35,12 +35,12 @@ from .coverage import CatchUp, Coverage
 from .lock import LockTimeout
 from .log import Events, Logger
 from .notify import Notifier
-from .progress import Progress
 from .reading import ReadPacer
 from .runtime import StopRequested, human_size, iso_utc
 from .state import State, Unverified
 from .store import HostDir, Skipped, Store, Tarball, printable
-from .verify import Corrupt, Decoding, Intact, Unreadable, Unsettled, Unverifiable, Verdict, verify_one
+from .termbar import TerminalBar
+from .verdicts import Corrupt, Decoding, Intact, Unreadable, Unsettled, Unverifiable, Verdict
 
 BATCH_ROWS = 1000
 BATCH_SECONDS = 10.0
@@ -102,7 +102,7 @@ class PassContext:
     workers: int
     dry_run: bool = False
     rows_out: TextIO | None = None
-    bar: Progress | None = None
+    bar: TerminalBar | None = None
 
 
 def unverified(tarball: Tarball, limits: str, reason: str) -> Unverified:
@@ -282,8 +282,18 @@ class PassRun:
                 self._commit()
 
     def _verdicts(self, store: Store, tarballs: Iterable[Tarball]) -> Iterator[tuple[Tarball, Verdict]]:
+        """Verdicts in this process (workers 1) or from a pool. Reading code
+        (zstandard, tarfile, multiprocessing) is imported only once there is
+        a tarball to read: a pass with nothing to do does not pay for it."""
+        todo = iter(tarballs)
+        first = next(todo, None)
+        if first is None:
+            return
+        todo = itertools.chain([first], todo)
         env = self.env
         if env.workers == 1:
+            from .verify import verify_one
+
             pacer = ReadPacer(self.cfg.max_read_rate, self.checkpoint)
 
             def on_read(n: int) -> None:
@@ -291,14 +301,11 @@ class PassRun:
                 pacer.consume(n)
                 self.checkpoint()
 
-            for tarball in tarballs:
+            for tarball in todo:
                 yield tarball, verify_one(store, tarball, env.decoding, on_read)
             return
-        from .workers import VerifyPool  # multiprocessing: only when there is something to verify
+        from .workers import VerifyPool
 
-        first = next(iter_ := iter(tarballs), None)
-        if first is None:
-            return
         with VerifyPool(store, env.workers, self.cfg.max_read_rate, env.decoding) as pool:
             counted = 0  # bytes of finished verdicts, already in the summary
 
@@ -306,7 +313,7 @@ class PassRun:
                 self.reading = pool.bytes_read - counted  # for the status line
                 self.checkpoint(progressed)
 
-            for tarball, verdict, read in pool.results(itertools.chain([first], iter_), tick):
+            for tarball, verdict, read in pool.results(todo, tick):
                 counted += read
                 self.summary.bytes_read += read
                 yield tarball, verdict

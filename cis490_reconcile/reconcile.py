@@ -26,11 +26,11 @@ from .lock import LockTimeout
 from .log import Logger
 from .notify import Notifier
 from .passrun import PassContext, PassRun, PassSummary
-from .progress import Progress
 from .runtime import StopRequested, iso_utc
 from .state import State
 from .statedir import StateBusy, TempState
-from .verify import decoding_for
+from .termbar import TerminalBar
+from .verdicts import decoding_for
 
 
 class PassFailed(Exception):
@@ -56,7 +56,7 @@ class Reconciler:
         dry_run: bool = False,
         rows_out: TextIO | None = None,
         full: bool = False,
-        bar: Progress | None = None,
+        bar: TerminalBar | None = None,
     ) -> None:
         wanted = cfg.workers or default_workers()
         plan, decoding = decoding_for(cfg, wanted)

@@ -51,18 +51,18 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from . import index, statedir, syscalls
 from .config import Config
 from .coverage import received_seconds
 from .log import MAX_EVENTS, Logger
 from .notify import Notifier
-from .progress import Progress
+from .outcome import Outcome
 from .reading import HashingReader, ReadPacer
 from .runtime import ExitCode, StopRequested, human_size
 from .state import State
 from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name
+from .termbar import TerminalBar
 
 CURSOR = "scrub_cursor"
 LOCK_FILE = "scrub.lock"
@@ -174,7 +174,7 @@ class Scrubber:
         notifier: Notifier,
         should_stop: Callable[[], bool],
         max_duration: float | None,
-        bar: Progress | None,
+        bar: TerminalBar | None,
     ) -> None:
         assert cfg.state_dir is not None  # cli checks it is a directory
         self.cfg = cfg
@@ -238,7 +238,7 @@ class Scrubber:
                 completed = self._scrub(fd)
             except OSError as e:  # the index or the store became unreadable: keep what we did
                 self.log.error("scrub_failed", error=str(e), **self._summary())
-                self.outcome = self._outcome(completed=False)
+                self.outcome = self._outcome(completed=False, error=str(e))
                 self._save()
                 return ExitCode.FAILED
         finally:
@@ -481,32 +481,19 @@ class Scrubber:
         self.log.info("scrub_finished", **summary, round_completed=completed, stopped_by=self.stopped_by)
         self.notifier.stopping(f"scrub round {cursor.round} {'completed' if completed else 'paused'}")
 
-    def _outcome(self, completed: bool) -> Outcome:
+    def _outcome(self, completed: bool, error: str | None = None) -> Outcome:
         cursor = self.cursor
-        return Outcome(
-            self.started_at,
-            time.monotonic() - self.started,
-            asdict(self.run_counts),
-            asdict(cursor.counts),
-            cursor.round,
-            cursor.last_round_completed_at,
-            1.0 if completed else (cursor.offset / self.index_size if self.index_size else 0.0),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a scrub run's metrics say."""
-
-    started_at: float
-    duration_s: float
-    run: Mapping[str, int]
-    in_round: Mapping[str, int]
-    round: int
-    last_round_completed_at: float | None
-    progress: float
-
-
-def metrics_path(metrics_file: Path) -> Path:
-    """The scrub's own textfile beside the pass's, so neither overwrites the other."""
-    return metrics_file.with_name(f"{metrics_file.stem}_scrub.prom")
+        progress = 1.0 if completed else (cursor.offset / self.index_size if self.index_size else 0.0)
+        counts = {
+            "run": asdict(self.run_counts),
+            "in_round": asdict(cursor.counts),
+            "round": cursor.round,
+            "last_round_completed_at": cursor.last_round_completed_at,
+            "round_progress": progress,
+            "round_completed": completed,
+            "stopped_by": self.stopped_by,
+        }
+        c = self.run_counts
+        found = c.mismatched or c.missing or c.unreadable
+        result = "failed" if error or found else "interrupted" if self.stopped_by else "ok"
+        return Outcome("scrub", self.started_at, time.monotonic() - self.started, result, error, counts)

@@ -36,7 +36,8 @@ from dataclasses import dataclass, replace
 from . import syscalls
 from .reading import ReadPacer
 from .store import Store, Tarball
-from .verify import Decoding, Verdict, verify_one
+from .verdicts import Decoding, Verdict
+from .verify import verify_one
 
 BATCH_FILES = 64
 BATCH_BYTES = 8 << 20
@@ -77,7 +78,7 @@ class _Shared:
     store: Store
     decoding: Decoding
     rate: int | None
-    progress: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
+    bytes_read: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
     stop: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
 
 
@@ -100,8 +101,8 @@ def _verify_batch(batch: list[Tarball]) -> list[tuple[Tarball, Verdict, int]]:
         def on_read(n: int) -> None:
             nonlocal read
             read += n
-            with shared.progress.get_lock():
-                shared.progress.value += n
+            with shared.bytes_read.get_lock():
+                shared.bytes_read.value += n
             pacer.consume(n)
             check_stop()
 
@@ -135,11 +136,11 @@ class VerifyPool:
         global _shared
         ctx = multiprocessing.get_context("fork")
         self.workers = workers
-        self._progress = ctx.Value("Q", 0)
+        self._bytes_read = ctx.Value("Q", 0)
         self._stop = ctx.Value("b", 0)
         share = None if rate is None else max(rate // workers, 1)
         shared_decoding = replace(decoding, budget=SharedWindowBudget(ctx, decoding.max_window))
-        _shared = _Shared(store, shared_decoding, share, self._progress, self._stop)
+        _shared = _Shared(store, shared_decoding, share, self._bytes_read, self._stop)
         self._pool = ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=syscalls.die_with_parent, initargs=(os.getpid(),)
         )
@@ -156,7 +157,7 @@ class VerifyPool:
     @property
     def bytes_read(self) -> int:
         """Bytes the workers have read so far, finished or not."""
-        return int(self._progress.value)
+        return int(self._bytes_read.value)
 
     def results(
         self, tarballs: Iterable[Tarball], tick: Callable[[bool], None]
@@ -178,7 +179,7 @@ class VerifyPool:
             if not inflight:
                 return
             done, inflight = wait(inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
-            now = self._progress.value
+            now = self._bytes_read.value
             tick(bool(done) or now != seen)
             seen = now
             for future in done:

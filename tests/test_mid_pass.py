@@ -12,7 +12,7 @@ import shutil
 import pytest
 from helpers import Receiver
 
-from cis490_reconcile import config, passrun
+from cis490_reconcile import config, passrun, verify
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import Reconciler
 
@@ -43,7 +43,7 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
     receiver.tarball("h2", "x")
     replacement = receiver.tarball("h9", "c").read_bytes()
     shutil.rmtree(receiver.episodes / "h9")
-    real_verify = passrun.verify_one
+    real_verify = verify.verify_one
     h1 = receiver.episodes / "h1"
 
     def replace_c() -> None:
@@ -66,13 +66,13 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
         meddle.pop(tarball.episode_id, lambda: None)()
         return real_verify(store, tarball, *args)
 
-    monkeypatch.setattr(passrun, "verify_one", meddle_then_verify)
+    monkeypatch.setattr(verify, "verify_one", meddle_then_verify)
     summary = one_pass(receiver)
     assert meddle == {}
     assert (summary.backfilled, summary.unsettled, summary.corrupt) == (1, 4, 0)  # only a was still as seen
     rows_match_files(receiver)
 
-    monkeypatch.setattr(passrun, "verify_one", real_verify)
+    monkeypatch.setattr(verify, "verify_one", real_verify)
     again = one_pass(receiver)
     assert (again.backfilled, again.corrupt) == (1, 1)  # the new c; d has bytes after its frame
     rows_match_files(receiver)

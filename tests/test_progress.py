@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import Receiver, episode
 
-from cis490_reconcile.progress import render
+from cis490_reconcile.termbar import render
 
 
 def run_with_tty_stderr(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:

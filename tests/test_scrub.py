@@ -283,7 +283,7 @@ def test_metrics_file_reports_the_mismatch(receiver: Receiver, state: Path, tmp_
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-    ns = metrics.SCRUB_NS
+    ns = f"{metrics.NS}_scrub"
     assert samples[(f"{ns}_last_run_rows", (("result", "mismatched"),))] == 1
     assert samples[(f"{ns}_last_run_rows", (("result", "missing"),))] == 1
     assert samples[(f"{ns}_last_run_rows", (("result", "ok"),))] == 1

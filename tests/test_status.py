@@ -3,6 +3,7 @@ when there is nothing to look at."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 from helpers import REPO, Receiver, episode, gnu_tarball
 
 from cis490_reconcile import config
-from cis490_reconcile import status as status_mod
+from cis490_reconcile.actions import Context
+from cis490_reconcile.actions import status as status_action
 
 HOLDER = REPO / "tests" / "lockholder.py"
 
@@ -221,7 +223,12 @@ def test_an_unreadable_index_is_one_line_and_exit_1(receiver: Receiver, tmp_path
         {"episodes_root": str(receiver.episodes), "index": str(tmp_path / "swapped"), "min_age": 0}
     )
     out, err = io.StringIO(), io.StringIO()
-    assert status_mod.main(cfg, out, as_json=True, bar=None, err=err) == 1
+    args = argparse.Namespace(json=True, all_orphans=False)
+    ctx = Context(
+        config.resolve([("value", {"episodes_root": str(receiver.episodes)})]), args, lambda: cfg, out, err
+    )
+    ctx.loaded = config.Loaded(cfg, {}, None)
+    assert status_action.run(ctx) == 1
     assert out.getvalue() == ""
     assert (
         err.getvalue().startswith("cis490-reconcile status: error: ") and "Is a directory" in err.getvalue()

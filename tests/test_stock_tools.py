@@ -15,7 +15,7 @@ import pytest
 from helpers import COMMIT, Receiver, gnu_tarball, measure_rss, meta
 
 from cis490_reconcile.syscalls import memory_limit
-from cis490_reconcile.verify import plan_memory
+from cis490_reconcile.verdicts import plan_memory
 
 MiB = 1 << 20
 

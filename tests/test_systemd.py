@@ -86,8 +86,9 @@ needs_container = pytest.mark.skipif(unavailable_reason() is not None, reason=st
 
 def _source_digest() -> str:
     digest = hashlib.sha256()
-    for path in sorted([REPO / "pyproject.toml", *(REPO / "cis490_reconcile").glob("*.py")]):
-        digest.update(path.name.encode() + path.read_bytes())
+    package = REPO / "cis490_reconcile"
+    for path in sorted([REPO / "pyproject.toml", *package.rglob("*.py"), *package.rglob("*.yml")]):
+        digest.update(str(path.relative_to(REPO)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

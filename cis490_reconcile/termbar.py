@@ -1,4 +1,4 @@
-"""A progress bar on an interactive terminal, for an operator at a shell.
+"""The terminal bar: progress on an interactive terminal, for an operator at a shell.
 
 Only when stderr is a terminal: never in the journal (systemd connects
 stderr to a socket, and JOURNAL_STREAM says so even under a pty-less
@@ -52,7 +52,7 @@ def render(label: str, files: int, bytes_read: int, fraction: float | None, elap
     return "  ".join(parts)
 
 
-class Progress:
+class TerminalBar:
     """Call update() as often as you like; it redraws when it is time."""
 
     def __init__(self, stream: TextIO, label: str) -> None:
@@ -86,7 +86,7 @@ class _Clearing:
     """A log stream that erases the bar before each line, so log lines and
     the bar never share a line of the terminal."""
 
-    def __init__(self, stream: TextIO, bar: Progress) -> None:
+    def __init__(self, stream: TextIO, bar: TerminalBar) -> None:
         self._stream = stream
         self._bar = bar
 
@@ -101,6 +101,6 @@ class _Clearing:
         return self._stream.fileno()
 
 
-def clearing(stream: TextIO, bar: Progress | None) -> TextIO:
+def clearing(stream: TextIO, bar: TerminalBar | None) -> TextIO:
     """`stream`, wrapped to clear `bar` before each write when there is one."""
     return stream if bar is None else _Clearing(stream, bar)  # type: ignore[return-value]

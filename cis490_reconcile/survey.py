@@ -1,4 +1,4 @@
-"""`cis490-reconcile status`: what needs attention, changing nothing.
+"""What needs attention in a store, found without changing anything (for `status`).
 
 Read-only by construction: no lock is taken (the index is append-only, so an
 unlocked reader sees whole lines plus at most a torn tail) and nothing of the
@@ -35,12 +35,12 @@ from . import index, statedir
 from .config import Config
 from .coverage import Coverage, digest
 from .log import Logger, make_logger
-from .progress import Progress
 from .reading import ReadPacer
-from .runtime import ExitCode
 from .state import EXAMPLES, State
 from .store import HostDir, Skipped, Store, Tarball, printable
-from .verify import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, decoding_for, verify_one
+from .termbar import TerminalBar
+from .verdicts import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, decoding_for
+from .verify import verify_one
 
 REPORT_VERSION = 2
 
@@ -143,7 +143,9 @@ class Report:
 
 
 class Survey:
-    def __init__(self, cfg: Config, log: Logger, view: State, fd: int | None, bar: Progress | None) -> None:
+    def __init__(
+        self, cfg: Config, log: Logger, view: State, fd: int | None, bar: TerminalBar | None
+    ) -> None:
         self.cfg = cfg
         self.view = view
         self.fd = fd
@@ -317,7 +319,7 @@ class Survey:
 
 
 def survey(
-    cfg: Config, bar: Progress | None = None, log: Logger | None = None, orphans: TextIO | None = None
+    cfg: Config, bar: TerminalBar | None = None, log: Logger | None = None, orphans: TextIO | None = None
 ) -> Report:
     """The report (or, with `orphans`, every row without a tarball streamed there)."""
     log = log or make_logger("error", sys.stderr)
@@ -354,92 +356,3 @@ def _open_index(cfg: Config) -> int | None:
         return os.open(cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None  # nothing indexed yet
-
-
-_COLUMNS = (
-    ("tarballs", "TARBALLS"),
-    ("indexed", "INDEXED"),
-    ("unindexed", "UNINDEXED"),
-    ("in_flight", "IN FLIGHT"),
-    ("corrupt", "CORRUPT"),
-    ("unverifiable", "UNVERIFIABLE"),
-    ("unreadable", "UNREADABLE"),
-    ("missing_rows", "MISSING ROWS"),
-    ("pruned_rows", "PRUNED ROWS"),
-    ("duplicate_rows", "DUP ROWS"),
-)
-
-
-def render(report: Report) -> str:
-    """The human table, then the examples, then the verdict."""
-    rows = [(printable(h), asdict(c)) for h, c in sorted(report.hosts.items())]
-    rows.append(("TOTAL", asdict(report.totals())))
-    width = max([len("HOST"), *(len(h) for h, _ in rows)])
-    out = [f"episodes {report.episodes_root}   index {report.index}", ""]
-    out.append("  ".join(["HOST".ljust(width), *(title for _, title in _COLUMNS)]))
-    for host, counts in rows:
-        cells = [str(counts[key]).rjust(len(title)) for key, title in _COLUMNS]
-        out.append("  ".join([host.ljust(width), *cells]))
-    out += [
-        "",
-        f"index: {report.index_lines} lines, {report.index_rows} rows "
-        f"({report.rows_without_host_id} without host_id), {report.bad_lines} bad, "
-        f"torn last line: {'yes' if report.torn_tail else 'no'}",
-    ]
-    for kind, title in (
-        ("bad_lines", "bad index lines"),
-        ("missing_rows", "missing tarballs (rows without a tarball)"),
-        ("duplicate_rows", "duplicate rows"),
-        ("corrupt", "corrupt tarballs"),
-        ("unverifiable", "unverifiable tarballs"),
-        ("unreadable", "unreadable tarballs"),
-        ("skipped", "skipped store entries"),
-    ):
-        if report.examples[kind]:
-            out.append(f"{title}:")
-            out += [f"  {_example(kind, e)}" for e in report.examples[kind]]
-    out.append(_last_pass(report.last_pass))
-    notes = report.attention()
-    out.append("needs attention: " + "; ".join(notes) if notes else "clean")
-    return "\n".join(out) + "\n"
-
-
-def _example(kind: str, e: dict[str, object]) -> str:
-    if kind == "bad_lines":
-        return f"line {e['line']} (byte {e['offset']}): {e['reason']}"
-    if kind == "missing_rows":
-        return f"byte {e['offset']}: {printable(str(e['host_id']))}/{printable(str(e['episode_id']))}"
-    if kind == "duplicate_rows":
-        name = f"{printable(str(e['host_id']))}/{printable(str(e['episode_id']))}"
-        return f"{name}: {e['rows']} rows, the first at byte {e['offset']}"
-    return f"{e['path']}: {e['reason']}"
-
-
-def _last_pass(record: dict[str, object] | None) -> str:
-    if record is None:
-        return "last pass: none recorded (no state_dir, or no pass yet)"
-    line = f"last pass: {record.get('result')}, started {record.get('started_at')}, "
-    line += f"{record.get('backfilled')} backfilled, {record.get('corrupt')} corrupt, "
-    line += f"{record.get('duration_s')} s"
-    return line + (f", error: {record['error']}" if record.get("error") else "")
-
-
-def main(
-    cfg: Config,
-    out: TextIO,
-    as_json: bool,
-    bar: Progress | None,
-    err: TextIO = sys.stderr,
-    all_orphans: bool = False,
-) -> int:
-    """Print the report; exit 0 clean, 1 something needs attention or the
-    store or index could not be read (one line on `err`)."""
-    try:
-        report = survey(cfg, bar, orphans=out if all_orphans else None)
-    except OSError as e:
-        err.write(f"cis490-reconcile status: error: {e.filename or cfg.index}: {e.strerror or e}\n")
-        return ExitCode.FAILED
-    if all_orphans:
-        return ExitCode.OK
-    out.write(json.dumps(report.to_json(), indent=2) + "\n" if as_json else render(report))
-    return ExitCode.FAILED if report.attention() else ExitCode.OK

@@ -3,13 +3,11 @@ directory, reconcile it, and show what happened. Needs nothing but the package."
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -17,25 +15,31 @@ from pathlib import Path
 
 import zstandard
 
-from . import config
-from .index import encode_row
-from .log import make_logger
-from .reconcile import Reconciler
-from .runtime import iso_utc
+from .. import config
+from ..index import encode_row
+from ..log import make_logger
+from ..reconcile import Reconciler
+from ..runtime import ExitCode, iso_utc
+from . import Context
 
 DEMO_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def make_tarball(path: Path, members: dict[str, bytes], checksum: bool = True) -> bytes:
-    """Write a .tar.zst with these members (tarfile + zstandard); return its bytes."""
+def tar_bytes(members: dict[str, bytes], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """An uncompressed tar of these members, as tarfile writes it (the tests use it too)."""
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=raw, mode="w", format=fmt) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 1_700_000_000
             tar.addfile(info, io.BytesIO(data))
-    blob = zstandard.ZstdCompressor(write_checksum=checksum).compress(raw.getvalue())
+    return raw.getvalue()
+
+
+def make_tarball(path: Path, members: dict[str, bytes]) -> bytes:
+    """Write a .tar.zst with these members (tarfile + zstandard); return its bytes."""
+    blob = zstandard.ZstdCompressor(write_checksum=True).compress(tar_bytes(members))
     path.write_bytes(blob)
     return blob
 
@@ -93,37 +97,37 @@ def build(root: Path) -> tuple[Path, Path]:
     return episodes, index
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cis490-reconcile demo", description=__doc__)
-    parser.add_argument("--keep", action="store_true", help="keep the demo directory")
-    args = parser.parse_args(argv)
+def run(ctx: Context) -> ExitCode:
+    out = ctx.stdout
     root = Path(tempfile.mkdtemp(prefix="cis490-demo-"))
     try:
         episodes, index = build(root)
         before = index.read_bytes()
-        print(f"== demo store in {root}: 3 hosts, 14 tarballs")
-        print("   3 have no index row (one only a torn last line), 1 is truncated, 1 is still in flight;")
-        print(f"   index.jsonl: {len(before.splitlines())} lines, 1 of them garbage, the last one torn")
-        print(f"== a pass (--min-age {SETTLE_S:g}), its JSON log events as journald gets them:", flush=True)
+        out.write(f"== demo store in {root}: 3 hosts, 14 tarballs\n")
+        out.write(
+            "   3 have no index row (one only a torn last line), 1 is truncated, 1 is still in flight;\n"
+        )
+        out.write(f"   index.jsonl: {len(before.splitlines())} lines, 1 of them garbage, the last one torn\n")
+        out.write(f"== a pass (--min-age {SETTLE_S:g}), its JSON log events as journald gets them:\n")
+        out.flush()
         cfg = config.build({"episodes_root": episodes, "index": index, "min_age": SETTLE_S, "state_dir": ""})
-        reconciler = Reconciler(cfg, make_logger("info", sys.stdout))
-        summary = reconciler.run_pass()
-        after = index.read_bytes()
-        if not after.startswith(before):
-            raise SystemExit("demo: the index was rewritten; this is a bug")
-        print("== bytes appended to index.jsonl:")
-        sys.stdout.write(after[len(before) :].decode())
-        print("== a second pass over the same store:", flush=True)
-        again = reconciler.run_pass()
-        reconciler.close()
-        print(
+        with Reconciler(cfg, make_logger("info", out)) as reconciler:
+            summary = reconciler.run_pass()
+            after = index.read_bytes()
+            if not after.startswith(before):
+                raise SystemExit("demo: the index was rewritten; this is a bug")
+            out.write("== bytes appended to index.jsonl:\n" + after[len(before) :].decode())
+            out.write("== a second pass over the same store:\n")
+            out.flush()
+            again = reconciler.run_pass()
+        out.write(
             f"== result: {summary.backfilled} rows backfilled, {summary.corrupt} corrupt tarball reported, "
-            f"{summary.in_flight} left in flight, {summary.bad_index_lines} bad index line; "
-            f"second pass appended {again.backfilled}"
+            f"{summary.in_flight} left in flight, {summary.bad_index_lines} bad index lines "
+            f"(the torn one, once ended, is one); second pass appended {again.backfilled}\n"
         )
     finally:
-        if args.keep:
-            print(f"== kept {root}")
+        if ctx.args.keep:
+            out.write(f"== kept {root}\n")
         else:
             shutil.rmtree(root)
-    return 0
+    return ExitCode.OK
