@@ -1,7 +1,8 @@
 """The advisory lock shared with the receiver, and the races it handles.
 
 The receiver appends to index.jsonl under a lock of *its* choosing, and Linux
-has lock families that do not see each other (measured in FACTS.md): flock()
+has lock families that do not see each other (tests/test_lock.py holds each
+family in a real process and tries the others): flock()
 locks conflict only with flock(); POSIX record locks (fcntl F_SETLK,
 lockf) and OFD record locks (F_OFD_SETLK) conflict with each other but not
 with flock(). A lock of the wrong family fails silently: both sides "hold" it.

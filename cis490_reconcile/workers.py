@@ -1,8 +1,9 @@
 """Verifying tarballs in parallel, in forked worker processes.
 
-Why processes: sha256 and zstd release the GIL, but tarfile's header parsing
-is pure Python, and on many small tarballs a thread pool ran slower than one
-worker on these machines while forked processes scaled (FACTS.md).
+Why processes: sha256 and zstd release the GIL, but the tar headers are
+parsed in Python, and on 32,000 tarballs of 64 KiB a thread pool ran slower
+than one worker while forked processes scaled (re-measure: tests/bench/run.py
+--only many, whose figures include --workers 1).
 
 Why fork: the workers inherit the open store root fd, so they open files
 with the same openat(O_NOFOLLOW) chain as the parent and never resolve a

@@ -1,8 +1,8 @@
 """A real systemd, booted in a throwaway container, for tests that need units, timers and the journal.
 
 PID 1 on the test machines is not systemd, so a test that wants to see how systemd really runs a
-unit boots one with systemd-nspawn. The recipe (see "A real systemd for tests" in the shared
-FACTS.md): inside ``unshare --mount --propagation private`` mount a tmpfs on /run/systemd and
+unit boots one with systemd-nspawn (apt-get install systemd-container). The recipe, as root: inside
+``unshare --mount --propagation private`` mount a tmpfs on /run/systemd and
 bind-mount / onto an empty directory D (``--volatile=overlay`` is refused on / itself), then exec
 ``systemd-nspawn -D D --volatile=overlay --boot --register=no --keep-unit ...``. The container sees
 the host tree through an overlay: writes inside vanish at stop, its /tmp is private, so host paths
