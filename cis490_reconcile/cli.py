@@ -32,10 +32,19 @@ SUBCOMMANDS = {
     "scrub": "re-reads indexed tarballs and checks them against their rows",
     "demo": "builds a small store with gaps and reconciles it",
 }
-DESCRIPTIONS = {
+DESCRIPTIONS: dict[str | None, str] = {
     None: "Backfill index.jsonl rows for episode tarballs the receiver stored but never indexed.",
     **{c: d[0].upper() + d[1:] + "." for c, d in SUBCOMMANDS.items()},
 }
+
+
+def _seconds_arg(value: str) -> float:
+    try:
+        return config.positive_seconds(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # the flags of each action beyond the settings: (flag, help, argparse keywords)
 OPTIONS: dict[str | None, tuple[tuple[str, str, dict[str, object]], ...]] = {
     None: (
@@ -64,7 +73,7 @@ OPTIONS: dict[str | None, tuple[tuple[str, str, dict[str, object]], ...]] = {
         (
             "--max-duration",
             "stop after this long, saving the cursor; the next scrub resumes there (default: no limit)",
-            {"type": lambda v: _seconds_arg(v), "metavar": "SECONDS"},
+            {"type": _seconds_arg, "metavar": "SECONDS"},
         ),
     ),
     "config": (),
@@ -76,13 +85,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line, not usage plus a line."""
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _seconds_arg(value: str) -> float:
-    try:
-        return config.positive_seconds(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser(command: str | None) -> _Parser:

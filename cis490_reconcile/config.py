@@ -22,7 +22,7 @@ import math
 import os
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -341,7 +341,7 @@ def build(values: Mapping[str, object]) -> Config:
     return resolve([("value", values)]).config
 
 
-def resolve(layers: list[tuple[str, Mapping[str, object]]]) -> Loaded:
+def resolve(layers: Sequence[tuple[str, Mapping[str, object]]]) -> Loaded:
     """Merge layers, weakest first; each is (source, {key: raw value})."""
     parsed: dict[str, object] = {s.key: s.default for s in SETTINGS}
     sources = dict.fromkeys(parsed, "default")
@@ -362,11 +362,11 @@ def load(flags: Mapping[str, object], config_file: Path | None, environ: Mapping
     """Flags over environment over the TOML file over defaults."""
     named = config_file or (Path(environ[ENV_CONFIG]) if environ.get(ENV_CONFIG) else None)
     path = named or DEFAULT_CONFIG_FILE
-    layers = []
+    layers: list[tuple[str, Mapping[str, object]]] = []
     file_values = _read_toml(path, required=named is not None)
     if file_values is not None:
         layers.append((str(path), file_values))
-    env_values = {}
+    env_values: dict[str, object] = {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name != ENV_CONFIG:
             key = name.removeprefix(ENV_PREFIX).lower()
@@ -394,7 +394,7 @@ def _read_toml(path: Path, required: bool) -> dict[str, object] | None:
     else:
         import tomli as tomllib
     try:
-        values = tomllib.loads(data.decode())
+        values: dict[str, object] = tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: not valid TOML: {e}") from None
     for key, value in values.items():

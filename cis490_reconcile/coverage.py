@@ -96,7 +96,7 @@ class Coverage:
         st = os.fstat(fd)
         cp = self.state.checkpoint("base" if self.state.base else "main")
         fits = cp is not None and self._fits(fd, st, cp)
-        if fits and not full:
+        if cp is not None and fits and not full:
             found = self._read_on(fd, st, cp, on_progress)
         else:
             if self.state.base:  # the base's keys are of no use: read it all into ours

@@ -36,10 +36,10 @@ class _Render:
         self._journal = journal
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
-        line = self._json(logger, name, event_dict)
+        line = str(self._json(logger, name, event_dict))
         if self._journal:
             return f"<{SYSLOG_PRIORITY.get(event_dict.get('level', ''), 6)}>{line}"
-        return str(line)
+        return line
 
 
 def is_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
@@ -85,9 +85,17 @@ class Events:
         self.limit = limit
         self.counts: dict[str, int] = {}
 
-    def __call__(self, event: str, level: str = "warning", **fields: object) -> None:
+    def warning(self, event: str, **fields: object) -> None:
+        if self._count(event):
+            self.log.warning(event, **fields)
+
+    def info(self, event: str, **fields: object) -> None:
+        if self._count(event):
+            self.log.info(event, **fields)
+
+    def _count(self, event: str) -> bool:
+        """Whether this one is still to be logged."""
         n = self.counts[event] = self.counts.get(event, 0) + 1
-        if n <= self.limit:
-            getattr(self.log, level)(event, **fields)
-        elif n == self.limit + 1:
+        if n == self.limit + 1:
             self.log.warning("events_suppressed", suppressed_event=event, after=self.limit)
+        return n <= self.limit

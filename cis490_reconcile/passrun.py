@@ -185,7 +185,7 @@ class PassRun:
             self.replaced = True
             self.log.warning("index_restarted", reason="index replaced or shrank; read from the start")
         for bad in found.bad:
-            self.events("index_bad_line", line=bad.line, offset=bad.offset, reason=bad.reason)
+            self.events.warning("index_bad_line", line=bad.line, offset=bad.offset, reason=bad.reason)
         if found.torn is not None and not self.torn_reported:
             self.torn_reported = True
             self.log.warning("index_torn_tail", offset=found.torn.offset, line=found.torn.line)
@@ -265,7 +265,7 @@ class PassRun:
 
     def _skipped(self, skipped: Skipped) -> None:
         self.summary.skipped += 1
-        self.events("store_entry_skipped", path=skipped.path, reason=skipped.reason)
+        self.events.warning("store_entry_skipped", path=skipped.path, reason=skipped.reason)
 
     # --- verifying --------------------------------------------------------------------
 
@@ -364,21 +364,21 @@ class PassRun:
         s = self.summary
         if isinstance(verdict, Intact):
             if verdict.commit_note:
-                self.events("tarball_without_commit", path=tarball.path, reason=verdict.commit_note)
+                self.events.warning("tarball_without_commit", path=tarball.path, reason=verdict.commit_note)
             if not self.pending:
                 self.pending_since = time.monotonic()
             self.pending.append(Pending(tarball, verdict, backfill_row(tarball, verdict, time.time_ns())))
         elif isinstance(verdict, Unsettled):
             s.unsettled += 1
-            self.events("tarball_unsettled", level="info", path=tarball.path, reason=verdict.reason)
+            self.events.info("tarball_unsettled", path=tarball.path, reason=verdict.reason)
         elif isinstance(verdict, Unreadable):
             s.unreadable += 1
-            self.events("tarball_unreadable", path=tarball.path, reason=verdict.reason)
+            self.events.warning("tarball_unreadable", path=tarball.path, reason=verdict.reason)
         elif isinstance(verdict, Unverifiable):
             s.unverifiable += 1
             key = (tarball.host_id, tarball.episode_id)
             self.unverified[key] = unverified(tarball, self.env.decoding.key, verdict.reason)
-            self.events(
+            self.events.warning(
                 "tarball_unverifiable", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
             )
         else:
@@ -390,10 +390,14 @@ class PassRun:
         wait_s = None
         if qdir is not None:
             wait_s = max(0.0, self.cfg.quarantine_min_age - (time.time_ns() - tarball.ctime_ns) / 1e9)
-        extra = {"quarantine_in_s": round(wait_s)} if wait_s else {}
-        self.events(
-            "tarball_corrupt", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size, **extra
-        )
+        facts: dict[str, object] = {
+            "path": tarball.path,
+            "reason": verdict.reason,
+            "size_bytes": tarball.size,
+        }
+        if wait_s:
+            facts["quarantine_in_s"] = round(wait_s)
+        self.events.warning("tarball_corrupt", **facts)
         if qdir is None or wait_s or self.env.dry_run or self.store is None:
             return
         host = self.store.open_host(tarball.host_id)
@@ -403,11 +407,13 @@ class PassRun:
             try:
                 moved = quarantine.move(host, tarball, verdict.reason, qdir, iso_utc(time.time_ns()))
             except OSError as e:
-                self.events("quarantine_failed", path=tarball.path, error=e.strerror or str(e))
+                self.events.warning("quarantine_failed", path=tarball.path, error=e.strerror or str(e))
                 return
         self.summary.quarantined += 1
         self._resolved(tarball)
-        self.events("tarball_quarantined", path=tarball.path, quarantine_path=moved, reason=verdict.reason)
+        self.events.warning(
+            "tarball_quarantined", path=tarball.path, quarantine_path=moved, reason=verdict.reason
+        )
 
     # --- committing ---------------------------------------------------------------------
 
@@ -455,12 +461,11 @@ class PassRun:
         for p in (*done.fresh, *done.raced):
             self._resolved(p.tarball)
         for p in done.raced:
-            self.events("row_already_present", level="info", path=p.tarball.path)
+            self.events.info("row_already_present", path=p.tarball.path)
         event = "row_would_backfill" if self.env.dry_run else "row_backfilled"
         for p in done.fresh:
-            self.events(
+            self.events.info(
                 event,
-                level="info",
                 path=p.tarball.path,
                 host_id=p.tarball.host_id,
                 episode_id=p.tarball.episode_id,

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from . import syscalls, zstdframe
 from .config import Config, load_dictionaries
@@ -80,10 +80,7 @@ class Unreadable:
     reason: str
 
 
-Verdict = Intact | Corrupt | Unverifiable | Unsettled | Unreadable
-
-
-Verdict = Intact | Corrupt | Unverifiable | Unsettled | Unreadable
+Verdict: TypeAlias = "Intact | Corrupt | Unverifiable | Unsettled | Unreadable"
 
 
 # --- what the decoder may use ---------------------------------------------------------
@@ -116,7 +113,7 @@ class Decoding:
     dictionaries: Mapping[int, bytes] = field(default_factory=dict)  # by dictionary id
     limited_by: str = "max_window"  # what set max_window, for the reason
     budget: WindowBudget = field(default_factory=Unshared)
-    _loaded: dict[int, object] = field(default_factory=dict, repr=False)  # zstandard dictionaries
+    _loaded: dict[int, zstandard.ZstdCompressionDict] = field(default_factory=dict, repr=False)
 
     @property
     def key(self) -> str:

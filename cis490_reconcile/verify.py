@@ -183,7 +183,7 @@ def read_tarball(
     first = zstdframe.first_header(lambda n, at: syscalls.pread_exact(fd, n, at), size)
     window = 0 if first is None else first.window
     while True:  # twice at most: a later frame may need a larger window than the first
-        walker = zstdframe.FrameWalker(lambda frame: decoding.refuse(frame, first and first.dict_id))
+        walker = zstdframe.FrameWalker(lambda frame: decoding.refuse(frame, first.dict_id if first else None))
         source = HashingReader(fd, size, walker.feed, on_read)
         problem = unverifiable = None
         contents = None

@@ -33,6 +33,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
+from multiprocessing.sharedctypes import Synchronized
 
 from . import syscalls
 from .reading import ReadPacer
@@ -79,8 +80,8 @@ class _Shared:
     store: Store
     decoding: Decoding
     rate: int | None
-    bytes_read: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
-    stop: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
+    bytes_read: Synchronized[int]
+    stop: Synchronized[int]
 
 
 _shared: _Shared | None = None  # set in the parent just before the pool forks
