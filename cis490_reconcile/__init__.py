@@ -1,4 +1,19 @@
-"""cis490-reconcile: backfill index.jsonl rows for episode tarballs the receiver
-stored but never indexed."""
+"""cis490-reconcile: backfill index.jsonl rows for episode tarballs the
+receiver stored but never indexed.
 
-__version__ = "0.1.0"
+For contributors, the data flow of a pass, from the top:
+
+    cli.py              flags and config -> actions/<command>.run(ctx)
+    actions/reconcile   --once or a loop; each pass's outcome -> outcome.py sinks
+    reconcile.py        Reconciler: what lasts between passes; opens the state (statedir.py)
+    passrun.py          PassRun: one pass, and the one place a verdict is recorded
+      coverage.py         the state database (state.py) in step with index.jsonl (index.py)
+      store.py            the host directories that changed, listed safely
+      verify.py           one read of one tarball (reading, zstdframe, tarstream; verdicts.py)
+      workers.py          ... in forked processes
+      commit.py           the only code that takes the index lock (lock.py, syscalls.py)
+
+tests/README.md says what each test proves; README.md is for operators.
+"""
+
+__version__ = "0.2.0"

@@ -85,6 +85,7 @@ class Report:
         default_factory=lambda: {k: [] for k in EXAMPLE_KINDS}
     )
     last_pass: dict[str, object] | None = None
+    last_scrub: dict[str, object] | None = None
 
     def host(self, host_id: str) -> HostCounts:
         return self.hosts.setdefault(host_id, HostCounts())
@@ -117,6 +118,15 @@ class Report:
         notes = [f"{what}: {n}" for n, what in found if n]
         if self.last_pass is not None and self.last_pass.get("result") == "failed":
             notes.append(f"last pass failed: {self.last_pass.get('error')}")
+        if self.last_scrub is not None and self.last_scrub.get("result") == "failed":
+            run = self.last_scrub.get("run")
+            problems = (
+                {k: run.get(k) for k in ("mismatched", "missing", "unreadable")}
+                if isinstance(run, dict)
+                else {}
+            )
+            error = self.last_scrub.get("error")
+            notes.append(f"last scrub failed: {error}" if error else f"last scrub found {_counted(problems)}")
         return notes
 
     def to_json(self) -> dict[str, object]:
@@ -139,6 +149,7 @@ class Report:
             **self.examples,
             "examples_cap": EXAMPLES,
             "last_pass": self.last_pass,
+            "last_scrub": self.last_scrub,
         }
 
 
@@ -338,7 +349,9 @@ def survey(
                         orphans.write(json.dumps(found) + "\n")
                 else:
                     s.examples()
-                s.report.last_pass = view.record("last_pass", "base" if view.base else "main")
+                schema = "base" if view.base else "main"
+                s.report.last_pass = view.record("last_pass", schema)
+                s.report.last_scrub = view.record("last_scrub", schema)
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -356,3 +369,7 @@ def _open_index(cfg: Config) -> int | None:
         return os.open(cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None  # nothing indexed yet
+
+
+def _counted(found: dict[str, object]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in found.items() if n) or "nothing"

@@ -72,6 +72,7 @@ def render(report: Report) -> str:
             out.append(f"{title}:")
             out += [f"  {_example(kind, e)}" for e in report.examples[kind]]
     out.append(_last_pass(report.last_pass))
+    out.append(_last_scrub(report.last_scrub))
     notes = report.attention()
     out.append("needs attention: " + "; ".join(notes) if notes else "clean")
     return "\n".join(out) + "\n"
@@ -94,4 +95,18 @@ def _last_pass(record: dict[str, object] | None) -> str:
     line = f"last pass: {record.get('result')}, started {record.get('started_at')}, "
     line += f"{record.get('backfilled')} backfilled, {record.get('corrupt')} corrupt, "
     line += f"{record.get('duration_s')} s"
+    return line + (f", error: {record['error']}" if record.get("error") else "")
+
+
+def _last_scrub(record: dict[str, object] | None) -> str:
+    if record is None:
+        return "last scrub: none recorded"
+    run, progress = record.get("run"), record.get("round_progress")
+    counts = run if isinstance(run, dict) else {}
+    where = f"at {progress:.0%}" if isinstance(progress, float) else ""
+    where = "completed" if record.get("round_completed") else where
+    line = f"last scrub: {record.get('result')}, started {record.get('started_at')}, "
+    line += f"round {record.get('round')} "
+    line += f"{where}, {counts.get('checked')} checked, {counts.get('mismatched')} mismatched, "
+    line += f"{counts.get('missing')} missing"
     return line + (f", error: {record['error']}" if record.get("error") else "")
