@@ -24,21 +24,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO, cast
 
 import zstandard
 
 from . import syscalls, zstdframe
 from .reading import READ_SIZE, HashingReader
-from .runtime import human_size
 from .store import HostDir, NotRegularFile, Store, Tarball
+from .tarstream import Damaged, OverBound, TarStream
 from .verdicts import Corrupt, Decoding, Intact, Unreadable, Unsettled, Unverifiable, Verdict
 
-_TAR_BUFSIZE = 64 << 10  # decompressed bytes per tarfile read
 META_MAX_BYTES = 1 << 20
-HEADER_MAX_BYTES = 1 << 20  # all header bytes of one tar member: pax, long names, sparse maps
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 
 
@@ -46,58 +44,6 @@ _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 
 
 # --- tar ----------------------------------------------------------------------
-
-
-class _OverBound(Exception):
-    """A tar member's headers are larger than we are willing to hold."""
-
-
-class _HeaderBudget:
-    """tarfile's fileobj while one member's headers are parsed. tarfile reads
-    pax and GNU long-name payloads, GNU sparse extension blocks and sparse
-    maps wholly into memory: count those reads and stop past
-    HEADER_MAX_BYTES (a few KB of zstd can claim gigabytes of header)."""
-
-    def __init__(self, inner: object) -> None:
-        self.inner = inner
-        self._left = HEADER_MAX_BYTES + 4 * tarfile.BLOCKSIZE  # the header blocks themselves
-
-    def read(self, size: int = -1) -> bytes:
-        self._left -= size
-        if size < 0 or self._left < 0:
-            raise _OverBound(f"the headers of a tar member exceed {human_size(HEADER_MAX_BYTES)}")
-        data: bytes = self.inner.read(size)  # type: ignore[attr-defined]
-        return data
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
-class _GuardedTarInfo(tarfile.TarInfo):
-    """Bound what one member's headers may read, and remember how the member
-    list ended, which tarfile's stream mode does not tell."""
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        outer = not isinstance(tarfile_.fileobj, _HeaderBudget)  # pax headers recurse
-        if outer:
-            tarfile_.fileobj = _HeaderBudget(tarfile_.fileobj)  # type: ignore[assignment]
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.HeaderError as e:
-            # the class and message only: the exception's traceback holds this
-            # TarFile, and the cycle would keep the decoder's buffers alive
-            # until the next garbage collection (RSS grew with files verified)
-            tarfile_.end_reason = (type(e), str(e))  # type: ignore[attr-defined]
-            raise
-        finally:
-            if outer:
-                tarfile_.fileobj = tarfile_.fileobj.inner  # type: ignore[union-attr]
-
-
-class _StreamTar(tarfile.TarFile):
-    tarinfo = _GuardedTarInfo
-    end_reason: tuple[type[tarfile.HeaderError], str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,34 +77,27 @@ def meta_rank(name: str, episode_id: str) -> int | None:
     return 0 if parts == [episode_id, "meta.json"] else len(parts)
 
 
-def _walk(tar: _StreamTar, stream: zstandard.ZstdDecompressionReader, episode_id: str) -> _Contents:
-    members = 0
-    best: tuple[int, tuple[str | None, str | None]] | None = None
-    for member in iter(tar.next, None):
-        tar.members.clear()  # stream mode keeps every TarInfo otherwise
-        members += 1
-        rank = meta_rank(member.name, episode_id)
-        if rank is None or not member.isfile() or (best is not None and rank >= best[0]):
-            continue
-        if member.size > META_MAX_BYTES:
-            best = rank, (None, f"meta.json is {member.size} bytes (limit {META_MAX_BYTES})")
-        else:
-            handle = tar.extractfile(member)
-            assert handle is not None  # isfile() members always have one
-            best = rank, _commit_from_meta(handle.read(META_MAX_BYTES))
-    kind, message = tar.end_reason or (None, "no header")
-    if kind is not tarfile.EOFHeaderError:
-        raise tarfile.TarError(f"archive ends without an end-of-archive block ({message})")
-    while stream.read(READ_SIZE):  # decode to the end of the last frame: checksums
-        pass
+def _read_tar(source: HashingReader, decoder: zstandard.ZstdDecompressor, episode_id: str) -> _Contents:
+    """Every member to the end-of-archive block, then the rest of the zstd
+    stream (its checksums); the best meta.json's commit on the way."""
+    raw = cast(IO[bytes], source)  # zstandard calls read() only
+    with decoder.stream_reader(raw, read_size=READ_SIZE, read_across_frames=True, closefd=False) as stream:
+        tar = TarStream(stream.readinto)
+        members = 0
+        best: tuple[int, tuple[str | None, str | None]] | None = None
+        for member in tar:
+            members += 1
+            rank = meta_rank(member.name, episode_id)
+            if rank is None or not member.is_file or (best is not None and rank >= best[0]):
+                continue
+            if member.size > META_MAX_BYTES:
+                best = rank, (None, f"meta.json is {member.size} bytes (limit {META_MAX_BYTES})")
+            else:
+                best = rank, _commit_from_meta(tar.read_data(META_MAX_BYTES))
+        while stream.read(READ_SIZE):  # decode to the end of the last frame: checksums
+            pass
     commit, note = (None, "no meta.json member") if best is None else best[1]
     return _Contents(members, commit, note)
-
-
-def _read_tar(source: HashingReader, decoder: zstandard.ZstdDecompressor, episode_id: str) -> _Contents:
-    stream = decoder.stream_reader(source, read_size=READ_SIZE, read_across_frames=True, closefd=False)
-    with stream, _StreamTar.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFSIZE) as tar:
-        return _walk(tar, stream, episode_id)
 
 
 # --- one tarball --------------------------------------------------------------
@@ -197,12 +136,10 @@ def read_tarball(
                     )
                 except zstandard.ZstdError as e:
                     problem = f"zstd: {e}"
-                except _OverBound as e:
-                    unverifiable = str(e)
-                except OSError:
-                    raise
-                except Exception as e:  # tarfile on hostile input raises more than TarError
+                except Damaged as e:
                     problem = f"tar: {e}"
+                except OverBound as e:
+                    unverifiable = str(e)
         source.drain()  # the whole file: sha256, and the frame walker's verdict
         broken = walker.problem(source.size)
         if broken:
