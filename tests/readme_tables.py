@@ -72,9 +72,10 @@ def render(text: str) -> str:
     """`text` with every generated block brought up to date."""
     for name, make in BLOCKS.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)", re.S)
-        if not pattern.search(text):
+        found = pattern.search(text)
+        if not found:
             raise SystemExit(f"README.md has no <!-- BEGIN {name} --> ... <!-- END {name} --> block")
-        text = pattern.sub(lambda m, made=make(): m.group(1) + made + "\n" + m.group(2), text)
+        text = text[: found.start()] + found.group(1) + make() + "\n" + found.group(2) + text[found.end() :]
     return text
 
 

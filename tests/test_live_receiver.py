@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, Receiver, clean_env, parse_events
 
+pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
+
 SIM = REPO / "tests" / "receiver_sim.py"
 
 

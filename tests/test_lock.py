@@ -14,6 +14,8 @@ from helpers import REPO, Receiver
 
 from cis490_reconcile import lock
 
+pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
+
 HOLDER = REPO / "tests" / "lockholder.py"
 
 

@@ -22,7 +22,9 @@ def test_generated_tables_match_the_code() -> None:
 
 
 def test_every_event_logged_is_in_the_table_and_no_other() -> None:
-    sources = "\n".join(p.read_text() for p in (REPO / "cis490_reconcile").rglob("*.py") if p.name != "events.py")
+    sources = "\n".join(
+        p.read_text() for p in (REPO / "cis490_reconcile").rglob("*.py") if p.name != "events.py"
+    )
     logged = set(_LOGGED.findall(sources))
     assert logged - set(EVENTS) == set(), "logged but not in events.EVENTS"
     named = set(_NAMED.findall(sources))  # events picked at run time are named in the code too

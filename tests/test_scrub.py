@@ -27,6 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cis490_reconcile import metrics
 from cis490_reconcile.log import MAX_EVENTS
 
+pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
+
 # 256 KiB tarballs read at 4 MiB/s: 16 a second, so a run can be cut short
 # mid-round in a fraction of a second and resumed
 TARBALL_BYTES = 256 << 10

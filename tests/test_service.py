@@ -19,6 +19,8 @@ from helpers import NotifySocket, Receiver, clean_env, episode, parse_events
 
 from cis490_reconcile.notify import Notifier
 
+pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
+
 BIG = 16 << 20  # a tarball that takes ~2 s to read at RATE
 RATE = "8M"
 WATCHDOG_USEC = 400_000

@@ -13,11 +13,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from helpers import REPO, Receiver, episode, gnu_tarball
 
 from cis490_reconcile import config
 from cis490_reconcile.actions import Context
 from cis490_reconcile.actions import status as status_action
+
+pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
 
 HOLDER = REPO / "tests" / "lockholder.py"
 

@@ -1,4 +1,4 @@
-"""The codebase stays ruff clean (lint and format), checked with every test run."""
+"""The codebase stays ruff clean (lint and format) and mypy --strict clean, checked with every test run."""
 
 import subprocess
 import sys
@@ -16,4 +16,11 @@ def test_ruff_check() -> None:
 
 def test_ruff_format() -> None:
     proc = subprocess.run([str(RUFF), "format", "--check", "."], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_mypy_strict() -> None:
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mypy")], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout
