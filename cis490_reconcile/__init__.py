@@ -3,7 +3,7 @@ receiver stored but never indexed.
 
 For contributors, the data flow of a pass, from the top:
 
-    cli.py              flags and config -> actions/<command>.run(ctx)
+    cli.py              flags and config (config.py; preflight.py checks paths) -> actions/<command>.run(ctx)
     actions/reconcile   --once or a loop; each pass's outcome -> outcome.py sinks
     reconcile.py        Reconciler: what lasts between passes; opens the state (statedir.py)
     passrun.py          PassRun: one pass, and the one place a verdict is recorded
@@ -12,6 +12,9 @@ For contributors, the data flow of a pass, from the top:
       verify.py           one read of one tarball (reading, zstdframe, tarstream; verdicts.py)
       workers.py          ... in forked processes
       commit.py           the only code that takes the index lock (lock.py, syscalls.py)
+
+The other commands: actions/scrub -> scrub.py (its cursor: scrubcursor.py),
+actions/status -> survey.py; all read the state through state.py.
 
 tests/README.md says what each test proves; README.md is for operators.
 """

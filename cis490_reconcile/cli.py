@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, config
+from . import __version__, config, preflight
 from .config import SETTINGS, ConfigError
 from .runtime import ExitCode
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def load() -> config.Config:
         loaded = config.load(flags, args.config, os.environ)
-        config.check_paths(loaded.config)
+        preflight.check_paths(loaded.config)
         return loaded.config
 
     action = importlib.import_module(f".actions.{command or 'reconcile'}", __package__)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             loaded = config.load(flags, args.config, os.environ)
             if command != "config":
-                config.check_paths(loaded.config)
+                preflight.check_paths(loaded.config)
         ctx = Context(loaded, args, load)
         return int(action.run(ctx))
     except ConfigError as e:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -30,7 +28,6 @@ from .store import is_safe_name
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_WINDOW, MAX_WINDOW = 8 << 20, 2 << 30  # 2 GiB: zstd --long=31, the format's largest
-DICTIONARY_MAX_BYTES = 16 << 20
 DEFAULT_CONFIG_FILE = Path("/etc/cis490/reconcile.toml")
 ENV_PREFIX = "CIS490_RECONCILE_"
 ENV_CONFIG = ENV_PREFIX + "CONFIG"
@@ -435,80 +432,3 @@ def _toml_value(value: object) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(json.dumps(str(item)) for item in value) + "]"
     return json.dumps(str(value))  # a TOML basic string
-
-
-def check_paths(cfg: Config) -> None:
-    """Paths must make sense before a pass starts: the root a directory, the
-    index a regular file (or absent, in an existing directory)."""
-    if not cfg.episodes_root.is_dir():
-        raise ConfigError(f"--episodes-root {cfg.episodes_root}: not a directory")
-    for flag, path in (("--index", cfg.index), ("--lock-file", cfg.lock_path)):
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            if not path.parent.is_dir():
-                raise ConfigError(f"{flag} {path}: directory {path.parent} does not exist") from None
-            continue
-        except OSError as e:
-            raise ConfigError(f"{flag} {path}: {e.strerror}") from None
-        if not stat.S_ISREG(mode):
-            raise ConfigError(f"{flag} {path}: not a regular file")
-    if cfg.quarantine_dir is not None:
-        _check_quarantine(cfg.quarantine_dir, cfg.episodes_root)
-    load_dictionaries(cfg.zstd_dictionaries)
-
-
-def load_dictionaries(paths: tuple[Path, ...]) -> dict[int, bytes]:
-    """The dictionaries by id; ConfigError for a file that is not one, or a
-    second file with the same id."""
-    from .zstdframe import dictionary_id
-
-    found: dict[int, bytes] = {}
-    for path in paths:
-        flag = f"--zstd-dictionaries {path}"
-        try:
-            with open(path, "rb") as f:
-                data = f.read(DICTIONARY_MAX_BYTES + 1)
-            dict_id = dictionary_id(data)
-        except OSError as e:
-            raise ConfigError(f"{flag}: {e.strerror}") from None
-        except ValueError as e:
-            raise ConfigError(f"{flag}: {e}") from None
-        if len(data) > DICTIONARY_MAX_BYTES:
-            raise ConfigError(f"{flag}: larger than {DICTIONARY_MAX_BYTES >> 20} MiB")
-        if dict_id in found:
-            raise ConfigError(f"{flag}: a second dictionary with id {dict_id}")
-        found[dict_id] = data
-    return found
-
-
-def _check_quarantine(qdir: Path, root: Path) -> None:
-    """A rename target: an existing directory on the episodes' filesystem,
-    and not inside the episodes root (it would be scanned as a host)."""
-    flag = f"--quarantine-dir {qdir}"
-    try:
-        st = os.stat(qdir)
-    except OSError as e:
-        raise ConfigError(f"{flag}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{flag}: not a directory")
-    if st.st_dev != os.stat(root).st_dev:
-        raise ConfigError(f"{flag}: on another filesystem than {root}; a quarantine move must be a rename")
-    real_q, real_root = qdir.resolve(), root.resolve()
-    if real_q == real_root or real_root in real_q.parents:
-        raise ConfigError(f"{flag}: inside the episodes root {root}")
-
-
-def check_user(cfg: Config) -> None:
-    """Refuse root when the index belongs to someone else: rows appended as
-    root are fine, but a lock or index file root creates, or a habit of
-    running as root, breaks the receiver that runs as its own user."""
-    if os.geteuid() != 0 or cfg.allow_root:
-        return
-    target = cfg.index if cfg.index.exists() else cfg.index.parent
-    owner = target.stat().st_uid
-    if owner != 0:
-        raise ConfigError(
-            f"refusing to run as root: {target} belongs to uid {owner}; run as that user "
-            f"(sudo -u '#{owner}' cis490-reconcile ...) or pass --allow-root"
-        )

@@ -23,7 +23,7 @@ Races, and how each is handled:
   corrupt again and moves it under the next free name.
 - The quarantine must be on the episodes' filesystem (a rename, not a copy
   that a crash could leave half-done) and outside the episodes root (or it
-  would be scanned as a host directory); config.check_paths refuses others.
+  would be scanned as a host directory); preflight.check_paths refuses others.
 """
 
 from __future__ import annotations

@@ -49,10 +49,10 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
-from . import index, statedir, syscalls
+from . import index, scrubcursor, statedir, syscalls
 from .config import Config
 from .coverage import received_seconds
 from .log import MAX_EVENTS, Logger
@@ -60,6 +60,7 @@ from .notify import Notifier
 from .outcome import Outcome
 from .reading import HashingReader, ReadPacer
 from .runtime import ExitCode, StopRequested, human_size
+from .scrubcursor import Counts, Cursor
 from .state import State
 from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name
 from .termbar import TerminalBar
@@ -72,56 +73,6 @@ SAVE_EVERY_ROWS = 10_000
 REPORT_INTERVAL_S = 0.2  # STATUS= and the progress bar rate-limit themselves; this spares the formatting
 RESULTS = ("ok", "mismatched", "missing", "pruned", "unsettled", "unreadable")  # "checked" counts them all
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-
-
-@dataclass
-class Counts:
-    checked: int = 0  # rows whose tarball was looked at: the sum of RESULTS
-    ok: int = 0
-    mismatched: int = 0
-    missing: int = 0
-    pruned: int = 0  # gone, and received before the retention: by design
-    unsettled: int = 0
-    unreadable: int = 0
-    unverifiable: int = 0  # rows that name no checkable file or digest
-    bad_lines: int = 0  # lines that are not rows
-    bytes_read: int = 0
-
-
-@dataclass
-class Cursor:
-    index_dev: int = 0
-    index_ino: int = 0
-    offset: int = 0  # of the next row to check
-    line: int = 0  # lines before offset
-    round: int = 1
-    round_started_at: float | None = None  # unix seconds
-    last_round_completed_at: float | None = None
-    counts: Counts = field(default_factory=Counts)
-
-    def next_round(self) -> Cursor:
-        return Cursor(
-            self.index_dev,
-            self.index_ino,
-            round=self.round + 1,
-            last_round_completed_at=self.last_round_completed_at,
-        )
-
-    @classmethod
-    def load(cls, record: Mapping[str, object]) -> Cursor:
-        """From its record; ValueError when it is not one."""
-        try:
-            cursor = cls(**{**record, "counts": Counts(**record["counts"])})  # type: ignore[arg-type]
-        except (TypeError, KeyError) as e:
-            raise ValueError(f"malformed: {e}") from None
-        counters = [cursor.index_dev, cursor.index_ino, cursor.offset, cursor.line, cursor.round]
-        counters += asdict(cursor.counts).values()
-        times = [cursor.round_started_at, cursor.last_round_completed_at]
-        if not all(type(n) is int and n >= 0 for n in counters) or not all(
-            t is None or type(t) in (int, float) for t in times
-        ):
-            raise ValueError("malformed: a value is not a number >= 0")
-        return cursor
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +112,79 @@ class Found:
     reason: str | None = None
     sha256: str | None = None  # of the bytes on disk, when they were all read
     size: int | None = None
+
+
+def check(store: Store, claim: Checkable, cutoff: float | None, on_read: Callable[[int], None]) -> Found:
+    """Compare the file at the row's path with the row. Only a regular
+    file is read (never a symlink, FIFO or directory: those are missing
+    tarballs)."""
+    pruned = cutoff is not None and claim.received is not None and claim.received < cutoff
+    host = store.open_host(claim.host_id)
+    if host is None or isinstance(host, Skipped):
+        return (
+            Found("pruned")
+            if pruned
+            else Found("missing", "no host directory" if host is None else host.reason)
+        )
+    with host:
+        tarball = host.lstat(claim.episode_id)
+        if tarball is None or isinstance(tarball, Skipped):
+            if pruned:
+                return Found("pruned")
+            return Found(
+                "missing", "no such file" if tarball is None else f"not a regular file: {tarball.reason}"
+            )
+        if tarball.size != claim.size:  # no need to read it: it differs
+            return Found("mismatched", "size", size=tarball.size)
+        try:
+            fd = host.open(tarball)
+        except (FileNotFoundError, NotRegularFile):
+            return Found("unsettled", "removed or replaced before it was read")
+        except OSError as e:
+            return Found("unreadable", f"open: {e.strerror}")
+        try:
+            reader = HashingReader(fd, tarball.size, on_read=on_read)
+            reader.drain()
+            moved = host.moved(tarball, fd)
+        except OSError as e:
+            return Found("unreadable", f"read: {e.strerror}")
+        finally:
+            os.close(fd)
+        if moved is not None or reader.size != tarball.size:
+            return Found("unsettled", moved or "changed while it was read")
+    digest = reader.sha256.hexdigest()
+    if digest != claim.sha256:
+        return Found("mismatched", "sha256", sha256=digest, size=reader.size)
+    return Found("ok", sha256=digest, size=reader.size)
+
+
+def report(log: Logger, claim: Checkable, line: int, found: Found, n: int) -> None:
+    """Log what one check found; the n-th of its kind this round past
+    MAX_EVENTS is only counted (one events_suppressed says so)."""
+    log.debug("tarball_scrubbed", path=claim.path, line=line, result=found.result)
+    event = {
+        "mismatched": "scrub_mismatch",
+        "missing": "scrub_missing",
+        "unreadable": "scrub_unreadable",
+        "unsettled": "scrub_unsettled",
+    }.get(found.result)
+    if event is None:
+        return
+    if n > MAX_EVENTS:
+        if n == MAX_EVENTS + 1:
+            log.warning("events_suppressed", suppressed_event=event, after=MAX_EVENTS)
+        return
+    if found.result == "mismatched":
+        facts: dict[str, object] = {
+            "expected_sha256": claim.sha256,
+            "actual_sha256": found.sha256,
+            "expected_size": claim.size,
+            "actual_size": found.size,
+        }
+    else:
+        facts = {"reason": found.reason}
+    level = "info" if found.result == "unsettled" else "warning"
+    getattr(log, level)(event, path=claim.path, line=line, **facts)
 
 
 class Scrubber:
@@ -230,7 +254,7 @@ class Scrubber:
                 if not stat.S_ISREG(st.st_mode):
                     raise OSError(0, "not a regular file")
                 self.index_size = st.st_size
-                self.cursor = self._resume(fd, st)
+                self.cursor = scrubcursor.resume(self._saved_cursor(), fd, st, self.started_at, self.log)
             except OSError as e:
                 self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
                 return ExitCode.FAILED
@@ -247,40 +271,11 @@ class Scrubber:
         c = self.run_counts
         return ExitCode.FAILED if c.mismatched or c.missing or c.unreadable else ExitCode.OK
 
-    def _resume(self, fd: int, st: os.stat_result) -> Cursor:
-        """The cursor to continue from: the saved one if it still points at a
-        line start of this same index, else a new round at offset 0."""
-        cursor = self._load()
-        identity = (st.st_dev, st.st_ino)
-        if cursor.offset > 0:
-            reason = None
-            if (cursor.index_dev, cursor.index_ino) != identity:
-                reason = "the index was replaced"
-            elif st.st_size < cursor.offset:
-                reason = "the index is shorter than the cursor"
-            elif syscalls.pread_exact(fd, 1, cursor.offset - 1) != b"\n":
-                reason = "the cursor is not at the start of a line"
-            if reason is not None:
-                self.log.warning(
-                    "scrub_round_restarted",
-                    reason=reason,
-                    previous_round=cursor.round,
-                    previous_offset=cursor.offset,
-                    previous_line=cursor.line,
-                )
-                cursor = cursor.next_round()
-        cursor.index_dev, cursor.index_ino = identity
-        if cursor.round_started_at is None:
-            cursor.round_started_at = self.started_at
-        return cursor
-
-    def _load(self) -> Cursor:
+    def _saved_cursor(self) -> Cursor:
         assert self.state is not None
         record = self.state.record(CURSOR)
-        if record is None:
-            return Cursor()
         try:
-            return Cursor.load(record)
+            return Cursor() if record is None else Cursor.load(record)
         except ValueError as e:
             self.log.warning("scrub_cursor_ignored", reason=str(e))
             return Cursor()
@@ -335,91 +330,19 @@ class Scrubber:
             round_counts.unverifiable += 1
             return
         read_before = self.run_counts.bytes_read
-        found = self._check(store, claim)  # raises StopRequested: the row stays unchecked
+        # check() raises StopRequested mid-read: the row stays unchecked
+        found = check(store, claim, self.cutoff, self._on_read)
         round_counts.bytes_read += self.run_counts.bytes_read - read_before
         for counts in (self.run_counts, round_counts):
             counts.checked += 1
             setattr(counts, found.result, getattr(counts, found.result) + 1)
-        self._report(claim, entry.line, found)
-
-    def _report(self, claim: Checkable, line: int, found: Found) -> None:
-        self.log.debug("tarball_scrubbed", path=claim.path, line=line, result=found.result)
-        event = {
-            "mismatched": "scrub_mismatch",
-            "missing": "scrub_missing",
-            "unreadable": "scrub_unreadable",
-            "unsettled": "scrub_unsettled",
-        }.get(found.result)
-        if event is None:
-            return
-        n = getattr(self.cursor.counts, found.result)  # this round's, counting this one
-        if n > MAX_EVENTS:
-            if n == MAX_EVENTS + 1:
-                self.log.warning("events_suppressed", suppressed_event=event, after=MAX_EVENTS)
-            return
-        level = "info" if found.result == "unsettled" else "warning"
-        if found.result == "mismatched":
-            facts: dict[str, object] = {
-                "expected_sha256": claim.sha256,
-                "actual_sha256": found.sha256,
-                "expected_size": claim.size,
-                "actual_size": found.size,
-            }
-        else:
-            facts = {"reason": found.reason}
-        getattr(self.log, level)(event, path=claim.path, line=line, **facts)
-
-    # --- one tarball ----------------------------------------------------------------
-
-    def _check(self, store: Store, claim: Checkable) -> Found:
-        """Compare the file at the row's path with the row. Only a regular
-        file is read (never a symlink, FIFO or directory: those are missing
-        tarballs)."""
-        pruned = self.cutoff is not None and claim.received is not None and claim.received < self.cutoff
-        host = store.open_host(claim.host_id)
-        if host is None or isinstance(host, Skipped):
-            return (
-                Found("pruned")
-                if pruned
-                else Found("missing", "no host directory" if host is None else host.reason)
-            )
-        with host:
-            tarball = host.lstat(claim.episode_id)
-            if tarball is None or isinstance(tarball, Skipped):
-                if pruned:
-                    return Found("pruned")
-                return Found(
-                    "missing", "no such file" if tarball is None else f"not a regular file: {tarball.reason}"
-                )
-            if tarball.size != claim.size:  # no need to read it: it differs
-                return Found("mismatched", "size", size=tarball.size)
-            try:
-                fd = host.open(tarball)
-            except (FileNotFoundError, NotRegularFile):
-                return Found("unsettled", "removed or replaced before it was read")
-            except OSError as e:
-                return Found("unreadable", f"open: {e.strerror}")
-            try:
-                reader = HashingReader(fd, tarball.size, on_read=self._on_read)
-                reader.drain()
-                moved = host.moved(tarball, fd)
-            except OSError as e:
-                return Found("unreadable", f"read: {e.strerror}")
-            finally:
-                os.close(fd)
-            if moved is not None or reader.size != tarball.size:
-                return Found("unsettled", moved or "changed while it was read")
-        digest = reader.sha256.hexdigest()
-        if digest != claim.sha256:
-            return Found("mismatched", "sha256", sha256=digest, size=reader.size)
-        return Found("ok", sha256=digest, size=reader.size)
+        n = getattr(round_counts, found.result)  # this round's, counting this one
+        report(self.log, claim, entry.line, found, n)
 
     def _on_read(self, n: int) -> None:
         self.run_counts.bytes_read += n
         self.pacer.consume(n)
         self._checkpoint()
-
-    # --- checkpoints, the cursor, the summary -----------------------------------------
 
     def _checkpoint(self) -> None:
         """Between rows and inside reads: feed the watchdog, show progress,

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from . import syscalls, zstdframe
-from .config import Config, load_dictionaries
+from .config import Config
+from .preflight import load_dictionaries
 from .runtime import human_size
 
 if TYPE_CHECKING:
@@ -188,6 +189,6 @@ def plan_memory(workers: int, max_window: int, limit: int | None) -> MemoryPlan:
 
 def decoding_for(cfg: Config, workers: int) -> tuple[MemoryPlan, Decoding]:
     """The memory plan and the decoding limits of a pass with `workers`
-    (config.check_paths has already vetted the dictionaries)."""
+    (preflight.check_paths has already vetted the dictionaries)."""
     plan = plan_memory(workers, cfg.max_window, syscalls.memory_limit())
     return plan, Decoding(plan.max_window, load_dictionaries(cfg.zstd_dictionaries), plan.limited_by)

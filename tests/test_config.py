@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from cis490_reconcile import config
+from cis490_reconcile import config, preflight
 from cis490_reconcile.config import ConfigError
 
 
@@ -155,7 +155,7 @@ def test_zstd_dictionaries_are_checked_at_start(receiver: Receiver, tmp_path: Pa
     raw.write_bytes(b"just some bytes a raw-content dictionary would hold")
     assert config.build({"zstd_dictionaries": f"{good}, "}).zstd_dictionaries == (good,)
     assert config.build({"zstd_dictionaries": [str(good)]}).zstd_dictionaries == (good,)
-    assert config.load_dictionaries((good,)) == {77: good.read_bytes()}
+    assert preflight.load_dictionaries((good,)) == {77: good.read_bytes()}
     for paths, message in [
         (str(raw), "not a zstd dictionary"),
         (str(tmp_path / "absent.dict"), "No such file"),

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import asdict
 
-from .. import config, outcome
+from .. import outcome, preflight
 from ..config import Config, ConfigError
 from ..log import Logger
 from ..notify import Notifier
@@ -33,7 +33,7 @@ def run(ctx: Context) -> ExitCode:
     if not args.once and ctx.cfg.interval is None:
         raise ConfigError("nothing to do: pass --once for one pass, or --interval SECONDS for a loop")
     if not args.dry_run:
-        config.check_user(ctx.cfg)
+        preflight.check_user(ctx.cfg)
     return _Loop(ctx).run()
 
 
