@@ -8,7 +8,8 @@ For contributors, the data flow of a pass, from the top:
     reconcile.py        Reconciler: what lasts between passes; opens the state (statedir.py)
     passrun.py          PassRun: one pass, and the one place a verdict is recorded
       coverage.py         the state database (state.py) in step with index.jsonl (index.py)
-      store.py            the host directories that changed, listed safely
+      scan.py             which episodes the index lacks; memos of unchanged host directories
+      store.py            the host directories, listed and opened safely
       verify.py           one read of one tarball (reading, zstdframe, tarstream; verdicts.py)
       workers.py          ... in forked processes
       commit.py           the only code that takes the index lock (lock.py, syscalls.py)

@@ -2,15 +2,16 @@
 
     1. catch up: read what the index gained into the state database
        (everything on a full pass)
-    2. list: each host directory that changed since the last pass is listed
-       and checked against the index; one that did not is only looked at for
-       the episodes it left unresolved. Candidates come in chunks of
-       SCAN_CHUNK, so memory stays bounded and progress has a total.
-    3. verify each candidate that is settled (older than min_age); `record`
-       is the one place a verdict is counted, logged and acted on
+    2. list (scan.py): each host directory that changed since the last pass
+       is listed and checked against the index; one that did not is only
+       looked at for the episodes it left unresolved. Candidates come in
+       chunks of scan.SCAN_CHUNK, so memory stays bounded and progress has a
+       total.
+    3. verify each candidate that is settled (older than min_age, scan.py);
+       `record` is the one place a verdict is counted, logged and acted on
     4. commit every BATCH_ROWS rows or BATCH_SECONDS, and at the end
        (commit.py: the only step that takes the index lock)
-    5. remember: host directory memos, unverifiable tarballs, orphan counts
+    5. remember (scan.py): host directory memos, unverifiable tarballs, orphan counts
 
 Stopping: every slow step calls `checkpoint`, which feeds the watchdog and
 raises StopRequested when a stop was asked for. Checkpoints are never inside
@@ -22,10 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import operator
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TextIO
 
 from . import index, quarantine
@@ -37,15 +37,14 @@ from .log import Events, Logger
 from .notify import Notifier
 from .reading import ReadPacer
 from .runtime import StopRequested, human_size, iso_utc
-from .state import State, Unverified
-from .store import HostDir, Skipped, Store, Tarball, printable
+from .scan import Scan
+from .state import State
+from .store import HostDir, Store, Tarball
 from .termbar import TerminalBar
 from .verdicts import Corrupt, Decoding, Intact, Unreadable, Unsettled, Unverifiable, Verdict
 
 BATCH_ROWS = 1000
 BATCH_SECONDS = 10.0
-SCAN_CHUNK = 100_000  # candidate names held at once (a few MB)
-GUARD_NS = 3 * 10**9  # a directory changed this recently may change again within its timestamp tick
 
 
 @dataclass
@@ -105,19 +104,6 @@ class PassContext:
     bar: TerminalBar | None = None
 
 
-def unverified(tarball: Tarball, limits: str, reason: str) -> Unverified:
-    t = tarball
-    return Unverified(t.dev, t.ino, t.size, t.mtime_ns, t.ctime_ns, limits, reason)
-
-
-@dataclass
-class _Host:
-    """What this pass learned of one host directory."""
-
-    times: tuple[int, int] | None  # (mtime, ctime) to remember, None: list it next time
-    unresolved: set[str] = field(default_factory=set)
-
-
 class PassRun:
     def __init__(self, env: PassContext, state: State, full: bool) -> None:
         self.env = env
@@ -128,9 +114,7 @@ class PassRun:
         self.events = Events(env.log)
         self.committer = Committer(self.cfg, self.coverage, self._read, env.dry_run, env.rows_out)
         self.summary = PassSummary(full=full)
-        self.hosts: dict[str, _Host] = {}
-        self.unverified: dict[tuple[str, str], Unverified | None] = {}  # to remember (None: forget)
-        self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
+        self.scan = Scan(env, state, self.coverage, self.events, self.summary, self._looked_at)
         self.pending: list[Pending] = []
         self.pending_since = 0.0
         self.verified = self.found = 0  # candidates looked at, candidates found
@@ -138,7 +122,6 @@ class PassRun:
         self.replaced = False  # the index was replaced: the memos cannot be trusted
         self.torn_reported = False
         self.store: Store | None = None
-        self.cutoff = None if self.cfg.retention is None else time.time() - self.cfg.retention
 
     # --- the pass -------------------------------------------------------------------
 
@@ -148,7 +131,7 @@ class PassRun:
         self.committer.catch_up(s.full, self.checkpoint)
         with Store(self.cfg.episodes_root) as store:
             self.store = store
-            for chunk in self._candidates(store):
+            for chunk in self.scan.candidates(store, self.checkpoint):
                 self.found += len(chunk)
                 self._verify(store, chunk)
         if self.pending or not env.dry_run:
@@ -177,6 +160,15 @@ class PassRun:
         if env.should_stop():
             raise StopRequested
 
+    def _looked_at(self) -> None:
+        """One more candidate has its verdict (or needs none this pass)."""
+        self.verified += 1
+        self.checkpoint()
+
+    def remember(self) -> None:
+        """After a completed pass: what the next pass needs (scan.py)."""
+        self.scan.remember(self.replaced)
+
     def _read(self, found: CatchUp) -> None:
         """What a catch-up of the index found."""
         if found.rebuilt:
@@ -190,92 +182,14 @@ class PassRun:
             self.torn_reported = True
             self.log.warning("index_torn_tail", offset=found.torn.offset, line=found.torn.line)
 
-    # --- listing ----------------------------------------------------------------------
-
-    def _candidates(self, store: Store) -> Iterator[list[tuple[str, str]]]:
-        """(host_id, episode_id) of every episode the index lacks, in chunks."""
-        chunk: list[tuple[str, str]] = []
-        for host_id in store.host_ids(self.cfg.host):
-            if isinstance(host_id, Skipped):
-                self._skipped(host_id)
-                continue
-            self.env.notifier.status(f"listing {printable(host_id)}")
-            for episode_id in self._host_candidates(store, host_id):
-                chunk.append((host_id, episode_id))
-                if len(chunk) >= SCAN_CHUNK:
-                    yield chunk
-                    chunk = []
-            self.checkpoint()
-        if chunk:
-            yield chunk
-
-    def _host_candidates(self, store: Store, host_id: str) -> list[str]:
-        host = store.open_host(host_id)
-        if host is None and self.cfg.host is not None:
-            self.log.warning("host_not_found", host_id=host_id)
-        if not isinstance(host, HostDir):
-            if isinstance(host, Skipped):
-                self._skipped(host)
-            return []
-        with host:
-            try:
-                st = host.stat()
-                listed_ns = time.time_ns()
-                settled = listed_ns - st.st_mtime_ns >= GUARD_NS and listed_ns - st.st_ctime_ns >= GUARD_NS
-                memo = self._memo(host_id)
-                times = (st.st_mtime_ns, st.st_ctime_ns)
-                self.hosts[host_id] = _Host(times if settled else None)
-                if not self.summary.full and memo is not None and memo[:2] == times:
-                    self.summary.hosts_unchanged += 1
-                    self.summary.scanned += len(memo[2])
-                    return self._track(host_id, memo[2])
-                entries = host.entries()
-            except OSError as e:
-                self._skipped(Skipped(host_id, f"cannot list: {e.strerror}"))
-                self.hosts.pop(host_id, None)
-                return []
-        self.summary.hosts_listed += 1
-        names = []
-        for entry in entries:
-            if isinstance(entry, Skipped):
-                self._skipped(entry)
-            else:
-                names.append(entry)
-        listing = self.coverage.listing(host_id, names, self.cutoff)
-        self.summary.scanned += len(names)
-        self.summary.already_indexed += len(names) - len(listing.unindexed)
-        if self.summary.full and self.cfg.host is None:
-            rows = self.coverage.host_rows(host_id, self.cutoff)
-            pruned = rows.older - listing.matched_older
-            self.orphans[host_id] = (rows.rows - listing.matched - pruned, pruned)
-        return self._track(host_id, listing.unindexed)
-
-    def _memo(self, host_id: str) -> tuple[int | None, int | None, list[str]] | None:
-        host = self.coverage.known_host(host_id)
-        return None if host is None else self.state.memo(host)
-
-    def _track(self, host_id: str, episodes: list[str]) -> list[str]:
-        self.hosts[host_id].unresolved.update(episodes)
-        return episodes
-
-    def _resolved(self, tarball: Tarball) -> None:
-        host = self.hosts.get(tarball.host_id)
-        if host is not None:
-            host.unresolved.discard(tarball.episode_id)
-
-    def _skipped(self, skipped: Skipped) -> None:
-        self.summary.skipped += 1
-        self.events.warning("store_entry_skipped", path=skipped.path, reason=skipped.reason)
-
     # --- verifying --------------------------------------------------------------------
 
     def _verify(self, store: Store, chunk: list[tuple[str, str]]) -> None:
         """Verify the settled tarballs of a chunk, here or in the workers;
         either way each verdict is recorded here, and commits are due here."""
-        for tarball, verdict in self._verdicts(store, self._settled(store, chunk)):
+        for tarball, verdict in self._verdicts(store, self.scan.settled(store, chunk)):
             self.record(tarball, verdict)
-            self.verified += 1
-            self.checkpoint()
+            self._looked_at()
             if self.pending and (
                 len(self.pending) >= BATCH_ROWS or time.monotonic() - self.pending_since >= BATCH_SECONDS
             ):
@@ -319,46 +233,6 @@ class PassRun:
                 yield tarball, verdict
         self.reading = 0
 
-    def _settled(self, store: Store, chunk: list[tuple[str, str]]) -> Iterator[Tarball]:
-        """The tarballs of a chunk (in host order) old enough to verify and
-        not known unverifiable; the rest are counted here."""
-        s = self.summary
-        for host_id, group in itertools.groupby(chunk, key=operator.itemgetter(0)):
-            host = store.open_host(host_id)  # removed or replaced since the listing: next pass
-            if not isinstance(host, HostDir):
-                continue
-            with host:
-                for _, episode_id in group:
-                    tarball = host.lstat(episode_id)
-                    if not isinstance(tarball, Tarball):
-                        self._resolved_name(host_id, episode_id)  # gone, or not a file any more
-                        if isinstance(tarball, Skipped):
-                            self._skipped(tarball)
-                    elif self._known_unverifiable(tarball):
-                        s.unverifiable += 1
-                    elif (age_s := (time.time_ns() - tarball.ctime_ns) / 1e9) >= self.cfg.min_age:
-                        yield tarball
-                        continue
-                    else:
-                        s.in_flight += 1
-                        self.log.debug("tarball_in_flight", path=tarball.path, age_s=round(age_s, 1))
-                    self.verified += 1
-                    self.checkpoint()
-
-    def _resolved_name(self, host_id: str, episode_id: str) -> None:
-        host = self.hosts.get(host_id)
-        if host is not None:
-            host.unresolved.discard(episode_id)
-        self.unverified[(host_id, episode_id)] = None
-
-    def _known_unverifiable(self, tarball: Tarball) -> bool:
-        host = self.coverage.known_host(tarball.host_id)
-        known = None if host is None else self.state.unverified(host, tarball.episode_id)
-        if known is None or known != unverified(tarball, self.env.decoding.key, known.reason):
-            return False
-        self.log.debug("tarball_unverifiable_unchanged", path=tarball.path)
-        return True
-
     def record(self, tarball: Tarball, verdict: Verdict) -> None:
         """The one place a verdict is counted, logged and acted on."""
         s = self.summary
@@ -376,8 +250,7 @@ class PassRun:
             self.events.warning("tarball_unreadable", path=tarball.path, reason=verdict.reason)
         elif isinstance(verdict, Unverifiable):
             s.unverifiable += 1
-            key = (tarball.host_id, tarball.episode_id)
-            self.unverified[key] = unverified(tarball, self.env.decoding.key, verdict.reason)
+            self.scan.unverifiable(tarball, verdict.reason)
             self.events.warning(
                 "tarball_unverifiable", path=tarball.path, reason=verdict.reason, size_bytes=tarball.size
             )
@@ -410,7 +283,7 @@ class PassRun:
                 self.events.warning("quarantine_failed", path=tarball.path, error=e.strerror or str(e))
                 return
         self.summary.quarantined += 1
-        self._resolved(tarball)
+        self.scan.resolved(tarball)
         self.events.warning(
             "tarball_quarantined", path=tarball.path, quarantine_path=moved, reason=verdict.reason
         )
@@ -459,7 +332,7 @@ class PassRun:
                 lock_held_s=round(done.lock_held_s, 4),
             )
         for p in (*done.fresh, *done.raced):
-            self._resolved(p.tarball)
+            self.scan.resolved(p.tarball)
         for p in done.raced:
             self.events.info("row_already_present", path=p.tarball.path)
         event = "row_would_backfill" if self.env.dry_run else "row_backfilled"
@@ -474,22 +347,3 @@ class PassRun:
                 commit=p.intact.commit,
                 zstd_checksum=p.intact.checksummed,
             )
-
-    # --- remembering ----------------------------------------------------------------------
-
-    def remember(self) -> None:
-        """After a completed pass: memos, verdicts and orphan counts, in one transaction."""
-        host_id = self.coverage.host_id
-        with self.state.transaction():
-            for name, seen in self.hosts.items():
-                self.state.save_memo(host_id(name), None if self.replaced else seen.times, seen.unresolved)
-            for (name, episode_id), verdict in self.unverified.items():
-                self.state.save_unverified(host_id(name), episode_id, verdict)
-            if self.summary.full and self.cfg.host is None:
-                for name, host in self.coverage.host_names().items():
-                    if host == 0:
-                        continue
-                    if name not in self.orphans:  # its directory is gone: every row is an orphan
-                        rows = self.coverage.host_rows(name, self.cutoff)
-                        self.orphans[name] = (rows.rows - rows.older, rows.older)
-                    self.state.save_orphans(host, *self.orphans[name])

@@ -20,7 +20,7 @@ from helpers import Receiver, parse_events, tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cis490_reconcile import config, passrun, state
+from cis490_reconcile import config, scan, state
 from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.passrun import PassSummary
@@ -53,7 +53,7 @@ def no_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remember directories however recently they changed. Only safe when a
     scheduler tick passes between a listing and the next change (ext4 stamps
     times with a clock that ticks every few ms): tests using this sleep."""
-    monkeypatch.setattr(passrun, "GUARD_NS", 0)
+    monkeypatch.setattr(scan, "GUARD_NS", 0)
 
 
 def tick() -> None:
@@ -67,7 +67,7 @@ def test_a_second_process_skips_unchanged_directories(receiver: Receiver, tmp_pa
             receiver.tarball(host, f"e{i}")
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    time.sleep(passrun.GUARD_NS / 1e9 + 0.2)
+    time.sleep(scan.GUARD_NS / 1e9 + 0.2)
     first = receiver.run("--state-dir", str(state_dir)).one("pass_finished")
     assert (first["full"], first["hosts_listed"], first["backfilled"]) == (True, 3, 15)
     assert (state_dir / state.FILE_NAME).stat().st_size > 15 * 16
@@ -307,7 +307,7 @@ def test_any_history_ends_as_one_full_pass_from_scratch(
     pass killed with SIGKILL at a named step), one by full passes without
     state. After a last pass both indexes hold the same rows, and the state
     database holds exactly what one full pass from scratch puts there."""
-    saved, passrun.GUARD_NS = passrun.GUARD_NS, 0
+    saved, scan.GUARD_NS = scan.GUARD_NS, 0
     root = tmp_path_factory.mktemp("history")
     (root / "inc").mkdir()
     (root / "full").mkdir()
@@ -355,7 +355,7 @@ def test_any_history_ends_as_one_full_pass_from_scratch(
         assert _database(state_dir) == _database(scratch)
     finally:
         keep.close()
-        passrun.GUARD_NS = saved
+        scan.GUARD_NS = saved
 
 
 def _database(state_dir: Path) -> tuple[list[tuple], tuple, list[tuple]]:
