@@ -146,9 +146,9 @@ class Coverage:
             with self.state.transaction():
                 if self.state.base:
                     keys = self._without_base(keys)
-                self.state.add_keys(keys)
+                self.state.keys.add(keys)
                 runtime.crash_point("in_transaction")
-                self.state.add_bad_lines((b.line, b.offset, b.reason) for b in bad)
+                self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in bad)
                 self.state.save_checkpoint(
                     Checkpoint(
                         st.st_dev, st.st_ino, offset, lines, bad_lines, tail_digest(fd, offset), rebuilt_at
@@ -182,7 +182,7 @@ class Coverage:
         """Tail rows whose key the base already has are duplicates of it."""
         kept = []
         for key in keys:
-            if self.state.in_base(key[0], key[1]):
+            if self.state.keys.in_base(key[0], key[1]):
                 self.base_duplicates[key[0]] = self.base_duplicates.get(key[0], 0) + 1
             else:
                 kept.append(key)
@@ -198,7 +198,7 @@ class Coverage:
         key = self._key
         # SQLite lets go of the GIL while it inserts: stage one batch in a
         # thread while this one parses the next (at most one batch in flight)
-        with self.state.rebuilding(), ThreadPoolExecutor(1) as stager:
+        with self.state.keys.rebuilding(), ThreadPoolExecutor(1) as stager:
             staging: Future[None] | None = None
             for entry in index.entries(fd, 0, st.st_size):
                 if isinstance(entry, TornTail):
@@ -215,17 +215,17 @@ class Coverage:
                 if len(keys) >= STAGE_BATCH:
                     if staging is not None:
                         staging.result()
-                    staging = stager.submit(self.state.add_staged, keys)
+                    staging = stager.submit(self.state.keys.stage, keys)
                     keys = []
                     on_progress()
             if staging is not None:
                 staging.result()
-            self.state.add_staged(keys)
+            self.state.keys.stage(keys)
             on_progress()
             with self.state.transaction():
-                self.state.replace_keys()
+                self.state.keys.replace()
                 runtime.crash_point("rebuilding")
-                self.state.add_bad_lines((b.line, b.offset, b.reason) for b in examples)
+                self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in examples)
                 self.state.save_checkpoint(
                     Checkpoint(
                         st.st_dev, st.st_ino, offset, lines, bad_lines, tail_digest(fd, offset), time.time()
@@ -244,9 +244,9 @@ class Coverage:
             return True
         d = digest(episode_id)
         host = self._hosts.get(host_id)
-        if host is not None and self.state.has(host, d) is not False:
+        if host is not None and self.state.keys.has(host, d) is not False:
             return True
-        return self.state.has(0, d) is not False
+        return self.state.keys.has(0, d) is not False
 
     def _torn_covers(self, host_id: str, episode_id: str) -> bool:
         torn = self.torn
@@ -256,20 +256,22 @@ class Coverage:
         """The listed episodes the index lacks, and how many it has."""
         names = list(names)
         host = self._hosts.get(host_id)
-        rows = self.state.host_rows(host, None).rows if host is not None else 0
+        rows = 0 if host is None else self.state.keys.host_rows(host, None).rows
         matched = matched_older = 0
         unindexed: list[str] = []
-        if rows and len(names) * _POINT_US < rows * _SCAN_US:
+        if host is None or not rows:
+            unindexed = names
+        elif len(names) * _POINT_US < rows * _SCAN_US:
             for name in names:
-                received = self.state.has(host, digest(name))  # type: ignore[arg-type]
+                received = self.state.keys.has(host, digest(name))
                 if received is False:
                     unindexed.append(name)
                 else:
                     matched += 1
                     matched_older += cutoff is not None and received is not None and received < cutoff
-        elif rows:
+        else:
             listed = sorted((digest(name), name) for name in names)
-            keys = iter(self.state.digests(host))  # type: ignore[arg-type]
+            keys = iter(self.state.keys.digests(host))
             key = next(keys, None)
             for d, name in listed:
                 while key is not None and key[0] < d:
@@ -280,10 +282,8 @@ class Coverage:
                 else:
                     unindexed.append(name)
             unindexed.sort()
-        else:
-            unindexed = names
-        if unindexed and self.state.has_host_rows(0):
-            unindexed = [name for name in unindexed if self.state.has(0, digest(name)) is False]
+        if unindexed and self.state.keys.has_host_rows(0):
+            unindexed = [name for name in unindexed if self.state.keys.has(0, digest(name)) is False]
         if self.torn is not None:
             unindexed = [name for name in unindexed if not self._torn_covers(host_id, name)]
         return Listing(unindexed, matched, matched_older)
@@ -292,7 +292,7 @@ class Coverage:
         host = self._hosts.get(host_id)
         if host is None:
             return HostRows(0, 0, 0)
-        found = self.state.host_rows(host, cutoff)
+        found = self.state.keys.host_rows(host, cutoff)
         extra = self.base_duplicates.get(host, 0)
         return HostRows(found.rows, found.duplicates + extra, found.older)
 

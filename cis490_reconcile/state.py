@@ -1,39 +1,23 @@
 """The state database: everything a pass remembers, in one SQLite file, and
 every query on it. Nothing else in the package writes SQL.
 
-``<state_dir>/state.sqlite3`` holds what the index covers (one row per
-(host_id, episode_id) key), how far the index has been read (the checkpoint),
+``<state_dir>/state.sqlite3`` holds what the index covers (one key per
+(host_id, episode_id)), how far the index has been read (the checkpoint),
 what each host directory looked like when last listed, tarballs found
-unverifiable, the orphan counts of the last full pass, the last pass's record
-and the scrub's cursor. Read it with the sqlite3 CLI:
+unverifiable, the orphan counts of the last full pass, and records (the last
+pass, the last scrub, the scrub's cursor). Read it with the sqlite3 CLI:
 
     sqlite3 -readonly /var/lib/cis490-reconcile/state.sqlite3 \\
         'SELECT name, missing_rows, pruned_rows FROM hosts'
 
-Schema (version 1; `PRAGMA user_version` is the version, MIGRATIONS the
-numbered steps to it):
+Schema: the numbered migrations, migrations/0001.sql and on, say what each
+table and column means. `PRAGMA user_version` is the number of migrations
+run, `PRAGMA application_id` marks the file as ours; a file of another
+program, of a newer schema or for another store is not used (StateUnusable).
 
-- store(episodes_root, index_path): the store this file describes.
-- checkpoint(index_dev, index_ino, offset, lines, bad_lines, tail_sha256,
-  rebuilt_at): keys cover the index up to byte `offset` (`lines` lines) of
-  the file with that device and inode, whose 4 KiB before `offset` hash to
-  `tail_sha256`; `rebuilt_at` is when keys were last read from the whole
-  index (a full pass).
-- hosts(id, name, dir_mtime_ns, dir_ctime_ns, missing_rows, pruned_rows):
-  id 0 stands for rows without host_id (they cover their episode on every
-  host). The directory times are a memo: unchanged since the last listing
-  means nothing was added or removed. Orphan counts are the last full pass's.
-- keys(host, digest, offset, received, copies), WITHOUT ROWID, primary key
-  (host, digest): digest is 12 bytes of BLAKE2b of the episode_id
-  (collisions within one host: about 1e-17 for a million rows), offset where
-  the key's first row starts (read the names there), received its
-  received_at_wall in unix seconds (NULL if absent), copies the number of
-  rows with the key (over 1: duplicates). About 33 bytes a row on disk.
-- bad_lines(line, offset, reason): the first EXAMPLES lines that are not rows.
-- unresolved(host, episode_id): episodes the last pass left to look at again.
-- unverifiable(host, episode_id, dev, ino, size, mtime_ns, ctime_ns, limits,
-  reason): not read again while the file and the decoding limits stay the same.
-- records(name, value): JSON documents: the last pass, the scrub cursor.
+The queries are split in two: State (the file, transactions, host
+directories, verdicts, records) and Keys, reached as ``state.keys`` (what
+the index covers, and rebuilding it).
 
 Concurrency: WAL mode, so readers (status, opened read-only) never block the
 writer nor are blocked by it; every change is an explicit transaction, and the
@@ -57,65 +41,32 @@ FILE_NAME = "state.sqlite3"
 APPLICATION_ID = 0x63343930  # "c490": a file of ours, not any SQLite database
 EXAMPLES = 100
 CACHE_KIB = 8 << 10  # the page cache: memory stays flat whatever the number of rows
-KEYS_TABLE = """
-    CREATE TABLE keys (
-        host INTEGER NOT NULL,
-        digest BLOB NOT NULL,
-        offset INTEGER NOT NULL,
-        received INTEGER,
-        copies INTEGER NOT NULL DEFAULT 1,
-        PRIMARY KEY (host, digest)
-    ) WITHOUT ROWID"""
-MIGRATIONS: tuple[str, ...] = (
-    f"""
-    CREATE TABLE store (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        episodes_root TEXT NOT NULL,
-        index_path TEXT NOT NULL
-    );
-    CREATE TABLE checkpoint (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        index_dev INTEGER NOT NULL,
-        index_ino INTEGER NOT NULL,
-        offset INTEGER NOT NULL,
-        lines INTEGER NOT NULL,
-        bad_lines INTEGER NOT NULL,
-        tail_sha256 BLOB NOT NULL,
-        rebuilt_at REAL NOT NULL
-    );
-    CREATE TABLE hosts (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        dir_mtime_ns INTEGER,
-        dir_ctime_ns INTEGER,
-        missing_rows INTEGER,
-        pruned_rows INTEGER
-    );
-    INSERT INTO hosts (id, name) VALUES (0, '');
-    {KEYS_TABLE};
-    CREATE TABLE bad_lines (line INTEGER PRIMARY KEY, offset INTEGER NOT NULL, reason TEXT NOT NULL);
-    CREATE TABLE unresolved (
-        host INTEGER NOT NULL,
-        episode_id TEXT NOT NULL,
-        PRIMARY KEY (host, episode_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE unverifiable (
-        host INTEGER NOT NULL,
-        episode_id TEXT NOT NULL,
-        dev INTEGER NOT NULL,
-        ino INTEGER NOT NULL,
-        size INTEGER NOT NULL,
-        mtime_ns INTEGER NOT NULL,
-        ctime_ns INTEGER NOT NULL,
-        limits TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        PRIMARY KEY (host, episode_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE records (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """,
-)
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
+def _migrations() -> tuple[str, ...]:
+    """migrations/0001.sql, 0002.sql, ...: the scripts that bring a file of
+    version N-1 to version N."""
+    scripts = sorted(MIGRATIONS_DIR.glob("*.sql"))
+    if [p.name for p in scripts] != [f"{n:04d}.sql" for n in range(1, len(scripts) + 1)]:
+        raise RuntimeError(f"{MIGRATIONS_DIR}: migrations must be numbered 0001.sql, 0002.sql, ...")
+    return tuple(p.read_text(encoding="utf-8") for p in scripts)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a script, split where SQLite's own tokenizer says a
+    statement is complete (a ";" in a comment or a string does not split)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+    if statement.strip():
+        yield statement  # a last statement without its ";"
+
+
+MIGRATIONS = _migrations()
 STAGE_ROWS = 100
 _STAGE_MANY = "INSERT INTO temp.staging VALUES " + ", ".join(["(?, ?, ?, ?)"] * STAGE_ROWS)
 
@@ -175,6 +126,136 @@ def connect(path: Path | str, readonly: bool = False, busy_timeout_s: float = 30
     return db
 
 
+class Keys:
+    """The keys table: one key per (host, episode_id) the index has a row
+    for. With a base attached, its keys count too (State.attach_base)."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def _both(self, sql: str) -> str:
+        """`sql` over main's keys, plus base's when one is attached."""
+        return sql if not self.state.base else f"{sql} UNION ALL {sql.replace(' keys', ' base.keys')}"
+
+    def add(self, keys: Sequence[tuple[int, bytes, int, int | None]]) -> None:
+        """(host, digest, offset, received) of rows read in index order; a
+        key already there counts one more copy."""
+        self.state.db.executemany(
+            "INSERT INTO keys (host, digest, offset, received) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
+            keys,
+        )
+
+    def in_base(self, host: int, digest: bytes) -> bool:
+        return self.state.base and self._one(
+            "SELECT 1 FROM base.keys WHERE host = ? AND digest = ?", host, digest
+        )
+
+    def has_host_rows(self, host: int) -> bool:
+        return self._one(
+            self._both("SELECT 1 FROM keys WHERE host = ?") + " LIMIT 1", *([host] * (1 + self.state.base))
+        )
+
+    def add_bad_lines(self, bad: Iterable[tuple[int, int, str]]) -> None:
+        """(line, offset, reason); only the first EXAMPLES are kept."""
+        room = EXAMPLES - self.state.db.execute("SELECT count(*) FROM bad_lines").fetchone()[0]
+        self.state.db.executemany(
+            "INSERT OR IGNORE INTO bad_lines VALUES (?, ?, ?)", list(bad)[: max(room, 0)]
+        )
+
+    @contextmanager
+    def rebuilding(self) -> Iterator[None]:
+        """Collect every key of the whole index with add_staged, then replace
+        the keys in one transaction, inserting them sorted (random-order
+        inserts cost 2.3x: the B-tree pages are then written once each)."""
+        self.state.db.execute("DROP TABLE IF EXISTS temp.staging")
+        self.state.db.execute(
+            "CREATE TEMP TABLE staging (host INTEGER, digest BLOB, offset INTEGER, received INTEGER)"
+        )
+        try:
+            yield
+        finally:
+            self.state.db.execute("DROP TABLE IF EXISTS temp.staging")
+
+    def stage(self, keys: Sequence[tuple[int, bytes, int, int | None]]) -> None:
+        """In one transaction, STAGE_ROWS rows a statement: 1.0 us a row
+        against 5.9 for one autocommitted INSERT each (measured, 400k rows)."""
+        whole = len(keys) - len(keys) % STAGE_ROWS
+        flat = list(itertools.chain.from_iterable(keys[:whole]))
+        step = 4 * STAGE_ROWS
+        with self.state.transaction():
+            self.state.db.executemany(_STAGE_MANY, (flat[i : i + step] for i in range(0, len(flat), step)))
+            self.state.db.executemany("INSERT INTO temp.staging VALUES (?, ?, ?, ?)", keys[whole:])
+
+    def replace(self) -> None:
+        """Inside the transaction that saves the new checkpoint."""
+        db = self.state.db
+        (create,) = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'keys'"
+        ).fetchone()
+        db.execute("DROP TABLE keys")
+        db.execute(create)
+        self.state.db.execute("DELETE FROM bad_lines")
+        self.state.db.execute(
+            "INSERT INTO keys (host, digest, offset, received) SELECT host, digest, offset, received "
+            "FROM temp.staging WHERE true ORDER BY host, digest, offset "
+            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1"
+        )
+
+    def _one(self, sql: str, *args: object) -> bool:
+        return self.state.db.execute(sql, args).fetchone() is not None
+
+    def has(self, host: int, digest: bytes) -> int | bool | None:
+        """The key's received time (None when unknown), or False when absent."""
+        row = self.state.db.execute(
+            self._both("SELECT received FROM keys WHERE host = ? AND digest = ?"),
+            (host, digest, host, digest) if self.state.base else (host, digest),
+        ).fetchone()
+        return False if row is None else row[0]
+
+    def digests(self, host: int) -> Iterator[tuple[bytes, int | None]]:
+        """(digest, received) of a host's keys in digest order."""
+        yield from self.state.db.execute(
+            "SELECT digest, received FROM keys WHERE host = ? ORDER BY digest", (host,)
+        )
+        if self.state.base:
+            yield from self.state.db.execute(
+                "SELECT digest, received FROM base.keys WHERE host = ? ORDER BY digest", (host,)
+            )
+
+    def host_rows(self, host: int, cutoff: float | None) -> HostRows:
+        rows = dups = older = 0
+        for schema in ("main", "base") if self.state.base else ("main",):
+            n, copies, old = self.state.db.execute(
+                f"SELECT count(*), total(copies), total(received < ?) FROM {schema}.keys WHERE host = ?",
+                (-1 if cutoff is None else cutoff, host),
+            ).fetchone()
+            rows, dups, older = rows + n, dups + int(copies) - n, older + int(old)
+        return HostRows(rows, dups, older)
+
+    def rows(
+        self, host: int, since: float | None = None, min_copies: int = 1
+    ) -> Iterator[tuple[bytes, int, int | None, int]]:
+        """(digest, offset, received, copies) of a host's keys with at least
+        `min_copies` rows, received at or after `since` or at an unknown time
+        (all when since is None)."""
+        where = "host = ? AND copies >= ?"
+        args: tuple[object, ...] = (host, min_copies)
+        if since is not None:
+            where += " AND (received >= ? OR received IS NULL)"
+            args += (since,)
+        for schema in ("main", "base") if self.state.base else ("main",):
+            sql = f"SELECT digest, offset, received, copies FROM {schema}.keys WHERE {where}"
+            yield from self.state.db.execute(sql, args)
+
+    def bad_line_examples(self) -> list[tuple[int, int, str]]:
+        sql = "SELECT line, offset, reason FROM {}bad_lines"
+        rows = self.state.db.execute(sql.format("")).fetchall()
+        if self.state.base:
+            rows += self.state.db.execute(sql.format("base.")).fetchall()
+        return sorted(rows)[:EXAMPLES]
+
+
 class State:
     """One open state database. `attach` adds a read-only second database
     whose keys count too: status and dry runs read the state of the last pass
@@ -183,6 +264,7 @@ class State:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.base = False  # a read-only database is attached as "base"
+        self.keys = Keys(self)
 
     @classmethod
     def open(cls, path: Path | str, episodes_root: str, index_path: str, readonly: bool = False) -> State:
@@ -222,10 +304,9 @@ class State:
             if readonly:
                 raise StateUnusable(f"schema version {version}: the next pass migrates it")
             with self.transaction():
-                for step in MIGRATIONS[version:]:
-                    for statement in step.split(";"):
-                        if statement.strip():
-                            self.db.execute(statement)
+                for script in MIGRATIONS[version:]:
+                    for statement in _statements(script):
+                        self.db.execute(statement)
                 if version == 0:
                     self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                     self.db.execute("INSERT INTO store VALUES (1, ?, ?)", (episodes_root, index_path))
@@ -261,10 +342,6 @@ class State:
         self.db.execute("DETACH DATABASE base")
         self.base = False
 
-    def _both(self, sql: str) -> str:
-        """`sql` over main's keys, plus base's when one is attached."""
-        return sql if not self.base else f"{sql} UNION ALL {sql.replace(' keys', ' base.keys')}"
-
     # --- the checkpoint and host ids -------------------------------------------------
 
     def checkpoint(self, schema: str = "main") -> Checkpoint | None:
@@ -292,118 +369,6 @@ class State:
 
     def copy_hosts_from_base(self) -> None:
         self.db.execute("INSERT OR IGNORE INTO hosts (id, name) SELECT id, name FROM base.hosts")
-
-    # --- keys -------------------------------------------------------------------
-
-    def add_keys(self, keys: Sequence[tuple[int, bytes, int, int | None]]) -> None:
-        """(host, digest, offset, received) of rows read in index order; a
-        key already there counts one more copy."""
-        self.db.executemany(
-            "INSERT INTO keys (host, digest, offset, received) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
-            keys,
-        )
-
-    def in_base(self, host: int, digest: bytes) -> bool:
-        return self.base and self._one("SELECT 1 FROM base.keys WHERE host = ? AND digest = ?", host, digest)
-
-    def has_host_rows(self, host: int) -> bool:
-        return self._one(
-            self._both("SELECT 1 FROM keys WHERE host = ?") + " LIMIT 1", *([host] * (1 + self.base))
-        )
-
-    def add_bad_lines(self, bad: Iterable[tuple[int, int, str]]) -> None:
-        """(line, offset, reason); only the first EXAMPLES are kept."""
-        room = EXAMPLES - self.db.execute("SELECT count(*) FROM bad_lines").fetchone()[0]
-        self.db.executemany("INSERT OR IGNORE INTO bad_lines VALUES (?, ?, ?)", list(bad)[: max(room, 0)])
-
-    @contextmanager
-    def rebuilding(self) -> Iterator[None]:
-        """Collect every key of the whole index with add_staged, then replace
-        the keys in one transaction, inserting them sorted (random-order
-        inserts cost 2.3x: the B-tree pages are then written once each)."""
-        self.db.execute("DROP TABLE IF EXISTS temp.staging")
-        self.db.execute(
-            "CREATE TEMP TABLE staging (host INTEGER, digest BLOB, offset INTEGER, received INTEGER)"
-        )
-        try:
-            yield
-        finally:
-            self.db.execute("DROP TABLE IF EXISTS temp.staging")
-
-    def add_staged(self, keys: Sequence[tuple[int, bytes, int, int | None]]) -> None:
-        """In one transaction, STAGE_ROWS rows a statement: 1.0 us a row
-        against 5.9 for one autocommitted INSERT each (measured, 400k rows)."""
-        whole = len(keys) - len(keys) % STAGE_ROWS
-        flat = list(itertools.chain.from_iterable(keys[:whole]))
-        step = 4 * STAGE_ROWS
-        with self.transaction():
-            self.db.executemany(_STAGE_MANY, (flat[i : i + step] for i in range(0, len(flat), step)))
-            self.db.executemany("INSERT INTO temp.staging VALUES (?, ?, ?, ?)", keys[whole:])
-
-    def replace_keys(self) -> None:
-        """Inside the transaction that saves the new checkpoint."""
-        self.db.execute("DROP TABLE keys")
-        self.db.execute(KEYS_TABLE)
-        self.db.execute("DELETE FROM bad_lines")
-        self.db.execute(
-            "INSERT INTO keys (host, digest, offset, received) SELECT host, digest, offset, received "
-            "FROM temp.staging WHERE true ORDER BY host, digest, offset "
-            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1"
-        )
-
-    def _one(self, sql: str, *args: object) -> bool:
-        return self.db.execute(sql, args).fetchone() is not None
-
-    def has(self, host: int, digest: bytes) -> int | bool | None:
-        """The key's received time (None when unknown), or False when absent."""
-        row = self.db.execute(
-            self._both("SELECT received FROM keys WHERE host = ? AND digest = ?"),
-            (host, digest, host, digest) if self.base else (host, digest),
-        ).fetchone()
-        return False if row is None else row[0]
-
-    def digests(self, host: int) -> Iterator[tuple[bytes, int | None]]:
-        """(digest, received) of a host's keys in digest order."""
-        yield from self.db.execute(
-            "SELECT digest, received FROM keys WHERE host = ? ORDER BY digest", (host,)
-        )
-        if self.base:
-            yield from self.db.execute(
-                "SELECT digest, received FROM base.keys WHERE host = ? ORDER BY digest", (host,)
-            )
-
-    def host_rows(self, host: int, cutoff: float | None) -> HostRows:
-        rows = dups = older = 0
-        for schema in ("main", "base") if self.base else ("main",):
-            n, copies, old = self.db.execute(
-                f"SELECT count(*), total(copies), total(received < ?) FROM {schema}.keys WHERE host = ?",
-                (-1 if cutoff is None else cutoff, host),
-            ).fetchone()
-            rows, dups, older = rows + n, dups + int(copies) - n, older + int(old)
-        return HostRows(rows, dups, older)
-
-    def key_rows(
-        self, host: int, since: float | None = None, min_copies: int = 1
-    ) -> Iterator[tuple[bytes, int, int | None, int]]:
-        """(digest, offset, received, copies) of a host's keys with at least
-        `min_copies` rows, received at or after `since` or at an unknown time
-        (all when since is None)."""
-        where = "host = ? AND copies >= ?"
-        args: tuple[object, ...] = (host, min_copies)
-        if since is not None:
-            where += " AND (received >= ? OR received IS NULL)"
-            args += (since,)
-        for schema in ("main", "base") if self.base else ("main",):
-            sql = f"SELECT digest, offset, received, copies FROM {schema}.keys WHERE {where}"
-            yield from self.db.execute(sql, args)
-
-    def bad_line_examples(self) -> list[tuple[int, int, str]]:
-        sql = "SELECT line, offset, reason FROM {}bad_lines"
-        rows = self.db.execute(sql.format("")).fetchall()
-        if self.base:
-            rows += self.db.execute(sql.format("base.")).fetchall()
-        return sorted(rows)[:EXAMPLES]
 
     # --- host directories -------------------------------------------------------
 
@@ -462,9 +427,6 @@ class State:
                 "INSERT INTO unverifiable VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (host, episode_id, u.dev, u.ino, u.size, u.mtime_ns, u.ctime_ns, u.limits, u.reason),
             )
-
-    def unverified_count(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM unverifiable").fetchone()[0])
 
     # --- records ---------------------------------------------------------------------
 

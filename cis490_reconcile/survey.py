@@ -182,7 +182,7 @@ class Survey:
         cp = self.view.checkpoint() or self.view.checkpoint("base" if self.view.base else "main")
         if cp is not None:
             r.index_lines, r.bad_lines = cp.lines, cp.bad_lines
-        for line, offset, reason in self.view.bad_line_examples():
+        for line, offset, reason in self.view.keys.bad_line_examples():
             r.example("bad_lines", line=line, offset=offset, reason=reason)
         for name, host in self.coverage.host_names().items():
             rows = self.coverage.host_rows(name, None)
@@ -288,7 +288,7 @@ class Survey:
             if host is None:
                 continue
             since = self.cutoff if missing_only else None
-            for key, offset, received, _ in self.view.key_rows(host, since=since):
+            for key, offset, received, _ in self.view.keys.rows(host, since=since):
                 if key not in listed:
                     row = index.row_at(self.fd, offset)
                     if row is not None:
@@ -317,7 +317,7 @@ class Survey:
             host = self.coverage.known_host(host_id)
             if host is None or not r.hosts[host_id].duplicate_rows:
                 continue
-            for _, offset, _, copies in self.view.key_rows(host, min_copies=2):
+            for _, offset, _, copies in self.view.keys.rows(host, min_copies=2):
                 row = index.row_at(self.fd, offset)
                 if row is not None:
                     r.example(

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cis490_reconcile import coverage
+from cis490_reconcile import state as state_module
 from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.index import encode_row
 from cis490_reconcile.state import State, StateUnusable
@@ -173,6 +174,24 @@ def test_a_file_of_something_else_or_another_store_is_refused(tmp_path: Path) ->
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(StateUnusable, match="schema version 99, newer"):
         State.open(tmp_path / "s.sqlite3", "/episodes", "/index")
+
+
+def test_a_new_migration_upgrades_a_file_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of version 1 with keys in it, opened by a program with one more
+    migration, is upgraded in place: keys kept, the new column there, and a
+    ";" inside a comment does not split a statement."""
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h1", "ep-1"))
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+    before = keys_table(tmp_path / "state.sqlite3")
+    step = "-- a note; with a semicolon\nALTER TABLE hosts ADD COLUMN note TEXT DEFAULT 'n;1';\n"
+    monkeypatch.setattr(state_module, "MIGRATIONS", (*state_module.MIGRATIONS, step))
+    State.open(tmp_path / "state.sqlite3", "/episodes", str(index)).close()
+    assert keys_table(tmp_path / "state.sqlite3") == before != []
+    with sqlite3.connect(tmp_path / "state.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("SELECT note FROM hosts WHERE name = 'h1'").fetchone() == ("n;1",)
 
 
 @pytest.mark.parametrize(
