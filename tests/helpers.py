@@ -162,11 +162,13 @@ class Receiver:
                 keys.append((row.get("host_id"), row["episode_id"]))
         return keys
 
-    def argv(self, *args: str, min_age: float = 0) -> list[str]:
+    def argv(self, *args: str, min_age: float = 0, command: str | None = None) -> list[str]:
+        """The command line of a pass (or of `command`: status, scrub) on this store."""
         return [
             sys.executable,
             "-m",
             "cis490_reconcile",
+            *([command] if command else []),
             "--episodes-root",
             str(self.episodes),
             "--index",
@@ -305,3 +307,35 @@ def tmpfs(mount: Path, size: str) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+class LockHolder:
+    """Another process (tests/lockholder.py) holding an exclusive lock of one
+    family (flock, lockf or ofd) on a file, as a receiver would, until
+    `release` or the end of a with block."""
+
+    def __init__(self, path: Path, family: str = "lockf") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "lockholder.py"), str(path), family],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "locked\n"
+
+    def release(self) -> None:
+        """Close its stdin (it exits); kill it if it does not."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(5)
+
+    def __enter__(self) -> LockHolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

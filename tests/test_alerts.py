@@ -12,20 +12,16 @@ FACTOR (shorten_for; expressions unchanged), so a scenario takes seconds.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, Receiver, Result, parse_events
+from helpers import LockHolder, Receiver, Result, parse_events
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_stack import (
     ALERTS,
@@ -136,30 +132,6 @@ def stack(tmp_path: Path) -> Iterator[PrometheusStack]:
         stack.stop()
 
 
-@contextmanager
-def index_lock(index: Path) -> Iterator[None]:
-    """Another process holding an exclusive flock on the index (as a
-    receiver would) until the block ends."""
-    holder = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "lockholder.py"), str(index), "flock"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        yield
-    finally:
-        try:
-            assert holder.stdin is not None
-            holder.stdin.close()  # lockholder.py exits when its stdin closes
-            holder.wait(5)
-        except (OSError, subprocess.TimeoutExpired):
-            os.killpg(holder.pid, signal.SIGKILL)
-            holder.wait(5)
-
-
 def evaluated_rules(stack: PrometheusStack) -> list[dict[str, Any]] | None:
     """The loaded alert rules once each has been evaluated (a rule never
     evaluated has the zero time as lastEvaluation), else None."""
@@ -204,20 +176,7 @@ def run_pass(receiver: Receiver, metrics: Path, *flags: str) -> tuple[Result, fl
 
 def run_scrub(receiver: Receiver, metrics: Path, state: Path) -> tuple[Result, float]:
     """A real scrub run; its result and when it finished (monotonic)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "cis490_reconcile",
-        "scrub",
-        "--episodes-root",
-        str(receiver.episodes),
-        "--index",
-        str(receiver.index),
-        "--state-dir",
-        str(state),
-        "--metrics-file",
-        str(metrics),
-    ]
+    argv = receiver.argv("--state-dir", str(state), "--metrics-file", str(metrics), command="scrub")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=receiver.root)
     finished = time.monotonic()
     return Result(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout)), finished
@@ -290,7 +249,7 @@ def test_alerts_fire_and_resolve_end_to_end(
     # 3. A pass that cannot take the index lock (another process holds it)
     # fails: fires; the next pass, lock free, succeeds and resolves it.
     receiver.tarball("robot-2", "new")  # unindexed: the pass must commit, so take the lock
-    with index_lock(receiver.index):
+    with LockHolder(receiver.index, "flock"):
         passed, finished = run_pass(receiver, metrics, "--lock-timeout", "1")
         assert passed.returncode == 1
         assert "lock" in passed.one("pass_failed")["error"]

@@ -1,5 +1,5 @@
 """Real faults: a full disk (a small tmpfs), an index the process may not
-write, a lock that is never released. Each pass that cannot complete exits 1
+write (a lock never released: test_lock.py). Each pass that cannot complete exits 1
 with a clear error, changes no existing byte, and a later pass converges to
 exactly one row per tarball."""
 
@@ -89,34 +89,3 @@ def test_an_index_that_may_not_be_written(receiver: Receiver) -> None:
     assert receiver.index.read_bytes() == before
     assert receiver.run().returncode == 0
     assert receiver.keys() == [("h1", "old"), ("h1", "a")]
-
-
-LOCK_HOLDER = """
-import fcntl, sys, time
-f = open(sys.argv[1], "a")
-fcntl.lockf(f, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(60)
-"""
-
-
-def test_a_lock_never_released_times_out(receiver: Receiver) -> None:
-    receiver.tarball("h1", "a")
-    receiver.index.touch()
-    holder = subprocess.Popen(
-        ["python3", "-c", LOCK_HOLDER, str(receiver.index)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        failed = receiver.run("--lock-timeout", "0.5")
-    finally:
-        holder.kill()
-        holder.wait()
-    assert failed.returncode == 1
-    error = failed.one("pass_failed")["error"]
-    assert (
-        error == f"could not lock {receiver.index} within 0.5 s (the receiver or another reconciler holds it)"
-    )
-    assert receiver.index.read_bytes() == b""
-    assert receiver.run().returncode == 0
-    assert receiver.keys() == [("h1", "a")]

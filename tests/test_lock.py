@@ -10,28 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, Receiver
+from helpers import LockHolder, Receiver
 
 from cis490_reconcile import lock
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
-
-HOLDER = REPO / "tests" / "lockholder.py"
-
-
-class Holder:
-    def __init__(self, path: Path, mode: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HOLDER), str(path), mode],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout.readline() == "locked\n"
-
-    def release(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("mode", ["flock", "lockf", "ofd"])
@@ -42,7 +25,7 @@ def test_commit_waits_for_each_lock_family(receiver: Receiver, mode: str, separa
     before = receiver.index.read_bytes()
     lock_file = receiver.root / "index.lock" if separate_lock_file else receiver.index
     extra = ("--lock-file", str(lock_file)) if separate_lock_file else ()
-    holder = Holder(lock_file, mode)
+    holder = LockHolder(lock_file, mode)
     proc = subprocess.Popen(
         receiver.argv("--once", "--lock-timeout", "20", *extra),
         stdout=subprocess.PIPE,
@@ -68,24 +51,24 @@ def test_lock_timeout_fails_the_pass_clearly(receiver: Receiver, mode: str) -> N
     receiver.tarball("h1", "a")
     receiver.append_row({"host_id": "h0", "episode_id": "old"})
     before = receiver.index.read_bytes()
-    holder = Holder(receiver.index, mode)
-    try:
+    with LockHolder(receiver.index, mode):
         started = time.monotonic()
         result = receiver.run("--lock-timeout", "0.5")
         elapsed = time.monotonic() - started
-    finally:
-        holder.release()
     assert result.returncode == 1
     assert elapsed < 10
-    failed = result.one("pass_failed")
-    assert "could not lock" in failed["error"] and "within 0.5 s" in failed["error"]
+    assert result.one("pass_failed")["error"] == (
+        f"could not lock {receiver.index} within 0.5 s (the receiver or another reconciler holds it)"
+    )
     assert receiver.index.read_bytes() == before
+    assert receiver.run().returncode == 0  # once the lock is free, the row comes
+    assert receiver.keys() == [("h0", "old"), ("h1", "a")]
 
 
 def test_dry_run_takes_no_lock(receiver: Receiver) -> None:
     receiver.tarball("h1", "a")
     receiver.index.write_bytes(b"")
-    holder = Holder(receiver.index, "ofd")
+    holder = LockHolder(receiver.index, "ofd")
     try:
         result = receiver.run("--dry-run", "--lock-timeout", "0.2")
     finally:
@@ -98,7 +81,7 @@ def test_dry_run_takes_no_lock(receiver: Receiver) -> None:
 def test_receiver_append_rows_and_reconciler_serialise(receiver: Receiver) -> None:
     """The exported append_rows, called from another process, waits for the
     same lock the reconciler takes."""
-    holder = Holder(receiver.index, "flock")
+    holder = LockHolder(receiver.index, "flock")
     code = (
         "import sys; from pathlib import Path; from cis490_reconcile.index import append_rows;"
         "append_rows(Path(sys.argv[1]), [{'host_id': 'h', 'episode_id': 'r'}], timeout=20)"

@@ -3,19 +3,10 @@ the last success carried forward) when a pass fails."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from helpers import Receiver, episode, gnu_tarball
+from helpers import LockHolder, Receiver, episode, gnu_tarball
 from prometheus_client.parser import text_string_to_metric_families
-
-LOCK_HOLDER = """
-import fcntl, sys, time
-f = open(sys.argv[1], "a")
-fcntl.lockf(f, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(60)
-"""
 
 
 def samples(path: Path) -> dict[str, float]:
@@ -64,15 +55,8 @@ def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_pat
     first_help = helps(prom)
 
     receiver.tarball("h2", "new")
-    holder = subprocess.Popen(
-        ["python3", "-c", LOCK_HOLDER, str(receiver.index)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    with LockHolder(receiver.index):
         failed = receiver.run("--metrics-file", str(prom), "--lock-timeout", "0.3", "--state-dir", str(state))
-    finally:
-        holder.kill()
-        holder.wait()
     assert failed.returncode == 1
     second = samples(prom)  # still parses
     assert second["cis490_reconcile_last_run_success"] == 0

@@ -53,9 +53,7 @@ def test_bar_on_a_terminal_for_a_pass_and_status(busy: Receiver) -> None:
     assert all(line.startswith("{") for line in stdout.splitlines())  # logs untouched
 
     (busy.episodes / "h0/late.tar.zst").write_bytes((busy.episodes / "h0/e0.tar.zst").read_bytes())
-    argv = [a for a in busy.argv() if a != "--once"]
-    argv.insert(3, "status")
-    code, stdout, shown = run_with_tty_stderr([*argv, "--max-read-rate", "1M"])
+    code, stdout, shown = run_with_tty_stderr(busy.argv("--max-read-rate", "1M", command="status"))
     assert code == 1 and "UNINDEXED" in stdout
     assert re.search(r"\rstatus  \[[#.]+\] +[0-9.]+%  0 files  [0-9.]+ (KiB|MiB)", shown), shown
 
@@ -64,8 +62,7 @@ def test_bar_on_a_terminal_for_a_scrub(busy: Receiver, tmp_path: Path) -> None:
     assert busy.run().returncode == 0  # index them
     state = tmp_path / "state"
     state.mkdir()
-    argv = [a for a in busy.argv() if a != "--once"]
-    argv[3:3] = ["scrub", "--state-dir", str(state), "--max-read-rate", "8M"]
+    argv = busy.argv("--state-dir", str(state), "--max-read-rate", "8M", command="scrub")
     code, stdout, shown = run_with_tty_stderr(argv)
     assert code == 0 and '"scrub_finished"' in stdout
     assert re.search(r"\rscrub  \[[#.]+\] +[0-9.]+%  [0-9]+ files  [0-9.]+ MiB", shown), shown

@@ -14,7 +14,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from contextlib import closing
 from datetime import datetime, timezone
@@ -36,21 +35,7 @@ SLOW = ("--max-read-rate", "4M")
 
 
 def scrub_argv(receiver: Receiver, state: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cis490_reconcile",
-        "scrub",
-        "--episodes-root",
-        str(receiver.episodes),
-        "--index",
-        str(receiver.index),
-        "--state-dir",
-        str(state),
-        "--log-level",
-        "debug",
-        *args,
-    ]
+    return receiver.argv("--state-dir", str(state), "--log-level", "debug", *args, command="scrub")
 
 
 def run_scrub(receiver: Receiver, state: Path, *args: str, env: dict[str, str] | None = None) -> Result:

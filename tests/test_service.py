@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import NotifySocket, Receiver, clean_env, episode, parse_events
+from helpers import LockHolder, NotifySocket, Receiver, clean_env, episode, parse_events
 
 from cis490_reconcile.notify import Notifier
 
@@ -147,33 +147,17 @@ def test_sigterm_stops_the_workers(receiver: Receiver, notify_socket: NotifySock
 def test_sigterm_while_waiting_for_the_lock(receiver: Receiver, notify_socket: NotifySocket) -> None:
     receiver.tarball("h1", "a")
     receiver.index.touch()
-    holder = subprocess.Popen(
-        ["python3", "-c", LOCK_HOLDER, str(receiver.index)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    with LockHolder(receiver.index):
         env = clean_env(NOTIFY_SOCKET=str(notify_socket.path))
         proc = start(receiver, "--once", "--lock-timeout", "60", env=env)
         wait_for_field(notify_socket, r"STATUS=waiting for index lock .*")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
-    finally:
-        holder.kill()
-        holder.wait()
     assert proc.returncode == 0, err
     events = parse_events(out)
     assert [e["event"] for e in events if e["event"] == "rows_left_for_next_pass"] == []
     assert next(e for e in events if e["event"] == "pass_finished")["interrupted"] is True
     assert receiver.index.read_bytes() == b""
-
-
-LOCK_HOLDER = """
-import fcntl, sys, time
-f = open(sys.argv[1], "a")
-fcntl.lockf(f, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(60)
-"""
 
 
 def test_loop_runs_passes_until_sigterm(receiver: Receiver, notify_socket: NotifySocket) -> None:

@@ -8,13 +8,12 @@ import io
 import json
 import os
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import REPO, Receiver, episode, gnu_tarball
+from helpers import LockHolder, Receiver, episode, gnu_tarball
 
 from cis490_reconcile import config
 from cis490_reconcile.actions import Context
@@ -22,12 +21,9 @@ from cis490_reconcile.actions import status as status_action
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
 
-HOLDER = REPO / "tests" / "lockholder.py"
-
 
 def status(receiver: Receiver, *args: str, state_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [a for a in receiver.argv(*args) if a != "--once"]
-    argv.insert(3, "status")  # python -m cis490_reconcile status ...
+    argv = receiver.argv(*args, command="status")
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -182,20 +178,10 @@ def test_clean_after_a_pass_and_last_pass_result(receiver: Receiver, tmp_path: P
 
     # a failed pass is reported, and is itself something to look at
     receiver.tarball("h1", "c")
-    holder = subprocess.Popen(
-        [sys.executable, str(HOLDER), str(receiver.index), "lockf"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+    with LockHolder(receiver.index):
         failed = receiver.run("--state-dir", str(state_dir), "--lock-timeout", "0.2")
         assert failed.returncode == 1
         during = status(receiver, "--json", state_dir=state_dir)  # takes no lock: not blocked
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait()
     report = json.loads(during.stdout)
     assert during.returncode == 1
     assert report["last_pass"]["result"] == "failed" and "lock" in report["last_pass"]["error"]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO, Receiver, episode
+from helpers import REPO, LockHolder, Receiver, episode
 from systemd_container import SystemdContainer, unavailable_reason
 
 UNITS = REPO / "systemd"
@@ -192,15 +192,6 @@ def test_timer_runs_the_service_and_the_journal_tells_what_happened(
     )
 
 
-LOCK_HOLDER = """
-import fcntl, sys, time
-f = open(sys.argv[1], "a")
-fcntl.lockf(f, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(120)
-"""
-
-
 @needs_container
 def test_a_stalled_pass_is_killed_by_the_watchdog(deployed: tuple[SystemdContainer, Receiver]) -> None:
     box, receiver = deployed
@@ -208,11 +199,7 @@ def test_a_stalled_pass_is_killed_by_the_watchdog(deployed: tuple[SystemdContain
     receiver.index.touch()
     own(box)
     # the receiver holds the lock (a host process: same kernel, same inode)
-    holder = subprocess.Popen(
-        ["python3", "-c", LOCK_HOLDER, str(receiver.index)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    with LockHolder(receiver.index):
         box.systemctl("start", "--no-block", SERVICE)
         box.wait_for(lambda: named(events(box, SERVICE), "index_lock_waiting") != [], 20, "the lock wait")
         time.sleep(4)  # waiting for the lock is progress: the watchdog (3 s) must not fire
@@ -223,9 +210,6 @@ def test_a_stalled_pass_is_killed_by_the_watchdog(deployed: tuple[SystemdContain
         box.wait_for(lambda: finished(box, SERVICE), 15, "the watchdog to kill the stopped pass")
         print(f"SIGSTOP to Result=watchdog: {time.monotonic() - stopped:.2f} s")
         assert box.show(SERVICE, "Result") == "watchdog"
-    finally:
-        holder.kill()
-        holder.wait()
     assert receiver.index.read_bytes() == b""
 
 
