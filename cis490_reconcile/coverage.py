@@ -22,14 +22,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from . import index, runtime, syscalls
 from .index import BadLine, Row, TornTail
-from .state import Checkpoint, HostRows, State
+from .state import Checkpoint, HostRows, Key, State
 
 TAIL_BYTES = 4096
 COMMIT_ROWS = 50_000  # keys per transaction while catching up
@@ -81,6 +81,53 @@ class Listing:
     matched_older: int  # ... received before the cutoff
 
 
+class _Reader:
+    """One read of index lines, in batches of keys. It keeps the position
+    after the last whole line and the count of bad lines (what a checkpoint
+    needs), stops at a torn tail, and keeps only the first MAX_BAD_LINES bad
+    lines: a file of nothing but garbage costs no more memory than a row."""
+
+    def __init__(
+        self, key: Callable[[Row], Key], found: CatchUp, offset: int = 0, lines: int = 0, bad_lines: int = 0
+    ) -> None:
+        self.key = key
+        self.found = found
+        self.offset, self.lines, self.bad_lines = offset, lines, bad_lines
+
+    def batches(
+        self, entries: Iterable[Row | BadLine | TornTail], size: int
+    ) -> Iterator[tuple[list[Key], list[BadLine]]]:
+        """(keys, bad lines kept) every `size` keys, and once at the end."""
+        found, key = self.found, self.key
+        keys: list[Key] = []
+        bad: list[BadLine] = []
+        for entry in entries:
+            if isinstance(entry, TornTail):
+                found.torn = entry
+                break
+            self.lines, self.offset = entry.line, entry.end
+            if isinstance(entry, BadLine):
+                self.bad_lines += 1
+                if len(found.bad) < MAX_BAD_LINES:
+                    found.bad.append(entry)
+                    bad.append(entry)
+                continue
+            keys.append(key(entry))
+            if len(keys) >= size:
+                found.rows += len(keys)
+                yield keys, bad
+                keys, bad = [], []
+        found.rows += len(keys)
+        yield keys, bad
+
+    def checkpoint(self, fd: int, st: os.stat_result, rebuilt_at: float) -> Checkpoint:
+        """Keys cover the file up to here."""
+        offset = self.offset
+        return Checkpoint(
+            st.st_dev, st.st_ino, offset, self.lines, self.bad_lines, tail_digest(fd, offset), rebuilt_at
+        )
+
+
 class Coverage:
     def __init__(self, state: State) -> None:
         self.state = state
@@ -125,7 +172,7 @@ class Coverage:
     def known_host(self, name: str) -> int | None:
         return self._hosts.get(name)
 
-    def _key(self, row: Row) -> tuple[int, bytes, int, int | None]:
+    def _key(self, row: Row) -> Key:
         return (
             self.host_id(row.host_id),
             digest(row.episode_id),
@@ -136,49 +183,21 @@ class Coverage:
     def _read_on(
         self, fd: int, st: os.stat_result, cp: Checkpoint, on_progress: Callable[[], None]
     ) -> CatchUp:
-        found = CatchUp()
-        offset, lines, bad_lines, rebuilt_at = cp.offset, cp.lines, cp.bad_lines, cp.rebuilt_at
-        keys: list[tuple[int, bytes, int, int | None]] = []
-        bad: list[BadLine] = []
-
-        def commit() -> None:
-            nonlocal keys, bad
+        reader = _Reader(self._key, CatchUp(), cp.offset, cp.lines, cp.bad_lines)
+        saved = cp.offset
+        for keys, bad in reader.batches(index.entries(fd, cp.offset, st.st_size, cp.lines), COMMIT_ROWS):
+            if reader.offset == saved:
+                continue  # nothing read since the last commit
             with self.state.transaction():
-                if self.state.base:
-                    keys = self._without_base(keys)
-                self.state.keys.add(keys)
+                self.state.keys.add(self._without_base(keys) if self.state.base else keys)
                 runtime.crash_point("in_transaction")
                 self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in bad)
-                self.state.save_checkpoint(
-                    Checkpoint(
-                        st.st_dev, st.st_ino, offset, lines, bad_lines, tail_digest(fd, offset), rebuilt_at
-                    )
-                )
-            keys, bad = [], []
+                self.state.save_checkpoint(reader.checkpoint(fd, st, cp.rebuilt_at))
+            saved = reader.offset
             on_progress()
+        return reader.found
 
-        for entry in index.entries(fd, offset, st.st_size, lines):
-            if isinstance(entry, TornTail):
-                found.torn = entry
-                break
-            lines, offset = entry.line, entry.end
-            if isinstance(entry, BadLine):
-                bad_lines += 1
-                bad.append(entry)
-                if len(found.bad) < MAX_BAD_LINES:
-                    found.bad.append(entry)
-            else:
-                found.rows += 1
-                keys.append(self._key(entry))
-            if len(keys) >= COMMIT_ROWS:
-                commit()
-        if offset != cp.offset:
-            commit()
-        return found
-
-    def _without_base(
-        self, keys: list[tuple[int, bytes, int, int | None]]
-    ) -> list[tuple[int, bytes, int, int | None]]:
+    def _without_base(self, keys: list[Key]) -> list[Key]:
         """Tail rows whose key the base already has are duplicates of it."""
         kept = []
         for key in keys:
@@ -191,50 +210,26 @@ class Coverage:
     def _rebuild(
         self, fd: int, st: os.stat_result, on_progress: Callable[[], None], replaced: bool
     ) -> CatchUp:
-        found = CatchUp(rebuilt=True, replaced=replaced)
-        offset = lines = bad_lines = 0
-        examples: list[BadLine] = []
-        keys: list[tuple[int, bytes, int, int | None]] = []
-        key = self._key
+        reader = _Reader(self._key, CatchUp(rebuilt=True, replaced=replaced))
         # SQLite lets go of the GIL while it inserts: stage one batch in a
         # thread while this one parses the next (at most one batch in flight)
         with self.state.keys.rebuilding(), ThreadPoolExecutor(1) as stager:
             staging: Future[None] | None = None
-            for entry in index.entries(fd, 0, st.st_size):
-                if isinstance(entry, TornTail):
-                    found.torn = entry
-                    break
-                lines, offset = entry.line, entry.end
-                if isinstance(entry, BadLine):
-                    bad_lines += 1
-                    if len(examples) < MAX_BAD_LINES:
-                        examples.append(entry)
-                    continue
-                found.rows += 1
-                keys.append(key(entry))
-                if len(keys) >= STAGE_BATCH:
-                    if staging is not None:
-                        staging.result()
-                    staging = stager.submit(self.state.keys.stage, keys)
-                    keys = []
-                    on_progress()
+            for keys, _ in reader.batches(index.entries(fd, 0, st.st_size), STAGE_BATCH):
+                if staging is not None:
+                    staging.result()
+                staging = stager.submit(self.state.keys.stage, keys)
+                on_progress()
             if staging is not None:
                 staging.result()
-            self.state.keys.stage(keys)
-            on_progress()
             with self.state.transaction():
                 self.state.keys.replace()
                 runtime.crash_point("rebuilding")
-                self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in examples)
-                self.state.save_checkpoint(
-                    Checkpoint(
-                        st.st_dev, st.st_ino, offset, lines, bad_lines, tail_digest(fd, offset), time.time()
-                    )
-                )
+                self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in reader.found.bad)
+                self.state.save_checkpoint(reader.checkpoint(fd, st, time.time()))
                 if replaced:
                     self.state.forget_memos()
-        found.bad = examples
-        return found
+        return reader.found
 
     # --- asking ---------------------------------------------------------------------
 

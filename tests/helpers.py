@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -339,3 +340,17 @@ class LockHolder:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class TarfileEnding(tarfile.TarInfo):
+    """tarfile's member class, recording how the member list ended (stream
+    mode does not tell): tar.ending is the outermost header error, set last.
+    tarfile is the oracle TarStream is tested and measured against."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> TarfileEnding:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar.ending = type(e)  # type: ignore[attr-defined]
+            raise

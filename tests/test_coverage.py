@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,32 @@ def test_reads_on_from_the_checkpoint_and_remembers_it(tmp_path: Path) -> None:
         assert cov.host_rows("h1", None).duplicates == 1
         cp = cov.state.checkpoint()
         assert cp is not None and (cp.offset, cp.lines, cp.bad_lines) == (index.stat().st_size, 5, 1)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_an_index_of_garbage_costs_bounded_memory(tmp_path: Path, full: bool) -> None:
+    """100,000 lines that are not rows, read on from a checkpoint and from
+    the start: every one counted, the first MAX_BAD_LINES handed back for
+    events, the first EXAMPLES kept, and memory independent of their number."""
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h1", "a"))
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+    with open(index, "ab") as f:
+        f.write(b"".join(b"not a row %d, %s\n" % (i, b"x" * 100) for i in range(100_000)) + row("h1", "b"))
+    with opened(tmp_path, index) as cov:
+        tracemalloc.start()
+        try:
+            found = catch_up(cov, index, full=full)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(found.bad) == coverage.MAX_BAD_LINES and found.bad[0].line == 2
+        cp = cov.state.checkpoint()
+        assert cp is not None and (cp.bad_lines, cp.lines) == (100_000, 100_002)
+        assert len(cov.state.keys.bad_line_examples()) == state_module.EXAMPLES
+        assert cov.covers("h1", "b")
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB"
 
 
 @pytest.mark.parametrize("how", ["replaced", "shrunk", "rewritten"])

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import zstandard
-from helpers import episode, gnu_tarball, tar_bytes
+from helpers import TarfileEnding, episode, gnu_tarball, tar_bytes
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
@@ -44,18 +44,6 @@ STRICTER = (
 )
 
 
-class _Ending(tarfile.TarInfo):
-    """Records how tarfile's member list ended: stream mode does not tell."""
-
-    @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> _Ending:
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as e:
-            tar.ending = type(e)  # type: ignore[attr-defined]  # the outermost header's error, set last
-            raise
-
-
 class _Source(io.BytesIO):
     """Gives up reading past its end: tarfile in stream mode would loop forever on a size of 2**80 or on a
     pax 1.0 sparse map cut short."""
@@ -73,7 +61,7 @@ def oracle(data: bytes, limit: int = READ) -> Listing | None:
     """tarfile's listing of the archive in stream mode, or None if tarfile finds it damaged or unended."""
     listing = []
     try:
-        with tarfile.open(fileobj=_Source(data), mode="r|", tarinfo=_Ending) as tar:
+        with tarfile.open(fileobj=_Source(data), mode="r|", tarinfo=TarfileEnding) as tar:
             for m in tar:
                 handle = tar.extractfile(m) if m.isfile() else None
                 listing.append((m.name, m.isfile(), m.size, handle.read(limit) if handle else b""))

@@ -17,34 +17,27 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tarfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeAlias
 
 import zstandard
 
 from cis490_reconcile.tarstream import TarStream
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
+from helpers import TarfileEnding
+
 META = b'{"code_version": {"commit": "0123456789abcdef0123456789abcdef01234567"}}'
 READ_SIZE = 1 << 20
 Source: TypeAlias = "io.BytesIO | zstandard.ZstdDecompressionReader"
 
 
-class _Ending(tarfile.TarInfo):
-    """How verify learns how tarfile's member list ended (stream mode does not tell)."""
-
-    @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> _Ending:
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as e:
-            tar.ending = type(e)  # type: ignore[attr-defined]
-            raise
-
-
 def with_tarfile(source: Source) -> int:
-    with tarfile.open(fileobj=source, mode="r|", bufsize=64 << 10, tarinfo=_Ending) as tar:
+    with tarfile.open(fileobj=source, mode="r|", bufsize=64 << 10, tarinfo=TarfileEnding) as tar:
         members = 0
         for member in iter(tar.next, None):
             members += 1
