@@ -262,7 +262,7 @@ class PassRun:
         qdir = self.cfg.quarantine_dir
         wait_s = None
         if qdir is not None:
-            wait_s = max(0.0, self.cfg.quarantine_min_age - (time.time_ns() - tarball.ctime_ns) / 1e9)
+            wait_s = max(0.0, self.cfg.quarantine_min_age - tarball.age_s())
         facts: dict[str, object] = {
             "path": tarball.path,
             "reason": verdict.reason,

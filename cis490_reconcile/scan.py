@@ -155,7 +155,7 @@ class Scan:
                             self.skipped(tarball)
                     elif self._known_unverifiable(tarball):
                         s.unverifiable += 1
-                    elif (age_s := (time.time_ns() - tarball.ctime_ns) / 1e9) >= self.cfg.min_age:
+                    elif (age_s := tarball.age_s()) >= self.cfg.min_age:
                         yield tarball
                         continue
                     else:

@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,13 @@ class Tarball:
     @property
     def path(self) -> str:
         return f"{self.host_id}/{self.name}"
+
+    def age_s(self) -> float:
+        """Seconds since the file last changed: its ctime, which a writer
+        cannot set back (utime sets mtime; any write, rename or chmod moves
+        ctime to now). The one age min_age and quarantine_min_age are
+        compared with."""
+        return (time.time_ns() - self.ctime_ns) / 1e9
 
     def is_file(self, st: os.stat_result) -> bool:
         """`st` is of this very file as scanned: same inode, size and mtime."""

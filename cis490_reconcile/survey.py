@@ -229,7 +229,7 @@ class Survey:
                 counts.tarballs += 1
                 if name not in unindexed:
                     counts.indexed += 1
-                elif (time.time_ns() - tarball.ctime_ns) / 1e9 < self.cfg.min_age:
+                elif tarball.age_s() < self.cfg.min_age:
                     counts.in_flight += 1
                 else:
                     self._verify(store, tarball, counts)
