@@ -36,21 +36,34 @@ COMMIT_ROWS = 50_000  # keys per transaction while catching up
 STAGE_BATCH = 20_000  # keys a rebuild hands to its staging thread at a time (about 3 MB)
 MAX_BAD_LINES = 1000  # bad lines a catch-up hands back (for events); the count is complete
 _POINT_US, _SCAN_US = 15.0, 0.4  # measured costs of a lookup and of a key merged
+_blake2b, _fromisoformat = hashlib.blake2b, datetime.fromisoformat  # bound once: per-row calls
 
 
 def digest(episode_id: str) -> bytes:
-    return hashlib.blake2b(episode_id.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+    """12 bytes of BLAKE2b of the episode_id's UTF-8 (the surrogates only a
+    bad row can hold pass through). Called once a row on a full pass."""
+    try:
+        raw = episode_id.encode()
+    except UnicodeEncodeError:
+        raw = episode_id.encode("utf-8", "surrogatepass")
+    return _blake2b(raw, digest_size=12).digest()
 
 
 def received_seconds(value: object) -> int | None:
     """received_at_wall as unix seconds; None when absent or not a timestamp.
-    A timestamp without a zone is UTC, as the receiver writes them."""
-    if not isinstance(value, str):
+    A timestamp without a zone is UTC, as the receiver writes them. Called
+    once a row on a full pass: the common case is one fromisoformat."""
+    if type(value) is not str:
         return None
     try:
-        when = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
-    except ValueError:
-        return None
+        when = _fromisoformat(value)
+    except ValueError:  # before Python 3.11 fromisoformat reads no "Z"
+        if not value.endswith("Z"):
+            return None
+        try:
+            when = _fromisoformat(value[:-1] + "+00:00")
+        except ValueError:
+            return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return int(when.timestamp())
@@ -101,23 +114,28 @@ class _Reader:
         found, key = self.found, self.key
         keys: list[Key] = []
         bad: list[BadLine] = []
+        last: Row | BadLine | None = None  # the position is taken from it at each batch
         for entry in entries:
+            if isinstance(entry, Row):  # first: nearly every line is one
+                keys.append(key(entry))
+                last = entry
+                if len(keys) >= size:
+                    found.rows += len(keys)
+                    self.lines, self.offset = last.line, last.end
+                    yield keys, bad
+                    keys, bad = [], []
+                continue
             if isinstance(entry, TornTail):
                 found.torn = entry
                 break
-            self.lines, self.offset = entry.line, entry.end
-            if isinstance(entry, BadLine):
-                self.bad_lines += 1
-                if len(found.bad) < MAX_BAD_LINES:
-                    found.bad.append(entry)
-                    bad.append(entry)
-                continue
-            keys.append(key(entry))
-            if len(keys) >= size:
-                found.rows += len(keys)
-                yield keys, bad
-                keys, bad = [], []
+            last = entry
+            self.bad_lines += 1
+            if len(found.bad) < MAX_BAD_LINES:
+                found.bad.append(entry)
+                bad.append(entry)
         found.rows += len(keys)
+        if last is not None:
+            self.lines, self.offset = last.line, last.end
         yield keys, bad
 
     def checkpoint(self, fd: int, st: os.stat_result, rebuilt_at: float) -> Checkpoint:
@@ -173,12 +191,11 @@ class Coverage:
         return self._hosts.get(name)
 
     def _key(self, row: Row) -> Key:
-        return (
-            self.host_id(row.host_id),
-            digest(row.episode_id),
-            row.offset,
-            received_seconds(row.received_at_wall),
-        )
+        name = row.host_id
+        host = 0 if name is None else self._hosts.get(name)  # inline: once a row on a full pass
+        if host is None:
+            host = self.host_id(name)
+        return (host, digest(row.episode_id), row.offset, received_seconds(row.received_at_wall))
 
     def _read_on(
         self, fd: int, st: os.stat_result, cp: Checkpoint, on_progress: Callable[[], None]
