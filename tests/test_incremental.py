@@ -315,6 +315,11 @@ def test_any_history_ends_as_one_full_pass_from_scratch(
     state_dir = root / "state"
     state_dir.mkdir()
     keep = Run(inc, state_dir)
+
+    def full_pass() -> None:
+        with Reconciler(Run(full, None).cfg, make_logger("error", io.StringIO())) as r:
+            r.run_pass()
+
     try:
         for what, arg, n in history:
             if what == "pass":
@@ -322,12 +327,15 @@ def test_any_history_ends_as_one_full_pass_from_scratch(
                     keep.close()
                     keep = Run(inc, state_dir, **({"full_every": 1e-9} if arg == "full" else {}))
                 keep.once()
-                with Reconciler(Run(full, None).cfg, make_logger("error", io.StringIO())) as r:
-                    r.run_pass()
+                full_pass()
             elif what == "crash":
                 env = {**os.environ, "CIS490_TEST_CRASH_AT": arg}
                 argv = inc.argv("--once", "--state-dir", str(state_dir), "--workers", "1", "--full")
-                subprocess.run(argv, env=env, capture_output=True, timeout=60)
+                before = inc.index.read_bytes() if inc.index.exists() else b""
+                done = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+                after = inc.index.read_bytes() if inc.index.exists() else b""
+                if done.returncode == 0 or after != before:
+                    full_pass()  # it never reached the crash point, or appended its rows before it
             else:
                 for r in (inc, full):
                     _apply(r, what, arg, n)
