@@ -37,7 +37,9 @@ def test_readme_is_short_and_points_nowhere_outside_the_repository() -> None:
     for link in re.findall(r"\]\(([^)#][^)]*)\)", text):
         if not link.startswith("http"):
             assert (REPO / link).exists(), link
-    assert "FACTS.md" not in text and "../shared" not in text
+    assert re.search(r"\.\./", text) is None, "a path above the repository"
+    for doc in set(re.findall(r"[\w./-]+\.md\b", text)):  # every document it names is in the repository
+        assert (REPO / doc).exists() or any(REPO.glob(f"*/{doc}")), doc
 
 
 def test_the_two_setup_commands_are_there() -> None:
