@@ -167,31 +167,23 @@ def entries(fd: int, start: int, end: int, line: int = 0) -> Iterator[Entry]:
 def _judged(lines: list[bytes], first: int, ends: list[int], first_overlong: bool) -> Iterator[Row | BadLine]:
     """The complete lines of one chunk: line `first` starts at ends[0] and
     line first + i ends where line first + i + 1 starts (ends[i + 1]). The
-    common case (every line a row, none blank or overlong) takes one msgspec
-    call and one loop; anything else goes line by line."""
-    if not first_overlong and max(map(len, lines)) <= MAX_LINE_BYTES:
-        try:
-            joined = b"[" + b",".join(lines) + b"]"
-            joined.decode()  # msgspec does not check the UTF-8 of fields it skips; json does
-            rows = _CHUNK.decode(joined)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            rows = []
-        if len(rows) == len(lines) and all(row.episode_id for row in rows):
-            for n, (row, offset, nxt) in enumerate(zip(rows, ends[:-1], ends[1:], strict=True), first):
-                row.line, row.offset, row.end = n, offset, nxt
-            yield from rows
-            return
-    for i, raw in enumerate(lines):
-        n, offset, nxt = first + i, ends[i], ends[i + 1]
-        if (i == 0 and first_overlong) or len(raw) > MAX_LINE_BYTES:
-            yield BadLine(n, offset, nxt, "line longer than 1 MiB")
-        elif raw.strip():
-            got = _decode_lines([raw])[0]
+    common case (no line blank or overlong) decodes the chunk in one
+    _decode_lines call; anything else goes line by line."""
+    if not first_overlong and all(lines) and max(map(len, lines)) <= MAX_LINE_BYTES:
+        decoded = enumerate(zip(_decode_lines(lines), ends[:-1], ends[1:], strict=True), first)
+        for n, (got, offset, nxt) in decoded:
             if isinstance(got, str):
                 yield BadLine(n, offset, nxt, got)
             else:
                 got.line, got.offset, got.end = n, offset, nxt
                 yield got
+        return
+    for i, raw in enumerate(lines):
+        n, offset, nxt = first + i, ends[i], ends[i + 1]
+        if (i == 0 and first_overlong) or len(raw) > MAX_LINE_BYTES:
+            yield BadLine(n, offset, nxt, "line longer than 1 MiB")
+        elif raw.strip():
+            yield from _judged([raw], n, [offset, nxt], False)
 
 
 def row_at(fd: int, offset: int) -> Row | None:
