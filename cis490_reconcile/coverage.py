@@ -92,6 +92,23 @@ class Listing:
     unindexed: list[str]
     matched: int  # listed episodes with a row of this host
     matched_older: int  # ... received before the cutoff
+    rows: HostRows  # the host's rows, counted against the same cutoff
+
+    @property
+    def orphans(self) -> tuple[int, int]:
+        return orphans(self.rows, self.matched, self.matched_older)
+
+
+def orphans(rows: HostRows, matched: int = 0, matched_older: int = 0) -> tuple[int, int]:
+    """(missing, pruned): a host's rows that no listed tarball matches (all
+    of them when its directory is gone), pruned when received before the
+    cutoff `rows` was counted against (gone by design), else missing."""
+    pruned = rows.older - matched_older
+    return rows.rows - matched - pruned, pruned
+
+
+def _older(received: int | None, cutoff: float | None) -> bool:
+    return cutoff is not None and received is not None and received < cutoff
 
 
 class _Reader:
@@ -268,19 +285,19 @@ class Coverage:
         """The listed episodes the index lacks, and how many it has."""
         names = list(names)
         host = self._hosts.get(host_id)
-        rows = 0 if host is None else self.state.keys.host_rows(host, None).rows
+        rows = self.host_rows(host_id, cutoff)
         matched = matched_older = 0
         unindexed: list[str] = []
-        if host is None or not rows:
+        if host is None or not rows.rows:
             unindexed = names
-        elif len(names) * _POINT_US < rows * _SCAN_US:
+        elif len(names) * _POINT_US < rows.rows * _SCAN_US:
             for name in names:
                 received = self.state.keys.has(host, digest(name))
                 if received is False:
                     unindexed.append(name)
                 else:
                     matched += 1
-                    matched_older += cutoff is not None and received is not None and received < cutoff
+                    matched_older += _older(received, cutoff)
         else:
             listed = sorted((digest(name), name) for name in names)
             keys = iter(self.state.keys.digests(host))
@@ -290,7 +307,7 @@ class Coverage:
                     key = next(keys, None)
                 if key is not None and key[0] == d:
                     matched += 1
-                    matched_older += cutoff is not None and key[1] is not None and key[1] < cutoff
+                    matched_older += _older(key[1], cutoff)
                 else:
                     unindexed.append(name)
             unindexed.sort()
@@ -298,7 +315,7 @@ class Coverage:
             unindexed = [name for name in unindexed if self.state.keys.has(0, digest(name)) is False]
         if self.torn is not None:
             unindexed = [name for name in unindexed if not self._torn_covers(host_id, name)]
-        return Listing(unindexed, matched, matched_older)
+        return Listing(unindexed, matched, matched_older, rows)
 
     def host_rows(self, host_id: str, cutoff: float | None) -> HostRows:
         host = self._hosts.get(host_id)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .coverage import Coverage
+from .coverage import Coverage, orphans
 from .log import Events
 from .state import State, Unverified
 from .store import HostDir, Skipped, Store, Tarball, printable
@@ -125,9 +125,7 @@ class Scan:
         self.summary.scanned += len(names)
         self.summary.already_indexed += len(names) - len(listing.unindexed)
         if self.summary.full and self.cfg.host is None:
-            rows = self.coverage.host_rows(host_id, self.cutoff)
-            pruned = rows.older - listing.matched_older
-            self.orphans[host_id] = (rows.rows - listing.matched - pruned, pruned)
+            self.orphans[host_id] = listing.orphans
         return self._track(host_id, listing.unindexed)
 
     def _memo(self, host_id: str) -> tuple[int | None, int | None, list[str]] | None:
@@ -206,6 +204,5 @@ class Scan:
                     if host == 0:
                         continue
                     if name not in self.orphans:  # its directory is gone: every row is an orphan
-                        rows = self.coverage.host_rows(name, self.cutoff)
-                        self.orphans[name] = (rows.rows - rows.older, rows.older)
+                        self.orphans[name] = orphans(self.coverage.host_rows(name, self.cutoff))
                     self.state.save_orphans(host, *self.orphans[name])

@@ -33,10 +33,10 @@ from typing import TextIO
 
 from . import index, statedir
 from .config import Config
-from .coverage import Coverage, digest
+from .coverage import Coverage, digest, orphans
 from .log import Logger, make_logger
 from .reading import ReadPacer
-from .state import EXAMPLES, State
+from .state import EXAMPLES, HostRows, State
 from .store import HostDir, Skipped, Store, Tarball, printable
 from .termbar import TerminalBar
 from .verdicts import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, decoding_for
@@ -218,7 +218,7 @@ class Survey:
             else:
                 names.append(entry)
         listing = self.coverage.listing(host.host_id, names, self.cutoff)
-        self._rows(host.host_id, listing.matched, listing.matched_older)
+        self._rows(host.host_id, listing.rows, listing.orphans)
         self.listed[host.host_id] = {digest(name) for name in names}
         unindexed = set(listing.unindexed)
         for name in names:
@@ -235,11 +235,9 @@ class Survey:
                     self._verify(store, tarball, counts)
             self._show()
 
-    def _rows(self, host_id: str, matched: int, matched_older: int) -> None:
-        rows = self.coverage.host_rows(host_id, self.cutoff)
+    def _rows(self, host_id: str, rows: HostRows, without_tarball: tuple[int, int]) -> None:
         counts = self.report.host(host_id)
-        counts.pruned_rows = rows.older - matched_older
-        counts.missing_rows = rows.rows - matched - counts.pruned_rows
+        counts.missing_rows, counts.pruned_rows = without_tarball
         counts.duplicate_rows = rows.duplicates
 
     def _verify(self, store: Store, tarball: Tarball, counts: HostCounts) -> None:
@@ -273,7 +271,8 @@ class Survey:
         """Hosts with rows but no directory: every row is without a tarball."""
         for host_id, host in self.coverage.host_names().items():
             if host and host_id not in self.report.hosts and self._wanted(host_id):
-                self._rows(host_id, 0, 0)
+                rows = self.coverage.host_rows(host_id, self.cutoff)
+                self._rows(host_id, rows, orphans(rows))
                 self.listed[host_id] = set()
         self.report.hosts = {
             h: c for h, c in self.report.hosts.items() if c != HostCounts() or h in self.listed
