@@ -96,9 +96,8 @@ class Committer:
         asked = time.monotonic()
         with index.locked(self.cfg.index, self.cfg.lock_file, self.cfg.lock_timeout, on_wait) as ix:
             locked_at = time.monotonic()
-            fd_read = self.coverage.catch_up(
-                ix.fd, full=False
-            )  # no checkpoint here: a locked commit finishes
+            # No checkpoint here: a commit that holds the lock finishes.
+            fd_read = self.coverage.catch_up(ix.fd, full=False)
             done.terminated_torn_tail = ix.ends_torn()
             self._partition(pending, done)
             done.written = ix.append([index.encode_row(p.row) for p in done.fresh])

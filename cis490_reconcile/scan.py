@@ -72,6 +72,11 @@ class Scan:
         self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
         self.cutoff = None if self.cfg.retention is None else time.time() - self.cfg.retention
 
+    @property
+    def _recounts_orphans(self) -> bool:
+        """Only a full pass over every host sees every host's rows and directory."""
+        return self.summary.full and self.cfg.host is None
+
     def candidates(self, store: Store, checkpoint: Callable[[], None]) -> Iterator[list[tuple[str, str]]]:
         """(host_id, episode_id) of every episode the index lacks, in chunks."""
         chunk: list[tuple[str, str]] = []
@@ -124,7 +129,7 @@ class Scan:
         listing = self.coverage.listing(host_id, names, self.cutoff)
         self.summary.scanned += len(names)
         self.summary.already_indexed += len(names) - len(listing.unindexed)
-        if self.summary.full and self.cfg.host is None:
+        if self._recounts_orphans:
             self.orphans[host_id] = listing.orphans
         return self._track(host_id, listing.unindexed)
 
@@ -199,7 +204,7 @@ class Scan:
                 self.state.save_memo(host_id(name), None if replaced else seen.times, seen.unresolved)
             for (name, episode_id), verdict in self.unverified.items():
                 self.state.save_unverified(host_id(name), episode_id, verdict)
-            if self.summary.full and self.cfg.host is None:
+            if self._recounts_orphans:
                 for name, host in self.coverage.host_names().items():
                     if host == 0:
                         continue

@@ -42,21 +42,21 @@ WORKER_MEMORY = 64 << 20  # what one verifying process may need besides a budget
 DEFAULT_MAX_WINDOW = 128 << 20  # what `zstd -d` accepts without --memory or --long
 
 
-class Corrupt(Exception):
+class _Verdict(Exception):
+    """A verdict reached deep inside a read, raised to end it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Corrupt(_Verdict):
     """The bytes are damaged: the file can never become a valid episode
     tarball as it is."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
-
-class Unverifiable(Exception):
+class Unverifiable(_Verdict):
     """The bytes may be fine, but this configuration cannot check them."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
