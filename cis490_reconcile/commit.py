@@ -78,8 +78,8 @@ class Committer:
             os.close(fd)
 
     def _partition(self, pending: list[Pending], done: Committed) -> None:
-        for p in pending:
-            covered = self.coverage.covers(p.tarball.host_id, p.tarball.episode_id)
+        keys = [(p.tarball.host_id, p.tarball.episode_id) for p in pending]
+        for p, covered in zip(pending, self.coverage.covered(keys), strict=True):
             (done.raced if covered else done.fresh).append(p)
 
     def commit(self, pending: list[Pending], on_wait: Callable[[], None]) -> Committed:

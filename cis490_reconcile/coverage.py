@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -267,15 +267,23 @@ class Coverage:
 
     # --- asking ---------------------------------------------------------------------
 
-    def covers(self, host_id: str, episode_id: str) -> bool:
-        """A row with this key, or a row without host_id for the episode."""
-        if self._torn_covers(host_id, episode_id):
-            return True
-        d = digest(episode_id)
-        host = self._hosts.get(host_id)
-        if host is not None and self.state.keys.has(host, d) is not False:
-            return True
-        return self.state.keys.has(0, d) is not False
+    def covered(self, keys: Sequence[tuple[str, str]]) -> list[bool]:
+        """For each (host_id, episode_id): a row with this key, or a row
+        without host_id for the episode? A few queries for the lot."""
+        digests = [digest(episode_id) for _, episode_id in keys]
+        by_host: dict[str, list[bytes]] = {}
+        for (host_id, _), d in zip(keys, digests, strict=True):
+            by_host.setdefault(host_id, []).append(d)
+        present = {
+            host_id: self.state.keys.present(host, ds)
+            for host_id, ds in by_host.items()
+            if (host := self._hosts.get(host_id)) is not None
+        }
+        anyone = self.state.keys.present(0, digests) if self.state.keys.has_host_rows(0) else set()
+        return [
+            d in anyone or d in present.get(host_id, ()) or self._torn_covers(host_id, episode_id)
+            for (host_id, episode_id), d in zip(keys, digests, strict=True)
+        ]
 
     def _torn_covers(self, host_id: str, episode_id: str) -> bool:
         torn = self.torn

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import sdnotify
 
@@ -54,14 +54,15 @@ class Notifier:
         self._last_status = time.monotonic()
         self.keepalive(force=True)
 
-    def status(self, text: str, force: bool = False) -> None:
+    def status(self, text: str | Callable[[], str], force: bool = False) -> None:
         """Human progress for `systemctl status`; at most one a second
-        unless forced (a change of phase is worth sending at once)."""
+        unless forced (a change of phase is worth sending at once). A
+        callable is formatted only when sent: a pass asks after every tarball."""
         if self._socket is None:
             return
         now = time.monotonic()
         if force or now - self._last_status >= STATUS_INTERVAL_S:
-            self._send(f"STATUS={text}")
+            self._send(f"STATUS={text if isinstance(text, str) else text()}")
             self._last_status = now
 
     def keepalive(self, force: bool = False) -> None:

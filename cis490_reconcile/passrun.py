@@ -153,7 +153,7 @@ class PassRun:
         if self.found:
             read = self.summary.bytes_read + self.reading
             env.notifier.status(
-                f"verifying {self.verified}/{self.found} unindexed tarballs, {human_size(read)} read"
+                lambda: f"verifying {self.verified}/{self.found} unindexed tarballs, {human_size(read)} read"
             )
             if env.bar is not None:
                 env.bar.update(self.verified, read, self.verified / self.found)
@@ -206,7 +206,7 @@ class PassRun:
         todo = itertools.chain([first], todo)
         env = self.env
         if env.workers == 1:
-            from .verify import verify_one
+            from .verify import verify_many
 
             pacer = ReadPacer(self.cfg.max_read_rate, self.checkpoint)
 
@@ -215,8 +215,7 @@ class PassRun:
                 pacer.consume(n)
                 self.checkpoint()
 
-            for tarball in todo:
-                yield tarball, verify_one(store, tarball, env.decoding, on_read)
+            yield from verify_many(store, todo, env.decoding, on_read)
             return
         from .workers import VerifyPool
 

@@ -70,6 +70,7 @@ class Scan:
         self.hosts: dict[str, _Host] = {}
         self.unverified: dict[tuple[str, str], Unverified | None] = {}  # to remember (None: forget)
         self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
+        self.unverified_hosts = state.unverified_hosts()  # saved only by remember(): fixed for the pass
         self.cutoff = None if self.cfg.retention is None else time.time() - self.cfg.retention
 
     @property
@@ -168,7 +169,9 @@ class Scan:
 
     def _known_unverifiable(self, tarball: Tarball) -> bool:
         host = self.coverage.known_host(tarball.host_id)
-        known = None if host is None else self.state.unverified(host, tarball.episode_id)
+        if host not in self.unverified_hosts:
+            return False
+        known = self.state.unverified(host, tarball.episode_id)
         if known is None or known != unverified(tarball, self.env.decoding.key, known.reason):
             return False
         self.env.log.debug("tarball_unverifiable_unchanged", path=tarball.path)

@@ -115,6 +115,7 @@ class Decoding:
     limited_by: str = "max_window"  # what set max_window, for the reason
     budget: WindowBudget = field(default_factory=Unshared)
     _loaded: dict[int, zstandard.ZstdCompressionDict] = field(default_factory=dict, repr=False)
+    _decoders: dict[int, zstandard.ZstdDecompressor] = field(default_factory=dict, repr=False)
 
     @property
     def key(self) -> str:
@@ -138,6 +139,19 @@ class Decoding:
         return None
 
     def decoder(self, dict_id: int, window: int) -> zstandard.ZstdDecompressor:
+        """A decompressor for frames with this dictionary and window. One for
+        each dictionary is kept for windows up to FREE_WINDOW (making one costs
+        more than decoding a 64 KiB tarball; each stream_reader resets it). A
+        larger window is a new one, freed when done: its memory was reserved
+        from the budget only for that tarball."""
+        if window <= FREE_WINDOW:
+            kept = self._decoders.get(dict_id)
+            if kept is None:
+                kept = self._decoders[dict_id] = self._new_decoder(dict_id, FREE_WINDOW)
+            return kept
+        return self._new_decoder(dict_id, window)
+
+    def _new_decoder(self, dict_id: int, window: int) -> zstandard.ZstdDecompressor:
         import zstandard  # not for a pass with nothing to verify: start-up time
 
         if not dict_id:

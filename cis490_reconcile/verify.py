@@ -21,10 +21,12 @@ each verdict means and how memory is budgeted.
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, cast
 
@@ -192,17 +194,32 @@ def verify(
     return verdict if moved is None else Unsettled(moved)
 
 
+def verify_many(
+    store: Store,
+    tarballs: Iterable[Tarball],
+    decoding: Decoding | None = None,
+    on_read: Callable[[int], None] | None = None,
+    on_wait: Callable[[], None] = _never_wait,
+) -> Iterator[tuple[Tarball, Verdict]]:
+    """Verify tarballs in order, through their host directory's fd, opened
+    afresh for each run of one host's tarballs (it may have been replaced
+    since the listing). Once a run, not once a file: on 64 KiB tarballs the
+    openat and close cost a tenth of the verdict."""
+    for host_id, run in itertools.groupby(tarballs, key=operator.attrgetter("host_id")):
+        host = store.open_host(host_id)
+        if not isinstance(host, HostDir):
+            yield from ((tarball, Unsettled("host directory removed or replaced")) for tarball in run)
+            continue
+        with host:
+            for tarball in run:
+                yield tarball, verify(host, tarball, decoding, on_read, on_wait)
+
+
 def verify_one(
     store: Store,
     tarball: Tarball,
     decoding: Decoding | None = None,
     on_read: Callable[[int], None] | None = None,
-    on_wait: Callable[[], None] = _never_wait,
 ) -> Verdict:
-    """Verify one tarball through its host directory fd (opened afresh: the
-    host directory may have been replaced since the listing)."""
-    host = store.open_host(tarball.host_id)
-    if not isinstance(host, HostDir):
-        return Unsettled("host directory removed or replaced")
-    with host:
-        return verify(host, tarball, decoding, on_read, on_wait)
+    [(_, verdict)] = verify_many(store, [tarball], decoding, on_read)  # to the end: the host fd is closed
+    return verdict

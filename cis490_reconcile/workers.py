@@ -28,6 +28,7 @@ max_window leaves room for both (see verify.plan_memory).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +40,7 @@ from . import syscalls
 from .reading import ReadPacer
 from .store import Store, Tarball
 from .verdicts import Decoding, Verdict
-from .verify import verify_one
+from .verify import verify_many
 
 BATCH_FILES = 64
 BATCH_BYTES = 8 << 20
@@ -96,23 +97,21 @@ def _verify_batch(batch: list[Tarball]) -> list[tuple[Tarball, Verdict, int]]:
             raise _Stopped
 
     pacer = ReadPacer(shared.rate, check_stop)
-    results = []
-    for tarball in batch:
-        read = 0
+    results: list[tuple[Tarball, Verdict, int]] = []
+    read = counted = 0  # bytes read in this batch; of them, for the verdicts in results
 
-        def on_read(n: int) -> None:
-            nonlocal read
-            read += n
-            with shared.bytes_read.get_lock():
-                shared.bytes_read.value += n
-            pacer.consume(n)
-            check_stop()
+    def on_read(n: int) -> None:
+        nonlocal read
+        read += n
+        with shared.bytes_read.get_lock():
+            shared.bytes_read.value += n
+        pacer.consume(n)
+        check_stop()
 
-        try:
-            verdict = verify_one(shared.store, tarball, shared.decoding, on_read, check_stop)
-        except _Stopped:
-            break
-        results.append((tarball, verdict, read))
+    with contextlib.suppress(_Stopped):  # a stop: what is done so far
+        for tarball, verdict in verify_many(shared.store, batch, shared.decoding, on_read, check_stop):
+            results.append((tarball, verdict, read - counted))
+            counted = read
     return results
 
 

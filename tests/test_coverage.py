@@ -46,6 +46,10 @@ def catch_up(cov: Coverage, index: Path, full: bool = False) -> coverage.CatchUp
         os.close(fd)
 
 
+def covers(cov: Coverage, host_id: str, episode_id: str) -> bool:
+    return cov.covered([(host_id, episode_id)]) == [True]
+
+
 def keys_table(path: Path) -> list[tuple]:
     with sqlite3.connect(path) as db:
         query = "SELECT h.name, k.digest, k.offset, k.received, k.copies FROM keys k"
@@ -58,17 +62,34 @@ def test_reads_on_from_the_checkpoint_and_remembers_it(tmp_path: Path) -> None:
     with opened(tmp_path, index) as cov:
         first = catch_up(cov, index)
         assert (first.rows, [b.line for b in first.bad], first.rebuilt) == (2, [2], True)
-        assert cov.covers("h1", "a") and not cov.covers("h2", "a")
-        assert cov.covers("anyone", "old")  # a row without host_id covers every host
+        assert covers(cov, "h1", "a") and not covers(cov, "h2", "a")
+        assert covers(cov, "anyone", "old")  # a row without host_id covers every host
     with open(index, "ab") as f:
         f.write(row("h2", "b") + row("h1", "a"))
     with opened(tmp_path, index) as cov:  # a new process: the checkpoint is in the file
         again = catch_up(cov, index)
         assert (again.rows, again.bad, again.rebuilt) == (2, [], False)  # only the new lines
-        assert cov.covers("h2", "b")
+        assert covers(cov, "h2", "b")
         assert cov.host_rows("h1", None).duplicates == 1
         cp = cov.state.checkpoint()
         assert cp is not None and (cp.offset, cp.lines, cp.bad_lines) == (index.stat().st_size, 5, 1)
+
+
+def test_covered_answers_a_batch_in_order_across_hosts_and_query_chunks(tmp_path: Path) -> None:
+    """A commit asks about its whole batch at once: more keys than one IN
+    (...) takes, several hosts, one unknown host, rows without host_id."""
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(
+        b"".join(row("h1", f"e{i}") for i in range(0, 1000, 2)) + row("h2", "e1") + row(None, "e3")
+    )
+    asked = [(host, f"e{i}") for i in range(1000) for host in ("h1", "h2", "nobody")]
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+        got = cov.covered(asked)
+    want = [
+        (host == "h1" and int(e[1:]) % 2 == 0) or (host, e) == ("h2", "e1") or e == "e3" for host, e in asked
+    ]
+    assert got == want and sum(got) == 500 + 1 + 3
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -93,7 +114,7 @@ def test_an_index_of_garbage_costs_bounded_memory(tmp_path: Path, full: bool) ->
         cp = cov.state.checkpoint()
         assert cp is not None and (cp.bad_lines, cp.lines) == (100_000, 100_002)
         assert len(cov.state.keys.bad_line_examples()) == state_module.EXAMPLES
-        assert cov.covers("h1", "b")
+        assert covers(cov, "h1", "b")
     assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB"
 
 
@@ -114,7 +135,7 @@ def test_an_index_that_is_not_the_one_read_is_read_from_the_start(tmp_path: Path
     with opened(tmp_path, index) as cov:
         found = catch_up(cov, index)
         assert found.rebuilt and found.replaced
-        assert not cov.covers("h", "a") and cov.covers("h", "c")
+        assert not covers(cov, "h", "a") and covers(cov, "h", "c")
 
 
 def test_a_complete_torn_row_counts_until_it_is_read_whole(tmp_path: Path) -> None:
@@ -122,12 +143,12 @@ def test_a_complete_torn_row_counts_until_it_is_read_whole(tmp_path: Path) -> No
     index.write_bytes(row("h", "a") + row("h", "t")[:-1])
     with opened(tmp_path, index) as cov:
         found = catch_up(cov, index)
-        assert found.torn is not None and cov.covers("h", "t")
+        assert found.torn is not None and covers(cov, "h", "t")
         assert cov.listing("h", ["a", "t", "u"], None).unindexed == ["u"]
         with open(index, "ab") as f:
             f.write(b"\n")
         catch_up(cov, index)
-        assert cov.covers("h", "t") and cov.host_rows("h", None).duplicates == 0
+        assert covers(cov, "h", "t") and cov.host_rows("h", None).duplicates == 0
 
 
 def test_a_full_rebuild_and_reading_on_make_the_same_table(tmp_path: Path) -> None:

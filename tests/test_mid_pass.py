@@ -43,7 +43,7 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
     receiver.tarball("h2", "x")
     replacement = receiver.tarball("h9", "c").read_bytes()
     shutil.rmtree(receiver.episodes / "h9")
-    real_verify = verify.verify_one
+    real_verify = verify.verify
     h1 = receiver.episodes / "h1"
 
     def replace_c() -> None:
@@ -54,7 +54,7 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
         with open(h1 / "d.tar.zst", "ab") as f:
             f.write(b"more")
 
-    # what happens to each file after the pass stat'ed it and before it reads it
+    # what happens after the pass stat'ed each file and before it reads it
     meddle = {
         "b": (h1 / "b.tar.zst").unlink,  # deleted
         "c": replace_c,  # replaced by another tarball
@@ -62,17 +62,17 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
         "x": lambda: shutil.rmtree(receiver.episodes / "h2"),  # its host directory removed
     }
 
-    def meddle_then_verify(store, tarball, *args):  # type: ignore[no-untyped-def]
+    def meddle_then_verify(host, tarball, *args):  # type: ignore[no-untyped-def]
         meddle.pop(tarball.episode_id, lambda: None)()
-        return real_verify(store, tarball, *args)
+        return real_verify(host, tarball, *args)
 
-    monkeypatch.setattr(verify, "verify_one", meddle_then_verify)
+    monkeypatch.setattr(verify, "verify", meddle_then_verify)
     summary = one_pass(receiver)
     assert meddle == {}
     assert (summary.backfilled, summary.unsettled, summary.corrupt) == (1, 4, 0)  # only a was still as seen
     rows_match_files(receiver)
 
-    monkeypatch.setattr(verify, "verify_one", real_verify)
+    monkeypatch.setattr(verify, "verify", real_verify)
     again = one_pass(receiver)
     assert (again.backfilled, again.corrupt) == (1, 1)  # the new c; d has bytes after its frame
     rows_match_files(receiver)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from cis490_reconcile.verify import (
     meta_rank,
     read_tarball,
     verify,
+    verify_many,
 )
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
@@ -467,3 +469,35 @@ def test_truncated_file_still_being_written_is_unsettled_not_corrupt(tmp_path: P
 
     with store, host:
         assert verify(host, tarball, on_read=finish_upload) == Unsettled("changed while it was read")
+
+
+# --- many tarballs: one host fd per run, one decoder for all -------------------------
+
+
+def test_verify_many_reuses_the_decoder_across_damaged_and_good_tarballs(tmp_path: Path) -> None:
+    """A decoder kept from one tarball to the next must not carry anything
+    over: a good tarball after one cut mid-frame, after garbage and after
+    a dictionary frame is still intact, and each verdict is its own."""
+    good = zstd(tar_bytes(episode(os.urandom(200_000))))
+    dict_data = zstandard.train_dictionary(
+        4096, [json.dumps({"n": i, "pad": "x" * i}).encode() for i in range(400)]
+    )
+    with_dict = zstandard.ZstdCompressor(dict_data=dict_data).compress(tar_bytes(episode(b"d" * 5000)))
+    files = {"a": good[: len(good) // 2], "b": good, "c": b"not zstd at all", "d": with_dict, "e": good}
+    for host in ("h1", "h2"):
+        (tmp_path / host).mkdir()
+        for name, data in files.items():
+            (tmp_path / host / f"{name}.tar.zst").write_bytes(data)
+    decoding = Decoding(dictionaries={dict_data.dict_id(): dict_data.as_bytes()})
+    with Store(tmp_path) as store:
+        tarballs = []
+        for host_id in ("h1", "h2"):
+            with store.open_host(host_id) as host:
+                tarballs += [host.lstat(name) for name in files]
+        shutil.rmtree(tmp_path / "h2")  # after the listing: every h2 tarball is unsettled
+        verdicts = list(verify_many(store, tarballs, decoding))
+    assert [t.path for t, _ in verdicts] == [t.path for t in tarballs]
+    kinds = [type(v).__name__ for _, v in verdicts]
+    assert kinds == ["Corrupt", "Intact", "Corrupt", "Intact", "Intact"] + ["Unsettled"] * 5
+    assert verdicts[1][1] == verdicts[4][1]  # the same good bytes, the same row
+    assert {v.reason for _, v in verdicts[5:]} == {"host directory removed or replaced"}
