@@ -167,9 +167,9 @@ def entries(fd: int, start: int, end: int, line: int = 0) -> Iterator[Entry]:
 def _judged(lines: list[bytes], first: int, ends: list[int], first_overlong: bool) -> Iterator[Row | BadLine]:
     """The complete lines of one chunk: line `first` starts at ends[0] and
     line first + i ends where line first + i + 1 starts (ends[i + 1]). The
-    common case (no line blank or overlong) decodes the chunk in one
+    common case (no line blank, white space only or overlong) decodes the chunk in one
     _decode_lines call; anything else goes line by line."""
-    if not first_overlong and all(lines) and max(map(len, lines)) <= MAX_LINE_BYTES:
+    if not first_overlong and all(map(bytes.strip, lines)) and max(map(len, lines)) <= MAX_LINE_BYTES:
         decoded = enumerate(zip(_decode_lines(lines), ends[:-1], ends[1:], strict=True), first)
         for n, (got, offset, nxt) in decoded:
             if isinstance(got, str):

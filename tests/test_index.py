@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cis490_reconcile import index
@@ -145,6 +145,7 @@ raw_lines = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(lines=st.lists(raw_lines, max_size=20))
+@example(lines=[b'{"episode_id": "a"}', b" \t", b'{"episode_id": "b"}'])  # white space only: a blank line
 def test_the_fast_path_decides_exactly_as_json_loads(
     tmp_path_factory: pytest.TempPathFactory, lines: list[bytes]
 ) -> None:
