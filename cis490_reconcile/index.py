@@ -164,6 +164,15 @@ def entries(fd: int, start: int, end: int, line: int = 0) -> Iterator[Entry]:
         yield TornTail(line + 1, line_start, torn if isinstance(torn, Row) else None)
 
 
+def newlines(fd: int, start: int, end: int) -> int:
+    """How many lines end in bytes [start, end) (blank lines are no entries,
+    but they count in the line numbers of those after them)."""
+    count = 0
+    for pos in range(start, end, READ_CHUNK):
+        count += os.pread(fd, min(READ_CHUNK, end - pos), pos).count(b"\n")
+    return count
+
+
 def _judged(lines: list[bytes], first: int, ends: list[int], first_overlong: bool) -> Iterator[Row | BadLine]:
     """The complete lines of one chunk: line `first` starts at ends[0] and
     line first + i ends where line first + i + 1 starts (ends[i + 1]). The

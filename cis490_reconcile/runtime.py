@@ -42,7 +42,8 @@ def crash_point(name: str) -> None:
     leaves an index and a state database that the next pass makes whole.
     The steps: index_written (between write and fdatasync), appended (after
     the append, before the state database knows), in_transaction (inside a
-    state transaction), rebuilding (halfway through a full rebuild)."""
+    state transaction), forked (a rebuild's forked reader has started),
+    rebuilding (halfway through a full rebuild, its halves merged)."""
     if name == _CRASH_AT:
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -70,7 +71,48 @@ def _statements(script: str) -> Iterator[str]:
 MIGRATIONS = _migrations()
 Key = tuple[int, bytes, int, int | None]  # (host, digest, offset, received): a row of the keys table
 STAGE_ROWS = 100
-_STAGE_MANY = "INSERT INTO temp.staging VALUES " + ", ".join(["(?, ?, ?, ?)"] * STAGE_ROWS)
+_STAGING = "(host INTEGER, digest BLOB, offset INTEGER, received INTEGER)"
+
+
+def _insert_keys(db: sqlite3.Connection, table: str, keys: Sequence[Key]) -> None:
+    """STAGE_ROWS keys a statement: 1.0 us a key against 5.9 for one
+    autocommitted INSERT each (measured, 400k keys)."""
+    whole = len(keys) - len(keys) % STAGE_ROWS
+    flat = list(itertools.chain.from_iterable(keys[:whole]))
+    step = 4 * STAGE_ROWS
+    many = f"INSERT INTO {table} VALUES " + ", ".join(["(?, ?, ?, ?)"] * STAGE_ROWS)
+    db.executemany(many, (flat[i : i + step] for i in range(0, len(flat), step)))
+    db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", keys[whole:])
+
+
+def split_path(state_path: Path | str) -> str:
+    return f"{state_path}-split"
+
+
+class SplitPart:
+    """The keys of the part of the index a rebuild reads in a forked process
+    (coverage.py says why), staged in a scratch file that only that process
+    writes and the pass then merges (Keys.attach_split). Hosts the state
+    does not know yet get negative provisional ids there; the pass maps them.
+    Neither journaled nor synced: a pass killed meanwhile leaves a file that
+    the next rebuild replaces."""
+
+    def __init__(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = OFF")
+        self.db.execute("PRAGMA synchronous = OFF")
+        self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        self.db.execute(f"CREATE TABLE staging {_STAGING}")
+        self.db.execute("BEGIN")
+
+    def stage(self, keys: Sequence[Key]) -> None:
+        _insert_keys(self.db, "staging", keys)
+
+    def close(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.close()
 
 
 class _RolledBack(Exception):
@@ -167,27 +209,42 @@ class Keys:
 
     @contextmanager
     def rebuilding(self) -> Iterator[None]:
-        """Collect every key of the whole index with add_staged, then replace
-        the keys in one transaction, inserting them sorted (random-order
-        inserts cost 2.3x: the B-tree pages are then written once each)."""
+        """Collect every key of the whole index with stage (and a SplitPart),
+        then replace the keys in one transaction, inserting them sorted
+        (random-order inserts cost 2.3x: the B-tree pages are then written
+        once each)."""
         self.state.db.execute("DROP TABLE IF EXISTS temp.staging")
-        self.state.db.execute(
-            "CREATE TEMP TABLE staging (host INTEGER, digest BLOB, offset INTEGER, received INTEGER)"
-        )
+        self.state.db.execute(f"CREATE TEMP TABLE staging {_STAGING}")
         try:
             yield
         finally:
             self.state.db.execute("DROP TABLE IF EXISTS temp.staging")
+            self.state.db.execute("DROP TABLE IF EXISTS temp.split_hosts")
 
     def stage(self, keys: Sequence[Key]) -> None:
-        """In one transaction, STAGE_ROWS rows a statement: 1.0 us a row
-        against 5.9 for one autocommitted INSERT each (measured, 400k rows)."""
-        whole = len(keys) - len(keys) % STAGE_ROWS
-        flat = list(itertools.chain.from_iterable(keys[:whole]))
-        step = 4 * STAGE_ROWS
         with self.state.transaction():
-            self.state.db.executemany(_STAGE_MANY, (flat[i : i + step] for i in range(0, len(flat), step)))
-            self.state.db.executemany("INSERT INTO temp.staging VALUES (?, ?, ?, ?)", keys[whole:])
+            _insert_keys(self.state.db, "temp.staging", keys)
+
+    def split_path(self) -> str:
+        """Where a SplitPart goes: beside the state file."""
+        (path,) = self.state.db.execute(
+            "SELECT file FROM pragma_database_list WHERE name = 'main'"
+        ).fetchone()
+        return split_path(path)
+
+    @contextmanager
+    def attached_split(self, path: str, hosts: dict[int, int]) -> Iterator[None]:
+        """Have `replace` take a SplitPart's keys too, its provisional host
+        ids mapped by `hosts` (ATTACH and DETACH cannot be in a transaction:
+        this goes around the one that replaces)."""
+        db = self.state.db
+        db.execute("ATTACH DATABASE ? AS split", (path,))
+        try:
+            db.execute("CREATE TEMP TABLE split_hosts (provisional INTEGER PRIMARY KEY, id INTEGER)")
+            db.executemany("INSERT INTO temp.split_hosts VALUES (?, ?)", hosts.items())
+            yield
+        finally:
+            db.execute("DETACH DATABASE split")
 
     def replace(self) -> None:
         """Inside the transaction that saves the new checkpoint."""
@@ -197,10 +254,17 @@ class Keys:
         ).fetchone()
         db.execute("DROP TABLE keys")
         db.execute(create)
-        self.state.db.execute("DELETE FROM bad_lines")
-        self.state.db.execute(
-            "INSERT INTO keys (host, digest, offset, received) SELECT host, digest, offset, received "
-            "FROM temp.staging WHERE true ORDER BY host, digest, offset "
+        db.execute("DELETE FROM bad_lines")
+        staged = "SELECT host, digest, offset, received FROM temp.staging"
+        split = db.execute("SELECT 1 FROM pragma_database_list WHERE name = 'split'").fetchone()
+        if split:
+            staged += (
+                " UNION ALL SELECT CASE WHEN s.host < 0 THEN (SELECT id FROM temp.split_hosts"
+                " WHERE provisional = s.host) ELSE s.host END, digest, offset, received FROM split.staging s"
+            )
+        db.execute(
+            f"INSERT INTO keys (host, digest, offset, received) SELECT * FROM ({staged}) "
+            "WHERE true ORDER BY host, digest, offset "
             "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1"
         )
 
@@ -291,6 +355,9 @@ class State:
             raise  # cannot be opened at all: permissions, a missing directory
         except sqlite3.DatabaseError as e:
             raise StateUnusable(f"not a usable database: {e}") from None
+        if not readonly:  # left by a pass that was killed: this one holds the state directory
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(split_path(path))
         try:
             state = cls(db)
             state._check(episodes_root, index_path, readonly)

@@ -12,8 +12,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import signal
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 # Flags for opening anything below the episodes root: never follow a symlink,
@@ -164,6 +166,65 @@ def die_with_parent(parent: int) -> None:
         raise OSError(err, os.strerror(err), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != parent:  # died before the prctl took effect
         os._exit(1)
+
+
+class Child:
+    """A forked process running one function, and the pipe it writes to."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid: int | None = pid
+        self.fd = fd
+
+    def read(self, timeout_s: float) -> bytes | None:
+        """What the child wrote next: b"" once it closed the pipe (it is
+        done or dead), None if nothing came within timeout_s."""
+        ready, _, _ = select.select([self.fd], [], [], timeout_s)
+        return os.read(self.fd, 1 << 16) if ready else None
+
+    def succeeded(self) -> bool:
+        """Wait for it to exit; whether its function returned (exit 0)."""
+        assert self.pid is not None
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        return status == 0
+
+    def close(self) -> None:
+        """Kill it if it still runs, reap it and close the pipe: afterwards it
+        holds no copy of our file descriptors (nor of the locks on them)."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = None
+        os.close(self.fd)
+
+
+def fork_child(work: Callable[[int], None]) -> Child:
+    """Run work(fd) in a forked process, fd being the write end of a pipe
+    the parent reads (Child.read). The child dies with the parent, takes
+    SIGTERM and SIGINT as killing it (a stop is the parent's to handle), and
+    exits 0 if work returns, 1 if it raises (with one line on stderr). Fork
+    only when no other thread runs: a lock a thread holds stays held forever
+    in the child."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.close(r)
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            die_with_parent(parent)
+            work(w)
+            code = 0
+        except BaseException as e:
+            os.write(2, f"cis490-reconcile: forked process {os.getpid()} failed: {e!r}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    return Child(pid, r)
 
 
 _RENAME_NOREPLACE = 1  # linux/fs.h

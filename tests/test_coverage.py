@@ -5,6 +5,7 @@ answer "is it indexed?" the same way by lookup and by merge."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import tracemalloc
 from collections.abc import Iterator
@@ -256,3 +257,129 @@ def test_a_new_migration_upgrades_a_file_in_place(tmp_path: Path, monkeypatch: p
 )
 def test_received_seconds(value: object, seconds: int | None) -> None:
     assert coverage.received_seconds(value) == seconds
+
+
+# --- a rebuild's second half, read by a forked process -------------------------------
+
+
+def rebuilt(tmp_path: Path, data: bytes, name: str) -> tuple[list[tuple], tuple, tuple]:
+    """Rebuild the keys of an index holding `data` into a new state: the
+    keys table, what the catch-up found, and the checkpoint."""
+    d = tmp_path / name
+    d.mkdir()
+    index = d / "index.jsonl"
+    index.write_bytes(data)
+    with opened(d, index) as cov:
+        found = catch_up(cov, index, full=True)
+        cp = cov.state.checkpoint()
+        assert cp is not None
+        torn = found.torn and (found.torn.line, found.torn.offset, found.torn.row)
+        got = (found.rows, [(b.line, b.offset, b.end, b.reason) for b in found.bad], torn, cov.torn)
+    assert not (d / "state.sqlite3-split").exists()
+    return keys_table(d / "state.sqlite3"), got, (cp.offset, cp.lines, cp.bad_lines)
+
+
+def serial_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes) -> tuple:
+    monkeypatch.setattr(coverage, "SPLIT_MIN_BYTES", 1 << 60)
+    serial = rebuilt(tmp_path, data, "serial")
+    monkeypatch.setattr(coverage, "SPLIT_MIN_BYTES", 0)
+    return serial, rebuilt(tmp_path, data, "split")
+
+
+def mixed_index(tail: bytes) -> bytes:
+    """Hosts known early and met only late, rows without host_id, the same
+    key in both halves, bad lines in both halves."""
+    first = [row(f"h{i % 3}", f"e{i}") for i in range(30)] + [b"junk\n", row(None, "anyone"), b"[1]\n"]
+    second = [row("late", f"l{i}") for i in range(20)] + [row("h1", "e1"), b"{}\n", row(None, "e5")]
+    return b"".join(first + second) + tail
+
+
+@pytest.mark.parametrize(
+    "tail", [b"", row("late", "torn")[:-1], b'{"episode_id": "cut', row("h2", "t")], ids=str
+)
+def test_a_split_rebuild_equals_a_serial_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail: bytes
+) -> None:
+    serial, split = serial_and_split(tmp_path, monkeypatch, mixed_index(tail))
+    assert split == serial
+    keys, (rows, bad, torn, _), (offset, lines, bad_lines) = split
+    whole = tail.endswith(b"\n")
+    assert (
+        rows == 30 + 1 + 20 + 1 + 1 + whole and [line for line, *_ in bad] == [31, 33, 55] and bad_lines == 3
+    )
+    assert ("h1", 2) in {(name, copies) for name, _, _, _, copies in keys}  # e1 in both halves
+    assert "late" in {name for name, *_ in keys}  # a host only the forked half met
+    assert (lines, offset) == ((57, len(mixed_index(tail))) if whole else (56, len(mixed_index(b""))))
+    assert (torn is not None) == (tail != b"" and not whole)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lines=st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(["a", "b", None]), st.integers(0, 9)).map(
+                lambda t: row(t[0], f"e{t[1]}")
+            ),
+            st.sampled_from([b"\n", b"garbage\n", b'{"host_id": 1}\n', b"\xff\n"]),
+        ),
+        max_size=30,
+    ),
+    tail=st.sampled_from([b"", b"{", row("b", "t")[:-1]]),
+)
+def test_split_and_serial_rebuilds_agree(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[bytes], tail: bytes
+) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        serial, split = serial_and_split(tmp_path_factory.mktemp("i"), monkeypatch, b"".join(lines) + tail)
+    assert split == serial
+
+
+@pytest.mark.parametrize("how", ["raises", "killed"])
+def test_a_failed_fork_is_read_by_the_pass_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], how: str
+) -> None:
+    """The child's SplitPart fails (in the child only: the pass stages in
+    its own temp table); the pass reads that half itself, with the same result."""
+
+    def fail(self: state_module.SplitPart, keys: object) -> None:
+        if how == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(28, "No space left on device")
+
+    serial, _ = serial_and_split(tmp_path, monkeypatch, mixed_index(b""))
+    monkeypatch.setattr(state_module.SplitPart, "stage", fail)
+    assert rebuilt(tmp_path, mixed_index(b""), "failed") == serial
+    err = capfd.readouterr().err
+    assert ("No space left on device" in err) == (how == "raises")
+
+
+def test_a_stop_while_the_fork_reads_kills_it_and_keeps_the_old_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h", "a"))
+    forked: list[object] = []
+    real_fork = coverage.syscalls.fork_child
+
+    def fork(work):  # type: ignore[no-untyped-def]
+        child = real_fork(work)
+        forked.append(child)
+        return child
+
+    monkeypatch.setattr(coverage.syscalls, "fork_child", fork)
+    monkeypatch.setattr(coverage, "SPLIT_MIN_BYTES", 0)
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+    before = keys_table(tmp_path / "state.sqlite3")
+    index.write_bytes(mixed_index(b""))  # another file now: the next catch-up rebuilds
+
+    def stop() -> None:
+        raise KeyboardInterrupt  # what a checkpoint raises on a stop request, as far as this goes
+
+    with opened(tmp_path, index) as cov, pytest.raises(KeyboardInterrupt):
+        cov.catch_up(os.open(index, os.O_RDONLY), False, stop)
+    assert (
+        len(forked) == 1 and forked[0].pid is None
+    )  # killed and reaped (the one-line index before needed none)
+    assert not (tmp_path / "state.sqlite3-split").exists()
+    assert keys_table(tmp_path / "state.sqlite3") == before

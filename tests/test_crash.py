@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import Receiver, episode
 
-from cis490_reconcile.coverage import digest
+from cis490_reconcile.coverage import SPLIT_MIN_BYTES, digest
+from cis490_reconcile.index import encode_row
 
 TRIALS = int(os.environ.get("CIS490_CRASH_TRIALS", "50"))  # heavier runs: set it higher
 NEW_PER_TRIAL = 8
@@ -147,3 +148,41 @@ def test_kill_9_at_a_named_step_then_a_normal_pass_makes_it_whole(
     assert offset == receiver.index.stat().st_size
     assert [(host, copies) for host, _, copies in held] == sorted((host, 1) for host, _ in keys)
     assert {(host, digest(ep)) for host, ep in keys} == {(host, d) for host, d, _ in held}
+
+
+@pytest.mark.parametrize("step", ["forked", "rebuilding"])
+def test_kill_9_during_a_split_rebuild(receiver: Receiver, tmp_path: Path, step: str) -> None:
+    """An index over SPLIT_MIN_BYTES is rebuilt in two halves at once, the
+    second by a forked process. Killed while that process reads (it dies
+    with the pass) or once the halves are merged, the next pass cleans up
+    its scratch file and leaves a database that agrees with the index."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    row = {"received_at_wall": "2026-01-01T00:00:00+00:00", "schema_version": 1, "size_bytes": 1 << 20}
+    rows = 0
+    with open(receiver.index, "wb") as f:  # a year of pruned episodes: rows without tarballs
+        while f.tell() <= SPLIT_MIN_BYTES:
+            line = {
+                **row,
+                "host_id": f"old{rows % 7}",
+                "episode_id": f"ep-{rows:08d}",
+                "sha256": f"{rows:064x}",
+            }
+            f.write(encode_row(line))
+            rows += 1
+    receiver.tarball("h1", "a")
+    assert receiver.run("--state-dir", str(state_dir), "--workers", "1").returncode == 0  # a split rebuild
+    receiver.tarball("h1", "b")
+    argv = receiver.argv("--once", "--full", "--state-dir", str(state_dir), "--workers", "1")
+    crashed = subprocess.run(
+        argv, env={**os.environ, "CIS490_TEST_CRASH_AT": step}, capture_output=True, text=True, timeout=120
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
+    assert _processes_under(receiver.root) == [], "the forked reader outlived its pass"
+    after = receiver.run("--state-dir", str(state_dir), "--workers", "1")
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert not (state_dir / "state.sqlite3-split").exists()
+    keys = check_index(receiver)
+    assert len(keys) == rows + 2 and ("h1", "a") in keys and ("h1", "b") in keys
+    held, offset = _database(state_dir)
+    assert offset == receiver.index.stat().st_size and len(held) == len(keys)
