@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -392,9 +393,11 @@ class Coverage:
 
 def _split_point(fd: int, size: int) -> int | None:
     """Where the forked part of a rebuild starts: after the first newline
-    past the middle. None for an index too small to be worth a process, or
-    with no newline in the 1 MiB after the middle."""
-    if size < SPLIT_MIN_BYTES:
+    past the middle. None for an index too small to be worth a process, with
+    no newline in the 1 MiB after the middle, or while another thread runs
+    (the verifying pool's, when a commit finds the index replaced): a fork
+    then could inherit a lock that thread holds."""
+    if size < SPLIT_MIN_BYTES or threading.active_count() > 1:
         return None
     middle = size // 2
     after = os.pread(fd, index.MAX_LINE_BYTES + 1, middle).find(b"\n")

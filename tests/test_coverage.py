@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -383,3 +384,24 @@ def test_a_stop_while_the_fork_reads_kills_it_and_keeps_the_old_state(
     )  # killed and reaped (the one-line index before needed none)
     assert not (tmp_path / "state.sqlite3-split").exists()
     assert keys_table(tmp_path / "state.sqlite3") == before
+
+
+def test_no_fork_while_another_thread_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit may rebuild while the verifying pool's threads run: no fork then."""
+
+    def no_fork(work: object) -> None:
+        raise AssertionError("forked while another thread ran")
+
+    monkeypatch.setattr(coverage, "SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(coverage.syscalls, "fork_child", no_fork)
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        keys, _, _ = rebuilt(tmp_path, mixed_index(b""), "threaded")
+    finally:
+        release.set()
+        other.join()
+    assert len(keys) == 30 + 1 + 20 + 1  # rows, h1's e1 twice: one key
+    with pytest.raises(AssertionError, match="forked"):
+        rebuilt(tmp_path, mixed_index(b""), "alone")  # the same rebuild alone would fork
