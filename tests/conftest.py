@@ -13,7 +13,9 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
     """Tests (and the processes they start) must not see this machine's
     /etc/cis490/reconcile.toml, state directory, CIS490_RECONCILE_* variables
     or a systemd NOTIFY_SOCKET: point the config at an empty file, switch the
-    state off and drop the rest."""
+    state off and drop the rest. TMPDIR too: a pass without a state directory
+    keeps a temporary one there, which a pass the tests kill -9 cannot
+    remove; under pytest's base directory, pytest prunes them."""
     for name in list(os.environ):
         if name.startswith("CIS490_RECONCILE_") or name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             monkeypatch.delenv(name)
@@ -21,6 +23,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
     empty.touch()
     monkeypatch.setenv("CIS490_RECONCILE_CONFIG", str(empty))
     monkeypatch.setenv("CIS490_RECONCILE_STATE_DIR", "")  # tests that want state pass --state-dir
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture
