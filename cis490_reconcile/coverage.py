@@ -175,13 +175,18 @@ class _Reader:
             "torn": None if found.torn is None else [found.torn.line, found.torn.offset],
         }
 
+    def lines_before(self, fd: int, start: int) -> int:
+        """Lines before `start`, where the next read begins: ours, and any
+        blank ones after them (they are no entries, but they are numbered)."""
+        return self.lines + index.newlines(fd, self.offset, start)
+
     def add(self, part: dict[str, Any], fd: int, start: int, end: int) -> None:
         """Go on after a forked reader's `summary` of bytes [start, end), the
         bytes before read by this one: its line numbers count from the lines
-        before `start` (ours, and any blank ones after them); its position
-        is ours if it met a line; its torn tail is read again here."""
+        before `start`; its position is ours if it met a line; its torn tail
+        is read again here."""
         found = self.found
-        before = self.lines + index.newlines(fd, self.offset, start)
+        before = self.lines_before(fd, start)
         found.rows += part["rows"]
         self.bad_lines += part["bad_lines"]
         room = max(MAX_BAD_LINES - len(found.bad), 0)
@@ -297,7 +302,8 @@ class Coverage:
             self._stage(reader, index.entries(fd, 0, split or st.st_size), on_progress)
             hosts = None if part is None else part.join(reader, on_progress)
             if part is not None and hosts is None:
-                self._stage(reader, index.entries(fd, part.start, st.st_size, reader.lines), on_progress)
+                before = reader.lines_before(fd, part.start)
+                self._stage(reader, index.entries(fd, part.start, st.st_size, before), on_progress)
             if part is not None and hosts is not None:
                 stack.enter_context(self.state.keys.attached_split(part.path, hosts))
             with self.state.transaction():

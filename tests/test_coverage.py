@@ -335,21 +335,33 @@ def test_split_and_serial_rebuilds_agree(
     assert split == serial
 
 
+BLANK_MIDDLE = (  # the split falls among blank lines: numbered, but no entries
+    b"".join(row("h", f"a{i}") for i in range(20))
+    + b"\n" * 400
+    + b"".join(row("h", f"b{i}") for i in range(20))
+    + b"junk\n"
+    + row("h", "t")[:-1]
+)
+
+
+@pytest.mark.parametrize("data", [mixed_index(b""), BLANK_MIDDLE], ids=["mixed", "blank-middle"])
 @pytest.mark.parametrize("how", ["raises", "killed"])
 def test_a_failed_fork_is_read_by_the_pass_itself(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], how: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], how: str, data: bytes
 ) -> None:
     """The child's SplitPart fails (in the child only: the pass stages in
-    its own temp table); the pass reads that half itself, with the same result."""
+    its own temp table); the pass reads that half itself, with the same
+    result, line numbers included."""
 
     def fail(self: state_module.SplitPart, keys: object) -> None:
         if how == "killed":
             os.kill(os.getpid(), signal.SIGKILL)
         raise OSError(28, "No space left on device")
 
-    serial, _ = serial_and_split(tmp_path, monkeypatch, mixed_index(b""))
+    serial, split = serial_and_split(tmp_path, monkeypatch, data)
+    assert split == serial
     monkeypatch.setattr(state_module.SplitPart, "stage", fail)
-    assert rebuilt(tmp_path, mixed_index(b""), "failed") == serial
+    assert rebuilt(tmp_path, data, "failed") == serial
     err = capfd.readouterr().err
     assert ("No space left on device" in err) == (how == "raises")
 
