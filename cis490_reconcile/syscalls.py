@@ -1,7 +1,9 @@
 """Every platform syscall the reconciler depends on, in one place.
 
-Locks, durability and page-cache hints are where Linux semantics matter and
-where Python's standard library is thin (there is no wrapper for OFD locks).
+Locks, durability, page-cache hints and forked helper processes (which must
+die with the pass and leave no copy of its locked file descriptors) are where
+Linux semantics matter and where Python's standard library is thin (there is
+no wrapper for OFD locks).
 Keeping them here means the rest of the code reads as policy, and a port or an
 audit starts and ends in this file.
 """
@@ -202,7 +204,7 @@ class Child:
 def fork_child(work: Callable[[int], None]) -> Child:
     """Run work(fd) in a forked process, fd being the write end of a pipe
     the parent reads (Child.read). The child dies with the parent, takes
-    SIGTERM and SIGINT as killing it (a stop is the parent's to handle), and
+    SIGTERM, SIGINT and SIGHUP as killing it (a stop is the parent's to handle), and
     exits 0 if work returns, 1 if it raises (with one line on stderr). Fork
     only when no other thread runs: a lock a thread holds stays held forever
     in the child."""
