@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import syscalls
+from .runtime import pickled_by_position
 
 SUFFIX = ".tar.zst"
 _TEMP_SUFFIXES = (".tmp", ".partial")
@@ -38,6 +39,7 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+@pickled_by_position  # sent to the verifying workers and back
 @dataclass(frozen=True, slots=True)
 class Tarball:
     """A regular file named like an episode tarball, as lstat saw it."""

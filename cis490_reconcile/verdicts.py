@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 from . import syscalls, zstdframe
 from .config import Config
 from .preflight import load_dictionaries
-from .runtime import human_size
+from .runtime import human_size, pickled_by_position
 
 if TYPE_CHECKING:
     import zstandard
@@ -59,6 +59,7 @@ class Unverifiable(_Verdict):
     """The bytes may be fine, but this configuration cannot check them."""
 
 
+@pickled_by_position  # sent back by the verifying workers
 @dataclass(frozen=True, slots=True)
 class Intact:
     sha256: str

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import zstandard
 from helpers import COMMIT, episode, gnu_tarball, meta, tar_bytes, zstd
 
-from cis490_reconcile.store import Store
+from cis490_reconcile.store import Store, Tarball
 from cis490_reconcile.verify import (
     Corrupt,
     Decoding,
@@ -501,3 +502,24 @@ def test_verify_many_reuses_the_decoder_across_damaged_and_good_tarballs(tmp_pat
     assert kinds == ["Corrupt", "Intact", "Corrupt", "Intact", "Intact"] + ["Unsettled"] * 5
     assert verdicts[1][1] == verdicts[4][1]  # the same good bytes, the same row
     assert {v.reason for _, v in verdicts[5:]} == {"host directory removed or replaced"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Tarball("h1", "ep-1", 33732, 1764000000123456789, 1764000000123456790, 2049, 123456),
+        Intact("a" * 64, 33732, "b" * 40, None, 2, True),
+        Intact("c" * 64, 0, None, "no meta.json member", 0, False),
+    ],
+    ids=repr,
+)
+def test_what_the_workers_exchange_pickles_by_position(
+    value: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loaded through the constructor, never the slow per-field __setstate__."""
+
+    def per_field(self: object, state: object) -> None:
+        raise AssertionError("loaded field by field")
+
+    monkeypatch.setattr(type(value), "__setstate__", per_field, raising=False)
+    assert pickle.loads(pickle.dumps(value)) == value
