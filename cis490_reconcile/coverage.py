@@ -299,13 +299,14 @@ class Coverage:
         with self.state.keys.rebuilding(), contextlib.ExitStack() as stack:
             part = None if split is None else stack.enter_context(_ForkedPart(self, fd, split, st.st_size))
             runtime.crash_point("forked")
-            self._stage(reader, index.entries(fd, 0, split or st.st_size), on_progress)
-            hosts = None if part is None else part.join(reader, on_progress)
-            if part is not None and hosts is None:
-                before = reader.lines_before(fd, part.start)
-                self._stage(reader, index.entries(fd, part.start, st.st_size, before), on_progress)
-            if part is not None and hosts is not None:
-                stack.enter_context(self.state.keys.attached_split(part.path, hosts))
+            _stage(reader, index.entries(fd, 0, split or st.st_size), self.state.keys.stage, on_progress)
+            if part is not None:
+                hosts = part.join(reader, on_progress)
+                if hosts is None:  # the child failed: read its part here
+                    rest = index.entries(fd, part.start, st.st_size, reader.lines_before(fd, part.start))
+                    _stage(reader, rest, self.state.keys.stage, on_progress)
+                else:
+                    stack.enter_context(self.state.keys.attached_split(part.path, hosts))
             with self.state.transaction():
                 self.state.keys.replace()
                 runtime.crash_point("rebuilding")
@@ -314,13 +315,6 @@ class Coverage:
                 if replaced:
                     self.state.forget_memos()
         return reader.found
-
-    def _stage(
-        self, reader: _Reader, entries: Iterable[index.Entry], on_progress: Callable[[], None]
-    ) -> None:
-        for keys, _ in reader.batches(entries, STAGE_BATCH):
-            self.state.keys.stage(keys)
-            on_progress()
 
     # --- asking ---------------------------------------------------------------------
 
@@ -397,6 +391,19 @@ class Coverage:
 # --- a rebuild's second half, read in a forked process ------------------------------
 
 
+def _stage(
+    reader: _Reader,
+    entries: Iterable[index.Entry],
+    stage: Callable[[Sequence[Key]], None],
+    on_progress: Callable[[], None],
+) -> None:
+    """Every key of `entries`, STAGE_BATCH at a time, for a rebuild (by this
+    process into its temporary table, or by the forked one into a SplitPart)."""
+    for keys, _ in reader.batches(entries, STAGE_BATCH):
+        stage(keys)
+        on_progress()
+
+
 def _split_point(fd: int, size: int) -> int | None:
     """Where the forked part of a rebuild starts: after the first newline
     past the middle. None for an index too small to be worth a process, with
@@ -438,10 +445,12 @@ class _ForkedPart:
         part = SplitPart(self.path)
         reader = _Reader(self.coverage._key, CatchUp(), self.start)
         with os.fdopen(out_fd, "wb") as out:
-            for keys, _ in reader.batches(index.entries(self.fd, self.start, self.end), STAGE_BATCH):
-                part.stage(keys)
+
+            def progress() -> None:
                 out.write(b".")
                 out.flush()
+
+            _stage(reader, index.entries(self.fd, self.start, self.end), part.stage, progress)
             part.close()
             out.write(json.dumps({**reader.summary(), "hosts": provisional}).encode() + b"\n")
 

@@ -92,10 +92,10 @@ def split_path(state_path: Path | str) -> str:
 class SplitPart:
     """The keys of the part of the index a rebuild reads in a forked process
     (coverage.py says why), staged in a scratch file that only that process
-    writes and the pass then merges (Keys.attach_split). Hosts the state
+    writes and the pass then merges (Keys.attached_split). Hosts the state
     does not know yet get negative provisional ids there; the pass maps them.
     Neither journaled nor synced: a pass killed meanwhile leaves a file that
-    the next rebuild replaces."""
+    the next writable State.open removes."""
 
     def __init__(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -221,5 +221,6 @@ def verify_one(
     decoding: Decoding | None = None,
     on_read: Callable[[int], None] | None = None,
 ) -> Verdict:
+    """One tarball, as verify_many verifies each."""
     [(_, verdict)] = verify_many(store, [tarball], decoding, on_read)  # to the end: the host fd is closed
     return verdict
