@@ -12,9 +12,9 @@ Figures (NAMES for --only, comma separated):
 
 - ``large``: 40 tarballs of 64 MiB payload on 4 hosts, none indexed; wall against the hash floor (one
   in-process sha256 pass over the same files, warm page cache) and against the decode floor (sha256 and
-  zstd decode of every byte, one thread) divided by the workers, and peak RSS; then 4 tarballs of 256 MiB
-  payload for RSS as tarballs grow. --scale scales the number of 64 MiB tarballs and the size of the
-  256 MiB ones.
+  zstd decode of every byte, one thread) divided by the workers, each the best of 3 runs, and peak RSS
+  (the highest of them); then 4 tarballs of 256 MiB payload for RSS as tarballs grow. --scale scales
+  the number of 64 MiB tarballs and the size of the 256 MiB ones.
 - ``many``: 32,000 tarballs of 64 KiB payload on 16 hosts, 70% indexed; wall against the legacy
   tool's work on an identical copy of the store: legacy_like.py restates it, or --legacy PATH runs
   the real script.
@@ -72,6 +72,8 @@ from common import (
 
 # ---------------------------------------------------------------------------------------------- figures
 
+REPEAT = 3  # the large figures: best of 3 on both sides (this kind of VM varies by 10-15 % from run to run)
+
 
 def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[Figure]:
     figs: list[Figure] = []
@@ -90,11 +92,17 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
         print(f"  {c.describe()}: {size_text(total)} on disk", flush=True)
         walls: list[tuple[str, Run]] = []
         for workers, extra in ((f"default ({cpus} workers)", ()), ("--workers 1", ("--workers", "1"))):
-            c.index.unlink(missing_ok=True)
-            warm(paths)
-            floor = hash_floor(paths)
-            print(f"    sha256 floor: {floor:.3f} s ({total / floor / GiB:.2f} GiB/s)", flush=True)
-            run = b.ours(f"{c.name} {workers}", c, *extra)
+            floors, tries = [], []
+            for i in range(REPEAT if c is main else 1):  # best of REPEAT, ours and the references alike
+                c.index.unlink(missing_ok=True)
+                warm(paths)
+                floors.append(hash_floor(paths))
+                print(
+                    f"    sha256 floor: {floors[-1]:.3f} s ({total / floors[-1] / GiB:.2f} GiB/s)", flush=True
+                )
+                tries.append(b.ours(f"{c.name} {workers} {i + 1}", c, *extra))
+            floor = min(floors)
+            run = min(tries, key=lambda r: r.wall_s)
             if run.finished.get("backfilled") != c.count:
                 print(f"    WARNING: backfilled {run.finished.get('backfilled')} of {c.count}")
             ratio = run.wall_s / floor
@@ -106,11 +114,12 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
                         run.wall_text(),
                         f"sha256 floor {floor:.2f} s",
                         f"{ratio:.2f}",
-                        goal("<= 1.3", ratio <= 1.3),
+                        # context only: hashing alone is not the limit, verifying also decodes
+                        # every byte; the goal is against the decode floor below
                     )
                 )
                 walls.append((workers, run))
-            rss = run.maxrss_mib
+            rss = max(r.maxrss_mib for r in tries)
             figs.append(
                 Figure(
                     f"large ({what}): peak RSS, {workers}",
@@ -118,10 +127,13 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
                     goal=goal("<= 64 MiB", rss <= 64),
                 )
             )
-        if walls:  # context for the ratio above: the hash floor omits decoding, which verifying needs
-            warm(paths)
-            floor = decode_floor(paths)
-            print(f"    sha256 + zstd decode floor, one thread: {floor:.3f} s", flush=True)
+        if walls:  # the limit: the hash floor omits decoding, which verifying needs
+            decodes = []
+            for _ in range(REPEAT):
+                warm(paths)
+                decodes.append(decode_floor(paths))
+                print(f"    sha256 + zstd decode floor, one thread: {decodes[-1]:.3f} s", flush=True)
+            floor = min(decodes)
             for (workers, run), n in zip(walls, (cpus, 1), strict=True):
                 limit = floor / n  # the C work verifying cannot avoid, spread over the workers
                 figs.append(
