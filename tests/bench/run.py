@@ -130,12 +130,7 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
                 )
             )
         if walls:  # the limit: the hash floor omits decoding, which verifying needs
-            decodes = []
-            for _ in range(REPEAT):
-                warm(paths)
-                decodes.append(decode_floor(paths))
-                print(f"    sha256 + zstd decode floor, one thread: {decodes[-1]:.3f} s", flush=True)
-            floor = min(decodes)
+            floor = _best_floor(paths, "sha256 + zstd decode floor, one thread", decode_floor)
             for (workers, run), n in zip(walls, (cpus, 1), strict=True):
                 limit = floor / n  # the C work verifying cannot avoid, spread over the workers
                 figs.append(
@@ -148,21 +143,31 @@ def bench_large(b: Bench, scale: float, cpus: int, gen: dict[str, str]) -> list[
                     )
                 )
             if cpus > 1:  # context: the same C work in cpus processes at once, measured, not divided
-                spread = []
-                for _ in range(REPEAT):
-                    warm(paths)
-                    spread.append(parallel_decode_floor(paths, cpus))
-                    print(f"    sha256 + zstd decode floor, {cpus} processes: {spread[-1]:.3f} s", flush=True)
+                spread = _best_floor(
+                    paths,
+                    f"sha256 + zstd decode floor, {cpus} processes",
+                    lambda p: parallel_decode_floor(p, cpus),
+                )
                 workers, run = walls[0]
                 figs.append(
                     Figure(
                         f"large ({what}): wall, {workers}, vs decode floor in {cpus} processes",
                         run.wall_text(),
-                        f"sha256+zstd, {cpus} processes {min(spread):.2f} s",
-                        f"{run.wall_s / min(spread):.2f}",
+                        f"sha256+zstd, {cpus} processes {spread:.2f} s",
+                        f"{run.wall_s / spread:.2f}",
                     )
                 )
     return figs
+
+
+def _best_floor(paths: list[Path], label: str, measure: Callable[[list[Path]], float]) -> float:
+    """The best of REPEAT runs of a reference, each on a warm page cache."""
+    times = []
+    for _ in range(REPEAT):
+        warm(paths)
+        times.append(measure(paths))
+        print(f"    {label}: {times[-1]:.3f} s", flush=True)
+    return min(times)
 
 
 def bench_many(
@@ -329,8 +334,8 @@ def bench_noop(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
     else:
         print("    incremental: not supported by this build", flush=True)
         figs.append(Figure("no-op: incremental", "not supported by this build", goal="<= 0.3 of find"))
-    # The least any pass costs: the interpreter and the command's imports, no pass at all.
-    # and what the interpreter alone, and with structlog imported, cost: the floor under any pass
+    # The floor under any pass: the interpreter and the command's imports with no pass at all, the
+    # interpreter alone, and the interpreter importing structlog.
     floors = [
         ("process start + imports (--version)", [sys.executable, "-m", "cis490_reconcile", "--version"]),
         ("python -c pass", [sys.executable, "-c", "pass"]),
