@@ -106,17 +106,29 @@ def _never_wait() -> None:
     pass
 
 
-def read_tarball(
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What one read of a file saw, whatever the verdict (`check` shows it):
+    the sha256 and size of the bytes read, and the zstd frames they held."""
+
+    sha256: str
+    size: int
+    frames: int  # complete zstd frames
+    max_window: int  # the largest window a frame header declared
+    checksummed: bool  # every complete frame carried a content checksum
+
+
+def examine(
     fd: int,
     size: int,
     episode_id: str = "",
     decoding: Decoding | None = None,
     on_read: Callable[[int], None] | None = None,
     on_wait: Callable[[], None] = _never_wait,
-) -> Intact:
-    """Read the first `size` bytes of an open file and verify them. Raises
-    Corrupt or Unverifiable, or OSError when the file cannot be read.
-    on_wait is called while a large window waits for the budget."""
+) -> tuple[Intact | Corrupt | Unverifiable, Seen]:
+    """Read the first `size` bytes of an open file and verify them: the
+    verdict and what the read saw. Raises OSError when the file cannot be
+    read. on_wait is called while a large window waits for the budget."""
     decoding = decoding or Decoding()
     first = zstdframe.first_header(lambda n, at: syscalls.pread_exact(fd, n, at), size)
     window = 0 if first is None else first.window
@@ -140,25 +152,83 @@ def read_tarball(
                 except OverBound as e:
                     unverifiable = str(e)
         source.drain()  # the whole file: sha256, and the frame walker's verdict
-        broken = walker.problem(source.size)
-        if broken:
-            raise Corrupt(broken)
-        if walker.refusal or unverifiable:
-            raise Unverifiable(walker.refusal or unverifiable or "")
-        if problem and allowed < walker.max_window:  # a later frame's window: read again with it
-            window = walker.max_window
+        broken, refusal = walker.problem(source.size), walker.refusal or unverifiable
+        if problem and not broken and not refusal and allowed < walker.max_window:
+            window = walker.max_window  # a later frame's window: read again with it
             continue
+        seen = Seen(
+            source.sha256.hexdigest(),
+            source.size,
+            walker.frames,
+            walker.max_window,
+            walker.unchecksummed_frames == 0,
+        )
+        if broken:  # structure first: frames cut short are corrupt whatever else is wrong
+            return Corrupt(broken), seen
+        if refusal:
+            return Unverifiable(refusal), seen
         if problem:
-            raise Corrupt(problem)
+            return Corrupt(problem), seen
         assert contents is not None
-        return Intact(
-            sha256=source.sha256.hexdigest(),
-            size=source.size,
+        intact = Intact(
+            sha256=seen.sha256,
+            size=seen.size,
             commit=contents.commit,
             commit_note=contents.commit_note,
             members=contents.members,
-            checksummed=walker.unchecksummed_frames == 0,
+            checksummed=seen.checksummed,
         )
+        return intact, seen
+
+
+def read_tarball(
+    fd: int,
+    size: int,
+    episode_id: str = "",
+    decoding: Decoding | None = None,
+    on_read: Callable[[int], None] | None = None,
+    on_wait: Callable[[], None] = _never_wait,
+) -> Intact:
+    """`examine`, for a caller that wants only an intact tarball: raises
+    Corrupt or Unverifiable (or OSError)."""
+    verdict, _ = examine(fd, size, episode_id, decoding, on_read, on_wait)
+    if not isinstance(verdict, Intact):
+        raise verdict
+    return verdict
+
+
+def examine_file(
+    host: HostDir,
+    tarball: Tarball,
+    decoding: Decoding | None = None,
+    on_read: Callable[[int], None] | None = None,
+    on_wait: Callable[[], None] = _never_wait,
+) -> tuple[Verdict, Seen | None]:
+    """Verify `tarball` as scanned; what the read saw, when the file could be
+    read. A file whose size, mtime or identity moved while it was read is
+    Unsettled, even if its bytes looked corrupt: a file still being written
+    looks truncated."""
+    try:
+        fd = host.open(tarball)
+    except FileNotFoundError:
+        return Unsettled("removed before it was read"), None
+    except NotRegularFile as e:
+        return Unsettled(e.strerror or "replaced"), None
+    except OSError as e:
+        return Unreadable(f"open: {e.strerror}"), None
+    seen = None
+    try:
+        verdict: Verdict
+        verdict, seen = examine(fd, tarball.size, tarball.episode_id, decoding, on_read, on_wait)
+    except OSError as e:
+        verdict = Unreadable(f"read: {e.strerror}")
+    try:
+        moved = host.moved(tarball, fd)
+    finally:
+        os.close(fd)
+    if moved is None and seen is not None and seen.size != tarball.size:
+        moved = "changed while it was read"  # shorter than scanned, then back to the same size and time
+    return (verdict, seen) if moved is None else (Unsettled(moved), seen)
 
 
 def verify(
@@ -168,30 +238,8 @@ def verify(
     on_read: Callable[[int], None] | None = None,
     on_wait: Callable[[], None] = _never_wait,
 ) -> Verdict:
-    """Verify `tarball` as scanned. A file whose size, mtime or identity moved
-    while it was read is Unsettled, even if its bytes looked corrupt: a file
-    still being written looks truncated."""
-    try:
-        fd = host.open(tarball)
-    except FileNotFoundError:
-        return Unsettled("removed before it was read")
-    except NotRegularFile as e:
-        return Unsettled(e.strerror or "replaced")
-    except OSError as e:
-        return Unreadable(f"open: {e.strerror}")
-    try:
-        verdict: Verdict = read_tarball(fd, tarball.size, tarball.episode_id, decoding, on_read, on_wait)
-    except (Corrupt, Unverifiable) as e:
-        verdict = e
-    except OSError as e:
-        verdict = Unreadable(f"read: {e.strerror}")
-    try:
-        moved = host.moved(tarball, fd)
-    finally:
-        os.close(fd)
-    if moved is None and isinstance(verdict, Intact) and verdict.size != tarball.size:
-        moved = "changed while it was read"  # shorter than scanned, then back to the same size and time
-    return verdict if moved is None else Unsettled(moved)
+    """Verify `tarball` as scanned (examine_file's verdict)."""
+    return examine_file(host, tarball, decoding, on_read, on_wait)[0]
 
 
 def verify_many(
