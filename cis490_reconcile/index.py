@@ -32,6 +32,8 @@ from pathlib import Path
 import msgspec
 
 from . import lock, runtime, syscalls
+from .store import Tarball
+from .verdicts import Intact
 
 SCHEMA_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # receiver rows are ~300 bytes; longer lines are garbage
@@ -47,6 +49,24 @@ class IndexWriteError(OSError):
 def encode_row(row: Mapping[str, object]) -> bytes:
     """One row as the receiver writes it: sorted keys, default separators, ASCII."""
     return (json.dumps(row, sort_keys=True) + "\n").encode("ascii")
+
+
+def backfill_row(tarball: Tarball, intact: Intact, now_ns: int) -> dict[str, object]:
+    """The receiver's row (received_at_wall is the tarball's mtime, the best
+    estimate of when the receiver got it), marked backfilled, plus when."""
+    row: dict[str, object] = {
+        "received_at_wall": runtime.iso_utc(tarball.mtime_ns),
+        "host_id": tarball.host_id,
+        "episode_id": tarball.episode_id,
+        "sha256": intact.sha256,
+        "size_bytes": intact.size,
+        "schema_version": SCHEMA_VERSION,
+        "backfilled": True,
+        "backfilled_at": runtime.iso_utc(now_ns),
+    }
+    if intact.commit:
+        row["commit"] = intact.commit
+    return row
 
 
 class Row(msgspec.Struct):
@@ -161,6 +181,8 @@ def entries(fd: int, start: int, end: int, line: int = 0) -> Iterator[Entry]:
                 carry, overlong = b"", True
     if line_start < pos:
         torn = None if overlong else _decode_lines([carry])[0]
+        if isinstance(torn, Row):
+            torn.line, torn.offset, torn.end = line + 1, line_start, pos
         yield TornTail(line + 1, line_start, torn if isinstance(torn, Row) else None)
 
 
@@ -195,13 +217,19 @@ def _judged(lines: list[bytes], first: int, ends: list[int], first_overlong: boo
             yield from _judged([raw], n, [offset, nxt], False)
 
 
-def row_at(fd: int, offset: int) -> Row | None:
-    """The row on the line that starts at `offset` (to name a key the state
-    database knows only by digest), or None if it is not one any more."""
+def line_at(fd: int, offset: int) -> bytes:
+    """The line that starts at `offset`, without its "\\n" (at most
+    MAX_LINE_BYTES + 1 bytes: a longer one is no row anyway)."""
     data = os.pread(fd, 4096, offset)
     if b"\n" not in data:
         data = os.pread(fd, MAX_LINE_BYTES + 1, offset)
-    found = _decode_lines([data.split(b"\n", 1)[0]])[0]
+    return data.split(b"\n", 1)[0]
+
+
+def row_at(fd: int, offset: int) -> Row | None:
+    """The row on the line that starts at `offset` (to name a key the state
+    database knows only by digest), or None if it is not one any more."""
+    found = _decode_lines([line_at(fd, offset)])[0]
     return found if isinstance(found, Row) else None
 
 

@@ -71,24 +71,6 @@ class PassSummary:
     hosts_unchanged: int = 0  # not listed: unchanged since the last pass
 
 
-def backfill_row(tarball: Tarball, intact: Intact, now_ns: int) -> dict[str, object]:
-    """The receiver's row (received_at_wall is the tarball's mtime, the best
-    estimate of when the receiver got it), marked backfilled, plus when."""
-    row: dict[str, object] = {
-        "received_at_wall": iso_utc(tarball.mtime_ns),
-        "host_id": tarball.host_id,
-        "episode_id": tarball.episode_id,
-        "sha256": intact.sha256,
-        "size_bytes": intact.size,
-        "schema_version": index.SCHEMA_VERSION,
-        "backfilled": True,
-        "backfilled_at": iso_utc(now_ns),
-    }
-    if intact.commit:
-        row["commit"] = intact.commit
-    return row
-
-
 @dataclass(frozen=True)
 class PassContext:
     """What a pass needs from the long-lived Reconciler."""
@@ -240,7 +222,8 @@ class PassRun:
                 self.events.warning("tarball_without_commit", path=tarball.path, reason=verdict.commit_note)
             if not self.pending:
                 self.pending_since = time.monotonic()
-            self.pending.append(Pending(tarball, verdict, backfill_row(tarball, verdict, time.time_ns())))
+            row = index.backfill_row(tarball, verdict, time.time_ns())
+            self.pending.append(Pending(tarball, verdict, row))
         elif isinstance(verdict, Unsettled):
             s.unsettled += 1
             self.events.info("tarball_unsettled", path=tarball.path, reason=verdict.reason)
