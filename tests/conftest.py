@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Receiver
+from helpers import Receiver, train_dictionary
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +29,12 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
 @pytest.fixture
 def receiver(tmp_path: Path) -> Receiver:
     return Receiver(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def dictionary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zstd dictionary trained by `zstd --train`, as a fleet would make one."""
+    return train_dictionary(tmp_path_factory.mktemp("dict"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +66,49 @@ def gnu_tarball(
         assert tar.stdout is not None and tar.wait() == 0
         tar.stdout.close()
     return path.read_bytes()
+
+
+def stock_members(episode_id: str, decoy: bool = False) -> dict[str, bytes]:
+    """The episode's own meta.json, after a decoy *_meta.json when asked."""
+    out = {f"{episode_id}/calib/sensor_meta.json": meta("f" * 40)} if decoy else {}
+    return out | {f"{episode_id}/meta.json": meta(), f"{episode_id}/frames.bin": os.urandom(200_000)}
+
+
+def train_dictionary(directory: Path) -> Path:
+    """A dictionary trained by `zstd --train`, as a fleet would make one."""
+    for i in range(300):
+        (directory / f"s{i}.json").write_text(
+            f'{{"robot": "r{i % 7}", "code_version": {{"commit": "{i:040x}"}}}}'
+        )
+    out = directory / "fleet.dict"
+    samples = sorted(map(str, directory.glob("s*.json")))
+    subprocess.run(
+        ["zstd", "-q", "--train", *samples, "--maxdict=2048", "-o", str(out)], check=True, capture_output=True
+    )
+    return out
+
+
+def stock_tarball(case: str, path: Path, episode_id: str, dictionary: Path) -> None:
+    """A tarball as shippers make them with the stock tools (GNU tar piped
+    into the zstd CLI), in one of the ways fleets run them."""
+    sparse = {f"{episode_id}/sparse.bin": [(i * 65536, b"x" * 100) for i in range(40)]}
+    members = stock_members
+    makers: dict[str, Callable[[], object]] = {
+        "long27": lambda: gnu_tarball(path, members(episode_id), ("--long=27",)),
+        "long31": lambda: gnu_tarball(path, members(episode_id), ("--long=31",)),
+        "long31-2G": lambda: gnu_tarball(path, members(episode_id), ("--long=31",)),
+        "ultra22": lambda: gnu_tarball(path, members(episode_id), ("--ultra", "-22")),
+        "dict": lambda: gnu_tarball(path, members(episode_id), ("-D", str(dictionary))),
+        "dict-configured": lambda: gnu_tarball(path, members(episode_id), ("-D", str(dictionary))),
+        "long27-cut": lambda: path.write_bytes(
+            gnu_tarball(path, members(episode_id), ("--long=27",))[: path.stat().st_size // 2]
+        ),
+        "sparse-gnu": lambda: gnu_tarball(path, members(episode_id), (), ("-S", "--format=gnu"), sparse),
+        "sparse-pax": lambda: gnu_tarball(path, members(episode_id), (), ("-S", "--format=posix"), sparse),
+        "decoy-meta": lambda: gnu_tarball(path, members(episode_id, decoy=True)),
+    }
+    path.parent.mkdir(exist_ok=True)
+    makers[case]()
 
 
 @dataclass

@@ -8,57 +8,15 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import COMMIT, Receiver, gnu_tarball, measure_rss, meta
+from helpers import COMMIT, Receiver, measure_rss, meta, stock_tarball
 
 from cis490_reconcile.syscalls import memory_limit
 from cis490_reconcile.verdicts import plan_memory
 
 MiB = 1 << 20
-
-
-def members(episode_id: str, decoy: bool = False) -> dict[str, bytes]:
-    """The episode's own meta.json, after a decoy *_meta.json when asked."""
-    out = {f"{episode_id}/calib/sensor_meta.json": meta("f" * 40)} if decoy else {}
-    return out | {f"{episode_id}/meta.json": meta(), f"{episode_id}/frames.bin": os.urandom(200_000)}
-
-
-@pytest.fixture(scope="module")
-def dictionary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dictionary trained by `zstd --train`, as a fleet would make one."""
-    d = tmp_path_factory.mktemp("dict")
-    for i in range(300):
-        (d / f"s{i}.json").write_text(f'{{"robot": "r{i % 7}", "code_version": {{"commit": "{i:040x}"}}}}')
-    out = d / "fleet.dict"
-    subprocess.run(
-        ["zstd", "-q", "--train", *map(str, sorted(d.glob("s*.json"))), "--maxdict=2048", "-o", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-def build(case: str, path: Path, episode_id: str, dictionary: Path) -> None:
-    sparse = {f"{episode_id}/sparse.bin": [(i * 65536, b"x" * 100) for i in range(40)]}
-    makers: dict[str, Callable[[], object]] = {
-        "long27": lambda: gnu_tarball(path, members(episode_id), ("--long=27",)),
-        "long31": lambda: gnu_tarball(path, members(episode_id), ("--long=31",)),
-        "long31-2G": lambda: gnu_tarball(path, members(episode_id), ("--long=31",)),
-        "ultra22": lambda: gnu_tarball(path, members(episode_id), ("--ultra", "-22")),
-        "dict": lambda: gnu_tarball(path, members(episode_id), ("-D", str(dictionary))),
-        "dict-configured": lambda: gnu_tarball(path, members(episode_id), ("-D", str(dictionary))),
-        "long27-cut": lambda: path.write_bytes(
-            gnu_tarball(path, members(episode_id), ("--long=27",))[: path.stat().st_size // 2]
-        ),
-        "sparse-gnu": lambda: gnu_tarball(path, members(episode_id), (), ("-S", "--format=gnu"), sparse),
-        "sparse-pax": lambda: gnu_tarball(path, members(episode_id), (), ("-S", "--format=posix"), sparse),
-        "decoy-meta": lambda: gnu_tarball(path, members(episode_id, decoy=True)),
-    }
-    path.parent.mkdir(exist_ok=True)
-    makers[case]()
 
 
 # case -> (extra flags, expected verdict, reason fragment)
@@ -84,7 +42,7 @@ def test_stock_tool_tarballs(
     flags, expected, reason = CASES[case]
     flags = tuple(str(dictionary) if f == "DICT" else f for f in flags)
     path = receiver.episodes / "h" / f"{case}.tar.zst"
-    build(case, path, case, dictionary)
+    stock_tarball(case, path, case, dictionary)
     original = path.read_bytes()
     qdir = tmp_path / "quarantine"
     qdir.mkdir()
@@ -114,7 +72,7 @@ def test_unverifiable_is_remembered_until_it_or_the_limits_change(receiver: Rece
     state = tmp_path / "state"
     state.mkdir()
     path = receiver.episodes / "h" / "big.tar.zst"
-    build("long31", path, "big", tmp_path)
+    stock_tarball("long31", path, "big", tmp_path)
     size = path.stat().st_size
     receiver.tarball("h", "ok")
     receiver.append_row(receiver.receiver_row("h", "ok"))
@@ -145,7 +103,7 @@ def test_corrupt_file_is_left_in_place_until_quarantine_min_age(receiver: Receiv
     qdir = tmp_path / "quarantine"
     qdir.mkdir()
     path = receiver.episodes / "h" / "stalled.tar.zst"
-    build("long27-cut", path, "stalled", tmp_path)
+    stock_tarball("long27-cut", path, "stalled", tmp_path)
     flags = ("--quarantine-dir", str(qdir), "--quarantine-min-age", "3")
 
     early = receiver.run(*flags)
