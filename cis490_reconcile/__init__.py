@@ -15,7 +15,8 @@ For contributors, the data flow of a pass, from the top:
       commit.py           the only code that takes the index lock (lock.py, syscalls.py)
 
 The other commands: actions/scrub -> scrub.py (its cursor: scrubcursor.py),
-actions/status -> survey.py; all read the state through state.py.
+actions/status -> survey.py, actions/check -> check.py (verify.py on named
+files); all read the state through state.py.
 
 tests/README.md says what each test proves; README.md is for operators.
 """

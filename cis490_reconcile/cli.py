@@ -4,6 +4,7 @@
     cis490-reconcile --interval S [flags]  a loop (or `interval` in the config)
     cis490-reconcile config [flags]        print the effective config and sources
     cis490-reconcile status [--json]       report, read-only
+    cis490-reconcile check [--json] FILE.. verify named tarballs and look them up, read-only
     cis490-reconcile scrub [flags]         re-check indexed tarballs against their rows
     cis490-reconcile demo [--keep]         build a demo store with gaps, reconcile it
 
@@ -29,6 +30,7 @@ PROG = "cis490-reconcile"
 SUBCOMMANDS = {
     "config": "prints the effective configuration and where each value came from",
     "status": "reports what is unindexed, corrupt, missing or duplicated, changing nothing",
+    "check": "verifies the tarballs named as a pass would and looks them up in the index, changing nothing",
     "scrub": "re-reads indexed tarballs and checks them against their rows",
     "demo": "builds a small store with gaps and reconciles it",
 }
@@ -68,6 +70,10 @@ OPTIONS: dict[str | None, tuple[tuple[str, str, dict[str, object]], ...]] = {
             "(host_id, episode_id, offset, kind: missing or pruned)",
             {"action": "store_true"},
         ),
+    ),
+    "check": (
+        ("files", "episode tarballs (<episode_id>.tar.zst) to verify", {"nargs": "+", "metavar": "FILE"}),
+        ("--json", "one JSON object per file, one per line, instead of text", {"action": "store_true"}),
     ),
     "scrub": (
         (
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded = config.resolve([])
         else:
             loaded = config.load(flags, args.config, os.environ)
-            if command != "config":
+            if command not in ("config", "check"):  # check needs no store: it reads the files named
                 preflight.check_paths(loaded.config)
         ctx = Context(loaded, args, load)
         return int(action.run(ctx))

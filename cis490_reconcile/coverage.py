@@ -336,6 +336,17 @@ class Coverage:
             for (host_id, episode_id), d in zip(keys, digests, strict=True)
         ]
 
+    def first_row(self, host_id: str, episode_id: str) -> int | None:
+        """Where the first row that covers this episode starts: the host's
+        own, else one without host_id, else the torn last line; None when
+        the index has none (the same rule as `covered`)."""
+        d = digest(episode_id)
+        for host in (self._hosts.get(host_id), 0):
+            if host is not None and (offset := self.state.keys.first_row(host, d)) is not None:
+                return offset
+        torn = self.torn
+        return torn.offset if torn is not None and self._torn_covers(host_id, episode_id) else None
+
     def _torn_covers(self, host_id: str, episode_id: str) -> bool:
         torn = self.torn
         return torn is not None and torn.episode_id == episode_id and torn.host_id in (host_id, None)

@@ -33,6 +33,7 @@ class ExitCode(enum.IntEnum):
     OK = 0  # done (a pass that reported corrupt files did its job), or stopped by a signal
     FAILED = 1  # could not complete (lock timeout, disk full...), or found what needs attention
     USAGE = 2  # a bad flag, value or path: one line on stderr
+    UNDECIDED = 3  # check: nothing damaged, but a file could not be decided (unverifiable, unreadable)
 
 
 class StopRequested(BaseException):

@@ -291,6 +291,14 @@ class Keys:
         ).fetchone()
         return False if row is None else row[0]
 
+    def first_row(self, host: int, digest: bytes) -> int | None:
+        """Where the key's first row starts in the index, or None when absent."""
+        row = self.state.db.execute(
+            self._both("SELECT offset FROM keys WHERE host = ? AND digest = ?"),
+            (host, digest, host, digest) if self.state.base else (host, digest),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
     def digests(self, host: int) -> Iterator[tuple[bytes, int | None]]:
         """(digest, received) of a host's keys in digest order."""
         yield from self.state.db.execute(

@@ -1,0 +1,94 @@
+"""`cis490-reconcile check FILE...`: one answer per tarball (check.py), as
+text or, with --json, one JSON object per line.
+
+Exit 0 when every file is intact and each indexed one matches its row; 1
+when any file is damaged or differs from its row; 3 when nothing is damaged
+but some file could not be decided (unverifiable, unreadable, changed while
+it was read, or the check was stopped); 2 for a bad flag, value or path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..check import Answer, Checker
+from ..config import ConfigError
+from ..runtime import ExitCode, Signals, StopRequested, human_size
+from ..store import SUFFIX, printable
+from . import Context
+
+
+def run(ctx: Context) -> ExitCode:
+    paths = [Path(p) for p in ctx.args.files]
+    for path in paths:
+        if not path.name.endswith(SUFFIX):
+            raise ConfigError(f"check {path}: not an episode tarball (<episode_id>{SUFFIX})")
+    answers: list[Answer] = []
+    with Signals(hangup_reloads=False) as signals:
+
+        def checkpoint() -> None:
+            if signals.should_stop():
+                raise StopRequested
+
+        checker = Checker(ctx.cfg, ctx.logger(ctx.cfg, ctx.stderr), checkpoint)
+        try:
+            for path in paths:
+                answer = checker.check(path)
+                answers.append(answer)
+                ctx.stdout.write(json.dumps(answer.to_json()) + "\n" if ctx.args.json else render(answer))
+                ctx.stdout.flush()
+        except StopRequested:
+            ctx.stderr.write(f"cis490-reconcile check: stopped by {signals.stop_by}\n")
+            return ExitCode.UNDECIDED
+        finally:
+            checker.close()
+    if any(a.damaged for a in answers):
+        return ExitCode.FAILED
+    return ExitCode.UNDECIDED if any(a.undecided for a in answers) else ExitCode.OK
+
+
+def render(a: Answer) -> str:
+    """The answer for one file, as an operator reads it."""
+    out = [f"{printable(a.path)}: {a.verdict}" + (f": {a.reason}" if a.reason else "")]
+    seen = a.seen
+    if seen is not None:
+        size = f"{seen.size} bytes" + (f" ({human_size(seen.size)})" if seen.size >= 1024 else "")
+        zstd = f"{seen.frames} complete frame{'s' * (seen.frames != 1)}"
+        if seen.max_window:
+            zstd += f", largest window {human_size(seen.max_window)}"
+        if seen.frames:
+            zstd += ", every frame checksummed" if seen.checksummed else ", not every frame checksummed"
+        out += [f"  size      {size}", f"  sha256    {seen.sha256}", f"  zstd      {zstd}"]
+    if a.verdict == "intact":
+        out.append(f"  commit    {a.commit or 'none: ' + str(a.commit_note)}")
+    if a.age_s is not None:
+        age = f"  changed   {a.age_s:.0f} s ago"
+        if a.in_flight:
+            age += f", younger than min_age ({a.min_age_s:g} s): a pass would wait for it"
+        out.append(age)
+    out.append(f"  index     {_lookup(a)}")
+    if a.row is not None:
+        out.append(f"  row       {_row(a)}")
+    return "\n".join(out) + "\n"
+
+
+def _row(a: Answer) -> str:
+    assert a.row is not None
+    if a.lookup is not None and a.lookup.found != "not indexed":
+        return "none appended: the index has one"
+    when = "" if a.under_root else ", were it in the store"
+    when += ", once settled" if a.in_flight else ""
+    return f"a pass would append{when}: {a.row.decode('ascii').rstrip()}"
+
+
+def _lookup(a: Answer) -> str:
+    lookup = a.lookup
+    if lookup is None:
+        return "not looked up: the file is not <episodes_root>/<host_id>/<episode_id>.tar.zst"
+    if lookup.found == "not indexed":
+        return "not indexed"
+    text = f"indexed (row at byte {lookup.offset}), {lookup.found}"
+    for key, (row, file) in lookup.differences.items():
+        text += f"\n            {key}: row {json.dumps(row)}, file {json.dumps(file)}"
+    return text
