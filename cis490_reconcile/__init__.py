@@ -7,7 +7,7 @@ For contributors, the data flow of a pass, from the top:
     actions/reconcile   --once or a loop; each pass's outcome -> outcome.py sinks
     reconcile.py        Reconciler: what lasts between passes; opens the state (statedir.py)
     passrun.py          PassRun: one pass, and the one place a verdict is recorded
-      coverage.py         the state database (state.py) in step with index.jsonl (index.py)
+      coverage.py         the state database (state/) in step with index.jsonl (index.py)
       scan.py             which episodes the index lacks; memos of unchanged host directories
       store.py            the host directories, listed and opened safely
       verify.py           one read of one tarball (reading, zstdframe, tarstream; verdicts.py)
@@ -16,7 +16,7 @@ For contributors, the data flow of a pass, from the top:
 
 The other commands: actions/scrub -> scrub.py (its cursor: scrubcursor.py),
 actions/status -> survey.py, actions/check -> check.py (verify.py on named
-files); all read the state through state.py.
+files); all read the state through the state/ package.
 
 tests/README.md says what each test proves; README.md is for operators.
 """

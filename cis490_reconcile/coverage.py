@@ -210,8 +210,8 @@ class _Reader:
 class Coverage:
     def __init__(self, state: State) -> None:
         self.state = state
-        self._hosts = state.host_ids()
-        self._add_host = state.add_host  # a forked reader gives provisional ids instead
+        self._hosts = state.keys.host_ids()
+        self._add_host = state.keys.add_host  # a forked reader gives provisional ids instead
         self.base_duplicates: dict[int, int] = {}  # rows of the tail that repeat a key of the base
         self.torn: Row | None = None  # a complete row that only lacks its "\n": indexed, to be safe
 
@@ -221,7 +221,7 @@ class Coverage:
         """Read what the index gained since the checkpoint; everything when
         `full`, or when the checkpoint does not fit this file (or there is none)."""
         st = os.fstat(fd)
-        cp = self.state.checkpoint("base" if self.state.base else "main")
+        cp = self.state.keys.checkpoint(self.state.last)
         fits = cp is not None and self._fits(fd, st, cp)
         if cp is not None and fits and not full:
             found = self._read_on(fd, st, cp, on_progress)
@@ -271,7 +271,7 @@ class Coverage:
                 self.state.keys.add(self._without_base(keys) if self.state.base else keys)
                 runtime.crash_point("in_transaction")
                 self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in bad)
-                self.state.save_checkpoint(reader.checkpoint(fd, st, cp.rebuilt_at))
+                self.state.keys.save_checkpoint(reader.checkpoint(fd, st, cp.rebuilt_at))
             saved = reader.offset
             on_progress()
         return reader.found
@@ -311,9 +311,9 @@ class Coverage:
                 self.state.keys.replace()
                 runtime.crash_point("rebuilding")
                 self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in reader.found.bad)
-                self.state.save_checkpoint(reader.checkpoint(fd, st, time.time()))
+                self.state.keys.save_checkpoint(reader.checkpoint(fd, st, time.time()))
                 if replaced:
-                    self.state.forget_memos()
+                    self.state.records.forget_memos()
         return reader.found
 
     # --- asking ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from . import statedir
 from .config import Config
 from .log import Logger
 from .runtime import iso_utc
+from .state import FILE_NAME
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,10 @@ class StateRecord:
         if state_dir is None or statedir.writable(state_dir) is not None:
             return
         try:
-            state = statedir.open_state(state_dir / "state.sqlite3", self.cfg, self.log)
+            state = statedir.open_state(state_dir / FILE_NAME, self.cfg, self.log)
             try:
                 with state.transaction():
-                    state.save_record(f"last_{outcome.command}", outcome.record())
+                    state.records.save(f"last_{outcome.command}", outcome.record())
             finally:
                 state.close()
         except (OSError, sqlite3.Error) as e:

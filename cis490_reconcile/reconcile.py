@@ -27,7 +27,7 @@ from .log import Logger
 from .notify import Notifier
 from .passrun import PassContext, PassRun, PassSummary
 from .runtime import StopRequested, iso_utc
-from .state import State
+from .state import FILE_NAME, State
 from .statedir import StateBusy, TempState
 from .termbar import TerminalBar
 from .verdicts import decoding_for
@@ -116,7 +116,7 @@ class Reconciler:
                 state.close()
             return
         with statedir.locked_dir(state_dir, self.cfg.lock_timeout, ctx.notifier.keepalive):
-            state = statedir.open_state(state_dir / "state.sqlite3", self.cfg, self.log)
+            state = statedir.open_state(state_dir / FILE_NAME, self.cfg, self.log)
             try:
                 self._kept_in = state_dir
                 yield state
@@ -125,7 +125,7 @@ class Reconciler:
                 state.close()
 
     def _full(self, state: State) -> bool:
-        every, cp = self.cfg.full_every, state.checkpoint("base" if state.base else "main")
+        every, cp = self.cfg.full_every, state.keys.checkpoint(state.last)
         due = cp is None or (every is not None and time.time() - cp.rebuilt_at >= every)
         return self.force_full or due
 
@@ -155,7 +155,7 @@ class Reconciler:
                     summary.duration_s = round(time.monotonic() - started, 3)
                     raise self._failed(f"state database: {e}", summary) from e
                 self.log.warning("state_rebuilt", state_dir=self.cfg.state_dir, reason=str(e))
-                statedir.discard(self.cfg.state_dir / "state.sqlite3")
+                statedir.discard(self.cfg.state_dir / FILE_NAME)
             except StateBusy as e:
                 raise self._failed(str(e), summary) from e
             except _Failed as e:
@@ -183,27 +183,27 @@ class Reconciler:
             except (LockTimeout, OSError) as e:
                 reason = _describe(e, self.cfg)
                 self._save_record(state, run, started_ns, "failed", reason)
-                self.orphans = state.orphans()
+                self.orphans = state.records.orphans()
                 raise _Failed(reason, run.summary) from e
             if not run.summary.interrupted and not ctx.dry_run:
                 run.remember()
                 if self._kept_in is not None:  # the first good pass with the database retires the old files
                     statedir.remove_old_files(self._kept_in, statedir.OLD_FILES, self.log)
             self._save_record(state, run, started_ns, "interrupted" if run.summary.interrupted else "ok")
-            self.orphans = state.orphans()
+            self.orphans = state.records.orphans()
             return run.summary
 
     def _save_record(
         self, state: State, run: PassRun, started_ns: int, result: str, error: str | None = None
     ) -> None:
         """The last pass's record, for status (not for a dry run: it writes nothing)."""
-        cp = state.checkpoint("base" if state.base else "main")
+        cp = state.keys.checkpoint(state.last)
         run.summary.bad_index_lines = 0 if cp is None else cp.bad_lines
         if self.context.dry_run:
             return
         record = {"started_at": iso_utc(started_ns), "result": result, "error": error, **asdict(run.summary)}
         with state.transaction():
-            state.save_record("last_pass", record)
+            state.records.save("last_pass", record)
 
 
 class _Failed(Exception):

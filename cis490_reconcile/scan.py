@@ -70,7 +70,9 @@ class Scan:
         self.hosts: dict[str, _Host] = {}
         self.unverified: dict[tuple[str, str], Unverified | None] = {}  # to remember (None: forget)
         self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
-        self.unverified_hosts = state.unverified_hosts()  # saved only by remember(): fixed for the pass
+        self.unverified_hosts = (
+            state.records.unverified_hosts()
+        )  # saved only by remember(): fixed for the pass
         self.cutoff = None if self.cfg.retention is None else time.time() - self.cfg.retention
 
     @property
@@ -136,7 +138,7 @@ class Scan:
 
     def _memo(self, host_id: str) -> tuple[int | None, int | None, list[str]] | None:
         host = self.coverage.known_host(host_id)
-        return None if host is None else self.state.memo(host)
+        return None if host is None else self.state.records.memo(host)
 
     def _track(self, host_id: str, episodes: list[str]) -> list[str]:
         self.hosts[host_id].unresolved.update(episodes)
@@ -171,7 +173,7 @@ class Scan:
         host = self.coverage.known_host(tarball.host_id)
         if host not in self.unverified_hosts:
             return False
-        known = self.state.unverified(host, tarball.episode_id)
+        known = self.state.records.unverified(host, tarball.episode_id)
         if known is None or known != unverified(tarball, self.env.decoding.key, known.reason):
             return False
         self.env.log.debug("tarball_unverifiable_unchanged", path=tarball.path)
@@ -204,13 +206,13 @@ class Scan:
         host_id = self.coverage.host_id
         with self.state.transaction():
             for name, seen in self.hosts.items():
-                self.state.save_memo(host_id(name), None if replaced else seen.times, seen.unresolved)
+                self.state.records.save_memo(host_id(name), None if replaced else seen.times, seen.unresolved)
             for (name, episode_id), verdict in self.unverified.items():
-                self.state.save_unverified(host_id(name), episode_id, verdict)
+                self.state.records.save_unverified(host_id(name), episode_id, verdict)
             if self._recounts_orphans:
                 for name, host in self.coverage.host_names().items():
                     if host == 0:
                         continue
                     if name not in self.orphans:  # its directory is gone: every row is an orphan
                         self.orphans[name] = orphans(self.coverage.host_rows(name, self.cutoff))
-                    self.state.save_orphans(host, *self.orphans[name])
+                    self.state.records.save_orphans(host, *self.orphans[name])

@@ -61,7 +61,7 @@ from .outcome import Outcome
 from .reading import HashingReader, ReadPacer
 from .runtime import ExitCode, StopRequested, human_size
 from .scrubcursor import Counts, Cursor
-from .state import State
+from .state import FILE_NAME, State
 from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name
 from .termbar import TerminalBar
 
@@ -234,7 +234,7 @@ class Scrubber:
             if not syscalls.try_flock(fd):
                 self.log.error("scrub_already_running", lock_file=lock_path)
                 return ExitCode.FAILED
-            self.state = statedir.open_state(self.state_dir / "state.sqlite3", self.cfg, self.log)
+            self.state = statedir.open_state(self.state_dir / FILE_NAME, self.cfg, self.log)
             try:
                 return self._run()
             finally:
@@ -273,7 +273,7 @@ class Scrubber:
 
     def _saved_cursor(self) -> Cursor:
         assert self.state is not None
-        record = self.state.record(CURSOR)
+        record = self.state.records.get(CURSOR)
         try:
             return Cursor() if record is None else Cursor.load(record)
         except ValueError as e:
@@ -370,7 +370,7 @@ class Scrubber:
         assert self.state is not None
         try:
             with self.state.transaction():
-                self.state.save_record(CURSOR, asdict(self.cursor))
+                self.state.records.save(CURSOR, asdict(self.cursor))
         except Exception as e:  # sqlite3.Error: busy past the timeout, disk full
             self.log.warning("scrub_cursor_save_failed", error=str(e))
         self._saved_at = time.monotonic()

@@ -99,7 +99,7 @@ def open_view(cfg: Config, log: Logger, temp: TempState) -> State:
     try:
         State.open(base, str(cfg.episodes_root), str(cfg.index), readonly=True).close()
         view.attach_base(base)
-        view.copy_hosts_from_base()
+        view.keys.copy_hosts_from_base()
     except (StateUnusable, sqlite3.Error) as e:
         log.info("state_ignored", state_file=base, reason=str(e))
     return view

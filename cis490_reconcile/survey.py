@@ -179,7 +179,7 @@ class Survey:
             return
         found = self.coverage.catch_up(self.fd, full=False)
         r.torn_tail = found.torn is not None
-        cp = self.view.checkpoint() or self.view.checkpoint("base" if self.view.base else "main")
+        cp = self.view.keys.checkpoint() or self.view.keys.checkpoint(self.view.last)
         if cp is not None:
             r.index_lines, r.bad_lines = cp.lines, cp.bad_lines
         for line, offset, reason in self.view.keys.bad_line_examples():
@@ -348,9 +348,8 @@ def survey(
                         orphans.write(json.dumps(found) + "\n")
                 else:
                     s.examples()
-                schema = "base" if view.base else "main"
-                s.report.last_pass = view.record("last_pass", schema)
-                s.report.last_scrub = view.record("last_scrub", schema)
+                s.report.last_pass = view.records.get("last_pass", view.last)
+                s.report.last_scrub = view.records.get("last_scrub", view.last)
             finally:
                 if fd is not None:
                     os.close(fd)

@@ -21,7 +21,7 @@ from cis490_reconcile import coverage
 from cis490_reconcile import state as state_module
 from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.index import encode_row
-from cis490_reconcile.state import State, StateUnusable
+from cis490_reconcile.state import State, StateUnusable, connection
 
 
 def row(host: str | None, episode: str, received: str = "2026-11-01T00:00:00+00:00") -> bytes:
@@ -73,7 +73,7 @@ def test_reads_on_from_the_checkpoint_and_remembers_it(tmp_path: Path) -> None:
         assert (again.rows, again.bad, again.rebuilt) == (2, [], False)  # only the new lines
         assert covers(cov, "h2", "b")
         assert cov.host_rows("h1", None).duplicates == 1
-        cp = cov.state.checkpoint()
+        cp = cov.state.keys.checkpoint()
         assert cp is not None and (cp.offset, cp.lines, cp.bad_lines) == (index.stat().st_size, 5, 1)
 
 
@@ -113,7 +113,7 @@ def test_an_index_of_garbage_costs_bounded_memory(tmp_path: Path, full: bool) ->
         finally:
             tracemalloc.stop()
         assert len(found.bad) == coverage.MAX_BAD_LINES and found.bad[0].line == 2
-        cp = cov.state.checkpoint()
+        cp = cov.state.keys.checkpoint()
         assert cp is not None and (cp.bad_lines, cp.lines) == (100_000, 100_002)
         assert len(cov.state.keys.bad_line_examples()) == state_module.EXAMPLES
         assert covers(cov, "h1", "b")
@@ -236,7 +236,7 @@ def test_a_new_migration_upgrades_a_file_in_place(tmp_path: Path, monkeypatch: p
         catch_up(cov, index)
     before = keys_table(tmp_path / "state.sqlite3")
     step = "-- a note; with a semicolon\nALTER TABLE hosts ADD COLUMN note TEXT DEFAULT 'n;1';\n"
-    monkeypatch.setattr(state_module, "MIGRATIONS", (*state_module.MIGRATIONS, step))
+    monkeypatch.setattr(connection, "MIGRATIONS", (*connection.MIGRATIONS, step))
     State.open(tmp_path / "state.sqlite3", "/episodes", str(index)).close()
     assert keys_table(tmp_path / "state.sqlite3") == before != []
     with sqlite3.connect(tmp_path / "state.sqlite3") as db:
@@ -272,7 +272,7 @@ def rebuilt(tmp_path: Path, data: bytes, name: str) -> tuple[list[tuple], tuple,
     index.write_bytes(data)
     with opened(d, index) as cov:
         found = catch_up(cov, index, full=True)
-        cp = cov.state.checkpoint()
+        cp = cov.state.keys.checkpoint()
         assert cp is not None
         torn = found.torn and (found.torn.line, found.torn.offset, found.torn.row)
         got = (found.rows, [(b.line, b.offset, b.end, b.reason) for b in found.bad], torn, cov.torn)

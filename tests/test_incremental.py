@@ -219,7 +219,7 @@ def test_a_bad_state_database_is_rebuilt_with_a_warning(
     indexed = receiver.keys()
     assert sorted(k for k in indexed if not k[1].startswith("a")) == [("h1", "b")]
     with contextlib.closing(State.open(path, str(receiver.episodes), str(receiver.index))) as rebuilt:
-        assert rebuilt.checkpoint().lines == 302  # type: ignore[union-attr]
+        assert rebuilt.keys.checkpoint().lines == 302  # type: ignore[union-attr]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")

@@ -1,0 +1,169 @@
+"""The state database file: opening it, its schema (the numbered
+migrations) and transactions. The package docstring says what the file
+holds and who may write it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+FILE_NAME = "state.sqlite3"
+APPLICATION_ID = 0x63343930  # "c490": a file of ours, not any SQLite database
+CACHE_KIB = 8 << 10  # the page cache: memory stays flat whatever the number of rows
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def _migrations() -> tuple[str, ...]:
+    """migrations/0001.sql, 0002.sql, ...: the scripts that bring a file of
+    version N-1 to version N."""
+    scripts = sorted(MIGRATIONS_DIR.glob("*.sql"))
+    if [p.name for p in scripts] != [f"{n:04d}.sql" for n in range(1, len(scripts) + 1)]:
+        raise RuntimeError(f"{MIGRATIONS_DIR}: migrations must be numbered 0001.sql, 0002.sql, ...")
+    return tuple(p.read_text(encoding="utf-8") for p in scripts)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a script, split where SQLite's own tokenizer says a
+    statement is complete (a ";" in a comment or a string does not split)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+    if statement.strip():
+        yield statement  # a last statement without its ";"
+
+
+MIGRATIONS = _migrations()
+
+
+def split_path(state_path: Path | str) -> str:
+    """The scratch file of a rebuild's forked reader, beside the state file."""
+    return f"{state_path}-split"
+
+
+class _RolledBack(Exception):
+    pass
+
+
+class StateUnusable(Exception):
+    """The file is damaged, of another schema or for another store; the
+    reason says which. The caller starts a new one."""
+
+
+def connect(path: Path | str, readonly: bool = False, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, a
+    bounded page cache. Read-only connections never write, not even the WAL."""
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+    db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+    db.execute("PRAGMA secure_delete = OFF")  # Debian builds zero freed pages: 70 MiB of writes per 2M rows
+    if not readonly:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoint, consistent always
+    return db
+
+
+class Database:
+    """One open state database. `attach_base` adds a read-only second
+    database whose keys count too: status and dry runs read the state of the
+    last pass that way, and put only the index's newer rows into a temporary
+    one."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.base = False  # a read-only database is attached as "base"
+
+    @classmethod
+    def connect(
+        cls, path: Path | str, episodes_root: str, index_path: str, readonly: bool = False
+    ) -> sqlite3.Connection:
+        """A connection to the state of this store, created and migrated as
+        needed. Raises StateUnusable, or OSError/sqlite3.OperationalError when
+        the file cannot be opened at all (permissions, a read-only directory)."""
+        try:
+            db = connect(path, readonly)
+        except sqlite3.OperationalError:
+            raise  # cannot be opened at all: permissions, a missing directory
+        except sqlite3.DatabaseError as e:
+            raise StateUnusable(f"not a usable database: {e}") from None
+        if not readonly:  # left by a pass that was killed: this one holds the state directory
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(split_path(path))
+        try:
+            _check(db, episodes_root, index_path, readonly)
+        except sqlite3.DatabaseError as e:
+            db.close()
+            if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
+                raise
+            raise StateUnusable(f"not a usable database: {e}") from None
+        except StateUnusable:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self.db.close()
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return _transaction(self.db)
+
+    def attach_base(self, path: Path | str) -> None:
+        self.db.execute("ATTACH DATABASE ? AS base", (f"file:{path}?mode=ro",))
+        self.base = True
+
+    def detach_base(self) -> None:
+        self.db.execute("DETACH DATABASE base")
+        self.base = False
+
+    @property
+    def last(self) -> str:
+        """The schema that holds what the last pass left: base when attached."""
+        return "base" if self.base else "main"
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """Every change is an explicit transaction, the write lock taken at BEGIN."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, readonly: bool) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    app = db.execute("PRAGMA application_id").fetchone()[0]
+    if (app, version) == (0, 0):  # a new file, unless it is someone else's database
+        if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StateUnusable("a database of something else")
+    elif app != APPLICATION_ID:
+        raise StateUnusable("a database of something else")
+    if version > len(MIGRATIONS):
+        raise StateUnusable(f"schema version {version}, newer than this program's {len(MIGRATIONS)}")
+    if version < len(MIGRATIONS):
+        if readonly:
+            raise StateUnusable(f"schema version {version}: the next pass migrates it")
+        with _transaction(db):
+            for script in MIGRATIONS[version:]:
+                for statement in _statements(script):
+                    db.execute(statement)
+            if version == 0:
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                db.execute("INSERT INTO store VALUES (1, ?, ?)", (episodes_root, index_path))
+            db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+    found = db.execute("SELECT episodes_root, index_path FROM store").fetchone()
+    if found != (episodes_root, index_path):
+        raise StateUnusable(f"written for another store ({found[0]}, {found[1]})" if found else "no store")
+    if not readonly:  # a header that forbids writing is found by a write, not by a read
+        with contextlib.suppress(_RolledBack), _transaction(db):
+            db.execute("UPDATE store SET index_path = index_path")
+            raise _RolledBack

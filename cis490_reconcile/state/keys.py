@@ -1,0 +1,285 @@
+"""What the index covers: one key per (host, episode_id) it has a row for,
+how far it has been read (the checkpoint), the host ids keys are filed
+under, the first bad lines, and rebuilding all of it from the whole index
+(with a forked reader's SplitPart)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .connection import CACHE_KIB, Database, split_path
+
+EXAMPLES = 100
+_IN_CHUNK = 400  # digests per IN (...): twice that plus two stays under SQLite's oldest 999-variable limit
+Key = tuple[int, bytes, int, int | None]  # (host, digest, offset, received): a row of the keys table
+STAGE_ROWS = 100
+_STAGING = "(host INTEGER, digest BLOB, offset INTEGER, received INTEGER)"
+
+
+def _insert_keys(db: sqlite3.Connection, table: str, keys: Sequence[Key]) -> None:
+    """STAGE_ROWS keys a statement: 1.0 us a key against 5.9 for one
+    autocommitted INSERT each (measured, 400k keys)."""
+    whole = len(keys) - len(keys) % STAGE_ROWS
+    flat = list(itertools.chain.from_iterable(keys[:whole]))
+    step = 4 * STAGE_ROWS
+    many = f"INSERT INTO {table} VALUES " + ", ".join(["(?, ?, ?, ?)"] * STAGE_ROWS)
+    db.executemany(many, (flat[i : i + step] for i in range(0, len(flat), step)))
+    db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", keys[whole:])
+
+
+class SplitPart:
+    """The keys of the part of the index a rebuild reads in a forked process
+    (coverage.py says why), staged in a scratch file that only that process
+    writes and the pass then merges (Keys.attached_split). Hosts the state
+    does not know yet get negative provisional ids there; the pass maps them.
+    Neither journaled nor synced: a pass killed meanwhile leaves a file that
+    the next writable open removes."""
+
+    def __init__(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = OFF")
+        self.db.execute("PRAGMA synchronous = OFF")
+        self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        self.db.execute(f"CREATE TABLE staging {_STAGING}")
+        self.db.execute("BEGIN")
+
+    def stage(self, keys: Sequence[Key]) -> None:
+        _insert_keys(self.db, "staging", keys)
+
+    def close(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    index_dev: int
+    index_ino: int
+    offset: int
+    lines: int
+    bad_lines: int
+    tail_sha256: bytes
+    rebuilt_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class HostRows:
+    """What the keys say about one host (or, for id 0, about rows without host_id)."""
+
+    rows: int
+    duplicates: int
+    older: int  # rows received before the cutoff asked for
+
+
+class Keys:
+    """The keys table and what goes with it. With a base attached, its keys count too."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self.database.db
+
+    @property
+    def base(self) -> bool:
+        return self.database.base
+
+    def _both(self, sql: str) -> str:
+        """`sql` over main's keys, plus base's when one is attached."""
+        return sql if not self.base else f"{sql} UNION ALL {sql.replace(' keys', ' base.keys')}"
+
+    # --- the checkpoint and host ids -------------------------------------------------
+
+    def checkpoint(self, schema: str = "main") -> Checkpoint | None:
+        row = self.db.execute(
+            f"SELECT index_dev, index_ino, offset, lines, bad_lines, tail_sha256, rebuilt_at "
+            f"FROM {schema}.checkpoint"
+        ).fetchone()
+        return None if row is None else Checkpoint(*row)
+
+    def save_checkpoint(self, cp: Checkpoint) -> None:
+        """Inside the transaction that added the keys it covers."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+            (cp.index_dev, cp.index_ino, cp.offset, cp.lines, cp.bad_lines, cp.tail_sha256, cp.rebuilt_at),
+        )
+
+    def host_ids(self) -> dict[str, int]:
+        """Host name -> id (bounded by the number of hosts, not rows)."""
+        return dict(self.db.execute("SELECT name, id FROM hosts"))
+
+    def add_host(self, name: str) -> int:
+        cur = self.db.execute("INSERT INTO hosts (name) VALUES (?)", (name,))
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def copy_hosts_from_base(self) -> None:
+        self.db.execute("INSERT OR IGNORE INTO hosts (id, name) SELECT id, name FROM base.hosts")
+
+    # --- adding keys -------------------------------------------------------------------
+
+    def add(self, keys: Sequence[Key]) -> None:
+        """(host, digest, offset, received) of rows read in index order; a
+        key already there counts one more copy."""
+        self.db.executemany(
+            "INSERT INTO keys (host, digest, offset, received) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
+            keys,
+        )
+
+    def add_bad_lines(self, bad: Iterable[tuple[int, int, str]]) -> None:
+        """(line, offset, reason); only the first EXAMPLES are kept."""
+        room = EXAMPLES - self.db.execute("SELECT count(*) FROM bad_lines").fetchone()[0]
+        self.db.executemany("INSERT OR IGNORE INTO bad_lines VALUES (?, ?, ?)", list(bad)[: max(room, 0)])
+
+    # --- rebuilding ---------------------------------------------------------------------
+
+    @contextmanager
+    def rebuilding(self) -> Iterator[None]:
+        """Collect every key of the whole index with stage (and a SplitPart),
+        then replace the keys in one transaction, inserting them sorted
+        (random-order inserts cost 2.3x: the B-tree pages are then written
+        once each)."""
+        self.db.execute("DROP TABLE IF EXISTS temp.staging")
+        self.db.execute(f"CREATE TEMP TABLE staging {_STAGING}")
+        try:
+            yield
+        finally:
+            self.db.execute("DROP TABLE IF EXISTS temp.staging")
+            self.db.execute("DROP TABLE IF EXISTS temp.split_hosts")
+
+    def stage(self, keys: Sequence[Key]) -> None:
+        with self.database.transaction():
+            _insert_keys(self.db, "temp.staging", keys)
+
+    def split_path(self) -> str:
+        """Where a SplitPart goes: beside the state file."""
+        (path,) = self.db.execute("SELECT file FROM pragma_database_list WHERE name = 'main'").fetchone()
+        return split_path(path)
+
+    @contextmanager
+    def attached_split(self, path: str, hosts: dict[int, int]) -> Iterator[None]:
+        """Have `replace` take a SplitPart's keys too, its provisional host
+        ids mapped by `hosts` (ATTACH and DETACH cannot be in a transaction:
+        this goes around the one that replaces)."""
+        self.db.execute("ATTACH DATABASE ? AS split", (path,))
+        try:
+            self.db.execute("CREATE TEMP TABLE split_hosts (provisional INTEGER PRIMARY KEY, id INTEGER)")
+            self.db.executemany("INSERT INTO temp.split_hosts VALUES (?, ?)", hosts.items())
+            yield
+        finally:
+            self.db.execute("DETACH DATABASE split")
+
+    def replace(self) -> None:
+        """Inside the transaction that saves the new checkpoint."""
+        db = self.db
+        (create,) = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'keys'"
+        ).fetchone()
+        db.execute("DROP TABLE keys")
+        db.execute(create)
+        db.execute("DELETE FROM bad_lines")
+        staged = "SELECT host, digest, offset, received FROM temp.staging"
+        split = db.execute("SELECT 1 FROM pragma_database_list WHERE name = 'split'").fetchone()
+        if split:
+            staged += (
+                " UNION ALL SELECT CASE WHEN s.host < 0 THEN (SELECT id FROM temp.split_hosts"
+                " WHERE provisional = s.host) ELSE s.host END, digest, offset, received FROM split.staging s"
+            )
+        db.execute(
+            f"INSERT INTO keys (host, digest, offset, received) SELECT * FROM ({staged}) "
+            "WHERE true ORDER BY host, digest, offset "
+            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1"
+        )
+
+    # --- asking -------------------------------------------------------------------------
+
+    def _one(self, sql: str, *args: object) -> bool:
+        return self.db.execute(sql, args).fetchone() is not None
+
+    def in_base(self, host: int, digest: bytes) -> bool:
+        return self.base and self._one("SELECT 1 FROM base.keys WHERE host = ? AND digest = ?", host, digest)
+
+    def has_host_rows(self, host: int) -> bool:
+        return self._one(
+            self._both("SELECT 1 FROM keys WHERE host = ?") + " LIMIT 1", *([host] * (1 + self.base))
+        )
+
+    def present(self, host: int, digests: Sequence[bytes]) -> set[bytes]:
+        """Which of `digests` the host has: one query per _IN_CHUNK of them
+        (a point query each costs 3x more in Python's sqlite3)."""
+        found: set[bytes] = set()
+        for i in range(0, len(digests), _IN_CHUNK):
+            part = digests[i : i + _IN_CHUNK]
+            sql = self._both(
+                f"SELECT digest FROM keys WHERE host = ? AND digest IN ({','.join('?' * len(part))})"
+            )
+            found.update(d for (d,) in self.db.execute(sql, [host, *part] * (1 + self.base)))
+        return found
+
+    def has(self, host: int, digest: bytes) -> int | bool | None:
+        """The key's received time (None when unknown), or False when absent."""
+        row = self.db.execute(
+            self._both("SELECT received FROM keys WHERE host = ? AND digest = ?"),
+            (host, digest, host, digest) if self.base else (host, digest),
+        ).fetchone()
+        return False if row is None else row[0]
+
+    def first_row(self, host: int, digest: bytes) -> int | None:
+        """Where the key's first row starts in the index, or None when absent."""
+        row = self.db.execute(
+            self._both("SELECT offset FROM keys WHERE host = ? AND digest = ?"),
+            (host, digest, host, digest) if self.base else (host, digest),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def digests(self, host: int) -> Iterator[tuple[bytes, int | None]]:
+        """(digest, received) of a host's keys in digest order."""
+        yield from self.db.execute(
+            "SELECT digest, received FROM keys WHERE host = ? ORDER BY digest", (host,)
+        )
+        if self.base:
+            yield from self.db.execute(
+                "SELECT digest, received FROM base.keys WHERE host = ? ORDER BY digest", (host,)
+            )
+
+    def host_rows(self, host: int, cutoff: float | None) -> HostRows:
+        rows = dups = older = 0
+        for schema in ("main", "base") if self.base else ("main",):
+            n, copies, old = self.db.execute(
+                f"SELECT count(*), total(copies), total(received < ?) FROM {schema}.keys WHERE host = ?",
+                (-1 if cutoff is None else cutoff, host),
+            ).fetchone()
+            rows, dups, older = rows + n, dups + int(copies) - n, older + int(old)
+        return HostRows(rows, dups, older)
+
+    def rows(
+        self, host: int, since: float | None = None, min_copies: int = 1
+    ) -> Iterator[tuple[bytes, int, int | None, int]]:
+        """(digest, offset, received, copies) of a host's keys with at least
+        `min_copies` rows, received at or after `since` or at an unknown time
+        (all when since is None)."""
+        where = "host = ? AND copies >= ?"
+        args: tuple[object, ...] = (host, min_copies)
+        if since is not None:
+            where += " AND (received >= ? OR received IS NULL)"
+            args += (since,)
+        for schema in ("main", "base") if self.base else ("main",):
+            sql = f"SELECT digest, offset, received, copies FROM {schema}.keys WHERE {where}"
+            yield from self.db.execute(sql, args)
+
+    def bad_line_examples(self) -> list[tuple[int, int, str]]:
+        sql = "SELECT line, offset, reason FROM {}bad_lines"
+        rows = self.db.execute(sql.format("")).fetchall()
+        if self.base:
+            rows += self.db.execute(sql.format("base.")).fetchall()
+        return sorted(rows)[:EXAMPLES]

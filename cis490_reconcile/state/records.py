@@ -1,0 +1,108 @@
+"""What a pass leaves for the next one and for status: each host
+directory's memo (its times when listed, the episodes it left unresolved),
+tarballs found unverifiable, the orphan counts of the last full pass, and
+named JSON records (the last pass, the last scrub, the scrub's cursor)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .connection import Database
+
+
+@dataclass(frozen=True, slots=True)
+class Unverified:
+    """A tarball found unverifiable, as it was then."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    limits: str  # verify.Decoding.key
+    reason: str
+
+
+class Records:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self.database.db
+
+    # --- host directories -------------------------------------------------------
+
+    def memo(self, host: int) -> tuple[int | None, int | None, list[str]]:
+        """(mtime_ns, ctime_ns, unresolved episodes) as the last pass left the host."""
+        row = self.db.execute("SELECT dir_mtime_ns, dir_ctime_ns FROM hosts WHERE id = ?", (host,)).fetchone()
+        unresolved = [
+            r[0] for r in self.db.execute("SELECT episode_id FROM unresolved WHERE host = ?", (host,))
+        ]
+        return (None, None, unresolved) if row is None else (row[0], row[1], unresolved)
+
+    def save_memo(self, host: int, times: tuple[int, int] | None, unresolved: Iterable[str]) -> None:
+        """Only when it changed: a pass with nothing to do writes nothing."""
+        mtime, ctime, before = self.memo(host)
+        unresolved = sorted(unresolved)
+        if (mtime, ctime) != (times or (None, None)):
+            self.db.execute(
+                "UPDATE hosts SET dir_mtime_ns = ?, dir_ctime_ns = ? WHERE id = ?",
+                (*(times or (None, None)), host),
+            )
+        if sorted(before) != unresolved:
+            self.db.execute("DELETE FROM unresolved WHERE host = ?", (host,))
+            self.db.executemany("INSERT INTO unresolved VALUES (?, ?)", [(host, e) for e in unresolved])
+
+    def forget_memos(self) -> None:
+        """After the index was replaced: what the memos assumed indexed may not be."""
+        self.db.execute("UPDATE hosts SET dir_mtime_ns = NULL, dir_ctime_ns = NULL")
+
+    def save_orphans(self, host: int, missing: int, pruned: int) -> None:
+        self.db.execute(
+            "UPDATE hosts SET missing_rows = ?, pruned_rows = ? WHERE id = ?", (missing, pruned, host)
+        )
+
+    def orphans(self) -> tuple[int, int] | None:
+        """(missing, pruned) rows without a tarball, as of the last full pass."""
+        row = self.db.execute(
+            "SELECT total(missing_rows), total(pruned_rows), count(missing_rows) FROM hosts"
+        ).fetchone()
+        return None if not row[2] else (int(row[0]), int(row[1]))
+
+    # --- verdicts -------------------------------------------------------------------
+
+    def unverified_hosts(self) -> set[int]:
+        """Hosts with a remembered unverifiable tarball (few): the others need no lookup."""
+        return {host for (host,) in self.db.execute("SELECT DISTINCT host FROM unverifiable")}
+
+    def unverified(self, host: int, episode_id: str) -> Unverified | None:
+        row = self.db.execute(
+            "SELECT dev, ino, size, mtime_ns, ctime_ns, limits, reason FROM unverifiable "
+            "WHERE host = ? AND episode_id = ?",
+            (host, episode_id),
+        ).fetchone()
+        return None if row is None else Unverified(*row)
+
+    def save_unverified(self, host: int, episode_id: str, u: Unverified | None) -> None:
+        """Remember (or, with None, forget) a tarball's unverifiable verdict."""
+        self.db.execute("DELETE FROM unverifiable WHERE host = ? AND episode_id = ?", (host, episode_id))
+        if u is not None:
+            self.db.execute(
+                "INSERT INTO unverifiable VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (host, episode_id, u.dev, u.ino, u.size, u.mtime_ns, u.ctime_ns, u.limits, u.reason),
+            )
+
+    # --- named records ---------------------------------------------------------------
+
+    def get(self, name: str, schema: str = "main") -> dict[str, object] | None:
+        row = self.db.execute(f"SELECT value FROM {schema}.records WHERE name = ?", (name,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def save(self, name: str, value: dict[str, object]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO records VALUES (?, ?)", (name, json.dumps(value, sort_keys=True))
+        )
