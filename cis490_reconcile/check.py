@@ -24,6 +24,7 @@ episodes root is still verified, under its directory's name as host_id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -36,7 +37,6 @@ from .config import Config
 from .coverage import Coverage
 from .log import Logger
 from .reading import ReadPacer
-from .state import State
 from .store import SUFFIX, HostDir, Skipped, Store, Tarball, is_safe_name
 from .verdicts import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, Verdict, decoding_for
 from .verify import Seen, examine_file
@@ -132,30 +132,23 @@ class Answer:
 
 class _Index:
     """The index as the next pass would see it: the state database's view,
-    caught up with the rows appended since (statedir.open_view)."""
+    caught up with the rows appended since (statedir.view)."""
 
     def __init__(self, cfg: Config, log: Logger) -> None:
-        self.temp = statedir.TempState()
-        self.view: State | None = None
-        self.fd: int | None = None
+        self._held = contextlib.ExitStack()
         try:
-            self.view = statedir.open_view(cfg, log, self.temp)
-            self.coverage = Coverage(self.view)
-            try:
-                self.fd = os.open(cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return  # nothing indexed yet
-            self.coverage.catch_up(self.fd, full=False)
+            view = self._held.enter_context(statedir.view(cfg, log))
+            self.coverage = Coverage(view)
+            self.fd = index.open_for_reading(cfg.index)
+            if self.fd is not None:
+                self._held.callback(os.close, self.fd)
+                self.coverage.catch_up(self.fd, full=False)
         except BaseException:
-            self.close()
+            self._held.close()
             raise
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-        if self.view is not None:
-            self.view.close()
-        self.temp.close()
+        self._held.close()
 
     def lookup(self, host_id: str, episode_id: str, file: dict[str, object]) -> Lookup:
         """Find the row that covers the episode and compare the fields the

@@ -68,9 +68,8 @@ class Committer:
     def catch_up(self, full: bool = False, on_progress: Callable[[], None] = lambda: None) -> None:
         """Read what the index gained, without the lock (it is append-only:
         an unlocked reader sees whole lines plus at most a torn tail)."""
-        try:
-            fd = os.open(self.cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
+        fd = index.open_for_reading(self.cfg.index)
+        if fd is None:
             return  # nothing indexed yet; the first commit creates it
         try:
             self.on_read(self.coverage.catch_up(fd, full, on_progress))

@@ -217,6 +217,16 @@ def _judged(lines: list[bytes], first: int, ends: list[int], first_overlong: boo
             yield from _judged([raw], n, [offset, nxt], False)
 
 
+def open_for_reading(path: Path) -> int | None:
+    """The index opened to read without the lock (it is append-only: an
+    unlocked reader sees whole lines plus at most a torn tail); None when
+    there is none yet. O_NONBLOCK: a FIFO put in its place never hangs us."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
 def line_at(fd: int, offset: int) -> bytes:
     """The line that starts at `offset`, without its "\\n" (at most
     MAX_LINE_BYTES + 1 bytes: a longer one is no row anyway)."""

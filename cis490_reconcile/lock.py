@@ -65,9 +65,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from . import syscalls
 
+_T = TypeVar("_T")
 _BACKOFF_START_S = 0.001
 _BACKOFF_MAX_S = 0.025
 
@@ -99,6 +101,24 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
+def poll(attempt: Callable[[], _T | None], timeout: float, on_wait: Callable[[], None] | None = None) -> _T:
+    """Call attempt() until it returns something, sleeping with capped
+    exponential backoff in between (race 4) and calling on_wait at each
+    wait; LockTimeout once `timeout` has passed. Every lock of ours waits
+    this way: the index lock here, the state directory's in statedir.py."""
+    deadline = time.monotonic() + timeout
+    backoff = _BACKOFF_START_S
+    while (got := attempt()) is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise LockTimeout(f"waited {timeout:g} s")
+        if on_wait is not None:
+            on_wait()
+        time.sleep(min(backoff, remaining))
+        backoff = min(backoff * 2, _BACKOFF_MAX_S)
+    return got
+
+
 @contextmanager
 def hold(
     path: Path,
@@ -108,27 +128,25 @@ def hold(
 ) -> Iterator[int]:
     """Open `path` with `flags` (must include write access), hold both locks,
     yield the fd; release and close on exit. Raises LockTimeout."""
-    deadline = time.monotonic() + timeout
-    backoff = _BACKOFF_START_S
-    while True:
+
+    def attempt() -> int | None:
         fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
         try:
             locked = _try_both(fd)
             if locked and _same_file(fd, path):
-                break
+                return fd
             if locked:
                 _release(fd)  # race 5: we locked a file that is no longer at `path`
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise LockTimeout(f"could not lock {path} within {timeout:g} s")
-        if on_wait is not None:
-            on_wait()
-        time.sleep(min(backoff, remaining))
-        backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        return None
+
+    try:
+        fd = poll(attempt, timeout, on_wait)
+    except LockTimeout:
+        raise LockTimeout(f"could not lock {path} within {timeout:g} s") from None
     try:
         yield fd
     finally:

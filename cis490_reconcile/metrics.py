@@ -18,15 +18,13 @@ import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, Info, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__, syscalls
-
-if TYPE_CHECKING:
-    from .outcome import Outcome
+from .scrubcursor import RESULTS
 
 NS = "cis490_reconcile"
 TARBALL_STATES = (
@@ -109,7 +107,23 @@ def _render(command: str, values: Mapping[str, Value]) -> bytes:
     return generate_latest(registry)
 
 
-def render_pass(o: Outcome, last_success: float | None) -> bytes:
+class Run(Protocol):
+    """What the files say of a run (outcome.Outcome is one)."""
+
+    @property
+    def started_at(self) -> float: ...  # unix seconds
+
+    @property
+    def duration_s(self) -> float: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def counts(self) -> Mapping[str, object]: ...  # the pass_finished / scrub_finished facts
+
+
+def render_pass(o: Run, last_success: float | None) -> bytes:
     c = o.counts
     orphans = c.get("orphan_rows")
     values: dict[str, Value] = {
@@ -128,9 +142,7 @@ def render_pass(o: Outcome, last_success: float | None) -> bytes:
     return _render("pass", values)
 
 
-def render_scrub(o: Outcome) -> bytes:
-    from .scrub import RESULTS
-
+def render_scrub(o: Run) -> bytes:
     run, in_round = o.counts["run"], o.counts["in_round"]
     assert isinstance(run, Mapping) and isinstance(in_round, Mapping)
     values: dict[str, Value] = {

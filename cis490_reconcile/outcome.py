@@ -9,7 +9,7 @@ sink keeps it where an operator looks:
   time of the last success is carried forward unchanged through failures,
   and across processes (read back from the file the last one wrote).
 - StateRecord: the record "last_pass" or "last_scrub" in the state database,
-  which `status` shows.
+  which `status` shows (its only writer).
 
 A sink that cannot write says so (metrics_write_failed, state_record_failed)
 and the run's exit status stands: a full metrics disk must not fail a pass
@@ -18,6 +18,7 @@ that did its job.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from . import statedir
 from .config import Config
 from .log import Logger
 from .runtime import iso_utc
-from .state import FILE_NAME
+from .state import StateUnusable
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,10 @@ class MetricsFile:
 
 
 class StateRecord:
-    """The record `status` reads: only where the state directory is kept."""
+    """The records `status` reads, "last_pass" and "last_scrub": their one
+    writer. A guest of the state database (statedir.guest): one short
+    transaction, which cannot disturb a pass running meanwhile, on a
+    database a pass (or the scrub) has already made."""
 
     def __init__(self, cfg: Config, log: Logger) -> None:
         self.cfg = cfg
@@ -101,13 +105,9 @@ class StateRecord:
         if state_dir is None or statedir.writable(state_dir) is not None:
             return
         try:
-            state = statedir.open_state(state_dir / FILE_NAME, self.cfg, self.log)
-            try:
-                with state.transaction():
-                    state.records.save(f"last_{outcome.command}", outcome.record())
-            finally:
-                state.close()
-        except (OSError, sqlite3.Error) as e:
+            with contextlib.closing(statedir.guest(self.cfg, self.log)) as state, state.transaction():
+                state.records.save(f"last_{outcome.command}", outcome.record())
+        except (OSError, sqlite3.Error, StateUnusable) as e:
             self.log.warning("state_record_failed", state_dir=state_dir, error=str(e))
 
 

@@ -50,28 +50,26 @@ import re
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import index, scrubcursor, statedir, syscalls
 from .config import Config
 from .coverage import received_seconds
 from .log import MAX_EVENTS, Logger
 from .notify import Notifier
-from .outcome import Outcome
 from .reading import HashingReader, ReadPacer
-from .runtime import ExitCode, StopRequested, human_size
+from .runtime import StopRequested, human_size
 from .scrubcursor import Counts, Cursor
-from .state import FILE_NAME, State
+from .state import State
+from .statedir import StateBusy
 from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name
 from .termbar import TerminalBar
 
 CURSOR = "scrub_cursor"
 LOCK_FILE = "scrub.lock"
-OLD_CURSOR_FILE = "scrub.json"
 SAVE_INTERVAL_S = 2.0
 SAVE_EVERY_ROWS = 10_000
 REPORT_INTERVAL_S = 0.2  # STATUS= and the progress bar rate-limit themselves; this spares the formatting
-RESULTS = ("ok", "mismatched", "missing", "pruned", "unsettled", "unreadable")  # "checked" counts them all
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -108,7 +106,7 @@ def checkable(row: index.Row) -> Checkable | str:
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    result: str  # one of RESULTS
+    result: str  # one of scrubcursor.RESULTS
     reason: str | None = None
     sha256: str | None = None  # of the bytes on disk, when they were all read
     size: int | None = None
@@ -187,6 +185,32 @@ def report(log: Logger, claim: Checkable, line: int, found: Found, n: int) -> No
     getattr(log, level)(event, path=claim.path, line=line, **facts)
 
 
+class ScrubNotRun(Exception):
+    """The scrub could not start (another scrub, a busy state directory, no
+    index); the event that says why is logged."""
+
+
+@dataclass(frozen=True)
+class ScrubRun:
+    """What one run did: the scrub_finished facts and the round's."""
+
+    started_at: float  # unix seconds
+    duration_s: float
+    run: Counts  # this run's
+    round: int
+    in_round: Counts  # the round's so far, across runs
+    round_progress: float  # of the index, by bytes
+    round_completed: bool
+    last_round_completed_at: float | None
+    stopped_by: str | None  # "signal", "max_duration"
+    error: str | None  # what stopped it early
+
+    @property
+    def found_problems(self) -> bool:
+        """A mismatched, missing or unreadable tarball."""
+        return bool(self.run.mismatched or self.run.missing or self.run.unreadable)
+
+
 class Scrubber:
     """One scrub run, from the saved cursor until the end of the index, a
     stop request or the deadline."""
@@ -217,24 +241,27 @@ class Scrubber:
         self.index_size = 0
         self.stopped_by: str | None = None
         self.state: State | None = None
-        self.outcome: Outcome | None = None  # for the metrics file, once the run got going
         self._saved_at = self.started
         self._rows_since_save = 0
         self._next_report = self.started
 
     # --- the run ------------------------------------------------------------------
 
-    def run(self) -> ExitCode:
-        """One scrub run under the scrub lock: 0 nothing wrong found (even if
-        stopped early), 1 a mismatched, missing or unreadable tarball, or the
-        scrub could not run."""
+    def run(self) -> ScrubRun:
+        """One scrub run under the scrub lock. Raises ScrubNotRun when it
+        could not start (said in one event); a run that got going returns
+        what it did, an error that stopped it included."""
         lock_path = self.state_dir / LOCK_FILE
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             if not syscalls.try_flock(fd):
                 self.log.error("scrub_already_running", lock_file=lock_path)
-                return ExitCode.FAILED
-            self.state = statedir.open_state(self.state_dir / FILE_NAME, self.cfg, self.log)
+                raise ScrubNotRun(f"another scrub holds {lock_path}")
+            try:
+                self.state = statedir.guest(self.cfg, self.log, settle=True)
+            except StateBusy as e:
+                self.log.error("scrub_failed", error=str(e))
+                raise ScrubNotRun(str(e)) from e
             try:
                 return self._run()
             finally:
@@ -242,12 +269,12 @@ class Scrubber:
         finally:
             os.close(fd)
 
-    def _run(self) -> ExitCode:
+    def _run(self) -> ScrubRun:
         try:
             fd = os.open(self.cfg.index, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
-            return ExitCode.FAILED
+            raise ScrubNotRun(f"index: {e.strerror}") from e
         try:
             try:
                 st = os.fstat(fd)
@@ -257,19 +284,17 @@ class Scrubber:
                 self.cursor = scrubcursor.resume(self._saved_cursor(), fd, st, self.started_at, self.log)
             except OSError as e:
                 self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
-                return ExitCode.FAILED
+                raise ScrubNotRun(f"index: {e.strerror}") from e
             try:
                 completed = self._scrub(fd)
             except OSError as e:  # the index or the store became unreadable: keep what we did
                 self.log.error("scrub_failed", error=str(e), **self._summary())
-                self.outcome = self._outcome(completed=False, error=str(e))
+                done = self._done(completed=False, error=str(e))
                 self._save()
-                return ExitCode.FAILED
+                return done
         finally:
             os.close(fd)
-        self._finish(completed)
-        c = self.run_counts
-        return ExitCode.FAILED if c.mismatched or c.missing or c.unreadable else ExitCode.OK
+        return self._finish(completed)
 
     def _saved_cursor(self) -> Cursor:
         assert self.state is not None
@@ -383,7 +408,7 @@ class Scrubber:
             "round": self.cursor.round,
         }
 
-    def _finish(self, completed: bool) -> None:
+    def _finish(self, completed: bool) -> ScrubRun:
         cursor = self.cursor
         summary = self._summary()
         if completed:
@@ -395,28 +420,28 @@ class Scrubber:
                 **asdict(cursor.counts),
             )
             cursor.last_round_completed_at = now
-        self.outcome = self._outcome(completed)
+        done = self._done(completed)
         self.cursor = cursor.next_round() if completed else cursor
         self._save()
-        statedir.remove_old_files(self.state_dir, (OLD_CURSOR_FILE,), self.log)
         if self.bar is not None:
             self.bar.clear()
         self.log.info("scrub_finished", **summary, round_completed=completed, stopped_by=self.stopped_by)
         self.notifier.stopping(f"scrub round {cursor.round} {'completed' if completed else 'paused'}")
+        return done
 
-    def _outcome(self, completed: bool, error: str | None = None) -> Outcome:
+    def _done(self, completed: bool, error: str | None = None) -> ScrubRun:
+        """What this run did, for the action to judge and record."""
         cursor = self.cursor
         progress = 1.0 if completed else (cursor.offset / self.index_size if self.index_size else 0.0)
-        counts = {
-            "run": asdict(self.run_counts),
-            "in_round": asdict(cursor.counts),
-            "round": cursor.round,
-            "last_round_completed_at": cursor.last_round_completed_at,
-            "round_progress": progress,
-            "round_completed": completed,
-            "stopped_by": self.stopped_by,
-        }
-        c = self.run_counts
-        found = c.mismatched or c.missing or c.unreadable
-        result = "failed" if error or found else "interrupted" if self.stopped_by else "ok"
-        return Outcome("scrub", self.started_at, time.monotonic() - self.started, result, error, counts)
+        return ScrubRun(
+            started_at=self.started_at,
+            duration_s=time.monotonic() - self.started,
+            run=replace(self.run_counts),
+            round=cursor.round,
+            in_round=replace(cursor.counts),
+            round_progress=progress,
+            round_completed=completed,
+            last_round_completed_at=cursor.last_round_completed_at,
+            stopped_by=self.stopped_by,
+            error=error,
+        )

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from . import syscalls
 from .log import Logger
 
+RESULTS = ("ok", "mismatched", "missing", "pruned", "unsettled", "unreadable")  # "checked" counts them all
+
 
 @dataclass
 class Counts:

@@ -333,11 +333,9 @@ def survey(
 ) -> Report:
     """The report (or, with `orphans`, every row without a tarball streamed there)."""
     log = log or make_logger("error", sys.stderr)
-    temp = statedir.TempState()
     try:
-        view = statedir.open_view(cfg, log, temp)
-        try:
-            fd = _open_index(cfg)
+        with statedir.view(cfg, log) as view:
+            fd = index.open_for_reading(cfg.index)
             try:
                 s = Survey(cfg, log, view, fd, bar)
                 s.read_index()
@@ -353,20 +351,10 @@ def survey(
             finally:
                 if fd is not None:
                     os.close(fd)
-        finally:
-            view.close()
     finally:
-        temp.close()
         if bar is not None:
             bar.clear()
     return s.report
-
-
-def _open_index(cfg: Config) -> int | None:
-    try:
-        return os.open(cfg.index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None  # nothing indexed yet
 
 
 def _counted(found: dict[str, object]) -> str:

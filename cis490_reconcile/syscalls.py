@@ -152,6 +152,12 @@ def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
     return min(real, default=None)
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on: its affinity mask, which a unit's
+    CPUAffinity= or a container narrows (os.cpu_count() would not see it)."""
+    return len(os.sched_getaffinity(0))
+
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 

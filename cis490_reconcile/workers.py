@@ -185,7 +185,3 @@ class VerifyPool:
             seen = now
             for future in done:
                 yield from future.result()
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0))

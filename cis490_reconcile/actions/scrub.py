@@ -1,15 +1,19 @@
 """`cis490-reconcile scrub`: one scrub run (scrub.py), then its outcome to
 the sinks (outcome.py). Exit 0 when nothing wrong was found (even if stopped
 early), 1 for a mismatched, missing or unreadable tarball, or when the scrub
-could not run."""
+could not run (another scrub, a pass holding the state directory past
+lock_timeout while the database needed making, no index)."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 from .. import outcome
 from ..config import ConfigError
 from ..notify import Notifier
+from ..outcome import Outcome
 from ..runtime import ExitCode, Signals
-from ..scrub import Scrubber
+from ..scrub import Scrubber, ScrubNotRun, ScrubRun
 from . import Context
 
 
@@ -23,8 +27,28 @@ def run(ctx: Context) -> ExitCode:
     log = ctx.logger(cfg, bar=bar)
     with Signals(hangup_reloads=False) as signals:
         scrubber = Scrubber(cfg, log, Notifier(), signals.should_stop, ctx.args.max_duration, bar)
-        code = scrubber.run()
-    if scrubber.outcome is not None:
-        for sink in outcome.sinks(cfg, log):
-            sink.write(scrubber.outcome)
-    return code
+        try:
+            done = scrubber.run()
+        except ScrubNotRun:
+            return ExitCode.FAILED
+    result = _outcome(done)
+    for sink in outcome.sinks(cfg, log):
+        sink.write(result)
+    return ExitCode.OK if result.result != "failed" else ExitCode.FAILED
+
+
+def _outcome(done: ScrubRun) -> Outcome:
+    """Failed when it stopped on an error or found a mismatched, missing or
+    unreadable tarball; interrupted when stopped early; else ok."""
+    counts = {
+        "run": asdict(done.run),
+        "in_round": asdict(done.in_round),
+        "round": done.round,
+        "last_round_completed_at": done.last_round_completed_at,
+        "round_progress": done.round_progress,
+        "round_completed": done.round_completed,
+        "stopped_by": done.stopped_by,
+    }
+    failed = done.error or done.found_problems
+    result = "failed" if failed else "interrupted" if done.stopped_by else "ok"
+    return Outcome("scrub", done.started_at, done.duration_s, result, done.error, counts)

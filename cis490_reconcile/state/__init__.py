@@ -21,11 +21,57 @@ The package, by what each module owns:
 application_id` marks the file as ours; a file of another program, of a
 newer schema or for another store is not used (StateUnusable).
 
-Concurrency: WAL mode, so readers (status, opened read-only) never block the
-writer nor are blocked by it; every change is an explicit transaction, and the
-checkpoint is committed in the same transaction as the keys it covers, so a
-kill -9 at any moment leaves a file consistent in itself (re-measure:
-tests/test_crash.py). One pass at a time holds the state directory's flock.
+Who may write what. One rule: only the holder of the state directory's lock
+(an exclusive flock on the directory itself, statedir.owned) creates,
+replaces or deletes files there: the database (made, migrated, or rebuilt
+when unusable), the scratch file of a rebuild's forked reader
+(state.sqlite3-split), the files of earlier versions. Everyone else writes
+only in short transactions that cannot disturb the holder, or not at all.
+Each opener says which it is (connection.Access):
+
+    OWNER   a pass, for the whole pass (statedir.owned)
+    GUEST   scrub (its cursor, every few seconds of a run that may last
+            hours) and the outcome sinks (the last_pass and last_scrub
+            records): statedir.guest
+    READER  status, check and dry runs (statedir.view)
+
+The races, and how each is handled:
+
+1. Two passes at once (the timer's and one by hand): the second waits for
+   the flock up to lock_timeout, then fails in one line (StateBusy). There
+   is never more than one owner.
+2. A guest writes while a pass runs: WAL admits one writer at a time, and a
+   guest's write is one BEGIN IMMEDIATE ... COMMIT of a few rows, which
+   waits up to the busy timeout (30 s) for the pass's transaction to end.
+   The pass's longest is the one that replaces the keys after a rebuild; a
+   guest that waits longer gives up with a warning (scrub_cursor_save_failed,
+   state_record_failed), never the pass, which waits at most for one short
+   guest write.
+3. A guest starts while a pass rebuilds: the forked reader's scratch file is
+   the pass's. A guest never opens it, and only an owner removes one (as the
+   leftover of a killed owner, when it opens the database), so a scrub can
+   no longer delete the scratch file of a rebuild under way and fail it.
+4. A guest finds no database, an older schema or a damaged file: it does not
+   make, migrate or rebuild it. A sink gives up with a warning; the scrub,
+   which needs its cursor, takes the directory's lock like a pass for as long
+   as that takes (waiting up to lock_timeout for a running pass, then failing
+   in one line), then writes as a guest again.
+5. An owner rebuilds a damaged database that a guest holds open: the guest's
+   connection keeps the removed file, and its later writes go with it (the
+   next scrub starts a new round; the next run writes its record again).
+6. Readers never block the writer nor are blocked by it (WAL); one that
+   finds an older schema ignores the file (state_ignored) and reads the
+   whole index. SQLite may create its -wal and -shm files beside the
+   database for a reader: they are SQLite's, not ours.
+7. kill -9 of an owner: the kernel drops the flock; the checkpoint is
+   committed in the same transaction as the keys it covers, so the file is
+   consistent in itself (re-measure: tests/test_crash.py); the next owner
+   removes a scratch file the killed rebuild left.
+8. kill -9 of a guest in a transaction: SQLite rolls it back; the scrub's
+   cursor is then its previous save, a few seconds back.
+
+tests/test_concurrency.py runs every pair of commands at once on one state
+directory and proves each of these.
 """
 
 from __future__ import annotations
@@ -33,13 +79,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from .connection import FILE_NAME, Database, StateUnusable, split_path
+from .connection import FILE_NAME, Access, Database, StateUnusable, split_path
 from .keys import EXAMPLES, Checkpoint, HostRows, Key, Keys, SplitPart
 from .records import Records, Unverified
 
 __all__ = [
     "EXAMPLES",
     "FILE_NAME",
+    "Access",
     "Checkpoint",
     "HostRows",
     "Key",
@@ -60,8 +107,8 @@ class State(Database):
         self.records = Records(self)
 
     @classmethod
-    def open(cls, path: Path | str, episodes_root: str, index_path: str, readonly: bool = False) -> State:
-        """Open (creating and migrating as needed) the state of this store.
-        Raises StateUnusable, or OSError/sqlite3.OperationalError when the
-        file cannot be opened at all (permissions, a read-only directory)."""
-        return cls(cls.connect(path, episodes_root, index_path, readonly))
+    def open(
+        cls, path: Path | str, episodes_root: str, index_path: str, access: Access = Access.OWNER
+    ) -> State:
+        """The state of this store, opened as `access` allows (Database.connect)."""
+        return cls(cls.connect(path, episodes_root, index_path, access))

@@ -5,6 +5,7 @@ holds and who may write it."""
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -56,14 +57,31 @@ class StateUnusable(Exception):
     reason says which. The caller starts a new one."""
 
 
-def connect(path: Path | str, readonly: bool = False, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
+class Access(enum.Enum):
+    """How an opener may use the file (the package docstring says who is which)."""
+
+    OWNER = "owner"  # holds the state directory's lock: creates, migrates, removes leftovers
+    GUEST = "guest"  # short transactions on an existing file of this schema; creates and removes nothing
+    READER = "reader"  # reads only
+
+
+def connect(
+    path: Path | str, access: Access = Access.OWNER, busy_timeout_s: float = 30.0
+) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, a
-    bounded page cache. Read-only connections never write, not even the WAL."""
-    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-    db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+    bounded page cache. Only an owner's may create the file; a reader's
+    never writes, not even the WAL."""
+    mode = {Access.OWNER: "rwc", Access.GUEST: "rw", Access.READER: "ro"}[access]
+    db = sqlite3.connect(
+        f"file:{path}?mode={mode}",
+        uri=True,
+        isolation_level=None,
+        timeout=busy_timeout_s,
+        check_same_thread=False,
+    )
     db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     db.execute("PRAGMA secure_delete = OFF")  # Debian builds zero freed pages: 70 MiB of writes per 2M rows
-    if not readonly:
+    if access is not Access.READER:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoint, consistent always
     return db
@@ -81,22 +99,27 @@ class Database:
 
     @classmethod
     def connect(
-        cls, path: Path | str, episodes_root: str, index_path: str, readonly: bool = False
+        cls, path: Path | str, episodes_root: str, index_path: str, access: Access = Access.OWNER
     ) -> sqlite3.Connection:
-        """A connection to the state of this store, created and migrated as
-        needed. Raises StateUnusable, or OSError/sqlite3.OperationalError when
-        the file cannot be opened at all (permissions, a read-only directory)."""
+        """A connection to the state of this store; an owner's creates and
+        migrates the file as needed and removes what a killed owner left.
+        Raises StateUnusable (for a guest or a reader also when there is no
+        file, or one of an older schema), or OSError/sqlite3.OperationalError
+        when the file cannot be opened at all (permissions, a read-only
+        directory)."""
+        if access is not Access.OWNER and not os.path.exists(path):
+            raise StateUnusable("no state database yet (a pass makes one)")
         try:
-            db = connect(path, readonly)
+            db = connect(path, access)
         except sqlite3.OperationalError:
             raise  # cannot be opened at all: permissions, a missing directory
         except sqlite3.DatabaseError as e:
             raise StateUnusable(f"not a usable database: {e}") from None
-        if not readonly:  # left by a pass that was killed: this one holds the state directory
+        if access is Access.OWNER:  # left by an owner that was killed: this one holds the directory now
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(split_path(path))
         try:
-            _check(db, episodes_root, index_path, readonly)
+            _check(db, episodes_root, index_path, access)
         except sqlite3.DatabaseError as e:
             db.close()
             if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
@@ -139,7 +162,7 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, readonly: bool) -> None:
+def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, access: Access) -> None:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     app = db.execute("PRAGMA application_id").fetchone()[0]
     if (app, version) == (0, 0):  # a new file, unless it is someone else's database
@@ -150,7 +173,7 @@ def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, readonly
     if version > len(MIGRATIONS):
         raise StateUnusable(f"schema version {version}, newer than this program's {len(MIGRATIONS)}")
     if version < len(MIGRATIONS):
-        if readonly:
+        if access is not Access.OWNER:
             raise StateUnusable(f"schema version {version}: the next pass migrates it")
         with _transaction(db):
             for script in MIGRATIONS[version:]:
@@ -163,7 +186,7 @@ def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, readonly
     found = db.execute("SELECT episodes_root, index_path FROM store").fetchone()
     if found != (episodes_root, index_path):
         raise StateUnusable(f"written for another store ({found[0]}, {found[1]})" if found else "no store")
-    if not readonly:  # a header that forbids writing is found by a write, not by a read
+    if access is not Access.READER:  # a header that forbids writing is found by a write, not by a read
         with contextlib.suppress(_RolledBack), _transaction(db):
             db.execute("UPDATE store SET index_path = index_path")
             raise _RolledBack
