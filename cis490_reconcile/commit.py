@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from . import index, runtime
+from . import basics, index
 from .config import Config
 from .coverage import CatchUp, Coverage
 from .store import Tarball
@@ -103,7 +103,7 @@ class Committer:
             done.lock_held_s = time.monotonic() - locked_at
         done.lock_wait_s = locked_at - asked
         self.on_read(fd_read)
-        runtime.crash_point("appended")
+        basics.step("appended")
         if done.written:
             self.catch_up()  # our own rows, into the database
         return done

@@ -33,14 +33,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from . import index, runtime, syscalls
+from . import basics, index, syscalls
 from .index import BadLine, Row, TornTail
 from .state import Checkpoint, HostRows, Key, SplitPart, State
 
 TAIL_BYTES = 4096
 COMMIT_ROWS = 50_000  # keys per transaction while catching up
 STAGE_BATCH = 20_000  # keys a rebuild stages at a time (about 3 MB)
-SPLIT_MIN_BYTES = 64 << 20  # a rebuild reads half of an index this large in a forked process
+# a rebuild reads half of an index this large in a forked process (the concurrency tests lower it)
+SPLIT_MIN_BYTES = int(os.environ.get("CIS490_TEST_SPLIT_MIN_BYTES") or 64 << 20)
 MAX_BAD_LINES = 1000  # bad lines a catch-up hands back (for events); the count is complete
 _POINT_US, _SCAN_US = 15.0, 0.4  # measured costs of a lookup and of a key merged
 _blake2b, _fromisoformat = hashlib.blake2b, datetime.fromisoformat  # bound once: per-row calls
@@ -269,7 +270,7 @@ class Coverage:
                 continue  # nothing read since the last commit
             with self.state.transaction():
                 self.state.keys.add(self._without_base(keys) if self.state.base else keys)
-                runtime.crash_point("in_transaction")
+                basics.step("in_transaction")
                 self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in bad)
                 self.state.keys.save_checkpoint(reader.checkpoint(fd, st, cp.rebuilt_at))
             saved = reader.offset
@@ -298,10 +299,11 @@ class Coverage:
         split = _split_point(fd, st.st_size)
         with self.state.keys.rebuilding(), contextlib.ExitStack() as stack:
             part = None if split is None else stack.enter_context(_ForkedPart(self, fd, split, st.st_size))
-            runtime.crash_point("forked")
+            basics.step("forked")
             _stage(reader, index.entries(fd, 0, split or st.st_size), self.state.keys.stage, on_progress)
             if part is not None:
                 hosts = part.join(reader, on_progress)
+                basics.step("split_joined")
                 if hosts is None:  # the child failed: read its part here
                     rest = index.entries(fd, part.start, st.st_size, reader.lines_before(fd, part.start))
                     _stage(reader, rest, self.state.keys.stage, on_progress)
@@ -309,7 +311,7 @@ class Coverage:
                     stack.enter_context(self.state.keys.attached_split(part.path, hosts))
             with self.state.transaction():
                 self.state.keys.replace()
-                runtime.crash_point("rebuilding")
+                basics.step("rebuilding")
                 self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in reader.found.bad)
                 self.state.keys.save_checkpoint(reader.checkpoint(fd, st, time.time()))
                 if replaced:

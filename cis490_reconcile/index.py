@@ -31,7 +31,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import lock, runtime, syscalls
+from . import basics, lock, syscalls
 from .store import Tarball
 from .verdicts import Intact
 
@@ -55,14 +55,14 @@ def backfill_row(tarball: Tarball, intact: Intact, now_ns: int) -> dict[str, obj
     """The receiver's row (received_at_wall is the tarball's mtime, the best
     estimate of when the receiver got it), marked backfilled, plus when."""
     row: dict[str, object] = {
-        "received_at_wall": runtime.iso_utc(tarball.mtime_ns),
+        "received_at_wall": basics.iso_utc(tarball.mtime_ns),
         "host_id": tarball.host_id,
         "episode_id": tarball.episode_id,
         "sha256": intact.sha256,
         "size_bytes": intact.size,
         "schema_version": SCHEMA_VERSION,
         "backfilled": True,
-        "backfilled_at": runtime.iso_utc(now_ns),
+        "backfilled_at": basics.iso_utc(now_ns),
     }
     if intact.commit:
         row["commit"] = intact.commit
@@ -269,7 +269,7 @@ class LockedIndex:
         written = os.write(self.fd, data)
         if written != len(data):
             raise IndexWriteError(f"short write: {written} of {len(data)} bytes")
-        runtime.crash_point("index_written")
+        basics.step("index_written")
         syscalls.fdatasync(self.fd)
         return written
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Protocol
 
 from . import statedir
+from .basics import iso_utc
 from .config import Config
 from .log import Logger
-from .runtime import iso_utc
 from .state import StateUnusable
 
 

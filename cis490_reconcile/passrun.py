@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-from . import index, quarantine
+from . import basics, index, quarantine
+from .basics import human_size, iso_utc
 from .commit import Committed, Committer, Pending
 from .config import Config
 from .coverage import CatchUp, Coverage
@@ -36,7 +37,7 @@ from .lock import LockTimeout
 from .log import Events, Logger
 from .notify import Notifier
 from .reading import ReadPacer
-from .runtime import StopRequested, human_size, iso_utc
+from .runtime import StopRequested
 from .scan import Scan
 from .state import State
 from .store import HostDir, Store, Tarball
@@ -111,6 +112,7 @@ class PassRun:
         env, s = self.env, self.summary
         env.notifier.status("reading the index", force=True)
         self.committer.catch_up(s.full, self.checkpoint)
+        basics.step("caught_up")
         with Store(self.cfg.episodes_root) as store:
             self.store = store
             for chunk in self.scan.candidates(store, self.checkpoint):

@@ -1,5 +1,5 @@
 """What every command shares at run time: signals and the stop they ask for,
-the exit codes, and how times and sizes are written.
+and the exit codes.
 
 Signals only set flags; the work notices them at its next checkpoint:
 
@@ -15,18 +15,10 @@ signal (signal.set_wakeup_fd), so a stop is seen at once, not after the wait.
 from __future__ import annotations
 
 import enum
-import operator
 import os
 import select
 import signal
-from datetime import datetime, timedelta, timezone
 from types import FrameType
-from typing import TypeVar
-
-_T = TypeVar("_T")
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_CRASH_AT = os.environ.get("CIS490_TEST_CRASH_AT")
 
 
 class ExitCode(enum.IntEnum):
@@ -39,44 +31,6 @@ class ExitCode(enum.IntEnum):
 class StopRequested(BaseException):
     """Raised at a checkpoint after a stop was asked for. A BaseException so
     that no `except Exception` on the way swallows it."""
-
-
-def crash_point(name: str) -> None:
-    """Die here, at once and uncleanly (SIGKILL), when the crash tests name
-    this step in CIS490_TEST_CRASH_AT: they prove a kill at each named step
-    leaves an index and a state database that the next pass makes whole.
-    The steps: index_written (between write and fdatasync), appended (after
-    the append, before the state database knows), in_transaction (inside a
-    state transaction), forked (a rebuild's forked reader has started),
-    rebuilding (halfway through a full rebuild, its halves merged)."""
-    if name == _CRASH_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def pickled_by_position(cls: type[_T]) -> type[_T]:
-    """Have a slots dataclass pickle as its class and its fields in order.
-    The default (state set field by field, in Python) made pickling the
-    tarballs and verdicts the workers exchange 7% of a pass's CPU on 64 KiB
-    tarballs (re-measure: tests/bench/run.py --only many)."""
-    names = vars(cls)["__slots__"]
-    assert isinstance(names, tuple) and len(names) > 1
-    fields = operator.attrgetter(*names)
-    cls.__reduce__ = lambda self: (cls, fields(self))  # type: ignore[method-assign]
-    return cls
-
-
-def iso_utc(ns: int) -> str:
-    """A timestamp the way the receiver writes received_at_wall:
-    ``2026-11-25T08:23:02.659399+00:00``."""
-    return (_EPOCH + timedelta(microseconds=ns // 1000)).isoformat()
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 class Signals:

@@ -52,13 +52,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-from . import index, scrubcursor, statedir, syscalls
+from . import basics, index, scrubcursor, statedir, syscalls
+from .basics import human_size
 from .config import Config
 from .coverage import received_seconds
 from .log import MAX_EVENTS, Logger
 from .notify import Notifier
 from .reading import HashingReader, ReadPacer
-from .runtime import StopRequested, human_size
+from .runtime import StopRequested
 from .scrubcursor import Counts, Cursor
 from .state import State
 from .statedir import StateBusy
@@ -327,6 +328,7 @@ class Scrubber:
                     if isinstance(entry, index.TornTail):
                         self.log.debug("index_torn_tail", offset=entry.offset)
                         break
+                    basics.step("scrubbing")
                     self._line(store, entry)
                     cursor.offset, cursor.line = entry.end, entry.line
                     self._rows_since_save += 1

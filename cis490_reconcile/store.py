@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import syscalls
-from .runtime import pickled_by_position
+from .basics import pickled_by_position
 
 SUFFIX = ".tar.zst"
 _TEMP_SUFFIXES = (".tmp", ".partial")

@@ -16,8 +16,8 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
+from .basics import human_size
 from .log import is_journal
-from .runtime import human_size
 
 REDRAW_INTERVAL_S = 0.2
 _BAR_WIDTH = 24

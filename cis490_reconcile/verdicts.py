@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from . import syscalls, zstdframe
+from .basics import human_size, pickled_by_position
 from .config import Config
 from .preflight import load_dictionaries
-from .runtime import human_size, pickled_by_position
 
 if TYPE_CHECKING:
     import zstandard

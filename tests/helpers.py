@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -17,6 +19,8 @@ from pathlib import Path
 import zstandard
 
 from cis490_reconcile.actions.demo import tar_bytes as tar_bytes
+from cis490_reconcile.coverage import Coverage
+from cis490_reconcile.state import FILE_NAME, State
 
 REPO = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -236,6 +240,34 @@ class Receiver:
         twin = Receiver.__new__(Receiver)
         twin.root, twin.episodes, twin.index = dest, dest / "episodes", dest / "index.jsonl"
         return twin
+
+
+def recounted(receiver: Receiver, directory: Path) -> Path:
+    """A state directory made from nothing by reading the whole index: what
+    the state of any history must equal."""
+    directory.mkdir()
+    with contextlib.closing(
+        State.open(directory / FILE_NAME, str(receiver.episodes), str(receiver.index))
+    ) as st:
+        fd = os.open(receiver.index, os.O_RDONLY)
+        try:
+            Coverage(st).catch_up(fd, full=True)
+        finally:
+            os.close(fd)
+    return directory
+
+
+def state_contents(state_dir: Path) -> tuple[list[tuple], tuple, list[tuple]]:
+    """What a state database knows of the index: keys by host name, the
+    checkpoint's position, the bad line examples."""
+    with contextlib.closing(sqlite3.connect(state_dir / FILE_NAME)) as db:
+        query = "SELECT h.name, k.digest, k.offset, k.received, k.copies FROM keys k"
+        keys = sorted(db.execute(query + " JOIN hosts h ON h.id = k.host"))
+        position = db.execute(
+            "SELECT index_ino, offset, lines, bad_lines, tail_sha256 FROM checkpoint"
+        ).fetchone()
+        bad = db.execute("SELECT * FROM bad_lines ORDER BY line").fetchall()
+    return keys, position, bad
 
 
 def _tree_rss(root: int) -> tuple[int, int]:

@@ -99,7 +99,7 @@ def _phase(returncode: int, log: str) -> str:
     return "killed while starting"
 
 
-# --- kill -9 at named steps (runtime.crash_point) ------------------------------------------
+# --- kill -9 at named steps (basics.step) ------------------------------------------
 
 
 def _database(state_dir: Path) -> tuple[list[tuple[str, bytes, int]], int]:

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, parse_events, tmpfs
+from helpers import Receiver, parse_events, recounted, state_contents, tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cis490_reconcile import config, scan, state
-from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.passrun import PassSummary
 from cis490_reconcile.reconcile import Reconciler
@@ -350,33 +349,10 @@ def test_any_history_ends_as_one_full_pass_from_scratch(
         fresh.close()
         assert _rows(inc) == _rows(full)
         assert sorted(set(_rows(inc))) == _rows(inc), "a duplicate row"
-        scratch = root / "scratch"
-        scratch.mkdir()
-        with contextlib.closing(
-            State.open(scratch / state.FILE_NAME, str(inc.episodes), str(inc.index))
-        ) as st_:
-            fd = os.open(inc.index, os.O_RDONLY)
-            try:
-                Coverage(st_).catch_up(fd, full=True)
-            finally:
-                os.close(fd)
-        assert _database(state_dir) == _database(scratch)
+        assert state_contents(state_dir) == state_contents(recounted(inc, root / "scratch"))
     finally:
         keep.close()
         scan.GUARD_NS = saved
-
-
-def _database(state_dir: Path) -> tuple[list[tuple], tuple, list[tuple]]:
-    """What the index is known to hold: keys by host name, the checkpoint's
-    position, the bad line examples."""
-    with contextlib.closing(sqlite3.connect(state_dir / state.FILE_NAME)) as db:
-        query = "SELECT h.name, k.digest, k.offset, k.received, k.copies FROM keys k"
-        keys = sorted(db.execute(query + " JOIN hosts h ON h.id = k.host"))
-        position = db.execute(
-            "SELECT index_ino, offset, lines, bad_lines, tail_sha256 FROM checkpoint"
-        ).fetchone()
-        bad = db.execute("SELECT * FROM bad_lines ORDER BY line").fetchall()
-    return keys, position, bad
 
 
 def _apply(r: Receiver, what: str, host: str, n: int) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..basics import human_size
 from ..check import Answer, Checker
 from ..config import ConfigError
-from ..runtime import ExitCode, Signals, StopRequested, human_size
+from ..runtime import ExitCode, Signals, StopRequested
 from ..store import SUFFIX, printable
 from . import Context
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import zstandard
 
 from .. import config
+from ..basics import iso_utc
 from ..index import encode_row
 from ..log import make_logger
 from ..reconcile import Reconciler
-from ..runtime import ExitCode, iso_utc
+from ..runtime import ExitCode
 from . import Context
 
 DEMO_COMMIT = "0123456789abcdef0123456789abcdef01234567"
