@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from . import basics, index, syscalls
+from . import basics, index, retention, syscalls
 from .index import BadLine, Row, TornTail
 from .state import Checkpoint, HostRows, Key, SplitPart, State
 
@@ -113,10 +113,6 @@ def orphans(rows: HostRows, matched: int = 0, matched_older: int = 0) -> tuple[i
     cutoff `rows` was counted against (gone by design), else missing."""
     pruned = rows.older - matched_older
     return rows.rows - matched - pruned, pruned
-
-
-def _older(received: int | None, cutoff: float | None) -> bool:
-    return cutoff is not None and received is not None and received < cutoff
 
 
 class _Reader:
@@ -369,7 +365,7 @@ class Coverage:
                     unindexed.append(name)
                 else:
                     matched += 1
-                    matched_older += _older(received, cutoff)
+                    matched_older += retention.older(received, cutoff)
         else:
             listed = sorted((digest(name), name) for name in names)
             keys = iter(self.state.keys.digests(host))
@@ -379,7 +375,7 @@ class Coverage:
                     key = next(keys, None)
                 if key is not None and key[0] == d:
                     matched += 1
-                    matched_older += _older(key[1], cutoff)
+                    matched_older += retention.older(key[1], cutoff)
                 else:
                     unindexed.append(name)
             unindexed.sort()

@@ -24,67 +24,24 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TextIO
+from collections.abc import Iterable, Iterator
 
 from . import basics, index, quarantine
 from .basics import human_size, iso_utc
 from .commit import Committed, Committer, Pending
-from .config import Config
 from .coverage import CatchUp, Coverage
 from .lock import LockTimeout
-from .log import Events, Logger
-from .notify import Notifier
+from .log import Events
+from .passdata import PassContext, PassSummary
 from .reading import ReadPacer
 from .runtime import StopRequested
 from .scan import Scan
 from .state import State
 from .store import HostDir, Store, Tarball
-from .termbar import TerminalBar
-from .verdicts import Corrupt, Decoding, Intact, Unreadable, Unsettled, Unverifiable, Verdict
+from .verdicts import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, Verdict
 
 BATCH_ROWS = 1000
 BATCH_SECONDS = 10.0
-
-
-@dataclass
-class PassSummary:
-    scanned: int = 0
-    already_indexed: int = 0
-    backfilled: int = 0
-    raced: int = 0  # verified, but the receiver's row arrived before our commit
-    corrupt: int = 0
-    unverifiable: int = 0  # found now, or earlier and unchanged since (not read again)
-    quarantined: int = 0
-    in_flight: int = 0
-    unsettled: int = 0
-    unreadable: int = 0
-    skipped: int = 0
-    bad_index_lines: int = 0
-    bytes_read: int = 0
-    lock_wait_s: float = 0.0
-    lock_held_max_s: float = 0.0
-    duration_s: float = 0.0
-    interrupted: bool = False
-    full: bool = False  # listed every host directory and read the whole index
-    hosts_listed: int = 0
-    hosts_unchanged: int = 0  # not listed: unchanged since the last pass
-
-
-@dataclass(frozen=True)
-class PassContext:
-    """What a pass needs from the long-lived Reconciler."""
-
-    cfg: Config
-    log: Logger
-    notifier: Notifier
-    should_stop: Callable[[], bool]
-    decoding: Decoding
-    workers: int
-    dry_run: bool = False
-    rows_out: TextIO | None = None
-    bar: TerminalBar | None = None
 
 
 class PassRun:

@@ -24,7 +24,8 @@ from .index import IndexWriteError
 from .lock import LockTimeout
 from .log import Logger
 from .notify import Notifier
-from .passrun import PassContext, PassRun, PassSummary
+from .passdata import PassContext, PassSummary
+from .passrun import PassRun
 from .runtime import StopRequested
 from .state import State
 from .statedir import StateBusy, TempState

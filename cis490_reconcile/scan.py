@@ -20,15 +20,13 @@ import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from . import retention
 from .coverage import Coverage, orphans
 from .log import Events
+from .passdata import PassContext, PassSummary
 from .state import State, Unverified
 from .store import HostDir, Skipped, Store, Tarball, printable
-
-if TYPE_CHECKING:
-    from .passrun import PassContext, PassSummary
 
 SCAN_CHUNK = 100_000  # candidate names held at once (a few MB)
 GUARD_NS = 3 * 10**9  # a directory changed this recently may change again within its timestamp tick
@@ -73,7 +71,7 @@ class Scan:
         self.unverified_hosts = (
             state.records.unverified_hosts()
         )  # saved only by remember(): fixed for the pass
-        self.cutoff = None if self.cfg.retention is None else time.time() - self.cfg.retention
+        self.cutoff = retention.cutoff(self.cfg.retention, time.time())
 
     @property
     def _recounts_orphans(self) -> bool:
@@ -117,18 +115,14 @@ class Scan:
                     self.summary.hosts_unchanged += 1
                     self.summary.scanned += len(memo[2])
                     return self._track(host_id, memo[2])
-                entries = host.entries()
+                names, skipped = host.entries()
             except OSError as e:
                 self.skipped(Skipped(host_id, f"cannot list: {e.strerror}"))
                 self.hosts.pop(host_id, None)
                 return []
         self.summary.hosts_listed += 1
-        names = []
-        for entry in entries:
-            if isinstance(entry, Skipped):
-                self.skipped(entry)
-            else:
-                names.append(entry)
+        for entry in skipped:
+            self.skipped(entry)
         listing = self.coverage.listing(host_id, names, self.cutoff)
         self.summary.scanned += len(names)
         self.summary.already_indexed += len(names) - len(listing.unindexed)

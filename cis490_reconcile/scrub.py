@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-from . import basics, index, scrubcursor, statedir, syscalls
+from . import basics, index, retention, scrubcursor, statedir, syscalls
 from .basics import human_size
 from .config import Config
 from .coverage import received_seconds
@@ -117,7 +117,7 @@ def check(store: Store, claim: Checkable, cutoff: float | None, on_read: Callabl
     """Compare the file at the row's path with the row. Only a regular
     file is read (never a symlink, FIFO or directory: those are missing
     tarballs)."""
-    pruned = cutoff is not None and claim.received is not None and claim.received < cutoff
+    pruned = retention.older(claim.received, cutoff)
     host = store.open_host(claim.host_id)
     if host is None or isinstance(host, Skipped):
         return (
@@ -235,7 +235,7 @@ class Scrubber:
         self.started = time.monotonic()
         self.started_at = time.time()
         self.deadline = None if max_duration is None else self.started + max_duration
-        self.cutoff = None if cfg.retention is None else self.started_at - cfg.retention
+        self.cutoff = retention.cutoff(cfg.retention, self.started_at)
         self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
         self.run_counts = Counts()
         self.cursor = Cursor()

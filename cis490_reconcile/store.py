@@ -123,20 +123,21 @@ class HostDir:
     def stat(self) -> os.stat_result:
         return os.fstat(self.fd)
 
-    def entries(self) -> list[str | Skipped]:
-        """Episode ids named here, sorted, plus Skipped for unsafe names.
+    def entries(self) -> tuple[list[str], list[Skipped]]:
+        """Episode ids named here, sorted, and the names skipped as unsafe.
         Dotfiles and temp names (*.tmp, *.partial) are the receiver's business
         and are ignored silently, as are files that are not *.tar.zst."""
-        out: list[str | Skipped] = []
+        names: list[str] = []
+        skipped: list[Skipped] = []
         for name in sorted(os.listdir(self.fd)):
             if name.startswith(".") or name.endswith(_TEMP_SUFFIXES) or not name.endswith(SUFFIX):
                 continue
             episode_id = name[: -len(SUFFIX)]
             if is_safe_name(episode_id):
-                out.append(episode_id)
+                names.append(episode_id)
             else:
-                out.append(Skipped(f"{self.host_id}/{printable(name)}", "unsafe episode name"))
-        return out
+                skipped.append(Skipped(f"{self.host_id}/{printable(name)}", "unsafe episode name"))
+        return names, skipped
 
     def lstat(self, episode_id: str) -> Tarball | Skipped | None:
         """The tarball as it is now; None when it is gone."""

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from . import index, statedir
+from . import index, retention, statedir
 from .config import Config
 from .coverage import Coverage, digest, orphans
 from .log import Logger, make_logger
@@ -163,7 +163,7 @@ class Survey:
         self.bar = bar
         self.coverage = Coverage(view)
         self.report = Report(str(cfg.episodes_root), str(cfg.index))
-        self.cutoff = None if cfg.retention is None else time.time() - cfg.retention
+        self.cutoff = retention.cutoff(cfg.retention, time.time())
         self.decoding = decoding_for(cfg, workers=1)[1]
         self.pacer = ReadPacer(cfg.max_read_rate, lambda: None)
         self.files = self.bytes_read = 0
@@ -211,12 +211,9 @@ class Survey:
 
     def _host(self, store: Store, host: HostDir) -> None:
         counts = self.report.host(host.host_id)
-        names = []
-        for entry in host.entries():
-            if isinstance(entry, Skipped):
-                self._skipped(entry)
-            else:
-                names.append(entry)
+        names, skipped = host.entries()
+        for entry in skipped:
+            self._skipped(entry)
         listing = self.coverage.listing(host.host_id, names, self.cutoff)
         self._rows(host.host_id, listing.rows, listing.orphans)
         self.listed[host.host_id] = {digest(name) for name in names}
@@ -291,11 +288,7 @@ class Survey:
                 if key not in listed:
                     row = index.row_at(self.fd, offset)
                     if row is not None:
-                        kind = (
-                            "pruned"
-                            if self.cutoff and received is not None and received < self.cutoff
-                            else "missing"
-                        )
+                        kind = "pruned" if retention.older(received, self.cutoff) else "missing"
                         yield {
                             "host_id": host_id,
                             "episode_id": row.episode_id,

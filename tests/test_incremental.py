@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from cis490_reconcile import config, scan, state
 from cis490_reconcile.log import make_logger
-from cis490_reconcile.passrun import PassSummary
+from cis490_reconcile.passdata import PassSummary
 from cis490_reconcile.reconcile import Reconciler
 from cis490_reconcile.state import State
 from cis490_reconcile.store import HostDir

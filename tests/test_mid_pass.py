@@ -12,12 +12,12 @@ import shutil
 import pytest
 from helpers import Receiver
 
-from cis490_reconcile import config, passrun, verify
+from cis490_reconcile import config, passdata, verify
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import Reconciler
 
 
-def one_pass(receiver: Receiver) -> passrun.PassSummary:
+def one_pass(receiver: Receiver) -> passdata.PassSummary:
     cfg = config.build(
         {
             "episodes_root": receiver.episodes,
