@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..basics import human_size
+from ..basics import human_duration, human_size
 from ..check import Answer, Checker
 from ..config import ConfigError
 from ..runtime import ExitCode, Signals, StopRequested
@@ -64,7 +64,7 @@ def render(a: Answer) -> str:
     if a.verdict == "intact":
         out.append(f"  commit    {a.commit or 'none: ' + str(a.commit_note)}")
     if a.age_s is not None:
-        age = f"  changed   {a.age_s:.0f} s ago"
+        age = f"  changed   {human_duration(a.age_s)} ago"
         if a.in_flight:
             age += f", younger than min_age ({a.min_age_s:g} s): a pass would wait for it"
         out.append(age)
