@@ -184,11 +184,11 @@ class Survey:
             r.index_lines, r.bad_lines = cp.lines, cp.bad_lines
         for line, offset, reason in self.view.keys.bad_line_examples():
             r.example("bad_lines", line=line, offset=offset, reason=reason)
-        for name, host in self.coverage.host_names().items():
-            rows = self.coverage.host_rows(name, None)
-            r.index_rows += rows.rows + rows.duplicates
-            if host == 0:
-                r.rows_without_host_id = rows.rows + rows.duplicates
+        rows = self.view.keys.all_rows()
+        for host, extra in self.coverage.base_duplicates.items():
+            rows[host] = rows.get(host, 0) + extra
+        r.index_rows = sum(rows.values())
+        r.rows_without_host_id = rows.get(0, 0)
 
     def list_store(self) -> None:
         with Store(self.cfg.episodes_root) as store:

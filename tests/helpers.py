@@ -257,17 +257,32 @@ def recounted(receiver: Receiver, directory: Path) -> Path:
     return directory
 
 
-def state_contents(state_dir: Path) -> tuple[list[tuple], tuple, list[tuple]]:
-    """What a state database knows of the index: keys by host name, the
-    checkpoint's position, the bad line examples."""
+def state_contents(state_dir: Path) -> dict[str, list[tuple]]:
+    """What a state database knows of the index, by host name: the keys, the
+    checkpoint's position, the bad line examples, and the counts kept with
+    the keys (each host's keys and duplicates, its keys by hour and day
+    received), after checking that those counts are what its keys say."""
     with contextlib.closing(sqlite3.connect(state_dir / FILE_NAME)) as db:
-        query = "SELECT h.name, k.digest, k.offset, k.received, k.copies FROM keys k"
-        keys = sorted(db.execute(query + " JOIN hosts h ON h.id = k.host"))
-        position = db.execute(
-            "SELECT index_ino, offset, lines, bad_lines, tail_sha256 FROM checkpoint"
-        ).fetchone()
-        bad = db.execute("SELECT * FROM bad_lines ORDER BY line").fetchall()
-    return keys, position, bad
+        named = "JOIN hosts h ON h.id = t.host"
+        found = {
+            "keys": f"SELECT h.name, t.digest, t.offset, t.received, t.copies FROM keys t {named}",
+            "checkpoint": "SELECT index_ino, offset, lines, bad_lines, tail_sha256 FROM checkpoint",
+            "bad_lines": "SELECT * FROM bad_lines",
+            "counts": "SELECT name, keys, duplicates FROM hosts WHERE keys OR duplicates",
+            "hours": f"SELECT h.name, t.hour, t.keys FROM received_hours t {named}",
+            "days": f"SELECT h.name, t.day, t.keys FROM received_days t {named}",
+        }
+        contents = {what: sorted(db.execute(sql)) for what, sql in found.items()}
+        recount = {
+            "counts": f"SELECT h.name, count(*), sum(t.copies) - count(*) FROM keys t {named} GROUP BY 1",
+            "hours": f"SELECT h.name, max(t.received, 0) / 3600, count(*) FROM keys t {named} "
+            "WHERE t.received NOTNULL GROUP BY 1, 2",
+            "days": f"SELECT h.name, max(t.received, 0) / 86400, count(*) FROM keys t {named} "
+            "WHERE t.received NOTNULL GROUP BY 1, 2",
+        }
+        for what, sql in recount.items():
+            assert contents[what] == sorted(db.execute(sql)), f"{what} kept != {what} recounted from the keys"
+    return contents
 
 
 def _tree_rss(root: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import state_contents
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +25,10 @@ from cis490_reconcile.index import encode_row
 from cis490_reconcile.state import State, StateUnusable, connection
 
 
-def row(host: str | None, episode: str, received: str = "2026-11-01T00:00:00+00:00") -> bytes:
-    r: dict[str, object] = {"episode_id": episode, "received_at_wall": received}
+def row(host: str | None, episode: str, received: str | None = "2026-11-01T00:00:00+00:00") -> bytes:
+    r: dict[str, object] = {"episode_id": episode}
+    if received is not None:
+        r["received_at_wall"] = received
     if host is not None:
         r["host_id"] = host
     return encode_row(r)
@@ -183,7 +186,7 @@ def test_lookup_and_merge_agree(
     index = tmp / "index.jsonl"
     stamp = {True: "2020-01-01T00:00:00+00:00", False: "2026-01-01T00:00:00+00:00"}
     index.write_bytes(b"".join(row("h", f"e{n}", stamp[n in old]) for n in indexed))
-    cutoff = 1.7e9  # 2023
+    cutoff = 472_222 * 3600.0  # 2023, a whole hour (retention.cutoff)
     names = [f"e{n}" for n in listed]
     with opened(tmp, index) as cov:
         catch_up(cov, index)
@@ -240,7 +243,7 @@ def test_a_new_migration_upgrades_a_file_in_place(tmp_path: Path, monkeypatch: p
     State.open(tmp_path / "state.sqlite3", "/episodes", str(index)).close()
     assert keys_table(tmp_path / "state.sqlite3") == before != []
     with sqlite3.connect(tmp_path / "state.sqlite3") as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (len(connection.MIGRATIONS),)
         assert db.execute("SELECT note FROM hosts WHERE name = 'h1'").fetchone() == ("n;1",)
 
 
@@ -265,7 +268,8 @@ def test_received_seconds(value: object, seconds: int | None) -> None:
 
 def rebuilt(tmp_path: Path, data: bytes, name: str) -> tuple[list[tuple], tuple, tuple]:
     """Rebuild the keys of an index holding `data` into a new state: the
-    keys table, what the catch-up found, and the checkpoint."""
+    keys table (and the counts kept with it, checked against the keys),
+    what the catch-up found, and the checkpoint."""
     d = tmp_path / name
     d.mkdir()
     index = d / "index.jsonl"
@@ -277,7 +281,8 @@ def rebuilt(tmp_path: Path, data: bytes, name: str) -> tuple[list[tuple], tuple,
         torn = found.torn and (found.torn.line, found.torn.offset, found.torn.row)
         got = (found.rows, [(b.line, b.offset, b.end, b.reason) for b in found.bad], torn, cov.torn)
     assert not (d / "state.sqlite3-split").exists()
-    return keys_table(d / "state.sqlite3"), got, (cp.offset, cp.lines, cp.bad_lines)
+    contents = state_contents(d)
+    return contents["keys"], got, (cp.offset, cp.lines, cp.bad_lines, contents["counts"], contents["hours"])
 
 
 def serial_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes) -> tuple:
@@ -303,7 +308,7 @@ def test_a_split_rebuild_equals_a_serial_one(
 ) -> None:
     serial, split = serial_and_split(tmp_path, monkeypatch, mixed_index(tail))
     assert split == serial
-    keys, (rows, bad, torn, _), (offset, lines, bad_lines) = split
+    keys, (rows, bad, torn, _), (offset, lines, bad_lines, _, _) = split
     whole = tail.endswith(b"\n")
     assert (
         rows == 30 + 1 + 20 + 1 + 1 + whole and [line for line, *_ in bad] == [31, 33, 55] and bad_lines == 3
@@ -314,12 +319,22 @@ def test_a_split_rebuild_equals_a_serial_one(
     assert (torn is not None) == (tail != b"" and not whole)
 
 
+# received at other hours and days, before 1970, or never said: a duplicate's is not its key's
+RECEIVED = (
+    "2026-11-01T00:00:00+00:00",
+    "2026-11-01T05:30:00+00:00",
+    "2026-11-03T23:59:59Z",
+    "1969-07-20T20:17:00Z",
+    None,
+)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     lines=st.lists(
         st.one_of(
-            st.tuples(st.sampled_from(["a", "b", None]), st.integers(0, 9)).map(
-                lambda t: row(t[0], f"e{t[1]}")
+            st.tuples(st.sampled_from(["a", "b", None]), st.integers(0, 9), st.sampled_from(RECEIVED)).map(
+                lambda t: row(t[0], f"e{t[1]}", t[2])
             ),
             st.sampled_from([b"\n", b"garbage\n", b'{"host_id": 1}\n', b"\xff\n"]),
         ),
