@@ -291,6 +291,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("log_level", "info", _level, "debug, info, warning or error", "LEVEL"),
     Setting("allow_root", False, _bool, "run as root even though the index belongs to another user"),
+    Setting(
+        "allow_network_fs",
+        False,
+        _bool,
+        "run a pass although the index, its lock file, the episodes or the state directory are on NFS, "
+        "SMB, FUSE or another network filesystem, where the receiver's lock may not exclude ours",
+    ),
 )
 
 
@@ -315,6 +322,7 @@ class Config:
     quarantine_min_age: float
     log_level: str
     allow_root: bool
+    allow_network_fs: bool
 
     @property
     def lock_path(self) -> Path:

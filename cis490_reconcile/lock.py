@@ -54,8 +54,11 @@ What we do, and the race each step closes:
    so the lock is never held longer than the critical section even if some
    other reference to the open file description lingers.
 
-NFS is not supported for the index: flock is emulated with POSIX locks there
-and O_APPEND is not atomic across clients.
+A network filesystem breaks all of this: on NFS flock is emulated with POSIX
+locks (so OFD + flock can conflict with each other) and O_APPEND is not atomic
+across clients; FUSE passes locks on as its daemon sees fit. A pass refuses
+an index or lock file on one (preflight.check_filesystems) unless the
+operator sets allow_network_fs.
 """
 
 from __future__ import annotations

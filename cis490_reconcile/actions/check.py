@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import preflight
 from ..basics import human_duration, human_size
 from ..check import Answer, Checker
 from ..config import ConfigError
@@ -25,6 +26,7 @@ def run(ctx: Context) -> ExitCode:
     for path in paths:
         if not path.name.endswith(SUFFIX):
             raise ConfigError(f"check {path}: not an episode tarball (<episode_id>{SUFFIX})")
+    preflight.warn_filesystems(ctx.cfg, ctx.stderr, "check")
     answers: list[Answer] = []
     with Signals(hangup_reloads=False) as signals:
 

@@ -32,8 +32,11 @@ def run(ctx: Context) -> ExitCode:
     args = ctx.args
     if not args.once and ctx.cfg.interval is None:
         raise ConfigError("nothing to do: pass --once for one pass, or --interval SECONDS for a loop")
-    if not args.dry_run:
+    if args.dry_run:  # takes no lock, writes nothing: a network filesystem is only worth a warning
+        preflight.warn_filesystems(ctx.cfg, ctx.stderr, "")
+    else:
         preflight.check_user(ctx.cfg)
+        preflight.check_filesystems(ctx.cfg)
     return _Loop(ctx).run()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .. import outcome
+from .. import outcome, preflight
 from ..config import ConfigError
 from ..notify import Notifier
 from ..outcome import Outcome
@@ -23,6 +23,7 @@ def run(ctx: Context) -> ExitCode:
         raise ConfigError("--host: a scrub walks the whole index; it cannot be limited to one host")
     if cfg.state_dir is None or not cfg.state_dir.is_dir():
         raise ConfigError(f"scrub keeps its cursor in state_dir, which is not a directory: {cfg.state_dir}")
+    preflight.warn_filesystems(cfg, ctx.stderr, "scrub")
     bar = ctx.bar("scrub")
     log = ctx.logger(cfg, bar=bar)
     with Signals(hangup_reloads=False) as signals:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from .. import preflight
 from ..runtime import ExitCode
 from ..store import printable
 from ..survey import Report, survey
@@ -17,6 +18,7 @@ from . import Context
 
 def run(ctx: Context) -> ExitCode:
     cfg, args = ctx.cfg, ctx.args
+    preflight.warn_filesystems(cfg, ctx.stderr, "status")
     bar = None if args.all_orphans else ctx.bar("status")
     try:
         report = survey(cfg, bar, orphans=ctx.stdout if args.all_orphans else None)
