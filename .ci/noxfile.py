@@ -1,30 +1,41 @@
-"""The suite under every supported Python (`.venv/bin/nox -f .ci/noxfile.py`).
+"""The suite under every supported Python found: `.venv/bin/nox -f .ci/noxfile.py`.
 
-- full: the whole suite, ruff and mypy --strict included, under FULL.
+- full: the whole suite, ruff and mypy --strict included, under the Python
+  that runs nox (the venv's: the machine's own python3, whichever supported
+  version that is), in that venv, which README's command has just set up.
 - e2e-X.Y: the real end-to-end subset (pytest -m e2e: verify, the pass, the
   lock against real processes, the live receiver, service/notify, status,
-  scrub) under each other supported Python.
+  check, scrub) in a fresh venv under each other supported Python found.
 
-A supported interpreter that cannot be found fails its session, with its
-name: never skipped. Interpreters are looked for on PATH, then where pyenv
-keeps them (its shims only answer for the versions pyenv was told to use).
+Interpreters are looked for on PATH, then where pyenv keeps them (its shims
+only answer for the versions pyenv was told to use), then in /usr/bin and
+/usr/local/bin. The last line says which were found and which were not. On a
+newcomer's machine a missing one is skipped; CI sets CIS490_CI_ALL_PYTHONS=1
+(.ci/run), and then a missing one fails its session, with its name.
+Arguments after `--` go to every pytest (`-- -k lock -x`).
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import nox
 
-FULL = "3.11"
-OTHERS = ["3.10", "3.12", "3.13"]
+SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
+THIS = f"{sys.version_info.major}.{sys.version_info.minor}"
+STRICT = os.environ.get("CIS490_CI_ALL_PYTHONS") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 nox.options.error_on_missing_interpreters = True
 nox.options.reuse_existing_virtualenvs = False
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 nox.options.envdir = os.path.join(ROOT, ".nox")
+
+if THIS not in SUPPORTED:
+    raise SystemExit(f"nox runs under Python {THIS}; cis490-reconcile supports {', '.join(SUPPORTED)}")
 
 
 def _works(path: str) -> bool:
@@ -44,17 +55,25 @@ def _find(version: str) -> str | None:
     return None
 
 
-for _version in [FULL, *OTHERS]:  # ahead of pyenv's shims, which fail for versions not selected
-    _where = _find(_version)
-    if _where:
-        os.environ["PATH"] = _where + os.pathsep + os.environ["PATH"]
+FOUND = {version: where for version in SUPPORTED if version != THIS and (where := _find(version))}
+MISSING = [v for v in SUPPORTED if v != THIS and v not in FOUND]
+for _where in FOUND.values():  # ahead of pyenv's shims, which fail for versions not selected
+    os.environ["PATH"] = _where + os.pathsep + os.environ["PATH"]
+OTHERS = sorted(FOUND) + (MISSING if STRICT else [])  # strict: a missing one is a failing session
 
 
-@nox.session(python=FULL)
+def _summary() -> None:
+    missing = f"not found: {', '.join(MISSING)}" if MISSING else "all found"
+    print(f"pythons: full suite {THIS}; end-to-end {', '.join(sorted(FOUND)) or 'none'}; {missing}", flush=True)
+
+
+atexit.register(_summary)  # after nox's own report: the last line
+
+
+@nox.session(python=False)
 def full(session: nox.Session) -> None:
-    session.install("-e", f"{ROOT}[test]")
     session.chdir(ROOT)
-    session.run("pytest", *session.posargs)
+    session.run(sys.executable, "-m", "pytest", *session.posargs, external=True)
 
 
 @nox.session(python=OTHERS)

@@ -1,0 +1,100 @@
+"""README's test command, run as a newcomer runs it on a stock fleet OS: a
+clone, an empty HOME (no pyenv), PATH=/usr/bin:/bin, and the machine's own
+python3 making the venv. Debian 12's is /usr/bin/python3 (3.11); pyenv's
+3.10 and 3.12, called by their full paths, stand in for Ubuntu 22.04's and
+24.04's. Each run must pass, run the whole suite under its own Python and
+the end-to-end subset under each other one on PATH, and end with the line
+that says which were found. With CIS490_CI_ALL_PYTHONS=1 (what .ci/run sets)
+a missing interpreter fails instead, by name.
+
+The clone is of the committed HEAD: uncommitted changes of a working tree
+are not in it. The inner runs select a few tests (after `--`), or this
+would run the whole suite three times over. Not e2e: it must not recurse
+under the other Pythons. Needs the network for pip (CI has it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+COMMAND = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/nox -f .ci/noxfile.py"
+SELECTED = ("--", "tests/test_verify.py", "-q", "-k", "complete or checksum")
+PYENV = Path("/root/.pyenv/versions")
+DEBIAN = Path("/usr/bin/python3.11")
+
+
+def interpreter(version: str) -> Path:
+    if version == "3.11":
+        return DEBIAN
+    found = sorted(PYENV.glob(f"{version}.*/bin/python{version}"))
+    if not found:
+        pytest.skip(f"no Python {version} under {PYENV} to stand in for a fleet OS's")
+    return found[-1]
+
+
+def newcomer(repo: Path, python: Path, tmp_path: Path, **extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """README's command in `repo`, with `python` as the machine's python3."""
+    bin_dir = tmp_path / "bin"  # what /usr/bin/python3 would be on that OS
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(python)
+    home = tmp_path / "home"
+    home.mkdir()
+    keep = {k: v for k, v in os.environ.items() if k.startswith("PIP_") or "CERT" in k or "CA_BUNDLE" in k}
+    env = {**keep, "HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin", "LANG": "C.UTF-8", **extra}
+    env["TMPDIR"] = os.environ.get("TMPDIR", "/tmp")
+    started = time.monotonic()
+    proc = subprocess.run(
+        ["bash", "-c", f"{COMMAND} {' '.join(repr(a) for a in SELECTED)}"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return proc, time.monotonic() - started
+
+
+def clone(tmp_path: Path) -> Path:
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
+    return repo
+
+
+# the machine's Python -> (end-to-end under, not found), with PATH=/usr/bin:/bin and no pyenv
+EXPECTED = {
+    "3.11": ("none", "3.10, 3.12, 3.13"),
+    "3.10": ("3.11", "3.12, 3.13"),
+    "3.12": ("3.11", "3.10, 3.13"),
+}
+
+
+@pytest.mark.skipif(not DEBIAN.exists(), reason="Debian's own /usr/bin/python3.11 is not on this machine")
+@pytest.mark.parametrize("version", list(EXPECTED))
+def test_the_readme_command_passes_on_a_stock_os(tmp_path: Path, version: str) -> None:
+    proc, took = newcomer(clone(tmp_path), interpreter(version), tmp_path)
+
+    print(f"{version}: {took:.0f} s: {proc.stdout.splitlines()[-1:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    e2e, missing = EXPECTED[version]
+    assert proc.stdout.splitlines()[-1] == f"pythons: full suite {version}; end-to-end {e2e}; not found: {missing}"
+    assert "5 passed" in proc.stdout + proc.stderr  # the full session ran the selected tests
+    sessions = "e2e-3.11: success" if e2e != "none" else "full: success"
+    assert sessions in proc.stderr
+
+
+@pytest.mark.skipif(not DEBIAN.exists(), reason="Debian's own /usr/bin/python3.11 is not on this machine")
+def test_ci_fails_a_missing_interpreter_by_name(tmp_path: Path) -> None:
+    proc, _ = newcomer(clone(tmp_path), DEBIAN, tmp_path, CIS490_CI_ALL_PYTHONS="1")
+
+    assert proc.returncode != 0
+    for version in ("3.10", "3.12", "3.13"):
+        assert f"e2e-{version}: failed" in proc.stderr and f"Python interpreter {version} not found" in proc.stderr
+    assert proc.stdout.splitlines()[-1] == "pythons: full suite 3.11; end-to-end none; not found: 3.10, 3.12, 3.13"
