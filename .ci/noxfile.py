@@ -63,8 +63,9 @@ OTHERS = sorted(FOUND) + (MISSING if STRICT else [])  # strict: a missing one is
 
 
 def _summary() -> None:
+    others = ", ".join(sorted(FOUND)) or "none"
     missing = f"not found: {', '.join(MISSING)}" if MISSING else "all found"
-    print(f"pythons: full suite {THIS}; end-to-end {', '.join(sorted(FOUND)) or 'none'}; {missing}", flush=True)
+    print(f"pythons: full suite {THIS}; end-to-end {others}; {missing}", flush=True)
 
 
 atexit.register(_summary)  # after nox's own report: the last line
