@@ -37,7 +37,6 @@ from . import basics, index, retention, syscalls
 from .index import BadLine, Row, TornTail
 from .state import Checkpoint, HostRows, Key, SplitPart, State
 
-TAIL_BYTES = 4096
 COMMIT_ROWS = 50_000  # keys per transaction while catching up
 STAGE_BATCH = 20_000  # keys a rebuild stages at a time (about 3 MB)
 # a rebuild reads half of an index this large in a forked process (the concurrency tests lower it)
@@ -75,11 +74,6 @@ def received_seconds(value: object) -> int | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return int(when.timestamp())
-
-
-def tail_digest(fd: int, offset: int) -> bytes:
-    start = max(0, offset - TAIL_BYTES)
-    return hashlib.sha256(syscalls.pread_exact(fd, offset - start, start)).digest()
 
 
 @dataclass
@@ -198,10 +192,8 @@ class _Reader:
 
     def checkpoint(self, fd: int, st: os.stat_result, rebuilt_at: float) -> Checkpoint:
         """Keys cover the file up to here."""
-        offset = self.offset
-        return Checkpoint(
-            st.st_dev, st.st_ino, offset, self.lines, self.bad_lines, tail_digest(fd, offset), rebuilt_at
-        )
+        tail = index.tail_digest(fd, self.offset)
+        return Checkpoint(st.st_dev, st.st_ino, self.offset, self.lines, self.bad_lines, tail, rebuilt_at)
 
 
 class Coverage:
@@ -234,7 +226,7 @@ class Coverage:
         return (
             (st.st_dev, st.st_ino) == (cp.index_dev, cp.index_ino)
             and st.st_size >= cp.offset
-            and tail_digest(fd, cp.offset) == cp.tail_sha256
+            and index.tail_digest(fd, cp.offset) == cp.tail_sha256
         )
 
     def host_id(self, name: str | None) -> int:

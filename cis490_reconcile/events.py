@@ -85,7 +85,8 @@ EVENTS: dict[str, tuple[str, str]] = {
     "scrub_finished": (
         "info",
         "this run's `checked`, `ok`, `mismatched`, `missing`, `pruned`, `unsettled`, `unreadable`, "
-        "`unverifiable`, `bad_lines`, `bytes_read`, `duration_s`, `round`, `round_completed`, `stopped_by`",
+        "`unverifiable`, `bad_lines`, `bytes_read`, `duration_s`, `round`, `round_completed`, `stopped_by`; "
+        "`pruned_unread`: of the pruned, rows of runs found pruned before, counted without reading them",
     ),
     "scrub_already_running": ("error", "another scrub holds `lock_file`; exit 1"),
     "scrub_failed": ("error", "the index could not be read, or the store vanished: `error`; exit 1"),

@@ -21,6 +21,7 @@ rejects is decided line by line by json.loads. Re-measure with
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -38,6 +39,7 @@ from .verdicts import Intact
 SCHEMA_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # receiver rows are ~300 bytes; longer lines are garbage
 READ_CHUNK = 1 << 20
+TAIL_BYTES = 4096
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 
 
@@ -215,6 +217,13 @@ def _judged(lines: list[bytes], first: int, ends: list[int], first_overlong: boo
             yield BadLine(n, offset, nxt, "line longer than 1 MiB")
         elif raw.strip():
             yield from _judged([raw], n, [offset, nxt], False)
+
+
+def tail_digest(fd: int, offset: int) -> bytes:
+    """sha256 of the TAIL_BYTES before `offset`: whether bytes read once are
+    still there (a checkpoint, a scrub's pruned run), without reading them all."""
+    start = max(0, offset - TAIL_BYTES)
+    return hashlib.sha256(syscalls.pread_exact(fd, offset - start, start)).digest()
 
 
 def open_for_reading(path: Path) -> int | None:

@@ -46,7 +46,6 @@ reported (warning events, metrics, exit status 1) for an operator to act on.
 from __future__ import annotations
 
 import os
-import re
 import stat
 import time
 from collections.abc import Callable
@@ -55,15 +54,15 @@ from dataclasses import asdict, dataclass, replace
 from . import basics, index, retention, scrubcursor, statedir, syscalls
 from .basics import human_size
 from .config import Config
-from .coverage import received_seconds
-from .log import MAX_EVENTS, Logger
+from .log import Logger
 from .notify import Notifier
-from .reading import HashingReader, ReadPacer
+from .reading import ReadPacer
+from .rowcheck import check, checkable, report
 from .runtime import StopRequested
-from .scrubcursor import Counts, Cursor
+from .scrubcursor import Counts, Cursor, PrunedRuns
 from .state import State
 from .statedir import StateBusy
-from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name
+from .store import Store
 from .termbar import TerminalBar
 
 CURSOR = "scrub_cursor"
@@ -71,119 +70,6 @@ LOCK_FILE = "scrub.lock"
 SAVE_INTERVAL_S = 2.0
 SAVE_EVERY_ROWS = 10_000
 REPORT_INTERVAL_S = 0.2  # STATUS= and the progress bar rate-limit themselves; this spares the formatting
-_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-
-
-@dataclass(frozen=True, slots=True)
-class Checkable:
-    """What a row claims about a tarball, once we know we can check it."""
-
-    host_id: str
-    episode_id: str
-    sha256: str  # lowercase hex
-    size: int
-    received: int | None  # unix seconds
-
-    @property
-    def path(self) -> str:
-        return f"{self.host_id}/{self.episode_id}{SUFFIX}"
-
-
-def checkable(row: index.Row) -> Checkable | str:
-    """The row's claim, or why it cannot be checked."""
-    sha256, size = row.sha256, row.size_bytes
-    if row.host_id is None:
-        return "no host_id"
-    if not is_safe_name(row.host_id) or not is_safe_name(row.episode_id):
-        return "host_id or episode_id is not a safe file name"
-    if not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256):
-        return "sha256 is not 64 hex characters"
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        return "size_bytes is not an integer >= 0"
-    return Checkable(
-        row.host_id, row.episode_id, sha256.lower(), size, received_seconds(row.received_at_wall)
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Found:
-    result: str  # one of scrubcursor.RESULTS
-    reason: str | None = None
-    sha256: str | None = None  # of the bytes on disk, when they were all read
-    size: int | None = None
-
-
-def check(store: Store, claim: Checkable, cutoff: float | None, on_read: Callable[[int], None]) -> Found:
-    """Compare the file at the row's path with the row. Only a regular
-    file is read (never a symlink, FIFO or directory: those are missing
-    tarballs)."""
-    pruned = retention.older(claim.received, cutoff)
-    host = store.open_host(claim.host_id)
-    if host is None or isinstance(host, Skipped):
-        return (
-            Found("pruned")
-            if pruned
-            else Found("missing", "no host directory" if host is None else host.reason)
-        )
-    with host:
-        tarball = host.lstat(claim.episode_id)
-        if tarball is None or isinstance(tarball, Skipped):
-            if pruned:
-                return Found("pruned")
-            return Found(
-                "missing", "no such file" if tarball is None else f"not a regular file: {tarball.reason}"
-            )
-        if tarball.size != claim.size:  # no need to read it: it differs
-            return Found("mismatched", "size", size=tarball.size)
-        try:
-            fd = host.open(tarball)
-        except (FileNotFoundError, NotRegularFile):
-            return Found("unsettled", "removed or replaced before it was read")
-        except OSError as e:
-            return Found("unreadable", f"open: {e.strerror}")
-        try:
-            reader = HashingReader(fd, tarball.size, on_read=on_read)
-            reader.drain()
-            moved = host.moved(tarball, fd)
-        except OSError as e:
-            return Found("unreadable", f"read: {e.strerror}")
-        finally:
-            os.close(fd)
-        if moved is not None or reader.size != tarball.size:
-            return Found("unsettled", moved or "changed while it was read")
-    digest = reader.sha256.hexdigest()
-    if digest != claim.sha256:
-        return Found("mismatched", "sha256", sha256=digest, size=reader.size)
-    return Found("ok", sha256=digest, size=reader.size)
-
-
-def report(log: Logger, claim: Checkable, line: int, found: Found, n: int) -> None:
-    """Log what one check found; the n-th of its kind this round past
-    MAX_EVENTS is only counted (one events_suppressed says so)."""
-    log.debug("tarball_scrubbed", path=claim.path, line=line, result=found.result)
-    event = {
-        "mismatched": "scrub_mismatch",
-        "missing": "scrub_missing",
-        "unreadable": "scrub_unreadable",
-        "unsettled": "scrub_unsettled",
-    }.get(found.result)
-    if event is None:
-        return
-    if n > MAX_EVENTS:
-        if n == MAX_EVENTS + 1:
-            log.warning("events_suppressed", suppressed_event=event, after=MAX_EVENTS)
-        return
-    if found.result == "mismatched":
-        facts: dict[str, object] = {
-            "expected_sha256": claim.sha256,
-            "actual_sha256": found.sha256,
-            "expected_size": claim.size,
-            "actual_size": found.size,
-        }
-    else:
-        facts = {"reason": found.reason}
-    level = "info" if found.result == "unsettled" else "warning"
-    getattr(log, level)(event, path=claim.path, line=line, **facts)
 
 
 class ScrubNotRun(Exception):
@@ -239,6 +125,8 @@ class Scrubber:
         self.pacer = ReadPacer(cfg.max_read_rate, self._checkpoint)
         self.run_counts = Counts()
         self.cursor = Cursor()
+        self.runs: PrunedRuns  # once the index is open
+        self.pruned_unread = 0  # rows of runs found pruned before: counted, not read
         self.index_size = 0
         self.stopped_by: str | None = None
         self.state: State | None = None
@@ -271,6 +159,7 @@ class Scrubber:
             os.close(fd)
 
     def _run(self) -> ScrubRun:
+        assert self.state is not None
         try:
             fd = os.open(self.cfg.index, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -283,6 +172,7 @@ class Scrubber:
                     raise OSError(0, "not a regular file")
                 self.index_size = st.st_size
                 self.cursor = scrubcursor.resume(self._saved_cursor(), fd, st, self.started_at, self.log)
+                self.runs = PrunedRuns(self.state.records.pruned_runs(), fd, st)
             except OSError as e:
                 self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
                 raise ScrubNotRun(f"index: {e.strerror}") from e
@@ -293,9 +183,9 @@ class Scrubber:
                 done = self._done(completed=False, error=str(e))
                 self._save()
                 return done
+            return self._finish(completed)  # the index still open: the runs' saves read its bytes
         finally:
             os.close(fd)
-        return self._finish(completed)
 
     def _saved_cursor(self) -> Cursor:
         assert self.state is not None
@@ -324,34 +214,52 @@ class Scrubber:
         self.notifier.ready(f"scrub round {cursor.round}")
         with Store(self.cfg.episodes_root) as store:
             try:
-                for entry in index.entries(fd, cursor.offset, self.index_size, cursor.line):
-                    if isinstance(entry, index.TornTail):
-                        self.log.debug("index_torn_tail", offset=entry.offset)
+                while cursor.offset < self.index_size:
+                    run = self.runs.at(cursor.offset, self.cutoff)
+                    if run is not None:  # found pruned before: counted, not read
+                        self.pruned_unread += run.rows
+                        for counts in (self.run_counts, cursor.counts):
+                            counts.checked += run.rows
+                            counts.pruned += run.rows
+                        cursor.offset, cursor.line = run.end, cursor.line + run.lines
+                        self._counted(run.rows)
+                        continue
+                    stop = min(self.runs.next_start(cursor.offset) or self.index_size, self.index_size)
+                    for entry in index.entries(fd, cursor.offset, stop, cursor.line):
+                        if isinstance(entry, index.TornTail):  # an append in progress: not a row yet
+                            self.log.debug("index_torn_tail", offset=entry.offset)
+                            return True
+                        basics.step("scrubbing")
+                        self._line(store, entry)
+                        cursor.offset, cursor.line = entry.end, entry.line
+                        self._counted(1)
+                    if stop == self.index_size:
                         break
-                    basics.step("scrubbing")
-                    self._line(store, entry)
-                    cursor.offset, cursor.line = entry.end, entry.line
-                    self._rows_since_save += 1
-                    if (
-                        self._rows_since_save >= SAVE_EVERY_ROWS
-                        or time.monotonic() - self._saved_at >= SAVE_INTERVAL_S
-                    ):
-                        self._save()
-                    self._checkpoint()
+                    cursor.line += index.newlines(fd, cursor.offset, stop)  # blank lines before the run
+                    cursor.offset = stop
             except StopRequested:
                 return False
         return True
+
+    def _counted(self, rows: int) -> None:
+        """After rows were counted: save the cursor now and then, feed the watchdog, heed a stop."""
+        self._rows_since_save += rows
+        if self._rows_since_save >= SAVE_EVERY_ROWS or time.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
+            self._save()
+        self._checkpoint()
 
     def _line(self, store: Store, entry: index.Row | index.BadLine) -> None:
         """Check one line of the index and count what it came to."""
         round_counts = self.cursor.counts
         if isinstance(entry, index.BadLine):
+            self.runs.close()
             self.log.debug("index_bad_line", line=entry.line, offset=entry.offset, reason=entry.reason)
             self.run_counts.bad_lines += 1
             round_counts.bad_lines += 1
             return
         claim = checkable(entry)
         if isinstance(claim, str):
+            self.runs.close()
             self.log.debug("row_unverifiable", line=entry.line, offset=entry.offset, reason=claim)
             self.run_counts.unverifiable += 1
             round_counts.unverifiable += 1
@@ -360,6 +268,10 @@ class Scrubber:
         # check() raises StopRequested mid-read: the row stays unchecked
         found = check(store, claim, self.cutoff, self._on_read)
         round_counts.bytes_read += self.run_counts.bytes_read - read_before
+        if found.result == "pruned" and claim.received is not None:
+            self.runs.pruned(entry, claim.received, self.cutoff)
+        else:
+            self.runs.close()
         for counts in (self.run_counts, round_counts):
             counts.checked += 1
             setattr(counts, found.result, getattr(counts, found.result) + 1)
@@ -395,9 +307,11 @@ class Scrubber:
 
     def _save(self) -> None:
         assert self.state is not None
+        saved, forgotten = self.runs.take_changes()
         try:
             with self.state.transaction():
                 self.state.records.save(CURSOR, asdict(self.cursor))
+                self.state.records.save_pruned_runs(saved, forgotten)
         except Exception as e:  # sqlite3.Error: busy past the timeout, disk full
             self.log.warning("scrub_cursor_save_failed", error=str(e))
         self._saved_at = time.monotonic()
@@ -406,6 +320,7 @@ class Scrubber:
     def _summary(self) -> dict[str, object]:
         return {
             **asdict(self.run_counts),
+            "pruned_unread": self.pruned_unread,
             "duration_s": round(time.monotonic() - self.started, 3),
             "round": self.cursor.round,
         }

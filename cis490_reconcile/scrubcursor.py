@@ -1,5 +1,6 @@
-"""Where a scrub is in its round: the cursor, its counts, and when a saved
-cursor can be trusted (see scrub.py for why rounds, and what the races are).
+"""Where a scrub is in its round: the cursor, its counts, when a saved
+cursor can be trusted, and the runs of rows it can skip because they were
+found pruned before (see scrub.py for why rounds, and what the races are).
 
 The cursor is kept as the record "scrub_cursor" of the state database. A
 saved cursor is resumed only if it still points at the start of a line of
@@ -9,12 +10,15 @@ offset); otherwise the round restarts at the top (scrub_round_restarted).
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from . import syscalls
+from . import index, retention, syscalls
+from .index import Row
 from .log import Logger
+from .state import PrunedRun
 
 RESULTS = ("ok", "mismatched", "missing", "pruned", "unsettled", "unreadable")  # "checked" counts them all
 
@@ -94,3 +98,99 @@ def resume(cursor: Cursor, fd: int, st: os.stat_result, now: float, log: Logger)
     if cursor.round_started_at is None:
         cursor.round_started_at = now
     return cursor
+
+
+class PrunedRuns:
+    """The runs of index lines a scrub found all pruned (state.PrunedRun):
+    known ones to count without reading, and the one being found now.
+
+    A run is used only while it still describes the index: the same device
+    and inode, the same 4 KiB before its end, its newest row still older
+    than the cutoff (an operator who raises `retention` gets its rows read
+    again). Pruned rows right after a run counted, or right after a run a
+    stopped scrub saved, make that run longer. Runs shorter than MIN_ROWS
+    are not worth a row of the database."""
+
+    MIN_ROWS = 64
+
+    def __init__(self, known: list[PrunedRun], fd: int, st: os.stat_result) -> None:
+        self.fd = fd
+        self.identity = (st.st_dev, st.st_ino)
+        self.size = st.st_size
+        self.known = {r.start: r for r in known if (r.index_dev, r.index_ino) == self.identity}
+        self.starts = sorted(self.known)
+        self.forgotten: set[int] = {r.start for r in known} - set(self.known)  # of another index
+        self.open: PrunedRun | None = None  # the run being found, ending at the line just looked at
+        self.changed: dict[int, PrunedRun] = {}  # to save
+
+    def at(self, offset: int, cutoff: float | None) -> PrunedRun | None:
+        """The known run that starts at `offset`, if it may still be counted;
+        it becomes the run being found, so pruned rows after it extend it."""
+        run = self.known.get(offset)
+        if run is None or not self._usable(run, cutoff):
+            return None
+        self.close()
+        self.open = run
+        return run
+
+    def _usable(self, run: PrunedRun, cutoff: float | None) -> bool:
+        """Still this index's bytes and still all pruned; else forgotten."""
+        usable = (
+            run.end <= self.size
+            and retention.older(run.newest, cutoff)
+            and index.tail_digest(self.fd, run.end) == run.tail_sha256
+        )
+        if not usable:
+            self._forget(run.start)
+        return usable
+
+    def next_start(self, offset: int) -> int | None:
+        """Where the next known run after `offset` starts."""
+        i = bisect.bisect_right(self.starts, offset)
+        return self.starts[i] if i < len(self.starts) else None
+
+    def pruned(self, row: Row, received: int, cutoff: float | None) -> None:
+        """`row` was found pruned: it extends the run being found (or a known
+        one that ends where it starts), or starts one."""
+        run = self.open
+        if run is None or run.end != row.offset:
+            self.close()
+            run = self._ending_at(row.offset, cutoff)
+            run = run or PrunedRun(row.offset, row.offset, 0, 0, received, *self.identity, b"")
+        self.open = replace(
+            run, end=row.end, lines=run.lines + 1, rows=run.rows + 1, newest=max(run.newest, received)
+        )
+
+    def close(self) -> None:
+        """The run being found ends (a line that is not a pruned row, a stop)."""
+        run, self.open = self.open, None
+        if run is None or run.rows < self.MIN_ROWS or self.known.get(run.start) == run:
+            return
+        run = replace(run, tail_sha256=index.tail_digest(self.fd, run.end))
+        if run.start not in self.known:
+            bisect.insort(self.starts, run.start)
+        self.changed[run.start] = self.known[run.start] = run
+        self.forgotten.discard(run.start)
+
+    def _ending_at(self, offset: int, cutoff: float | None) -> PrunedRun | None:
+        """The known, usable run that ends where a new one would start."""
+        i = bisect.bisect_left(self.starts, offset) - 1
+        run = self.known[self.starts[i]] if i >= 0 else None
+        return run if run is not None and run.end == offset and self._usable(run, cutoff) else None
+
+    def _forget(self, start: int) -> None:
+        del self.known[start]
+        self.starts.remove(start)
+        self.changed.pop(start, None)
+        self.forgotten.add(start)
+
+    def take_changes(self) -> tuple[list[PrunedRun], list[int]]:
+        """What to save, and which to forget, since the last time asked (the
+        run being found is saved as far as it got)."""
+        if self.open is not None:
+            run = self.open
+            self.close()
+            self.open = self.known.get(run.start, run)  # go on growing it
+        saved, forgotten = list(self.changed.values()), sorted(self.forgotten)
+        self.changed, self.forgotten = {}, set()
+        return saved, forgotten

@@ -11,6 +11,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -419,3 +421,82 @@ def test_per_row_events_stop_at_the_cap_with_one_summary(receiver: Receiver, sta
     assert (suppressed["suppressed_event"], suppressed["after"]) == ("scrub_missing", MAX_EVENTS)
     assert result.one("scrub_finished")["missing"] == MAX_EVENTS + 20
     assert len(result.stdout.encode()) < 1 << 20
+
+
+# --- pruned rows are read once, then counted (scrubcursor.PrunedRuns) -------------------------
+
+
+def round_facts(result: Result) -> dict[str, int]:
+    finished = result.one("scrub_finished")
+    return {k: finished[k] for k in ("checked", "ok", "pruned", "missing", "bad_lines", "pruned_unread")}
+
+
+def stats_of_episodes(receiver: Receiver, state: Path, *args: str) -> tuple[Result, list[str]]:
+    """A scrub under strace: which episode files it looked at."""
+    log = state.parent / "strace.log"
+    argv = ["strace", "-f", "-qq", "-e", "trace=newfstatat,statx,stat,lstat,openat", "-o", str(log)]
+    argv += scrub_argv(receiver, state, *args)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    looked = sorted(set(re.findall(r'"(e\d{5}\.tar\.zst)"', log.read_text())))
+    return Result(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout)), looked
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+def test_a_later_round_counts_pruned_rows_without_looking_at_them(receiver: Receiver, state: Path) -> None:
+    _pruned_store(receiver, old=300, young=0)
+    indexed(receiver, "h1", "kept", size=1000)
+    receiver.append_raw(b"not json\n")  # breaks the run: the rows after it are a run of their own
+    _pruned_store(receiver, old=100, young=0)
+
+    first, looked_first = stats_of_episodes(receiver, state, "--retention", "1d")
+    second, looked_second = stats_of_episodes(receiver, state, "--retention", "1d")
+
+    assert len(looked_first) == 300  # e00000..e00299 (the second batch reuses the names)
+    facts = {"checked": 401, "ok": 1, "pruned": 400, "missing": 0, "bad_lines": 1}
+    assert round_facts(first) == {**facts, "pruned_unread": 0}
+    assert round_facts(second) == {**facts, "pruned_unread": 400}  # the same counts, exactly
+    assert looked_second == []  # not one stat of a pruned row's tarball
+    assert second.one("scrub_round_completed")["pruned"] == 400
+    assert first.returncode == second.returncode == 0
+
+
+def test_a_longer_retention_or_another_index_reads_the_rows_again(receiver: Receiver, state: Path) -> None:
+    _pruned_store(receiver, old=200, young=0)
+    assert round_facts(run_scrub(receiver, state, "--retention", "1d"))["pruned"] == 200
+
+    longer = run_scrub(receiver, state, "--retention", "3d")  # received two days ago: within it now
+    finished = longer.one("scrub_finished")
+    assert (finished["missing"], finished["pruned_unread"]) == (200, 0)
+    assert longer.returncode == 1
+
+    again = run_scrub(receiver, state, "--retention", "1d")  # a run is saved only when found pruned again
+    assert round_facts(again)["pruned_unread"] == 0
+    assert round_facts(run_scrub(receiver, state, "--retention", "1d"))["pruned_unread"] == 200
+
+    copy = receiver.index.with_name("index.copy")  # the same bytes, another inode
+    copy.write_bytes(receiver.index.read_bytes())
+    os.replace(copy, receiver.index)
+    replaced = run_scrub(receiver, state, "--retention", "1d")
+    assert round_facts(replaced) == {**round_facts(again), "pruned_unread": 0}
+    with closing(sqlite3.connect(state / "state.sqlite3")) as db:
+        (ino,) = {row[0] for row in db.execute("SELECT index_ino FROM scrub_pruned")}
+    assert ino == receiver.index.stat().st_ino
+
+
+def test_runs_grow_across_stopped_runs_and_keep_exact_counts(receiver: Receiver, state: Path) -> None:
+    """A scrub stopped in the middle of pruned rows saves its run as far as it
+    got; the next one goes on from there and makes it one run."""
+    _pruned_store(receiver, old=20_000, young=0)
+    stopped = run_scrub(receiver, state, "--retention", "1d", "--max-duration", "0.4")
+    assert stopped.one("scrub_finished")["stopped_by"] == "max_duration", stopped.stdout
+    for _ in range(5):
+        last = run_scrub(receiver, state, "--retention", "1d")
+        if last.one("scrub_finished")["round_completed"]:
+            break
+    with closing(sqlite3.connect(state / "state.sqlite3")) as db:
+        runs = db.execute('SELECT start, "end", lines, rows FROM scrub_pruned').fetchall()
+    assert runs == [(0, receiver.index.stat().st_size, 20_000, 20_000)]
+    assert last.one("scrub_round_completed")["pruned"] == 20_000
+    following = run_scrub(receiver, state, "--retention", "1d")
+    assert round_facts(following)["pruned_unread"] == 20_000 == round_facts(following)["pruned"]

@@ -81,7 +81,7 @@ from pathlib import Path
 
 from .connection import FILE_NAME, Access, Database, StateUnusable, split_path
 from .keys import EXAMPLES, Checkpoint, HostRows, Key, Keys, SplitPart
-from .records import Records, Unverified
+from .records import PrunedRun, Records, Unverified
 
 __all__ = [
     "EXAMPLES",
@@ -90,6 +90,7 @@ __all__ = [
     "Checkpoint",
     "HostRows",
     "Key",
+    "PrunedRun",
     "SplitPart",
     "State",
     "StateUnusable",

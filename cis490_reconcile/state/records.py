@@ -1,16 +1,31 @@
 """What a pass leaves for the next one and for status: each host
 directory's memo (its times when listed, the episodes it left unresolved),
-tarballs found unverifiable, the orphan counts of the last full pass, and
-named JSON records (the last pass, the last scrub, the scrub's cursor)."""
+tarballs found unverifiable, the orphan counts of the last full pass, named
+JSON records (the last pass, the last scrub, the scrub's cursor), and the
+runs of index lines a scrub found pruned."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from .connection import Database
+
+
+@dataclass(frozen=True, slots=True)
+class PrunedRun:
+    """Index lines [start, end) a scrub found all pruned (migrations/0003.sql)."""
+
+    start: int
+    end: int
+    lines: int
+    rows: int
+    newest: int  # unix seconds: the latest received_at_wall among them
+    index_dev: int
+    index_ino: int
+    tail_sha256: bytes  # of the index's 4 KiB before `end`
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +121,20 @@ class Records:
         self.db.execute(
             "INSERT OR REPLACE INTO records VALUES (?, ?)", (name, json.dumps(value, sort_keys=True))
         )
+
+    # --- scrub's pruned runs ---------------------------------------------------------------
+
+    def pruned_runs(self) -> list[PrunedRun]:
+        """In index order (few: runs of consecutive pruned lines)."""
+        sql = 'SELECT start, "end", lines, rows, newest, index_dev, index_ino, tail_sha256 FROM scrub_pruned'
+        return [PrunedRun(*row) for row in self.db.execute(sql + " ORDER BY start")]
+
+    def save_pruned_runs(self, runs: Iterable[PrunedRun], forget: Iterable[int] = ()) -> None:
+        """Add or replace runs (by start); forget those starting at `forget`."""
+        self.db.executemany("DELETE FROM scrub_pruned WHERE start = ?", ((start,) for start in forget))
+        self.db.executemany(
+            "INSERT OR REPLACE INTO scrub_pruned VALUES (?, ?, ?, ?, ?, ?, ?, ?)", map(astuple, runs)
+        )
+
+    def forget_pruned_runs(self) -> None:
+        self.db.execute("DELETE FROM scrub_pruned")
