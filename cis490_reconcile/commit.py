@@ -28,7 +28,8 @@ from typing import TextIO
 
 from . import basics, index
 from .config import Config
-from .coverage import CatchUp, Coverage
+from .coverage import Coverage
+from .indexkeys import CatchUp
 from .store import Tarball
 from .verdicts import Intact
 

@@ -6,13 +6,8 @@ has read (the checkpoint) and reads on from there: a pass costs the rows
 appended since the last one. The checkpoint is trusted only while the file is
 the one it read: the same device and inode, at least as long, and the same 4
 KiB before the offset. A replaced, truncated or rewritten index is read again
-from the start (`rebuild`), as is the whole index on a full pass. A rebuild
-stages every key in a temporary table and inserts them sorted, in the
-transaction that saves the new checkpoint. Parsing a row is Python and holds
-the GIL, so an index over SPLIT_MIN_BYTES is parsed in two halves at once,
-the second by a forked process staging into a scratch file that is merged in
-that transaction (2M rows: 22.3 s -> 13.8 s; json.loads of every line takes
-10.8 s; re-measure: tests/bench/run.py --only scale).
+from the start, as is the whole index on a full pass (rebuild.py: on both
+cores, into new keys, in the transaction that saves the new checkpoint).
 
 Asking. "Is this episode indexed?" is a point lookup (about 15 us) or, for a
 host directory listed whole, a merge of the sorted listing with the host's
@@ -22,69 +17,18 @@ the host's row count. A row without host_id covers its episode on every host.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-from . import basics, index, retention, syscalls
-from .index import BadLine, Row, TornTail
-from .state import Checkpoint, HostRows, Key, SplitPart, State
+from . import basics, index, retention
+from .index import Row
+from .indexkeys import CatchUp, KeyOf, KeyReader, digest
+from .rebuild import rebuild
+from .state import Checkpoint, HostRows, Key, State
 
 COMMIT_ROWS = 50_000  # keys per transaction while catching up
-STAGE_BATCH = 20_000  # keys a rebuild stages at a time (about 3 MB)
-# a rebuild reads half of an index this large in a forked process (the concurrency tests lower it)
-SPLIT_MIN_BYTES = int(os.environ.get("CIS490_TEST_SPLIT_MIN_BYTES") or 64 << 20)
-MAX_BAD_LINES = 1000  # bad lines a catch-up hands back (for events); the count is complete
 _POINT_US, _SCAN_US = 15.0, 0.4  # measured costs of a lookup and of a key merged
-_blake2b, _fromisoformat = hashlib.blake2b, datetime.fromisoformat  # bound once: per-row calls
-
-
-def digest(episode_id: str) -> bytes:
-    """12 bytes of BLAKE2b of the episode_id's UTF-8 (the surrogates only a
-    bad row can hold pass through). Called once a row on a full pass."""
-    try:
-        raw = episode_id.encode()
-    except UnicodeEncodeError:
-        raw = episode_id.encode("utf-8", "surrogatepass")
-    return _blake2b(raw, digest_size=12).digest()
-
-
-def received_seconds(value: object) -> int | None:
-    """received_at_wall as unix seconds; None when absent or not a timestamp.
-    A timestamp without a zone is UTC, as the receiver writes them. Called
-    once a row on a full pass: the common case is one fromisoformat."""
-    if type(value) is not str:
-        return None
-    try:
-        when = _fromisoformat(value)
-    except ValueError:  # before Python 3.11 fromisoformat reads no "Z"
-        if not value.endswith("Z"):
-            return None
-        try:
-            when = _fromisoformat(value[:-1] + "+00:00")
-        except ValueError:
-            return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return int(when.timestamp())
-
-
-@dataclass
-class CatchUp:
-    """What one catch-up found."""
-
-    rows: int = 0  # rows read (new keys and duplicates)
-    bad: list[BadLine] = field(default_factory=list)  # bad lines read now
-    torn: TornTail | None = None
-    rebuilt: bool = False  # read from the start
-    replaced: bool = False  # ... because the file is not the one the checkpoint read
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,98 +53,11 @@ def orphans(rows: HostRows, matched: int = 0, matched_older: int = 0) -> tuple[i
     return rows.rows - matched - pruned, pruned
 
 
-class _Reader:
-    """One read of index lines, in batches of keys. It keeps the position
-    after the last whole line and the count of bad lines (what a checkpoint
-    needs), stops at a torn tail, and keeps only the first MAX_BAD_LINES bad
-    lines: a file of nothing but garbage costs no more memory than a row."""
-
-    def __init__(
-        self, key: Callable[[Row], Key], found: CatchUp, offset: int = 0, lines: int = 0, bad_lines: int = 0
-    ) -> None:
-        self.key = key
-        self.found = found
-        self.offset, self.lines, self.bad_lines = offset, lines, bad_lines
-
-    def batches(
-        self, entries: Iterable[Row | BadLine | TornTail], size: int
-    ) -> Iterator[tuple[list[Key], list[BadLine]]]:
-        """(keys, bad lines kept) every `size` keys, and once at the end."""
-        found, key = self.found, self.key
-        keys: list[Key] = []
-        bad: list[BadLine] = []
-        last: Row | BadLine | None = None  # the position is taken from it at each batch
-        for entry in entries:
-            if isinstance(entry, Row):  # first: nearly every line is one
-                keys.append(key(entry))
-                last = entry
-                if len(keys) >= size:
-                    found.rows += len(keys)
-                    self.lines, self.offset = last.line, last.end
-                    yield keys, bad
-                    keys, bad = [], []
-                continue
-            if isinstance(entry, TornTail):
-                found.torn = entry
-                break
-            last = entry
-            self.bad_lines += 1
-            if len(found.bad) < MAX_BAD_LINES:
-                found.bad.append(entry)
-                bad.append(entry)
-        found.rows += len(keys)
-        if last is not None:
-            self.lines, self.offset = last.line, last.end
-        yield keys, bad
-
-    def summary(self) -> dict[str, object]:
-        """What a forked reader hands back (JSON): counts, its position,
-        the bad lines kept, where a torn tail starts."""
-        found = self.found
-        return {
-            "rows": found.rows,
-            "lines": self.lines,
-            "offset": self.offset,
-            "bad_lines": self.bad_lines,
-            "bad": [[b.line, b.offset, b.end, b.reason] for b in found.bad],
-            "torn": None if found.torn is None else [found.torn.line, found.torn.offset],
-        }
-
-    def lines_before(self, fd: int, start: int) -> int:
-        """Lines before `start`, where the next read begins: ours, and any
-        blank ones after them (they are no entries, but they are numbered)."""
-        return self.lines + index.newlines(fd, self.offset, start)
-
-    def add(self, part: dict[str, Any], fd: int, start: int, end: int) -> None:
-        """Go on after a forked reader's `summary` of bytes [start, end), the
-        bytes before read by this one: its line numbers count from the lines
-        before `start`; its position is ours if it met a line; its torn tail
-        is read again here."""
-        found = self.found
-        before = self.lines_before(fd, start)
-        found.rows += part["rows"]
-        self.bad_lines += part["bad_lines"]
-        room = max(MAX_BAD_LINES - len(found.bad), 0)
-        found.bad += [BadLine(n + before, offset, nxt, why) for n, offset, nxt, why in part["bad"][:room]]
-        if part["lines"]:
-            self.lines, self.offset = before + part["lines"], part["offset"]
-        if part["torn"] is not None:
-            line, offset = part["torn"]
-            torn = next(index.entries(fd, offset, end, before + line - 1))
-            assert isinstance(torn, TornTail)
-            found.torn = torn
-
-    def checkpoint(self, fd: int, st: os.stat_result, rebuilt_at: float) -> Checkpoint:
-        """Keys cover the file up to here."""
-        tail = index.tail_digest(fd, self.offset)
-        return Checkpoint(st.st_dev, st.st_ino, self.offset, self.lines, self.bad_lines, tail, rebuilt_at)
-
-
 class Coverage:
     def __init__(self, state: State) -> None:
         self.state = state
-        self._hosts = state.keys.host_ids()
-        self._add_host = state.keys.add_host  # a forked reader gives provisional ids instead
+        self._key = KeyOf(state.keys.host_ids(), state.keys.add_host)
+        self._hosts = self._key.hosts
         self.base_duplicates: dict[int, int] = {}  # rows of the tail that repeat a key of the base
         self.torn: Row | None = None  # a complete row that only lacks its "\n": indexed, to be safe
 
@@ -217,7 +74,7 @@ class Coverage:
         else:
             if self.state.base:  # the base's keys are of no use: read it all into ours
                 self.state.detach_base()
-            found = self._rebuild(fd, st, on_progress, replaced=cp is not None and not fits)
+            found = rebuild(self.state, self._key, fd, st, on_progress, replaced=cp is not None and not fits)
         self.torn = found.torn.row if found.torn is not None else None
         return found
 
@@ -231,27 +88,15 @@ class Coverage:
 
     def host_id(self, name: str | None) -> int:
         """The host's id in the database, added if new (None: rows without host_id)."""
-        if name is None:
-            return 0
-        host = self._hosts.get(name)
-        if host is None:
-            host = self._hosts[name] = self._add_host(name)
-        return host
+        return self._key.host(name)
 
     def known_host(self, name: str) -> int | None:
         return self._hosts.get(name)
 
-    def _key(self, row: Row) -> Key:
-        name = row.host_id
-        host = 0 if name is None else self._hosts.get(name)  # inline: once a row on a full pass
-        if host is None:
-            host = self.host_id(name)
-        return (host, digest(row.episode_id), row.offset, received_seconds(row.received_at_wall))
-
     def _read_on(
         self, fd: int, st: os.stat_result, cp: Checkpoint, on_progress: Callable[[], None]
     ) -> CatchUp:
-        reader = _Reader(self._key, CatchUp(), cp.offset, cp.lines, cp.bad_lines)
+        reader = KeyReader(self._key, CatchUp(), cp.offset, cp.lines, cp.bad_lines)
         saved = cp.offset
         for keys, bad in reader.batches(index.entries(fd, cp.offset, st.st_size, cp.lines), COMMIT_ROWS):
             if reader.offset == saved:
@@ -274,37 +119,6 @@ class Coverage:
             else:
                 kept.append(key)
         return kept
-
-    def _rebuild(
-        self, fd: int, st: os.stat_result, on_progress: Callable[[], None], replaced: bool
-    ) -> CatchUp:
-        """Read the whole index into new keys. Parsing is Python, bound to
-        one core, so the second half of a large index is read at the same
-        time by a forked process (_ForkedPart); if that fails, it is read
-        here. (Staging in a thread while parsing did not help: SQLite needs
-        the GIL to bind every key. 2M rows: 21.2 s against 20.6 inline.)"""
-        reader = _Reader(self._key, CatchUp(rebuilt=True, replaced=replaced))
-        split = _split_point(fd, st.st_size)
-        with self.state.keys.rebuilding(), contextlib.ExitStack() as stack:
-            part = None if split is None else stack.enter_context(_ForkedPart(self, fd, split, st.st_size))
-            basics.step("forked")
-            _stage(reader, index.entries(fd, 0, split or st.st_size), self.state.keys.stage, on_progress)
-            if part is not None:
-                hosts = part.join(reader, on_progress)
-                basics.step("split_joined")
-                if hosts is None:  # the child failed: read its part here
-                    rest = index.entries(fd, part.start, st.st_size, reader.lines_before(fd, part.start))
-                    _stage(reader, rest, self.state.keys.stage, on_progress)
-                else:
-                    stack.enter_context(self.state.keys.attached_split(part.path, hosts))
-            with self.state.transaction():
-                self.state.keys.replace()
-                basics.step("rebuilding")
-                self.state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in reader.found.bad)
-                self.state.keys.save_checkpoint(reader.checkpoint(fd, st, time.time()))
-                if replaced:
-                    self.state.records.forget_memos()
-        return reader.found
 
     # --- asking ---------------------------------------------------------------------
 
@@ -387,85 +201,3 @@ class Coverage:
 
     def host_names(self) -> dict[str, int]:
         return dict(self._hosts)
-
-
-# --- a rebuild's second half, read in a forked process ------------------------------
-
-
-def _stage(
-    reader: _Reader,
-    entries: Iterable[index.Entry],
-    stage: Callable[[Sequence[Key]], None],
-    on_progress: Callable[[], None],
-) -> None:
-    """Every key of `entries`, STAGE_BATCH at a time, for a rebuild (by this
-    process into its temporary table, or by the forked one into a SplitPart)."""
-    for keys, _ in reader.batches(entries, STAGE_BATCH):
-        stage(keys)
-        on_progress()
-
-
-def _split_point(fd: int, size: int) -> int | None:
-    """Where the forked part of a rebuild starts: after the first newline
-    past the middle. None for an index too small to be worth a process, with
-    no newline in the 1 MiB after the middle, or while another thread runs
-    (the verifying pool's, when a commit finds the index replaced): a fork
-    then could inherit a lock that thread holds."""
-    if size < SPLIT_MIN_BYTES or threading.active_count() > 1:
-        return None
-    middle = size // 2
-    after = os.pread(fd, index.MAX_LINE_BYTES + 1, middle).find(b"\n")
-    return None if after < 0 or middle + after + 1 >= size else middle + after + 1
-
-
-class _ForkedPart:
-    """Bytes [start, end) of the index, parsed by a forked process into a
-    SplitPart while this one parses the bytes before. The child writes a
-    "." for each batch it staged (progress: the watchdog is fed only while
-    it moves), then its reader's summary as one JSON line. Leaving the
-    context kills the child if it still runs and removes the file."""
-
-    def __init__(self, coverage: Coverage, fd: int, start: int, end: int) -> None:
-        self.coverage, self.fd, self.start, self.end = coverage, fd, start, end
-        self.path = coverage.state.keys.split_path()
-        self.child = syscalls.fork_child(self._read)
-
-    def __enter__(self) -> _ForkedPart:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.child.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def _read(self, out_fd: int) -> None:
-        """In the child. Hosts the state does not know get provisional ids
-        (-1, -2, ...): only the parent writes to the state database."""
-        provisional: dict[str, int] = {}
-        self.coverage._add_host = lambda name: provisional.setdefault(name, -1 - len(provisional))
-        part = SplitPart(self.path)
-        reader = _Reader(self.coverage._key, CatchUp(), self.start)
-        with os.fdopen(out_fd, "wb") as out:
-
-            def progress() -> None:
-                out.write(b".")
-                out.flush()
-
-            _stage(reader, index.entries(self.fd, self.start, self.end), part.stage, progress)
-            part.close()
-            out.write(json.dumps({**reader.summary(), "hosts": provisional}).encode() + b"\n")
-
-    def join(self, reader: _Reader, on_progress: Callable[[], None]) -> dict[int, int] | None:
-        """Wait for the child and go on with `reader` after its part. The
-        provisional host ids mapped to the state's; None if the child failed
-        (the caller reads the part itself)."""
-        out = b""
-        while (data := self.child.read(1.0)) != b"":
-            if data is not None:
-                out += data
-                on_progress()
-        if not self.child.succeeded() or not out.endswith(b"\n"):
-            return None
-        part = json.loads(out.lstrip(b"."))
-        reader.add(part, self.fd, self.start, self.end)
-        return {provisional: self.coverage.host_id(name) for name, provisional in part["hosts"].items()}

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Iterator
 from . import basics, index, quarantine
 from .basics import human_size, iso_utc
 from .commit import Committed, Committer, Pending
-from .coverage import CatchUp, Coverage
+from .coverage import Coverage
+from .indexkeys import CatchUp
 from .lock import LockTimeout
 from .log import Events
 from .passdata import PassContext, PassSummary

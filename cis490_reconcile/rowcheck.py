@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import retention
-from .coverage import received_seconds
 from .index import Row
+from .indexkeys import received_seconds
 from .log import MAX_EVENTS, Logger
 from .reading import HashingReader
 from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name

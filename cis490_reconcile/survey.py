@@ -33,7 +33,8 @@ from typing import TextIO
 
 from . import index, retention, statedir
 from .config import Config
-from .coverage import Coverage, digest, orphans
+from .coverage import Coverage, orphans
+from .indexkeys import digest
 from .log import Logger, make_logger
 from .reading import ReadPacer
 from .state import EXAMPLES, HostRows, State

@@ -208,17 +208,24 @@ def die_with_parent(parent: int) -> None:
 
 
 class Child:
-    """A forked process running one function, and the pipe it writes to."""
+    """A forked process running one function, and a pipe each way."""
 
-    def __init__(self, pid: int, fd: int) -> None:
+    def __init__(self, pid: int, fd: int, to_child: int) -> None:
         self.pid: int | None = pid
         self.fd = fd
+        self.to_child = to_child
 
     def read(self, timeout_s: float) -> bytes | None:
         """What the child wrote next: b"" once it closed the pipe (it is
         done or dead), None if nothing came within timeout_s."""
         ready, _, _ = select.select([self.fd], [], [], timeout_s)
         return os.read(self.fd, 1 << 16) if ready else None
+
+    def send(self, data: bytes) -> None:
+        """Write to the child's input (a dead child: BrokenPipeError)."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.to_child, view) :]
 
     def succeeded(self) -> bool:
         """Wait for it to exit; whether its function returned (exit 0)."""
@@ -228,42 +235,47 @@ class Child:
         return status == 0
 
     def close(self) -> None:
-        """Kill it if it still runs, reap it and close the pipe: afterwards it
-        holds no copy of our file descriptors (nor of the locks on them)."""
+        """Kill it if it still runs, reap it and close the pipes: afterwards
+        it holds no copy of our file descriptors (nor of the locks on them)."""
         if self.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
             self.pid = None
         os.close(self.fd)
+        os.close(self.to_child)
 
 
-def fork_child(work: Callable[[int], None]) -> Child:
-    """Run work(fd) in a forked process, fd being the write end of a pipe
-    the parent reads (Child.read). The child dies with the parent, takes
-    SIGTERM, SIGINT and SIGHUP as killing it (a stop is the parent's to handle), and
-    exits 0 if work returns, 1 if it raises (with one line on stderr). Fork
-    only when no other thread runs: a lock a thread holds stays held forever
-    in the child."""
+def fork_child(work: Callable[[int, int], None]) -> Child:
+    """Run work(out_fd, in_fd) in a forked process: out_fd the write end of a
+    pipe the parent reads (Child.read), in_fd the read end of one it writes
+    (Child.send). The child dies with the parent, takes SIGTERM, SIGINT and
+    SIGHUP as killing it (a stop is the parent's to handle), and exits 0 if
+    work returns, 1 if it raises (with one line on stderr). Fork only when
+    no other thread runs: a lock a thread holds stays held forever in the
+    child."""
     r, w = os.pipe2(os.O_CLOEXEC)
+    child_in, to_child = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 1
         try:
             os.close(r)
+            os.close(to_child)
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             die_with_parent(parent)
-            work(w)
+            work(w, child_in)
             code = 0
         except BaseException as e:
             os.write(2, f"cis490-reconcile: forked process {os.getpid()} failed: {e!r}\n".encode())
         finally:
             os._exit(code)
     os.close(w)
-    return Child(pid, r)
+    os.close(child_in)
+    return Child(pid, r, to_child)
 
 
 _RENAME_NOREPLACE = 1  # linux/fs.h

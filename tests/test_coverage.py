@@ -18,7 +18,7 @@ from helpers import state_contents
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cis490_reconcile import coverage
+from cis490_reconcile import coverage, indexkeys, rebuild
 from cis490_reconcile import state as state_module
 from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.index import encode_row
@@ -115,7 +115,7 @@ def test_an_index_of_garbage_costs_bounded_memory(tmp_path: Path, full: bool) ->
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert len(found.bad) == coverage.MAX_BAD_LINES and found.bad[0].line == 2
+        assert len(found.bad) == indexkeys.MAX_BAD_LINES and found.bad[0].line == 2
         cp = cov.state.keys.checkpoint()
         assert cp is not None and (cp.bad_lines, cp.lines) == (100_000, 100_002)
         assert len(cov.state.keys.bad_line_examples()) == state_module.EXAMPLES
@@ -260,7 +260,7 @@ def test_a_new_migration_upgrades_a_file_in_place(tmp_path: Path, monkeypatch: p
     ],
 )
 def test_received_seconds(value: object, seconds: int | None) -> None:
-    assert coverage.received_seconds(value) == seconds
+    assert indexkeys.received_seconds(value) == seconds
 
 
 # --- a rebuild's second half, read by a forked process -------------------------------
@@ -286,9 +286,9 @@ def rebuilt(tmp_path: Path, data: bytes, name: str) -> tuple[list[tuple], tuple,
 
 
 def serial_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes) -> tuple:
-    monkeypatch.setattr(coverage, "SPLIT_MIN_BYTES", 1 << 60)
+    monkeypatch.setattr(rebuild, "SPLIT_MIN_BYTES", 1 << 60)
     serial = rebuilt(tmp_path, data, "serial")
-    monkeypatch.setattr(coverage, "SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(rebuild, "SPLIT_MIN_BYTES", 0)
     return serial, rebuilt(tmp_path, data, "split")
 
 
@@ -361,12 +361,19 @@ BLANK_MIDDLE = (  # the split falls among blank lines: numbered, but no entries
 
 @pytest.mark.parametrize("data", [mixed_index(b""), BLANK_MIDDLE], ids=["mixed", "blank-middle"])
 @pytest.mark.parametrize("how", ["raises", "killed"])
+@pytest.mark.parametrize("when", ["stage", "sort"])
 def test_a_failed_fork_is_read_by_the_pass_itself(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], how: str, data: bytes
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    how: str,
+    when: str,
+    data: bytes,
 ) -> None:
     """The child's SplitPart fails (in the child only: the pass stages in
-    its own temp table); the pass reads that half itself, with the same
-    result, line numbers included."""
+    its own temp table), while it parses its part or, once handed over, as
+    it sorts it; the pass reads what it must itself, with the same result,
+    line numbers included."""
 
     def fail(self: state_module.SplitPart, keys: object) -> None:
         if how == "killed":
@@ -375,7 +382,7 @@ def test_a_failed_fork_is_read_by_the_pass_itself(
 
     serial, split = serial_and_split(tmp_path, monkeypatch, data)
     assert split == serial
-    monkeypatch.setattr(state_module.SplitPart, "stage", fail)
+    monkeypatch.setattr(state_module.SplitPart, when, fail)
     assert rebuilt(tmp_path, data, "failed") == serial
     err = capfd.readouterr().err
     assert ("No space left on device" in err) == (how == "raises")
@@ -387,15 +394,15 @@ def test_a_stop_while_the_fork_reads_kills_it_and_keeps_the_old_state(
     index = tmp_path / "index.jsonl"
     index.write_bytes(row("h", "a"))
     forked: list[object] = []
-    real_fork = coverage.syscalls.fork_child
+    real_fork = rebuild.syscalls.fork_child
 
     def fork(work):  # type: ignore[no-untyped-def]
         child = real_fork(work)
         forked.append(child)
         return child
 
-    monkeypatch.setattr(coverage.syscalls, "fork_child", fork)
-    monkeypatch.setattr(coverage, "SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(rebuild.syscalls, "fork_child", fork)
+    monkeypatch.setattr(rebuild, "SPLIT_MIN_BYTES", 0)
     with opened(tmp_path, index) as cov:
         catch_up(cov, index)
     before = keys_table(tmp_path / "state.sqlite3")
@@ -419,8 +426,8 @@ def test_no_fork_while_another_thread_runs(tmp_path: Path, monkeypatch: pytest.M
     def no_fork(work: object) -> None:
         raise AssertionError("forked while another thread ran")
 
-    monkeypatch.setattr(coverage, "SPLIT_MIN_BYTES", 0)
-    monkeypatch.setattr(coverage.syscalls, "fork_child", no_fork)
+    monkeypatch.setattr(rebuild, "SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(rebuild.syscalls, "fork_child", no_fork)
     release = threading.Event()
     other = threading.Thread(target=release.wait)
     other.start()

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from helpers import Receiver, episode
 
-from cis490_reconcile.coverage import SPLIT_MIN_BYTES, digest
 from cis490_reconcile.index import encode_row
+from cis490_reconcile.indexkeys import digest
+from cis490_reconcile.rebuild import SPLIT_MIN_BYTES
 
 TRIALS = int(os.environ.get("CIS490_CRASH_TRIALS", "50"))  # heavier runs: set it higher
 NEW_PER_TRIAL = 8

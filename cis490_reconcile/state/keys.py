@@ -22,6 +22,8 @@ _IN_CHUNK = 400  # digests per IN (...): twice that plus two stays under SQLite'
 Key = tuple[int, bytes, int, int | None]  # (host, digest, offset, received): a row of the keys table
 STAGE_ROWS = 100
 _STAGING = "(host INTEGER, digest BLOB, offset INTEGER, received INTEGER)"
+# keys in key order, a half of a rebuild each: merging two costs no sort (SQLite's MERGE of a UNION ALL)
+_SORTED = _STAGING[:-1] + ", PRIMARY KEY (host, digest, offset)) WITHOUT ROWID"
 
 
 def _insert_keys(db: sqlite3.Connection, table: str, keys: Sequence[Key]) -> None:
@@ -108,8 +110,23 @@ class SplitPart:
         _insert_keys(self.db, "staging", keys)
         self.tally.add(keys)
 
-    def close(self) -> None:
+    def sort(self, hosts: dict[int, int]) -> None:
+        """Once the pass has given ids to the hosts only this part met
+        (`hosts`: provisional id -> id): the staged keys, under those ids,
+        into a table in key order, which the pass merges with its own."""
         self.tally.flush()
+        self.db.execute("CREATE TEMP TABLE ids (provisional INTEGER PRIMARY KEY, id INTEGER)")
+        self.db.executemany("INSERT INTO temp.ids VALUES (?, ?)", hosts.items())
+        mapped = "coalesce((SELECT id FROM temp.ids WHERE provisional = host), host)"
+        for table in ("tally_hosts", "tally_hours"):
+            self.db.execute(f"UPDATE {table} SET host = {mapped} WHERE host < 0")
+        self.db.execute(f"CREATE TABLE sorted {_SORTED}")
+        self.db.execute(
+            f"INSERT INTO sorted SELECT {mapped}, digest, offset, received FROM staging ORDER BY 1, 2, 3"
+        )
+        self.db.execute("DROP TABLE staging")
+
+    def close(self) -> None:
         self.db.execute("COMMIT")
         self.db.close()
 
@@ -204,7 +221,7 @@ class Keys:
         then replace the keys in one transaction, inserting them sorted
         (random-order inserts cost 2.3x: the B-tree pages are then written
         once each)."""
-        temporary = ("temp.staging", "temp.split_hosts", "temp.tally_hosts", "temp.tally_hours")
+        temporary = ("temp.staging", "temp.sorted", "temp.tally_hosts", "temp.tally_hours")
         for table in temporary:
             self.db.execute(f"DROP TABLE IF EXISTS {table}")
         self.db.execute(f"CREATE TEMP TABLE staging {_STAGING}")
@@ -220,28 +237,35 @@ class Keys:
             _insert_keys(self.db, "temp.staging", keys)
             self._tally.add(keys)
 
+    def sort_staged(self) -> None:
+        """The staged keys into a table in key order, to merge with a
+        SplitPart's sorted at the same time in another process."""
+        self.db.execute(f"CREATE TEMP TABLE sorted {_SORTED}")
+        with self.database.transaction():
+            self.db.execute("INSERT INTO temp.sorted SELECT * FROM temp.staging ORDER BY 1, 2, 3")
+        self.db.execute("DELETE FROM temp.staging")
+
     def split_path(self) -> str:
         """Where a SplitPart goes: beside the state file."""
         (path,) = self.db.execute("SELECT file FROM pragma_database_list WHERE name = 'main'").fetchone()
         return split_path(path)
 
     @contextmanager
-    def attached_split(self, path: str, hosts: dict[int, int]) -> Iterator[None]:
-        """Have `replace` take a SplitPart's keys too, its provisional host
-        ids mapped by `hosts` (ATTACH and DETACH cannot be in a transaction:
-        this goes around the one that replaces)."""
+    def attached_split(self, path: str) -> Iterator[None]:
+        """Have `replace` take a sorted SplitPart's keys too (ATTACH and
+        DETACH cannot be in a transaction: this goes around the one that
+        replaces)."""
         self.db.execute("ATTACH DATABASE ? AS split", (path,))
         try:
-            self.db.execute("CREATE TEMP TABLE split_hosts (provisional INTEGER PRIMARY KEY, id INTEGER)")
-            self.db.executemany("INSERT INTO temp.split_hosts VALUES (?, ?)", hosts.items())
             yield
         finally:
             self.db.execute("DETACH DATABASE split")
 
     def replace(self) -> None:
         """Inside the transaction that saves the new checkpoint: the staged
-        keys (and an attached SplitPart's) become the keys table, sorted,
-        with the hosts' counts and received_hours and _days (migrations/0002.sql)."""
+        keys, sorted (or sorted_staged's, merged with an attached SplitPart's)
+        become the keys table, with the hosts' counts and received_hours and
+        _days (migrations/0002.sql)."""
         db = self.db
         schema = dict(
             db.execute("SELECT name, sql FROM sqlite_master WHERE tbl_name = 'keys' AND sql IS NOT NULL")
@@ -257,22 +281,24 @@ class Keys:
         db.execute(f"UPDATE hosts SET keys = coalesce({counted}, 0)")
         db.execute("UPDATE hosts SET duplicates = 0")
         db.execute("INSERT INTO received_hours SELECT host, hour, rows FROM temp.tally_hours")
-        staged = "SELECT host, digest, offset, received FROM temp.staging"
         if db.execute("SELECT 1 FROM pragma_database_list WHERE name = 'split'").fetchone():
-            host = (
-                "CASE WHEN s.host < 0 THEN (SELECT id FROM temp.split_hosts WHERE provisional = s.host)"
-                " ELSE s.host END"
-            )
-            staged += f" UNION ALL SELECT {host}, digest, offset, received FROM split.staging s"
-            counted = f"(SELECT rows FROM split.tally_hosts s WHERE {host} = hosts.id)"
+            counted = "(SELECT rows FROM split.tally_hosts s WHERE s.host = hosts.id)"
             db.execute(f"UPDATE hosts SET keys = keys + coalesce({counted}, 0)")
             db.execute(
-                f"INSERT INTO received_hours SELECT {host}, hour, rows FROM split.tally_hours s WHERE true "
+                "INSERT INTO received_hours SELECT host, hour, rows FROM split.tally_hours WHERE true "
                 "ON CONFLICT (host, hour) DO UPDATE SET keys = keys + excluded.keys"
             )
+            # both halves in key order: merged as they are read, not sorted again
+            keys = (
+                "SELECT host, digest, offset, received FROM temp.sorted UNION ALL "
+                "SELECT host, digest, offset, received FROM split.sorted ORDER BY 1, 2, 3"
+            )
+        elif db.execute("SELECT 1 FROM temp.sqlite_master WHERE name = 'sorted'").fetchone():
+            keys = "SELECT host, digest, offset, received FROM temp.sorted"
+        else:
+            keys = "SELECT host, digest, offset, received FROM temp.staging ORDER BY 1, 2, 3"
         db.execute(
-            f"INSERT INTO keys (host, digest, offset, received) SELECT * FROM ({staged}) "
-            "WHERE true ORDER BY host, digest, offset "
+            f"INSERT INTO keys (host, digest, offset, received) SELECT * FROM ({keys}) WHERE true "
             "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1"
         )
         repeated = [h for (h,) in db.execute("SELECT id FROM hosts WHERE duplicates > 0")]

@@ -1,0 +1,177 @@
+"""Index lines into keys: the key of a row, and one read of lines that keeps
+its place. The state database files a row under its key (state/keys.py):
+the host's id, a digest of the episode_id, the row's offset and when it
+was received. A pass catching up and a rebuild on two processes
+(rebuild.py) read lines the same way, through KeyReader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from . import index
+from .index import BadLine, Row, TornTail
+from .state import Checkpoint, Key
+
+MAX_BAD_LINES = 1000  # bad lines a catch-up hands back (for events); the count is complete
+_blake2b, _fromisoformat = hashlib.blake2b, datetime.fromisoformat  # bound once: per-row calls
+
+
+def digest(episode_id: str) -> bytes:
+    """12 bytes of BLAKE2b of the episode_id's UTF-8 (the surrogates only a
+    bad row can hold pass through). Called once a row on a full pass."""
+    try:
+        raw = episode_id.encode()
+    except UnicodeEncodeError:
+        raw = episode_id.encode("utf-8", "surrogatepass")
+    return _blake2b(raw, digest_size=12).digest()
+
+
+def received_seconds(value: object) -> int | None:
+    """received_at_wall as unix seconds; None when absent or not a timestamp.
+    A timestamp without a zone is UTC, as the receiver writes them. Called
+    once a row on a full pass: the common case is one fromisoformat (a
+    cache of each hour's seconds, slicing and int() of the minutes and
+    seconds cost more in Python than the C parse: measured)."""
+    if type(value) is not str:
+        return None
+    try:
+        when = _fromisoformat(value)
+    except ValueError:  # before Python 3.11 fromisoformat reads no "Z"
+        if not value.endswith("Z"):
+            return None
+        try:
+            when = _fromisoformat(value[:-1] + "+00:00")
+        except ValueError:
+            return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp())
+
+
+class KeyOf:
+    """The key of a row (state.Key): its host's id from `hosts`, a host not
+    there yet numbered by `new_host`, which also records it."""
+
+    def __init__(self, hosts: dict[str, int], new_host: Callable[[str], int]) -> None:
+        self.hosts = hosts
+        self.new_host = new_host
+
+    def host(self, name: str | None) -> int:
+        """The id of a host_id (0: rows without one)."""
+        if name is None:
+            return 0
+        host = self.hosts.get(name)
+        if host is None:
+            host = self.hosts[name] = self.new_host(name)
+        return host
+
+    def __call__(self, row: Row) -> Key:
+        name = row.host_id
+        host = 0 if name is None else self.hosts.get(name)  # inline: once a row on a full pass
+        if host is None:
+            host = self.host(name)
+        return (host, digest(row.episode_id), row.offset, received_seconds(row.received_at_wall))
+
+
+@dataclass
+class CatchUp:
+    """What one catch-up found."""
+
+    rows: int = 0  # rows read (new keys and duplicates)
+    bad: list[BadLine] = field(default_factory=list)  # bad lines read now
+    torn: TornTail | None = None
+    rebuilt: bool = False  # read from the start
+    replaced: bool = False  # ... because the file is not the one the checkpoint read
+
+
+class KeyReader:
+    """One read of index lines, in batches of keys. It keeps the position
+    after the last whole line and the count of bad lines (what a checkpoint
+    needs), stops at a torn tail, and keeps only the first MAX_BAD_LINES bad
+    lines: a file of nothing but garbage costs no more memory than a row."""
+
+    def __init__(
+        self, key: Callable[[Row], Key], found: CatchUp, offset: int = 0, lines: int = 0, bad_lines: int = 0
+    ) -> None:
+        self.key = key
+        self.found = found
+        self.offset, self.lines, self.bad_lines = offset, lines, bad_lines
+
+    def batches(
+        self, entries: Iterable[Row | BadLine | TornTail], size: int
+    ) -> Iterator[tuple[list[Key], list[BadLine]]]:
+        """(keys, bad lines kept) every `size` keys, and once at the end."""
+        found, key = self.found, self.key
+        keys: list[Key] = []
+        bad: list[BadLine] = []
+        last: Row | BadLine | None = None  # the position is taken from it at each batch
+        for entry in entries:
+            if isinstance(entry, Row):  # first: nearly every line is one
+                keys.append(key(entry))
+                last = entry
+                if len(keys) >= size:
+                    found.rows += len(keys)
+                    self.lines, self.offset = last.line, last.end
+                    yield keys, bad
+                    keys, bad = [], []
+                continue
+            if isinstance(entry, TornTail):
+                found.torn = entry
+                break
+            last = entry
+            self.bad_lines += 1
+            if len(found.bad) < MAX_BAD_LINES:
+                found.bad.append(entry)
+                bad.append(entry)
+        found.rows += len(keys)
+        if last is not None:
+            self.lines, self.offset = last.line, last.end
+        yield keys, bad
+
+    def summary(self) -> dict[str, object]:
+        """What a forked reader hands back (JSON): counts, its position,
+        the bad lines kept, where a torn tail starts."""
+        found = self.found
+        return {
+            "rows": found.rows,
+            "lines": self.lines,
+            "offset": self.offset,
+            "bad_lines": self.bad_lines,
+            "bad": [[b.line, b.offset, b.end, b.reason] for b in found.bad],
+            "torn": None if found.torn is None else [found.torn.line, found.torn.offset],
+        }
+
+    def lines_before(self, fd: int, start: int) -> int:
+        """Lines before `start`, where the next read begins: ours, and any
+        blank ones after them (they are no entries, but they are numbered)."""
+        return self.lines + index.newlines(fd, self.offset, start)
+
+    def add(self, part: dict[str, Any], fd: int, start: int, end: int) -> None:
+        """Go on after a forked reader's `summary` of bytes [start, end), the
+        bytes before read by this one: its line numbers count from the lines
+        before `start`; its position is ours if it met a line; its torn tail
+        is read again here."""
+        found = self.found
+        before = self.lines_before(fd, start)
+        found.rows += part["rows"]
+        self.bad_lines += part["bad_lines"]
+        room = max(MAX_BAD_LINES - len(found.bad), 0)
+        found.bad += [BadLine(n + before, offset, nxt, why) for n, offset, nxt, why in part["bad"][:room]]
+        if part["lines"]:
+            self.lines, self.offset = before + part["lines"], part["offset"]
+        if part["torn"] is not None:
+            line, offset = part["torn"]
+            torn = next(index.entries(fd, offset, end, before + line - 1))
+            assert isinstance(torn, TornTail)
+            found.torn = torn
+
+    def checkpoint(self, fd: int, st: os.stat_result, rebuilt_at: float) -> Checkpoint:
+        """Keys cover the file up to here."""
+        tail = index.tail_digest(fd, self.offset)
+        return Checkpoint(st.st_dev, st.st_ino, self.offset, self.lines, self.bad_lines, tail, rebuilt_at)

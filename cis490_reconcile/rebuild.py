@@ -1,0 +1,196 @@
+"""Reading the whole index into new keys, on both cores.
+
+A rebuild (a full pass, a replaced index, a new state) reads every row, and
+a row's key is Python that holds the GIL, so an index over SPLIT_MIN_BYTES
+is read in two parts at once: the first by this process, the rest by a
+forked one. Each stages its keys (state.keys: this one into a temporary
+table, the child into a scratch file, state.sqlite3-split, that only it
+writes) and then sorts them, both at once; the pass merges the two sorted
+parts into the keys table, in the transaction that saves the checkpoint.
+
+    parent  parse [0, split) ---------- give ids -- sort its part -- merge
+    child   parse [split, end) -- hosts ------------- sort its part
+
+Host ids. The child files the hosts it meets that the state does not know
+yet under provisional ids (-1, -2, ...): only the parent writes the state.
+When it is done parsing it hands back its summary and those hosts; the
+parent gives them ids (the ones it met too keep theirs) and sends them, and
+the child sorts under those ids. So both parts are in the same key order.
+
+Progress: the child writes a "." for each batch it staged (the watchdog is
+fed only while it moves), then its summary as one JSON line, then "sorted".
+If it fails before it hands its part over, the parent reads that part
+itself; after, the parent reads the whole index again, alone. Leaving the
+context kills the child if it still runs and removes the scratch file.
+
+Measured (tests/bench/run.py --only scale): sorting 8M keys in one process,
+23 s; two halves sorted at once, 7.5 s, and merged, 9.6 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from . import basics, index, syscalls
+from .indexkeys import CatchUp, KeyOf, KeyReader
+from .state import Key, SplitPart, State
+
+STAGE_BATCH = 20_000  # keys a rebuild stages at a time (about 3 MB)
+# a rebuild reads part of an index this large in a forked process (the concurrency tests lower it)
+SPLIT_MIN_BYTES = int(os.environ.get("CIS490_TEST_SPLIT_MIN_BYTES") or 64 << 20)
+
+
+def rebuild(
+    state: State, key: KeyOf, fd: int, st: os.stat_result, on_progress: Callable[[], None], replaced: bool
+) -> CatchUp:
+    """Read the whole index into new keys and a new checkpoint."""
+    split = _split_point(fd, st.st_size)
+    try:
+        return _rebuild(state, key, fd, st, on_progress, replaced, split)
+    except _ChildFailed:  # after it handed its part over: read the whole index here
+        return _rebuild(state, key, fd, st, on_progress, replaced, None)
+
+
+class _ChildFailed(Exception):
+    pass
+
+
+def _rebuild(
+    state: State,
+    key: KeyOf,
+    fd: int,
+    st: os.stat_result,
+    on_progress: Callable[[], None],
+    replaced: bool,
+    split: int | None,
+) -> CatchUp:
+    reader = KeyReader(key, CatchUp(rebuilt=True, replaced=replaced))
+    with state.keys.rebuilding(), contextlib.ExitStack() as stack:
+        part = None if split is None else stack.enter_context(_ForkedPart(state, key, fd, split, st.st_size))
+        basics.step("forked")
+        _stage(reader, index.entries(fd, 0, split or st.st_size), state.keys.stage, on_progress)
+        if part is not None and not part.hand_over(reader, key, on_progress):
+            part = None  # the child failed before it handed its part over: read the part here
+            rest = index.entries(fd, split or 0, st.st_size, reader.lines_before(fd, split or 0))
+            _stage(reader, rest, state.keys.stage, on_progress)
+        basics.step("split_joined")
+        if part is not None:
+            state.keys.sort_staged()  # while the child sorts its part
+            if not part.sorted(on_progress):
+                raise _ChildFailed
+            stack.enter_context(state.keys.attached_split(part.path))
+        with state.transaction():
+            state.keys.replace()
+            basics.step("rebuilding")
+            state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in reader.found.bad)
+            state.keys.save_checkpoint(reader.checkpoint(fd, st, time.time()))
+            if replaced:
+                state.records.forget_memos()
+    return reader.found
+
+
+def _stage(
+    reader: KeyReader,
+    entries: Iterable[index.Entry],
+    stage: Callable[[Sequence[Key]], None],
+    on_progress: Callable[[], None],
+) -> None:
+    """Every key of `entries`, STAGE_BATCH at a time (by this process into
+    its temporary table, or by the forked one into a SplitPart)."""
+    for keys, _ in reader.batches(entries, STAGE_BATCH):
+        stage(keys)
+        on_progress()
+
+
+def _split_point(fd: int, size: int) -> int | None:
+    """Where the forked part of a rebuild starts: after the first newline
+    past the middle. None for an index too small to be worth a process, with
+    no newline in the 1 MiB after the middle, or while another thread runs
+    (the verifying pool's, when a commit finds the index replaced): a fork
+    then could inherit a lock that thread holds."""
+    if size < SPLIT_MIN_BYTES or threading.active_count() > 1:
+        return None
+    middle = size // 2
+    after = os.pread(fd, index.MAX_LINE_BYTES + 1, middle).find(b"\n")
+    return None if after < 0 or middle + after + 1 >= size else middle + after + 1
+
+
+class _ForkedPart:
+    """Bytes [start, end) of the index, parsed and sorted by a forked process
+    into a SplitPart, while this one does the bytes before."""
+
+    def __init__(self, state: State, key: KeyOf, fd: int, start: int, end: int) -> None:
+        self.key, self.fd, self.start, self.end = key, fd, start, end
+        self.path = state.keys.split_path()
+        self.child = syscalls.fork_child(self._work)
+        self._read = b""
+
+    def __enter__(self) -> _ForkedPart:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.child.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _work(self, out_fd: int, in_fd: int) -> None:
+        """In the child: parse, hand over, then sort under the ids given."""
+        provisional: dict[str, int] = {}
+        key = KeyOf(dict(self.key.hosts), lambda name: provisional.setdefault(name, -1 - len(provisional)))
+        part = SplitPart(self.path)
+        reader = KeyReader(key, CatchUp(), self.start)
+        with os.fdopen(out_fd, "wb") as out, os.fdopen(in_fd, "rb") as given:
+
+            def progress() -> None:
+                out.write(b".")
+                out.flush()
+
+            _stage(reader, index.entries(self.fd, self.start, self.end), part.stage, progress)
+            out.write(json.dumps({**reader.summary(), "hosts": provisional}).encode() + b"\n")
+            out.flush()
+            ids = {int(p): i for p, i in json.loads(given.readline()).items()}
+            part.sort(ids)
+            part.close()
+            out.write(b"sorted\n")
+
+    def _until(self, marker: bytes, on_progress: Callable[[], None]) -> bytes | None:
+        """What the child writes up to the next line ending in `marker`
+        (progress dots stripped), or None once it closed its pipe first."""
+        while True:
+            line, newline, rest = self._read.partition(b"\n")
+            if newline and line.lstrip(b".").endswith(marker):
+                self._read = rest
+                return line.lstrip(b".")
+            data = self.child.read(1.0)
+            if data == b"":
+                return None
+            if data is not None:
+                self._read += data
+                on_progress()
+
+    def hand_over(self, reader: KeyReader, key: KeyOf, on_progress: Callable[[], None]) -> bool:
+        """Take the child's summary and go on with `reader` after its part;
+        give ids to the hosts it numbered provisionally. False if it failed
+        (the caller reads the part itself)."""
+        line = self._until(b"}", on_progress)
+        if line is None:
+            return False
+        part: dict[str, Any] = json.loads(line)
+        ids = {provisional: key.host(name) for name, provisional in part["hosts"].items()}
+        try:
+            self.child.send(json.dumps(ids).encode() + b"\n")
+        except BrokenPipeError:
+            return False
+        reader.add(part, self.fd, self.start, self.end)
+        return True
+
+    def sorted(self, on_progress: Callable[[], None]) -> bool:
+        """Wait for the child to have sorted its part; whether it did."""
+        done = self._until(b"sorted", on_progress) is not None
+        return self.child.succeeded() and done
