@@ -47,7 +47,7 @@ class Tally:
     whenever FLUSH_PAIRS (host, hour) pairs are held, so memory stays flat;
     rows in index order span few hours, so that is seldom."""
 
-    FLUSH_PAIRS = 50_000
+    FLUSH_PAIRS = 10_000
 
     def __init__(self, db: sqlite3.Connection, schema: str) -> None:
         self.db = db
