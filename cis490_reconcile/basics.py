@@ -10,7 +10,8 @@ concurrency tests pause a run at one to start another command beside it.
     appended        after an append, before the state database knows
     in_transaction  inside a state transaction while catching up
     forked          a rebuild's forked reader has started
-    split_joined    a rebuild's forked reader is done, its part not yet merged
+    split_joined    a rebuild's forked reader handed its part over, both unsorted
+    sorted          both parts of a rebuild are sorted, not yet merged
     rebuilding      halfway through a full rebuild, its halves merged
     caught_up       a pass has read the index, holding the state directory
     scrubbing       a scrub is at its first row, its state database open

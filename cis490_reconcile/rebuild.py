@@ -85,6 +85,7 @@ def _rebuild(
             if not part.sorted(on_progress):
                 raise _ChildFailed
             stack.enter_context(state.keys.attached_split(part.path))
+            basics.step("sorted")
         with state.transaction():
             state.keys.replace()
             basics.step("rebuilding")

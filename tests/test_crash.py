@@ -151,12 +151,13 @@ def test_kill_9_at_a_named_step_then_a_normal_pass_makes_it_whole(
     assert {(host, digest(ep)) for host, ep in keys} == {(host, d) for host, d, _ in held}
 
 
-@pytest.mark.parametrize("step", ["forked", "rebuilding"])
+@pytest.mark.parametrize("step", ["forked", "split_joined", "sorted", "rebuilding"])
 def test_kill_9_during_a_split_rebuild(receiver: Receiver, tmp_path: Path, step: str) -> None:
-    """An index over SPLIT_MIN_BYTES is rebuilt in two halves at once, the
+    """An index over SPLIT_MIN_BYTES is rebuilt in two parts at once, the
     second by a forked process. Killed while that process reads (it dies
-    with the pass) or once the halves are merged, the next pass cleans up
-    its scratch file and leaves a database that agrees with the index."""
+    with the pass), once it handed its part over, once both parts are
+    sorted, or once they are merged, the next pass cleans up its scratch
+    file and leaves a database that agrees with the index."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     row = {"received_at_wall": "2026-01-01T00:00:00+00:00", "schema_version": 1, "size_bytes": 1 << 20}

@@ -70,3 +70,12 @@ def test_no_import_cycles() -> None:
 
     cycles = sorted(f"{a} -> {b} -> ... -> {a}" for a in graph for b in graph[a] if reaches(b, a))
     assert cycles == []
+
+
+def test_no_module_over_450_lines() -> None:
+    """A module that long holds more than one responsibility: split it by what each part owns."""
+    sizes = {
+        str(p.relative_to(REPO)): len(p.read_text().splitlines())
+        for p in (REPO / "cis490_reconcile").rglob("*.py")
+    }
+    assert {name: n for name, n in sizes.items() if n > 450} == {}
