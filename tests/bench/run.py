@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path("/var/tmp/cis490-bench"), help="corpora and logs")
     p.add_argument("--scale", type=float, default=1.0, help="corpus size factor (0.05: a quick smoke run)")
     p.add_argument("--only", default=",".join(NAMES), help=f"comma-separated subset of {','.join(NAMES)}")
+    p.add_argument("--rows", default="", help="scale: comma-separated index sizes, e.g. 8M,32M,100M")
     p.add_argument(
         "--legacy",
         type=Path,
@@ -609,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in only:
         import scale
 
-        steps.append(("scale", lambda: scale.run_scale(b, args.scale)))
+        counts = [scale.parse_rows(r) for r in args.rows.split(",") if r.strip()]
+        steps.append(("scale", lambda: scale.run_scale(b, args.scale, counts)))
     failed = False
     for name, step in steps:
         print(f"\n## {name}", flush=True)
