@@ -2,7 +2,8 @@
 they should be, the dictionaries load, the user is the index's. Each failure
 is a ConfigError: one line on stderr naming the flag, and exit 2, before
 anything is read or written. (config.py parses values; this looks at the
-filesystem they name.)"""
+filesystem they name.) Which paths are on a network filesystem is only said
+here: a pass refuses them, status and scrub warn."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import stat
 from pathlib import Path
 
+from . import fstypes, syscalls
 from .config import Config, ConfigError
 
 DICTIONARY_MAX_BYTES = 16 << 20
@@ -90,3 +92,47 @@ def check_user(cfg: Config) -> None:
             f"refusing to run as root: {target} belongs to uid {owner}; run as that user "
             f"(sudo -u '#{owner}' cis490-reconcile ...) or pass --allow-root"
         )
+
+
+_ROWS = "so ours need not exclude the receiver's: rows could be appended twice or glued together"
+_EPISODES = (
+    "the receiver writing there may be on another host, whose sizes and times this one can see late: "
+    "a tarball still being written can look settled and be reported corrupt"
+)
+_STATE = (
+    "SQLite's WAL mode need not work there, nor the flock that keeps two passes apart: "
+    "the state database could be corrupted"
+)
+
+
+def network_filesystems(cfg: Config) -> list[str]:
+    """A line for each place the config names that is on a network, cluster
+    or FUSE filesystem (fstypes.py), naming the flag, the path, the type and
+    what could go wrong; empty when all are local. The places: the index (its
+    directory until it exists), the lock file, the episodes root, the state
+    directory (when it is one). A pass refuses to run with the first line
+    unless allow_network_fs; status and scrub print them all as warnings."""
+    places: list[tuple[str, Path, str | None]] = [("--index", cfg.index, None)]
+    if cfg.lock_file not in (None, cfg.index):
+        places.append(("--lock-file", cfg.lock_path, None))
+    places.append(("--episodes-root", cfg.episodes_root, _EPISODES))
+    if cfg.state_dir is not None and cfg.state_dir.is_dir():
+        places.append(("--state-dir", cfg.state_dir, _STATE))
+    lines = []
+    for flag, path, risk in places:
+        fs = _filesystem(path if path.exists() else path.parent)
+        if fs is not None:
+            lines.append(
+                f"{flag} {path}: on a {fs.kind} filesystem ({fs.name}): {risk or fs.why + ', ' + _ROWS}"
+            )
+    return lines
+
+
+def _filesystem(path: Path) -> fstypes.Filesystem | None:
+    """What `path` is on, if the lock cannot be trusted there, named as its
+    mount is (nfs4, fuse.sshfs) where /proc/self/mountinfo tells."""
+    try:
+        fs = fstypes.classify(syscalls.filesystem_type(path))
+    except OSError:  # gone since the checks above: the command meets that itself
+        return None
+    return None if fs is None else fs._replace(name=syscalls.mount_type(path) or fs.name)
