@@ -291,6 +291,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("log_level", "info", _level, "debug, info, warning or error", "LEVEL"),
     Setting("allow_root", False, _bool, "run as root even though the index belongs to another user"),
+    Setting(
+        "allow_network_fs",
+        False,
+        _bool,
+        "run a pass even with the index, lock file, episodes or state directory on a network, cluster or "
+        "FUSE filesystem, where our lock need not exclude the receiver's: rows could be appended twice or "
+        "glued together",
+    ),
 )
 
 
@@ -315,6 +323,7 @@ class Config:
     quarantine_min_age: float
     log_level: str
     allow_root: bool
+    allow_network_fs: bool
 
     @property
     def lock_path(self) -> Path:

@@ -1,16 +1,260 @@
-"""The filesystems the index lock cannot be trusted on: statfs against
-`stat -f`, the table of types, and the lines naming them. NFS cannot be
-mounted here, so the table itself is unit-tested."""
+"""A store on a network, cluster or FUSE filesystem, where the index lock
+cannot be trusted: a pass refuses to run (exit 2, one line on stderr) unless
+allow_network_fs; a dry run, status and scrub warn and carry on. On a real
+FUSE mount (bindfs over a local directory; needs root and /dev/fuse). NFS
+cannot be mounted here, so the table of filesystem types is unit-tested."""
 
 from __future__ import annotations
 
+import json
+import os
+import queue
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from helpers import LockHolder, Receiver, parse_events
 
 from cis490_reconcile import config, fstypes, preflight, syscalls
+
+FUSE_MAGIC = 0x65735546
+
+
+def _why_no_fuse() -> str | None:
+    if os.geteuid() != 0:
+        return "mounting bindfs needs root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("bindfs") is None:
+        return "bindfs is not installed (apt-get install bindfs)"
+    return None
+
+
+NEEDS_FUSE = pytest.mark.skipif(_why_no_fuse() is not None, reason=str(_why_no_fuse()))
+
+
+class Mount(NamedTuple):
+    path: Path  # the FUSE mount
+    backing: Path  # the local directory it shows
+
+
+@pytest.fixture
+def fuse(tmp_path: Path) -> Iterator[Mount]:
+    """A bindfs mount of a local directory, unmounted even if the test fails."""
+    mount = Mount(tmp_path / "fuse", tmp_path / "backing")
+    mount.path.mkdir()
+    mount.backing.mkdir()
+    subprocess.run(["bindfs", str(mount.backing), str(mount.path)], check=True, timeout=30)
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["fusermount", "-u", str(mount.path)], timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount.path)], check=True, timeout=30)
+
+
+def store(root: Path) -> Receiver:
+    """Three tarballs, the receiver's row for one of them."""
+    root.mkdir(exist_ok=True)
+    receiver = Receiver(root)
+    for episode_id in ("a", "b", "c"):
+        receiver.tarball("h1", episode_id)
+    receiver.append_row(receiver.receiver_row("h1", "a"))
+    return receiver
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every entry below `root`: a file's bytes, None for a directory."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")}
+
+
+@NEEDS_FUSE
+@pytest.mark.parametrize(
+    ("place", "flag", "risk"),
+    [
+        ("index", "--index", "rows could be appended twice or glued together"),
+        ("lock", "--lock-file", "rows could be appended twice or glued together"),
+        ("episodes", "--episodes-root", "a tarball still being written can look settled"),
+        ("state", "--state-dir", "SQLite's WAL mode need not work there"),
+    ],
+)
+def test_a_pass_refuses_a_place_on_fuse_in_one_line(
+    tmp_path: Path, fuse: Mount, place: str, flag: str, risk: str
+) -> None:
+    receiver = store(tmp_path / "local")
+    args: list[str] = []
+    if place == "index":
+        receiver.index = path = fuse.path / "index.jsonl"
+        receiver.append_row(receiver.receiver_row("h1", "a"))
+    elif place == "episodes":
+        shutil.copytree(receiver.episodes, fuse.path / "episodes")
+        receiver.episodes = path = fuse.path / "episodes"
+    elif place == "lock":
+        path = fuse.path / "index.lock"
+        args = ["--lock-file", str(path)]
+    else:
+        path = fuse.path / "state"
+        path.mkdir()
+        args = ["--state-dir", str(path)]
+    index_before, mount_before = receiver.index.read_bytes(), tree(fuse.path)
+
+    result = receiver.run(*args)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    line = result.stderr
+    assert line.count("\n") == 1 and line.endswith("; set allow_network_fs to run anyway\n"), line
+    assert line.startswith(f"cis490-reconcile: error: {flag} {path}: on a FUSE filesystem (fuse"), line
+    assert risk in line
+    assert receiver.index.read_bytes() == index_before  # untouched
+    assert tree(fuse.path) == mount_before  # nothing created or changed on the mount
+
+
+@NEEDS_FUSE
+@pytest.mark.parametrize("source", ["flag", "environment", "file"])
+def test_allow_network_fs_runs_the_pass_and_the_log_says_so(
+    tmp_path: Path, fuse: Mount, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = store(fuse.path / "store")
+    before = receiver.index.read_bytes()
+    args: list[str] = []
+    if source == "flag":
+        args = ["--allow-network-fs"]
+    elif source == "environment":
+        monkeypatch.setenv("CIS490_RECONCILE_ALLOW_NETWORK_FS", "true")
+    else:
+        toml = tmp_path / "reconcile.toml"
+        toml.write_text("allow_network_fs = true\n")
+        args = ["--config", str(toml)]
+
+    result = receiver.run(*args)
+
+    assert result.returncode == 0, result.stderr
+    assert result.one("pass_finished")["backfilled"] == 2
+    problems = [e["problem"] for e in result.named("network_filesystem")]
+    assert [p.split(" ")[0] for p in problems] == ["--index", "--episodes-root"]
+    assert result.events[0]["event"] == "network_filesystem"  # said before the pass starts
+    after = receiver.index.read_bytes()
+    assert after.startswith(before) and after.endswith(b"\n")
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b"), ("h1", "c")]  # whole lines, each a row
+    assert (fuse.backing / "store" / "index.jsonl").read_bytes() == after  # through FUSE to the disk
+
+
+@NEEDS_FUSE
+@pytest.mark.parametrize("family", ["flock", "lockf"])
+def test_the_risk_allow_network_fs_takes_is_real(tmp_path: Path, fuse: Mount, family: str) -> None:
+    """bindfs keeps locks on its own inode: a receiver holding its lock on the
+    file itself does not stop a pass through the mount."""
+    receiver = store(fuse.backing / "store")
+    through_fuse = Receiver.__new__(Receiver)
+    through_fuse.root, through_fuse.episodes = fuse.path / "store", fuse.path / "store" / "episodes"
+    through_fuse.index = fuse.path / "store" / "index.jsonl"
+    with LockHolder(receiver.index, family):
+        local = receiver.run("--lock-timeout", "0.5")
+        assert local.returncode == 1 and "could not lock" in local.one("pass_failed")["error"]
+        result = through_fuse.run("--allow-network-fs", "--lock-timeout", "0.5")
+        assert result.returncode == 0, result.stdout
+        assert result.one("pass_finished")["backfilled"] == 2  # appended under the receiver's lock
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b"), ("h1", "c")]
+
+
+@NEEDS_FUSE
+def test_a_dry_run_warns_and_runs(fuse: Mount) -> None:
+    receiver = store(fuse.path / "store")
+    before = receiver.index.read_bytes()
+    result = receiver.run("--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["episode_id"] for line in result.stdout.splitlines()] == ["b", "c"]
+    problem = result.named("network_filesystem")[0]["problem"]
+    assert problem.startswith(f"--index {receiver.index}: on a FUSE filesystem (fuse")
+    assert receiver.index.read_bytes() == before
+
+
+@NEEDS_FUSE
+def test_status_warns_and_reports_as_usual(fuse: Mount) -> None:
+    receiver = store(fuse.path / "store")
+    argv = receiver.argv(command="status")
+
+    gaps = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    warnings = gaps.stderr.splitlines()
+    assert [w.split(": ")[:3] for w in warnings] == [
+        ["cis490-reconcile status", "warning", f"--index {receiver.index}"],
+        ["cis490-reconcile status", "warning", f"--episodes-root {receiver.episodes}"],
+    ]
+    assert all("on a FUSE filesystem (fuse" in w for w in warnings)
+    assert gaps.returncode == 1  # two settled tarballs without a row: needs attention, as always
+    assert "settled tarballs not indexed" in gaps.stdout
+
+    assert receiver.run("--allow-network-fs").returncode == 0
+    clean = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0 and clean.stdout.endswith("clean\n")
+    assert clean.stderr.splitlines() == warnings  # warned every time: the risk stays
+
+
+@NEEDS_FUSE
+def test_scrub_warns_and_scrubs(tmp_path: Path, fuse: Mount) -> None:
+    receiver = store(fuse.path / "store")
+    state = tmp_path / "state"
+    state.mkdir()
+    proc = subprocess.run(
+        receiver.argv("--state-dir", str(state), command="scrub"), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [w.split(": ")[:2] for w in proc.stderr.splitlines()] == [
+        ["cis490-reconcile scrub", "warning"]
+    ] * 2
+    finished = [e for e in parse_events(proc.stdout) if e["event"] == "scrub_finished"]
+    assert finished and finished[0]["checked"] == 1
+
+
+@NEEDS_FUSE
+def test_a_reload_onto_fuse_is_refused_and_the_loop_runs_on(tmp_path: Path, fuse: Mount) -> None:
+    receiver = store(tmp_path / "local")
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text("interval = 0.2\n")
+    proc = subprocess.Popen(
+        receiver.argv("--config", str(toml)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + 20
+
+    def wait_event(name: str) -> dict:
+        while time.monotonic() < deadline:
+            event = json.loads(lines.get(timeout=20))
+            if event["event"] == name:
+                return event
+        raise AssertionError(f"no {name} event")
+
+    lock = fuse.path / "index.lock"
+    try:
+        wait_event("pass_finished")
+        toml.write_text(f'interval = 0.2\nlock_file = "{lock}"\n')
+        proc.send_signal(signal.SIGHUP)
+        error = wait_event("config_reload_failed")["error"]
+        assert error.startswith(f"--lock-file {lock}: on a FUSE filesystem (fuse"), error
+        assert error.endswith("; set allow_network_fs to run anyway")
+        assert wait_event("pass_finished")["backfilled"] == 0  # the old config runs on
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    assert not lock.exists()
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b"), ("h1", "c")]
+
+
+@NEEDS_FUSE
+def test_the_mount_is_fuse_by_statfs_and_by_mountinfo(fuse: Mount) -> None:
+    assert syscalls.filesystem_type(fuse.path) == FUSE_MAGIC
+    assert syscalls.filesystem_type(fuse.backing) != FUSE_MAGIC
+    assert (syscalls.mount_type(fuse.path) or "").startswith("fuse")
 
 
 def test_filesystem_type_is_what_stat_f_prints(tmp_path: Path) -> None:
