@@ -128,10 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(command).parse_args(argv[1:] if command else argv)
     flags = {s.key: getattr(args, s.key) for s in SETTINGS if getattr(args, s.key, None) is not None}
 
-    def load() -> config.Config:  # a loop's SIGHUP: what a pass must hold, again
+    def load() -> config.Config:
         loaded = config.load(flags, args.config, os.environ)
         preflight.check_paths(loaded.config)
-        preflight.check_filesystems(loaded.config)
         return loaded.config
 
     action = importlib.import_module(f".actions.{command or 'reconcile'}", __package__)

@@ -295,8 +295,9 @@ SETTINGS: tuple[Setting, ...] = (
         "allow_network_fs",
         False,
         _bool,
-        "run a pass although the index, its lock file, the episodes or the state directory are on NFS, "
-        "SMB, FUSE or another network filesystem, where the receiver's lock may not exclude ours",
+        "run a pass even with the index, lock file, episodes or state directory on a network, cluster or "
+        "FUSE filesystem, where our lock need not exclude the receiver's: rows could be appended twice or "
+        "glued together",
     ),
 )
 

@@ -20,6 +20,11 @@ EVENTS: dict[str, tuple[str, str]] = {
         "`hosts_unchanged`",
     ),
     "pass_failed": ("error", "the pass could not complete: `error`, and the counts so far; exit 1"),
+    "network_filesystem": (
+        "warning",
+        "a path is on a network filesystem and the pass runs anyway (`allow_network_fs`, or a `--dry-run`, "
+        "which takes no lock): `problem`, the line a pass would refuse with",
+    ),
     "index_bad_line": ("warning", "a line that is not a row: `line`, `offset`, `reason` (scrub: debug)"),
     "index_torn_tail": ("warning", "the index ends inside a line: `offset`, `line` (scrub: debug)"),
     "index_torn_tail_terminated": ("info", 'we ended the torn last line with "\\n" before appending'),

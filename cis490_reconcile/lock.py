@@ -54,11 +54,14 @@ What we do, and the race each step closes:
    so the lock is never held longer than the critical section even if some
    other reference to the open file description lingers.
 
-A network filesystem breaks all of this: on NFS flock is emulated with POSIX
-locks (so OFD + flock can conflict with each other) and O_APPEND is not atomic
-across clients; FUSE passes locks on as its daemon sees fit. A pass refuses
-an index or lock file on one (preflight.check_filesystems) unless the
-operator sets allow_network_fs.
+None of this holds on a network, cluster or FUSE filesystem: on NFS flock is
+emulated with POSIX locks and O_APPEND is not atomic across clients; a FUSE
+daemon may keep locks in this kernel only, on its own inode (bindfs does: a
+lock on the file it serves does not stop ours, tests/test_network_fs.py).
+So a pass refuses such an index, lock file, store or state directory at
+start-up (preflight.network_filesystems, by statfs magic: fstypes.py);
+allow_network_fs runs it anyway, at the risk of rows appended twice or glued
+together.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What must hold of the machine before a command runs: the paths are what
-they should be, on filesystems whose locks can be trusted, the dictionaries
-load, the user is the index's. Each failure is a ConfigError: one line on
-stderr naming the flag, and exit 2, before anything is read or written.
-(config.py parses values; this looks at the filesystem they name.)"""
+they should be, the dictionaries load, the user is the index's. Each failure
+is a ConfigError: one line on stderr naming the flag, and exit 2, before
+anything is read or written. (config.py parses values; this looks at the
+filesystem they name.) Which paths are on a network filesystem is only said
+here: a pass refuses them, status and scrub warn."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import TextIO
 
-from . import syscalls
+from . import fstypes, syscalls
 from .config import Config, ConfigError
 
 DICTIONARY_MAX_BYTES = 16 << 20
@@ -94,85 +95,52 @@ def check_user(cfg: Config) -> None:
         )
 
 
-# Filesystems whose locking, caching or shared memory a pass cannot trust, by the
-# f_type statfs(2) gives (linux/magic.h; `stat -f -c %t PATH` prints it). FUSE
-# covers sshfs, GlusterFS, s3fs, bindfs, virtiofs and the like: whatever is
-# behind it decides what a lock means.
-NETWORK_FILESYSTEMS = {
-    0x6969: "NFS",
-    0x517B: "SMB",
-    0xFF534D42: "CIFS",
-    0xFE534D42: "SMB2",
-    0x65735546: "FUSE",
-    0x00C36400: "CephFS",
-    0x0BD00BD0: "Lustre",
-    0x47504653: "GPFS",
-    0x01021997: "9p",
-    0x5346414F: "AFS",
-    0x6B414653: "kAFS",
-    0x7461636F: "OCFS2",
-    0x01161970: "GFS2",
-    0x73757245: "Coda",
-    0x564C: "NCP",
-    0x19830326: "BeeGFS",
-    0x20030528: "OrangeFS",
-    0xAAD7AAEA: "PanFS",
-    0x013111A8: "IBRIX",
-    0x61636673: "ACFS",
-    0xBACBACBC: "vmhgfs",
-    0x786F4256: "vboxsf",
-    0x7C7C6673: "prl_fs",
-}
-_WHY_LOCKS = (
-    "the receiver's lock and ours need not exclude each other there (flock may be emulated by "
-    "record locks or not passed on at all), so rows could be appended twice or glued together"
+_ROWS = "so ours need not exclude the receiver's: rows could be appended twice or glued together"
+_EPISODES = (
+    "the receiver writing there may be on another host, whose sizes and times this one can see late: "
+    "a tarball still being written can look settled and be reported corrupt"
 )
-_WHY = {
-    "--index": _WHY_LOCKS,
-    "--lock-file": _WHY_LOCKS,
-    "--episodes-root": "a tarball may be seen before all its bytes are, and its times lag, "
-    "so the in-flight guard cannot be trusted",
-    "--state-dir": "SQLite's write-ahead log needs memory shared between processes, "
-    "which a network filesystem does not share",
-}
+_STATE = (
+    "SQLite's WAL mode need not work there, nor the flock that keeps two passes apart: "
+    "the state database could be corrupted"
+)
 
 
 def network_filesystems(cfg: Config) -> list[str]:
-    """One line for each path of `cfg` on a network or FUSE filesystem: the
-    flag and path, the filesystem type, and why it cannot be trusted there.
-    A path that does not exist is not looked at (check_paths says so)."""
-    paths = [("--index", cfg.index.parent), ("--lock-file", cfg.lock_path.parent)]
-    paths += [("--episodes-root", cfg.episodes_root)]
-    if cfg.state_dir is not None:
-        paths.append(("--state-dir", cfg.state_dir))
+    """A line for each place the config names that is on a network, cluster
+    or FUSE filesystem (fstypes.py), naming the flag, the path, the type and
+    what could go wrong; empty when all are local. The places: the index (its
+    directory until it exists), the lock file, the episodes root, the state
+    directory (when it is one). A pass refuses to run with the first line
+    unless allow_network_fs; status and scrub print them all as warnings."""
+    places: list[tuple[str, Path, str | None]] = [("--index", cfg.index, None)]
+    if cfg.lock_file not in (None, cfg.index):
+        places.append(("--lock-file", cfg.lock_path, None))
+    places.append(("--episodes-root", cfg.episodes_root, _EPISODES))
+    if cfg.state_dir is not None and cfg.state_dir.is_dir():
+        places.append(("--state-dir", cfg.state_dir, _STATE))
     lines = []
-    seen = set()
-    for flag, directory in paths:
-        if (flag, directory) in seen or (flag == "--lock-file" and cfg.lock_file is None):
-            continue
-        seen.add((flag, directory))
-        try:
-            name = NETWORK_FILESYSTEMS.get(syscalls.filesystem_type(directory))
-            if name is None:
-                continue
-            mounted = syscalls.mount_type(directory)
-        except OSError:
-            continue
-        shown = {"--index": cfg.index, "--lock-file": cfg.lock_path}.get(flag, directory)
-        kind = name if mounted is None or mounted.lower() == name.lower() else f"{name}, {mounted}"
-        lines.append(f"{flag} {shown}: on a network filesystem ({kind}): {_WHY[flag]}")
+    for flag, path, risk in places:
+        fs = _filesystem(path if path.exists() else path.parent)
+        if fs is not None:
+            lines.append(
+                f"{flag} {path}: on a {fs.kind} filesystem ({fs.name}): {risk or fs.why + ', ' + _ROWS}"
+            )
     return lines
 
 
-def check_filesystems(cfg: Config) -> None:
-    """A pass refuses a network filesystem unless allow_network_fs is set."""
-    if not cfg.allow_network_fs:
-        for line in network_filesystems(cfg):
-            raise ConfigError(f"{line}; set allow_network_fs to run anyway")
+def warn_network_filesystems(cfg: Config, stderr: TextIO, command: str) -> None:
+    """What appends nothing to the index (status, check, scrub) only warns,
+    a line each on stderr, and goes on."""
+    for problem in network_filesystems(cfg):
+        stderr.write(f"cis490-reconcile {command}: warning: {problem}\n")
 
 
-def warn_filesystems(cfg: Config, stderr: TextIO, command: str) -> None:
-    """What does not run a pass (status, check, scrub, a dry run) only warns."""
-    if not cfg.allow_network_fs:
-        for line in network_filesystems(cfg):
-            stderr.write(f"cis490-reconcile{' ' + command if command else ''}: warning: {line}\n")
+def _filesystem(path: Path) -> fstypes.Filesystem | None:
+    """What `path` is on, if the lock cannot be trusted there, named as its
+    mount is (nfs4, fuse.sshfs) where /proc/self/mountinfo tells."""
+    try:
+        fs = fstypes.classify(syscalls.filesystem_type(path))
+    except OSError:  # gone since the checks above: the command meets that itself
+        return None
+    return None if fs is None else fs._replace(name=syscalls.mount_type(path) or fs.name)

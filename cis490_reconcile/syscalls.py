@@ -152,34 +152,37 @@ def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
     return min(real, default=None)
 
 
-def filesystem_type(path: str | os.PathLike[str]) -> int:
-    """The magic number of the filesystem `path` is on: statfs(2)'s f_type,
-    what `stat -f -c %t PATH` prints (re-measure with it). Python has no
-    statfs: f_type is the first field of struct statfs, a C long, on every
-    Linux ABI. ctypes is imported only here (5 ms of start-up)."""
-    import ctypes
+def filesystem_type(path: Path) -> int:
+    """statfs(2)'s f_type for the filesystem holding `path`: its magic number
+    (linux/magic.h; `stat -f -c %t PATH` prints the same, in hex). f_type is
+    the first field of struct statfs, a C long, on x86_64 and aarch64; the
+    buffer is larger than the struct on any architecture."""
+    import ctypes  # only at start-up: ~4 ms that a pass pays once
 
     libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64 and aarch64
+    buf = ctypes.create_string_buffer(256)
     if libc.statfs(os.fsencode(path), buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(path))
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFF_FFFF
+    return ctypes.c_ulong.from_buffer(buf).value
 
 
-def mount_type(path: str | os.PathLike[str]) -> str | None:
-    """The filesystem type /proc/self/mountinfo gives for the mount `path`
-    is on (matched by device number), e.g. "fuse.sshfs"; None if unknown."""
-    st = os.stat(path)
-    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+def mount_type(path: Path) -> str | None:
+    """The type /proc/self/mountinfo gives the mount holding `path`, with a
+    FUSE daemon's subtype (fuse.sshfs, fuse.glusterfs) where it set one;
+    None if it cannot be told. Matched by device number (mountinfo's third
+    field is major:minor; its type follows the " - " separator)."""
     try:
+        dev = os.stat(path).st_dev
         with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields, _, rest = line.partition(" - ")
-                if fields.split(" ")[2:3] == [device] and rest:
-                    return rest.split(" ")[0]
+            lines = f.read().splitlines()
     except OSError:
-        pass
+        return None
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in lines:
+        fields, _, tail = line.partition(" - ")
+        if fields.split(" ")[2:3] == [wanted] and tail:
+            return tail.split(" ")[0]
     return None
 
 

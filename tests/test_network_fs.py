@@ -1,160 +1,361 @@
-"""A store on a network filesystem is refused by a pass, in one line, and
-only warned about by status, check, scrub and a dry run; allow_network_fs
-overrides. The mount is real: bindfs (FUSE), as root with /dev/fuse. NFS
+"""A store on a network, cluster or FUSE filesystem, where the index lock
+cannot be trusted: a pass refuses to run (exit 2, one line on stderr) unless
+allow_network_fs; a dry run, status, check and scrub warn and carry on. On a real
+FUSE mount (bindfs over a local directory; needs root and /dev/fuse). NFS
 cannot be mounted here, so the table of filesystem types is unit-tested."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from helpers import Receiver, clean_env
+from helpers import LockHolder, Receiver, parse_events
 
-from cis490_reconcile import config, preflight, syscalls
+from cis490_reconcile import config, fstypes, preflight, syscalls
 
-needs_fuse = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("bindfs") is None,
-    reason="a FUSE mount needs root, /dev/fuse and bindfs (apt-get install bindfs)",
-)
+FUSE_MAGIC = 0x65735546
+
+
+def _why_no_fuse() -> str | None:
+    if os.geteuid() != 0:
+        return "mounting bindfs needs root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("bindfs") is None:
+        return "bindfs is not installed (apt-get install bindfs)"
+    return None
+
+
+NEEDS_FUSE = pytest.mark.skipif(_why_no_fuse() is not None, reason=str(_why_no_fuse()))
+
+
+class Mount(NamedTuple):
+    path: Path  # the FUSE mount
+    backing: Path  # the local directory it shows
 
 
 @pytest.fixture
-def mounted(tmp_path: Path) -> Iterator[Path]:
-    """A bindfs mount of an empty directory: what is written there lands in
-    the directory below, through FUSE."""
-    below, mount = tmp_path / "below", tmp_path / "fuse"
-    below.mkdir()
-    mount.mkdir()
-    subprocess.run(["bindfs", str(below), str(mount)], check=True)
+def fuse(tmp_path: Path) -> Iterator[Mount]:
+    """A bindfs mount of a local directory, unmounted even if the test fails."""
+    mount = Mount(tmp_path / "fuse", tmp_path / "backing")
+    mount.path.mkdir()
+    mount.backing.mkdir()
+    subprocess.run(["bindfs", str(mount.backing), str(mount.path)], check=True, timeout=30)
     try:
-        assert syscalls.filesystem_type(mount) == 0x65735546  # FUSE, as `stat -f -c %t` prints
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+        if subprocess.run(["fusermount", "-u", str(mount.path)], timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount.path)], check=True, timeout=30)
 
 
-def store_on(mount: Path) -> Receiver:
-    receiver = Receiver(mount)
-    receiver.tarball("robot-01", "ep-1", gnu=True)
-    receiver.tarball("robot-01", "ep-2", gnu=True)
-    receiver.append_row(receiver.receiver_row("robot-01", "ep-1"))
+def store(root: Path) -> Receiver:
+    """Three tarballs, the receiver's row for one of them."""
+    root.mkdir(exist_ok=True)
+    receiver = Receiver(root)
+    for episode_id in ("a", "b", "c"):
+        receiver.tarball("h1", episode_id)
+    receiver.append_row(receiver.receiver_row("h1", "a"))
     return receiver
 
 
-def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=clean_env(**env))
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every entry below `root`: a file's bytes, None for a directory."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")}
 
 
-@needs_fuse
-@pytest.mark.parametrize("where", ["--index", "--episodes-root", "--lock-file", "--state-dir"])
-def test_a_pass_refuses_each_path_on_a_network_filesystem_in_one_line(
-    receiver: Receiver, mounted: Path, where: str
+@NEEDS_FUSE
+@pytest.mark.parametrize(
+    ("place", "flag", "risk"),
+    [
+        ("index", "--index", "rows could be appended twice or glued together"),
+        ("lock", "--lock-file", "rows could be appended twice or glued together"),
+        ("episodes", "--episodes-root", "a tarball still being written can look settled"),
+        ("state", "--state-dir", "SQLite's WAL mode need not work there"),
+    ],
+)
+def test_a_pass_refuses_a_place_on_fuse_in_one_line(
+    tmp_path: Path, fuse: Mount, place: str, flag: str, risk: str
 ) -> None:
-    """The store is local but for the one path named, which is on the mount."""
-    receiver.tarball("robot-01", "ep-1", gnu=True)
-    named = {
-        "--index": mounted / "index.jsonl",
-        "--episodes-root": mounted / "episodes",
-        "--lock-file": mounted / "index.lock",
-        "--state-dir": mounted,
-    }[where]
-    if where == "--episodes-root":
-        shutil.copytree(receiver.episodes, named)
-    touched = [receiver.index, mounted / "index.jsonl"]
+    receiver = store(tmp_path / "local")
+    args: list[str] = []
+    if place == "index":
+        receiver.index = path = fuse.path / "index.jsonl"
+        receiver.append_row(receiver.receiver_row("h1", "a"))
+    elif place == "episodes":
+        shutil.copytree(receiver.episodes, fuse.path / "episodes")
+        receiver.episodes = path = fuse.path / "episodes"
+    elif place == "lock":
+        path = fuse.path / "index.lock"
+        args = ["--lock-file", str(path)]
+    else:
+        path = fuse.path / "state"
+        path.mkdir()
+        args = ["--state-dir", str(path)]
+    index_before, mount_before = receiver.index.read_bytes(), tree(fuse.path)
 
-    proc = run(receiver.argv("--once", where, str(named)))
+    result = receiver.run(*args)
 
-    assert (proc.returncode, proc.stdout) == (2, "")
-    (line,) = proc.stderr.splitlines()
-    assert line.startswith(f"cis490-reconcile: error: {where} {named}: on a network filesystem (FUSE): ")
-    assert line.endswith("; set allow_network_fs to run anyway")
-    why = {"--episodes-root": "in-flight guard", "--state-dir": "SQLite"}.get(where, "lock")
-    assert why in line
-    assert not any(path.exists() for path in touched)  # nothing appended, nothing created
+    assert result.returncode == 2
+    assert result.stdout == ""
+    line = result.stderr
+    assert line.count("\n") == 1 and line.endswith("; set allow_network_fs to run anyway\n"), line
+    assert line.startswith(f"cis490-reconcile: error: {flag} {path}: on a FUSE filesystem (fuse"), line
+    assert risk in line
+    assert receiver.index.read_bytes() == index_before  # untouched
+    assert tree(fuse.path) == mount_before  # nothing created or changed on the mount
 
 
-@needs_fuse
-@pytest.mark.parametrize("how", ["flag", "environment", "file"])
-def test_allow_network_fs_runs_the_pass_through_fuse(mounted: Path, tmp_path: Path, how: str) -> None:
-    receiver = store_on(mounted)
-    argv = receiver.argv("--once")
-    env = {}
-    if how == "flag":
-        argv.append("--allow-network-fs")
-    elif how == "environment":
-        env["CIS490_RECONCILE_ALLOW_NETWORK_FS"] = "true"
+@NEEDS_FUSE
+@pytest.mark.parametrize("source", ["flag", "environment", "file"])
+def test_allow_network_fs_runs_the_pass_and_the_log_says_so(
+    tmp_path: Path, fuse: Mount, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = store(fuse.path / "store")
+    before = receiver.index.read_bytes()
+    args: list[str] = []
+    if source == "flag":
+        args = ["--allow-network-fs"]
+    elif source == "environment":
+        monkeypatch.setenv("CIS490_RECONCILE_ALLOW_NETWORK_FS", "true")
     else:
         toml = tmp_path / "reconcile.toml"
         toml.write_text("allow_network_fs = true\n")
-        env["CIS490_RECONCILE_CONFIG"] = str(toml)
+        args = ["--config", str(toml)]
 
-    proc = run(argv, **env)
+    result = receiver.run(*args)
 
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
-    assert receiver.keys() == [("robot-01", "ep-1"), ("robot-01", "ep-2")]  # whole lines, through FUSE
-    assert (tmp_path / "below" / "index.jsonl").read_bytes() == receiver.index.read_bytes()
+    assert result.returncode == 0, result.stderr
+    assert result.one("pass_finished")["backfilled"] == 2
+    problems = [e["problem"] for e in result.named("network_filesystem")]
+    assert [p.split(" ")[0] for p in problems] == ["--index", "--episodes-root"]
+    assert result.events[0]["event"] == "network_filesystem"  # said before the pass starts
+    after = receiver.index.read_bytes()
+    assert after.startswith(before) and after.endswith(b"\n")
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b"), ("h1", "c")]  # whole lines, each a row
+    assert (fuse.backing / "store" / "index.jsonl").read_bytes() == after  # through FUSE to the disk
 
 
-@needs_fuse
-def test_status_check_scrub_and_a_dry_run_only_warn(mounted: Path, tmp_path: Path) -> None:
-    receiver = store_on(mounted)
+@NEEDS_FUSE
+@pytest.mark.parametrize("family", ["flock", "lockf"])
+def test_the_risk_allow_network_fs_takes_is_real(tmp_path: Path, fuse: Mount, family: str) -> None:
+    """bindfs keeps locks on its own inode: a receiver holding its lock on the
+    file itself does not stop a pass through the mount."""
+    receiver = store(fuse.backing / "store")
+    through_fuse = Receiver.__new__(Receiver)
+    through_fuse.root, through_fuse.episodes = fuse.path / "store", fuse.path / "store" / "episodes"
+    through_fuse.index = fuse.path / "store" / "index.jsonl"
+    with LockHolder(receiver.index, family):
+        local = receiver.run("--lock-timeout", "0.5")
+        assert local.returncode == 1 and "could not lock" in local.one("pass_failed")["error"]
+        result = through_fuse.run("--allow-network-fs", "--lock-timeout", "0.5")
+        assert result.returncode == 0, result.stdout
+        assert result.one("pass_finished")["backfilled"] == 2  # appended under the receiver's lock
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b"), ("h1", "c")]
+
+
+@NEEDS_FUSE
+def test_a_dry_run_warns_and_runs(fuse: Mount) -> None:
+    receiver = store(fuse.path / "store")
+    before = receiver.index.read_bytes()
+    result = receiver.run("--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["episode_id"] for line in result.stdout.splitlines()] == ["b", "c"]
+    problem = result.named("network_filesystem")[0]["problem"]
+    assert problem.startswith(f"--index {receiver.index}: on a FUSE filesystem (fuse")
+    assert receiver.index.read_bytes() == before
+
+
+@NEEDS_FUSE
+def test_status_warns_and_reports_as_usual(fuse: Mount) -> None:
+    receiver = store(fuse.path / "store")
+    argv = receiver.argv(command="status")
+
+    gaps = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    warnings = gaps.stderr.splitlines()
+    assert [w.split(": ")[:3] for w in warnings] == [
+        ["cis490-reconcile status", "warning", f"--index {receiver.index}"],
+        ["cis490-reconcile status", "warning", f"--episodes-root {receiver.episodes}"],
+    ]
+    assert all("on a FUSE filesystem (fuse" in w for w in warnings)
+    assert gaps.returncode == 1  # two settled tarballs without a row: needs attention, as always
+    assert "settled tarballs not indexed" in gaps.stdout
+
+    assert receiver.run("--allow-network-fs").returncode == 0
+    clean = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0 and clean.stdout.endswith("clean\n")
+    assert clean.stderr.splitlines() == warnings  # warned every time: the risk stays
+
+
+@NEEDS_FUSE
+def test_scrub_warns_and_scrubs(tmp_path: Path, fuse: Mount) -> None:
+    receiver = store(fuse.path / "store")
     state = tmp_path / "state"
     state.mkdir()
-    tarball = str(receiver.episodes / "robot-01" / "ep-2.tar.zst")
-    commands = {
-        "status": receiver.argv("--json", command="status"),
-        "check": receiver.argv("--json", tarball, command="check"),
-        "scrub": receiver.argv("--state-dir", str(state), command="scrub"),
-        "": receiver.argv("--once", "--dry-run"),
-    }
-    for name, argv in commands.items():
-        proc = run(argv)
-        warnings = [line for line in proc.stderr.splitlines() if ": warning: " in line]
-        prefix = f"cis490-reconcile{' ' + name if name else ''}: warning: "
-        assert [w.split(": on a network")[0] for w in warnings] == [
-            f"{prefix}--index {receiver.index}",
-            f"{prefix}--episodes-root {receiver.episodes}",
-        ], proc.stderr
-        assert proc.returncode in (0, 1), (name, proc.stderr)
-    report = json.loads(run(commands["status"]).stdout)
-    assert report["hosts"]["robot-01"]["unindexed"] == 1  # it still reports
-    assert receiver.keys() == [("robot-01", "ep-1")]  # the dry run wrote nothing
+    proc = subprocess.run(
+        receiver.argv("--state-dir", str(state), command="scrub"), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [w.split(": ")[:2] for w in proc.stderr.splitlines()] == [
+        ["cis490-reconcile scrub", "warning"]
+    ] * 2
+    finished = [e for e in parse_events(proc.stdout) if e["event"] == "scrub_finished"]
+    assert finished and finished[0]["checked"] == 1
 
 
-def test_the_table_of_filesystem_types(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Every network type is named and refused; local ones pass."""
-    local = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs", 0x2FC12FC1: "zfs"}
-    assert not set(local) & set(preflight.NETWORK_FILESYSTEMS)
-    for magic in ("NFS", "SMB", "CIFS", "SMB2", "FUSE", "CephFS", "Lustre", "GPFS", "9p"):
-        assert magic in preflight.NETWORK_FILESYSTEMS.values()
-    cfg = config.build({"episodes_root": tmp_path, "index": tmp_path / "index.jsonl", "state_dir": ""})
-    monkeypatch.setattr(syscalls, "mount_type", lambda path: None)
-    for magic, name in [*preflight.NETWORK_FILESYSTEMS.items(), *local.items()]:
-        monkeypatch.setattr(syscalls, "filesystem_type", lambda path, magic=magic: magic)
-        lines = preflight.network_filesystems(cfg)
-        if magic in local:
-            assert lines == [], name
-            preflight.check_filesystems(cfg)
-        else:
-            named = [line.split(":")[0] for line in lines]
-            assert named == [f"--index {cfg.index}", f"--episodes-root {tmp_path}"]
-            assert f"on a network filesystem ({name})" in lines[0]
-            with pytest.raises(config.ConfigError, match="set allow_network_fs to run anyway"):
-                preflight.check_filesystems(cfg)
-            preflight.check_filesystems(config.build({**_values(cfg), "allow_network_fs": True}))
+@NEEDS_FUSE
+def test_check_warns_and_answers(fuse: Mount) -> None:
+    receiver = store(fuse.path / "store")
+    tarball = receiver.episodes / "h1" / "b.tar.zst"
+    proc = subprocess.run(
+        receiver.argv("--json", str(tarball), command="check"), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [w.split(": ")[:3] for w in proc.stderr.splitlines()] == [
+        ["cis490-reconcile check", "warning", f"--index {receiver.index}"],
+        ["cis490-reconcile check", "warning", f"--episodes-root {receiver.episodes}"],
+    ]
+    answer = json.loads(proc.stdout)
+    assert (answer["verdict"], answer["index"]["found"]) == ("intact", "not indexed")
 
 
-def _values(cfg: config.Config) -> dict[str, object]:
-    return {"episodes_root": cfg.episodes_root, "index": cfg.index, "state_dir": ""}
+@NEEDS_FUSE
+def test_a_reload_onto_fuse_is_refused_and_the_loop_runs_on(tmp_path: Path, fuse: Mount) -> None:
+    receiver = store(tmp_path / "local")
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text("interval = 0.2\n")
+    proc = subprocess.Popen(
+        receiver.argv("--config", str(toml)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + 20
+
+    def wait_event(name: str) -> dict:
+        while time.monotonic() < deadline:
+            event = json.loads(lines.get(timeout=20))
+            if event["event"] == name:
+                return event
+        raise AssertionError(f"no {name} event")
+
+    lock = fuse.path / "index.lock"
+    try:
+        wait_event("pass_finished")
+        toml.write_text(f'interval = 0.2\nlock_file = "{lock}"\n')
+        proc.send_signal(signal.SIGHUP)
+        error = wait_event("config_reload_failed")["error"]
+        assert error.startswith(f"--lock-file {lock}: on a FUSE filesystem (fuse"), error
+        assert error.endswith("; set allow_network_fs to run anyway")
+        assert wait_event("pass_finished")["backfilled"] == 0  # the old config runs on
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    assert not lock.exists()
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b"), ("h1", "c")]
 
 
-def test_this_machine_s_own_filesystem_is_local(tmp_path: Path) -> None:
-    cfg = config.build({"episodes_root": tmp_path, "index": tmp_path / "index.jsonl", "state_dir": tmp_path})
-    assert preflight.network_filesystems(cfg) == []
-    assert syscalls.filesystem_type(tmp_path) not in preflight.NETWORK_FILESYSTEMS
+@NEEDS_FUSE
+def test_the_mount_is_fuse_by_statfs_and_by_mountinfo(fuse: Mount) -> None:
+    assert syscalls.filesystem_type(fuse.path) == FUSE_MAGIC
+    assert syscalls.filesystem_type(fuse.backing) != FUSE_MAGIC
+    assert (syscalls.mount_type(fuse.path) or "").startswith("fuse")
+
+
+def test_filesystem_type_is_what_stat_f_prints(tmp_path: Path) -> None:
+    for path in (tmp_path, Path("/proc"), Path("/dev/shm"), Path(sys.prefix)):
+        if path.exists():
+            printed = subprocess.run(["stat", "-f", "-c", "%t", str(path)], capture_output=True, text=True)
+            assert syscalls.filesystem_type(path) == int(printed.stdout, 16), path
+    with pytest.raises(FileNotFoundError):
+        syscalls.filesystem_type(tmp_path / "absent")
+
+
+REFUSED = {
+    0x6969: "nfs",
+    0x517B: "smb",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+    0x00C36400: "ceph",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0x01021997: "9p",
+    0x5346414F: "afs",
+    0x6B414653: "kafs",
+    0x7461636F: "ocfs2",
+    0x01161970: "gfs2",
+    0x73757245: "coda",
+    0x564C: "ncpfs",
+    0x19830326: "beegfs",
+    0x20030528: "orangefs",
+}
+LOCAL = {
+    0xEF53: "ext2/3/4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0x01021994: "tmpfs",
+    0x794C7630: "overlayfs",
+    0x2FC12FC1: "zfs",
+    0xF2F52010: "f2fs",
+}
+
+
+def test_the_type_table() -> None:
+    for magic in fstypes.TYPES:
+        fs = fstypes.classify(magic)
+        assert fs is not None and fs.name and fs.kind in ("network", "cluster", "FUSE")
+        assert "locks there" in fs.why
+    assert {magic: fs.name for magic in REFUSED if (fs := fstypes.classify(magic))} == REFUSED
+    assert {magic: fstypes.classify(magic) for magic in LOCAL} == dict.fromkeys(LOCAL)
+
+
+def test_the_lines_name_flag_path_type_and_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an index on NFS would be told; a local place, a missing state
+    directory and a lock file that is the index itself give no line."""
+    nfs, local = tmp_path / "nfs", tmp_path / "local"
+    (nfs / "state").mkdir(parents=True)
+    (local / "episodes").mkdir(parents=True)
+    magic = {True: 0x6969, False: 0xEF53}
+    monkeypatch.setattr(syscalls, "filesystem_type", lambda path: magic[nfs in (path, *path.parents)])
+    monkeypatch.setattr(syscalls, "mount_type", lambda path: "nfs4")
+    cfg = config.build(
+        {
+            "index": nfs / "index.jsonl",
+            "lock_file": nfs / "index.jsonl",
+            "episodes_root": local / "episodes",
+            "state_dir": nfs / "state",
+        }
+    )
+    assert preflight.network_filesystems(cfg) == [
+        f"--index {nfs}/index.jsonl: on a network filesystem (nfs4): locks there are kept by the server, "
+        "or by this client alone, and flock may be emulated with record locks, so ours need not exclude "
+        "the receiver's: rows could be appended twice or glued together",
+        f"--state-dir {nfs}/state: on a network filesystem (nfs4): SQLite's WAL mode need not work there, "
+        "nor the flock that keeps two passes apart: the state database could be corrupted",
+    ]
+    monkeypatch.setattr(syscalls, "mount_type", lambda path: None)  # /proc cannot tell: the table's name
+    moved = config.build(
+        {
+            "index": local / "index.jsonl",
+            "lock_file": nfs / "lk",
+            "episodes_root": local / "episodes",
+            "state_dir": nfs / "absent",
+        }
+    )
+    assert preflight.network_filesystems(moved) == [
+        f"--lock-file {nfs}/lk: on a network filesystem (nfs): locks there are kept by the server, "
+        "or by this client alone, and flock may be emulated with record locks, so ours need not exclude "
+        "the receiver's: rows could be appended twice or glued together",
+    ]

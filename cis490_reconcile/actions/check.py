@@ -26,7 +26,7 @@ def run(ctx: Context) -> ExitCode:
     for path in paths:
         if not path.name.endswith(SUFFIX):
             raise ConfigError(f"check {path}: not an episode tarball (<episode_id>{SUFFIX})")
-    preflight.warn_filesystems(ctx.cfg, ctx.stderr, "check")
+    preflight.warn_network_filesystems(ctx.cfg, ctx.stderr, "check")
     answers: list[Answer] = []
     with Signals(hangup_reloads=False) as signals:
 

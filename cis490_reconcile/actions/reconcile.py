@@ -6,6 +6,10 @@ config after the current pass (a bad new config is logged, the old one kept);
 with --once it is a terminal's hangup, so it stops as above. The idle wait
 between passes wakes at once on a signal, and every half watchdog period to
 feed the watchdog. Each pass's outcome goes to the sinks (outcome.py).
+
+A config with the index, lock file, episodes or state directory on a network
+filesystem (preflight.network_filesystems) is refused, at start and on a
+reload, unless allow_network_fs; a dry run takes no lock, so it only warns.
 """
 
 from __future__ import annotations
@@ -32,11 +36,8 @@ def run(ctx: Context) -> ExitCode:
     args = ctx.args
     if not args.once and ctx.cfg.interval is None:
         raise ConfigError("nothing to do: pass --once for one pass, or --interval SECONDS for a loop")
-    if args.dry_run:  # takes no lock, writes nothing: a network filesystem is only worth a warning
-        preflight.warn_filesystems(ctx.cfg, ctx.stderr, "")
-    else:
+    if not args.dry_run:
         preflight.check_user(ctx.cfg)
-        preflight.check_filesystems(ctx.cfg)
     return _Loop(ctx).run()
 
 
@@ -65,9 +66,19 @@ class _Loop:
             bar=self.bar,
         )
 
+    def _check_filesystems(self, cfg: Config, log: Logger) -> None:
+        """Refuse a network filesystem (ConfigError) unless allowed or a dry
+        run; when it runs anyway, the log says so."""
+        problems = preflight.network_filesystems(cfg)
+        if problems and not (cfg.allow_network_fs or self.ctx.args.dry_run):
+            raise ConfigError(f"{problems[0]}; set allow_network_fs to run anyway")
+        for problem in problems:
+            log.warning("network_filesystem", problem=problem)
+
     def run(self) -> ExitCode:
         cfg = self.ctx.cfg
         log = self._logger(cfg)
+        self._check_filesystems(cfg, log)
         passes, code = 0, ExitCode.OK
         with Signals(hangup_reloads=not self.once) as signals:
             reconciler = self._reconciler(cfg, log, signals)
@@ -140,6 +151,7 @@ class _Loop:
             new = self.ctx.reload()
             if new.interval is None:
                 raise ConfigError("interval is not set; a running loop keeps its interval")
+            self._check_filesystems(new, log)
         except ConfigError as e:
             log.error("config_reload_failed", error=str(e), kept="the running configuration")
             self.notifier.ready("reload failed; running configuration kept")

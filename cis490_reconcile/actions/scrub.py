@@ -2,7 +2,9 @@
 the sinks (outcome.py). Exit 0 when nothing wrong was found (even if stopped
 early), 1 for a mismatched, missing or unreadable tarball, or when the scrub
 could not run (another scrub, a pass holding the state directory past
-lock_timeout while the database needed making, no index)."""
+lock_timeout while the database needed making, no index). A path on a
+network filesystem is a warning on stderr: a scrub appends nothing to the
+index."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def run(ctx: Context) -> ExitCode:
         raise ConfigError("--host: a scrub walks the whole index; it cannot be limited to one host")
     if cfg.state_dir is None or not cfg.state_dir.is_dir():
         raise ConfigError(f"scrub keeps its cursor in state_dir, which is not a directory: {cfg.state_dir}")
-    preflight.warn_filesystems(cfg, ctx.stderr, "scrub")
+    preflight.warn_network_filesystems(cfg, ctx.stderr, "scrub")
     bar = ctx.bar("scrub")
     log = ctx.logger(cfg, bar=bar)
     with Signals(hangup_reloads=False) as signals:

@@ -2,6 +2,7 @@
 clean, 1 when something needs attention or the store or index could not be
 read (one line on stderr). With --all-orphans, every row whose tarball is
 gone, as JSON lines, instead of the report. See survey.py for what it reads.
+A path on a network filesystem is a warning on stderr: status takes no lock.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import Context
 
 def run(ctx: Context) -> ExitCode:
     cfg, args = ctx.cfg, ctx.args
-    preflight.warn_filesystems(cfg, ctx.stderr, "status")
+    preflight.warn_network_filesystems(cfg, ctx.stderr, "status")
     bar = None if args.all_orphans else ctx.bar("status")
     try:
         report = survey(cfg, bar, orphans=ctx.stdout if args.all_orphans else None)
