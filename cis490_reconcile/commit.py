@@ -100,11 +100,27 @@ class Committer:
             fd_read = self.coverage.catch_up(ix.fd, full=False)
             done.terminated_torn_tail = ix.ends_torn()
             self._partition(pending, done)
-            done.written = ix.append([index.encode_row(p.row) for p in done.fresh])
+            lines = [index.encode_row(p.row) for p in done.fresh]
+            start = os.fstat(ix.fd).st_size
+            done.written = ix.append(lines)
             done.lock_held_s = time.monotonic() - locked_at
         done.lock_wait_s = locked_at - asked
         self.on_read(fd_read)
         basics.step("appended")
         if done.written:
-            self.catch_up()  # our own rows, into the database
+            self._ours(start, lines, [p.row for p in done.fresh], done.terminated_torn_tail)
         return done
+
+    def _ours(self, start: int, lines: list[bytes], rows: list[dict[str, object]], terminated: bool) -> None:
+        """Our own rows, into the database: as written, when they are the
+        next lines the checkpoint expects; read back like any others when a
+        torn line was ended first (it is a line of its own now) or the index
+        is not where the checkpoint left it."""
+        fd = index.open_for_reading(self.cfg.index)
+        try:
+            if fd is not None and not terminated and self.coverage.appended(fd, start, lines, rows):
+                return
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self.catch_up()

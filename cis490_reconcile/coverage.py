@@ -17,8 +17,9 @@ the host's row count. A row without host_id covers its episode on every host.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import basics, index, retention
@@ -109,6 +110,44 @@ class Coverage:
             saved = reader.offset
             on_progress()
         return reader.found
+
+    def appended(
+        self, fd: int, start: int, lines: Sequence[bytes], rows: Sequence[Mapping[str, object]]
+    ) -> bool:
+        """Rows this process appended at `start`, a whole line each, into
+        the keys without reading them back (the same KeyOf: the same key a
+        read gives): only when the checkpoint is exactly at `start` of this
+        very file; False, and nothing done, otherwise."""
+        st = os.fstat(fd)
+        cp = self.state.keys.checkpoint()
+        if (
+            self.state.base
+            or cp is None
+            or (cp.index_dev, cp.index_ino, cp.offset) != (st.st_dev, st.st_ino, start)
+        ):
+            return False
+        offsets = list(itertools.accumulate(map(len, lines), initial=start))
+        keys = [
+            self._key(
+                Row(
+                    episode_id=str(row["episode_id"]),
+                    host_id=str(row["host_id"]),
+                    received_at_wall=row.get("received_at_wall"),
+                    offset=offset,
+                )
+            )
+            for row, offset in zip(rows, offsets, strict=False)
+        ]
+        end = offsets[-1]
+        tail = index.tail_digest(fd, end)
+        with self.state.transaction():
+            self.state.keys.add(keys)
+            basics.step("in_transaction")
+            lines_now = cp.lines + len(lines)
+            self.state.keys.save_checkpoint(
+                Checkpoint(st.st_dev, st.st_ino, end, lines_now, cp.bad_lines, tail, cp.rebuilt_at)
+            )
+        return True
 
     def _without_base(self, keys: list[Key]) -> list[Key]:
         """Tail rows whose key the base already has are duplicates of it."""

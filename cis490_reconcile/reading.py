@@ -32,7 +32,10 @@ class HashingReader:
     """The first `limit` bytes of an open file (the size a scan saw: a file
     that keeps growing cannot keep a reader busy), as a file-like object a
     decoder can read from. Each chunk goes to sha256, then to on_chunk (the
-    zstd frame walker), then on_read(len) (pacing, progress, a stop)."""
+    zstd frame walker), then on_read(len) (pacing, progress, a stop).
+    `head`, the file's first bytes when the caller has already read them,
+    is served before anything is read again: a tarball smaller than a read
+    costs one pread."""
 
     def __init__(
         self,
@@ -40,11 +43,13 @@ class HashingReader:
         limit: int,
         on_chunk: Callable[[bytes], None] | None = None,
         on_read: Callable[[int], None] | None = None,
+        head: bytes = b"",
     ) -> None:
         self._fd = fd
         self._limit = limit
         self._on_chunk = on_chunk
         self._on_read = on_read
+        self._head = head[:limit]
         self.sha256 = hashlib.sha256()
         self.size = 0
         self._dropped = 0
@@ -53,7 +58,10 @@ class HashingReader:
         size = min(size if 0 < size <= READ_SIZE else READ_SIZE, self._limit - self.size)
         if size <= 0:
             return b""
-        data = os.pread(self._fd, size, self.size)
+        if self.size < len(self._head):
+            data = self._head[self.size : self.size + size]
+        else:
+            data = os.pread(self._fd, size, self.size)
         if data:
             self.sha256.update(data)
             if self._on_chunk is not None:

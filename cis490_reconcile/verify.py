@@ -130,11 +130,16 @@ def examine(
     verdict and what the read saw. Raises OSError when the file cannot be
     read. on_wait is called while a large window waits for the budget."""
     decoding = decoding or Decoding()
-    first = zstdframe.first_header(lambda n, at: syscalls.pread_exact(fd, n, at), size)
+    head = os.pread(fd, min(size, READ_SIZE), 0)  # a small tarball whole: read once, headers and all
+
+    def read_at(n: int, at: int) -> bytes:
+        return head[at : at + n] if at + n <= len(head) else syscalls.pread_exact(fd, n, at)
+
+    first = zstdframe.first_header(read_at, size)
     window = 0 if first is None else first.window
     while True:  # twice at most: a later frame may need a larger window than the first
         walker = zstdframe.FrameWalker(lambda frame: decoding.refuse(frame, first.dict_id if first else None))
-        source = HashingReader(fd, size, walker.feed, on_read)
+        source = HashingReader(fd, size, walker.feed, on_read, head)
         problem = unverifiable = None
         contents = None
         allowed = window

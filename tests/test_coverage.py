@@ -439,3 +439,36 @@ def test_no_fork_while_another_thread_runs(tmp_path: Path, monkeypatch: pytest.M
     assert len(keys) == 30 + 1 + 20 + 1  # rows, h1's e1 twice: one key
     with pytest.raises(AssertionError, match="forked"):
         rebuilt(tmp_path, mixed_index(b""), "alone")  # the same rebuild alone would fork
+
+
+def test_rows_we_appended_go_in_as_written_only_where_the_checkpoint_is(tmp_path: Path) -> None:
+    """A commit's own rows go into the keys without a read back, as a read
+    would have put them (a recount of the whole index agrees), but only
+    when they start where the checkpoint stands in the same file."""
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h1", "a") + row(None, "old"))
+    ours = [
+        {"host_id": "h1", "episode_id": "b", "received_at_wall": "2026-11-02T10:00:00+00:00"},
+        {"host_id": "h2", "episode_id": "c", "received_at_wall": "2026-11-02T11:30:00+00:00"},
+    ]
+    lines = [encode_row(r) for r in ours]
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+        start = index.stat().st_size
+        with open(index, "ab") as f:
+            f.write(b"".join(lines))
+        fd = os.open(index, os.O_RDONLY)
+        try:
+            assert not cov.appended(fd, start + 1, lines, ours)  # not where the checkpoint is
+            assert cov.appended(fd, start, lines, ours)
+        finally:
+            os.close(fd)
+        assert catch_up(cov, index).rows == 0  # nothing left to read
+    assert state_contents(tmp_path) == state_contents(recounted_index(index, tmp_path / "recount"))
+
+
+def recounted_index(index: Path, directory: Path) -> Path:
+    directory.mkdir()
+    with opened(directory, index) as cov:
+        catch_up(cov, index, full=True)
+    return directory
