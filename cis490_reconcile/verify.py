@@ -186,22 +186,6 @@ def examine(
         return intact, seen
 
 
-def read_tarball(
-    fd: int,
-    size: int,
-    episode_id: str = "",
-    decoding: Decoding | None = None,
-    on_read: Callable[[int], None] | None = None,
-    on_wait: Callable[[], None] = _never_wait,
-) -> Intact:
-    """`examine`, for a caller that wants only an intact tarball: raises
-    Corrupt or Unverifiable (or OSError)."""
-    verdict, _ = examine(fd, size, episode_id, decoding, on_read, on_wait)
-    if not isinstance(verdict, Intact):
-        raise verdict
-    return verdict
-
-
 def examine_file(
     host: HostDir,
     tarball: Tarball,

@@ -21,6 +21,7 @@ import zstandard
 from cis490_reconcile.actions.demo import tar_bytes as tar_bytes
 from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.state import FILE_NAME, State
+from cis490_reconcile.verify import Decoding, Verdict, examine
 
 REPO = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -129,6 +130,14 @@ class Result:
         found = self.named(event)
         assert len(found) == 1, (event, self.stdout, self.stderr)
         return found[0]
+
+
+def verdict_of(data: bytes, decoding: Decoding | None = None, episode_id: str = "ep") -> Verdict:
+    """What `examine` says of these bytes, read from a real file."""
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        return examine(f.fileno(), len(data), episode_id, decoding)[0]
 
 
 def parse_events(text: str) -> list[dict]:
