@@ -12,7 +12,8 @@ only answer for the versions pyenv was told to use), then in /usr/bin and
 /usr/local/bin. The last line says which were found and which were not. On a
 newcomer's machine a missing one is skipped; CI sets CIS490_CI_ALL_PYTHONS=1
 (.ci/run), and then a missing one fails its session, with its name.
-Arguments after `--` go to every pytest (`-- -k lock -x`).
+Arguments after `--` go to every pytest (`-- -k lock -x`); a selection that
+holds no e2e test passes the e2e sessions.
 """
 
 from __future__ import annotations
@@ -81,4 +82,5 @@ def full(session: nox.Session) -> None:
 def e2e(session: nox.Session) -> None:
     session.install("-e", f"{ROOT}[test]")
     session.chdir(ROOT)
-    session.run("pytest", "-m", "e2e", *session.posargs)
+    # a selection after `--` may hold no e2e test (pytest's 5); CI passes none
+    session.run("pytest", "-m", "e2e", *session.posargs, success_codes=[0, 5] if session.posargs else [0])

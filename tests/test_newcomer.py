@@ -24,8 +24,18 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-COMMAND = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/nox -f .ci/noxfile.py"
 SELECTED = ("--", "tests/test_verify.py", "-q", "-k", "complete or checksum")
+NO_E2E = ("--", "tests/test_config.py", "-q", "-k", "unknown")  # no e2e test: pytest's exit 5 there
+
+
+def readme_command() -> str:
+    """The command README gives, word for word: the test fails if it drifts."""
+    text = (REPO / "README.md").read_text()
+    commands = [line for line in text.splitlines() if line.endswith(".venv/bin/nox -f .ci/noxfile.py")]
+    assert len(commands) == 1, commands
+    return commands[0]
+
+
 PYENV = Path("/root/.pyenv/versions")
 DEBIAN = Path("/usr/bin/python3.11")
 
@@ -40,7 +50,7 @@ def interpreter(version: str) -> Path:
 
 
 def newcomer(
-    repo: Path, python: Path, tmp_path: Path, **extra: str
+    repo: Path, python: Path, tmp_path: Path, selected: tuple[str, ...] = SELECTED, **extra: str
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     """README's command in `repo`, with `python` as the machine's python3."""
     bin_dir = tmp_path / "bin"  # what /usr/bin/python3 would be on that OS
@@ -53,7 +63,7 @@ def newcomer(
     env["TMPDIR"] = os.environ.get("TMPDIR", "/tmp")
     started = time.monotonic()
     proc = subprocess.run(
-        ["bash", "-c", f"{COMMAND} {' '.join(repr(a) for a in SELECTED)}"],
+        ["bash", "-c", f"{readme_command()} {' '.join(repr(a) for a in selected)}"],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -88,13 +98,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     tests; one after another they take three minutes)."""
     if not DEBIAN.exists():
         pytest.skip("Debian's own /usr/bin/python3.11 is not on this machine")
-    wanted = {version: (interpreter(version), {}) for version in EXPECTED}
-    wanted["strict"] = (DEBIAN, {"CIS490_CI_ALL_PYTHONS": "1"})
+    wanted = {version: (interpreter(version), SELECTED, {}) for version in EXPECTED}
+    wanted["strict"] = (DEBIAN, SELECTED, {"CIS490_CI_ALL_PYTHONS": "1"})
+    wanted["no-e2e"] = (interpreter("3.10"), NO_E2E, {})
 
     def one(name: str) -> tuple[subprocess.CompletedProcess[str], float]:
-        python, extra = wanted[name]
+        python, selected, extra = wanted[name]
         tmp = tmp_path_factory.mktemp(f"newcomer-{name}")
-        return newcomer(clone(tmp), python, tmp, **extra)
+        return newcomer(clone(tmp), python, tmp, selected, **extra)
 
     with concurrent.futures.ThreadPoolExecutor(len(wanted)) as pool:
         return dict(zip(wanted, pool.map(one, wanted), strict=True))
@@ -123,3 +134,14 @@ def test_ci_fails_a_missing_interpreter_by_name(runs: Runs) -> None:
         assert f"Python interpreter {version} not found" in proc.stderr
     last = "pythons: full suite 3.11; end-to-end none; not found: 3.10, 3.12, 3.13"
     assert proc.stdout.splitlines()[-1] == last
+
+
+def test_a_selection_without_end_to_end_tests_passes(runs: Runs) -> None:
+    """`-- tests/test_config.py` holds no e2e test: the e2e session finds
+    none (pytest's exit 5) and passes; the full session ran them."""
+    proc, _ = runs["no-e2e"]
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Session e2e-3.11 was successful" in proc.stderr
+    assert "deselected" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "pythons: full suite 3.10; end-to-end 3.11; not found: 3.12, 3.13"
