@@ -328,6 +328,10 @@ def test_the_lines_name_flag_path_type_and_why(tmp_path: Path, monkeypatch: pyte
     (nfs / "state").mkdir(parents=True)
     (local / "episodes").mkdir(parents=True)
     magic = {True: 0x6969, False: 0xEF53}
+    locks = (
+        "locks there are kept by the server, or by this client alone, and flock may be emulated with record "
+        "locks, so ours need not exclude the receiver's: rows could be appended twice or glued together"
+    )
     monkeypatch.setattr(syscalls, "filesystem_type", lambda path: magic[nfs in (path, *path.parents)])
     monkeypatch.setattr(syscalls, "mount_type", lambda path: "nfs4")
     cfg = config.build(
@@ -339,9 +343,7 @@ def test_the_lines_name_flag_path_type_and_why(tmp_path: Path, monkeypatch: pyte
         }
     )
     assert preflight.network_filesystems(cfg) == [
-        f"--index {nfs}/index.jsonl: on a network filesystem (nfs4): locks there are kept by the server, "
-        "or by this client alone, and flock may be emulated with record locks, so ours need not exclude "
-        "the receiver's: rows could be appended twice or glued together",
+        f"--index {nfs}/index.jsonl: on a network filesystem (nfs4): {locks}",
         f"--state-dir {nfs}/state: on a network filesystem (nfs4): SQLite's WAL mode need not work there, "
         "nor the flock that keeps two passes apart: the state database could be corrupted",
     ]
@@ -355,7 +357,5 @@ def test_the_lines_name_flag_path_type_and_why(tmp_path: Path, monkeypatch: pyte
         }
     )
     assert preflight.network_filesystems(moved) == [
-        f"--lock-file {nfs}/lk: on a network filesystem (nfs): locks there are kept by the server, "
-        "or by this client alone, and flock may be emulated with record locks, so ours need not exclude "
-        "the receiver's: rows could be appended twice or glued together",
+        f"--lock-file {nfs}/lk: on a network filesystem (nfs): {locks}",
     ]

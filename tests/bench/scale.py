@@ -184,7 +184,20 @@ def _figures(
     base: dict[str, float],
 ) -> list[Figure]:
     """The figures of one row count (at 200k: the bases the others are held to)."""
-    small = n == SMALL
+
+    def against_small(what: str, run: Run, key: str, times: float, text: str, met: bool) -> Figure:
+        """`run` held to `times` the same command at 200k rows (at 200k: the base)."""
+        if n == SMALL:
+            return Figure(f"scale {n:,} rows: {what}", _facts(run, printed=True))
+        ratio = run.wall_s / base[key]
+        return Figure(
+            f"scale {n:,} rows: {what}",
+            _facts(run, printed=True),
+            f"at 200k {base[key]:.2f} s",
+            f"{ratio:.2f}",
+            goal(f"<= {times:.1f}x, {text}", ratio <= times and met),
+        )
+
     figs = [
         Figure(
             f"scale {n:,} rows: full pass",
@@ -202,29 +215,17 @@ def _figures(
                 "<= 1.3x, <= 1 MiB written", quiet.wall_s <= 1.3 * version.wall_s and quiet.write_bytes <= MiB
             ),
         ),
-        Figure(
-            f"scale {n:,} rows: status --json --retention 1d",
-            _facts(status, printed=True),
-            "-" if small else f"at 200k {base['status']:.2f} s",
-            "-" if small else f"{status.wall_s / base['status']:.2f}",
-            "-"
-            if small
-            else goal(
-                "<= 1.5x, <= 64 MiB", status.wall_s <= 1.5 * base["status"] and status.maxrss_mib <= 64
-            ),
+        against_small(
+            "status --json --retention 1d", status, "status", 1.5, "<= 64 MiB", status.maxrss_mib <= 64
         ),
         Figure(f"scale {n:,} rows: scrub --retention 1d, first round", _facts(first, printed=True)),
-        Figure(
-            f"scale {n:,} rows: scrub --retention 1d, second round",
-            _facts(scrub, printed=True),
-            "-" if small else f"at 200k {base['scrub']:.2f} s",
-            "-" if small else f"{scrub.wall_s / base['scrub']:.2f}",
-            "-"
-            if small
-            else goal(
-                "<= 2.0x, exit 0, <= 1 MiB printed",
-                scrub.wall_s <= 2 * base["scrub"] and scrub.rc == first.rc == 0 and _printed(scrub) <= MiB,
-            ),
+        against_small(
+            "scrub --retention 1d, second round",
+            scrub,
+            "scrub",
+            2.0,
+            "exit 0, <= 1 MiB printed",
+            scrub.rc == first.rc == 0 and _printed(scrub) <= MiB,
         ),
         Figure(
             f"scale {n:,} rows: state database",
