@@ -4,9 +4,10 @@
        (everything on a full pass)
     2. list (scan.py): each host directory that changed since the last pass
        is listed and checked against the index; one that did not is only
-       looked at for the episodes it left unresolved. Candidates come in
-       chunks of scan.SCAN_CHUNK, so memory stays bounded and progress has a
-       total.
+       looked at for the episodes it left unresolved. Candidates come a
+       host at a time (at most scan.SCAN_CHUNK), listed as verifying asks
+       for more: memory stays bounded, and the workers start on the first
+       host while the next is listed.
     3. verify each candidate that is settled (older than min_age, scan.py);
        `record` is the one place a verdict is counted, logged and acted on
     4. commit every BATCH_ROWS rows or BATCH_SECONDS, and at the end
@@ -73,9 +74,7 @@ class PassRun:
         basics.step("caught_up")
         with Store(self.cfg.episodes_root) as store:
             self.store = store
-            for chunk in self.scan.candidates(store, self.checkpoint):
-                self.found += len(chunk)
-                self._verify(store, chunk)
+            self._verify(store, self._settled(store))
         if self.pending or not env.dry_run:
             self._commit()  # also ends a torn last line
 
@@ -126,10 +125,17 @@ class PassRun:
 
     # --- verifying --------------------------------------------------------------------
 
-    def _verify(self, store: Store, chunk: list[tuple[str, str]]) -> None:
-        """Verify the settled tarballs of a chunk, here or in the workers;
-        either way each verdict is recorded here, and commits are due here."""
-        for tarball, verdict in self._verdicts(store, self.scan.settled(store, chunk)):
+    def _settled(self, store: Store) -> Iterator[Tarball]:
+        """Every candidate settled enough to verify, listed as the workers
+        ask for more: the next host is listed while they read this one's."""
+        for chunk in self.scan.candidates(store, self.checkpoint):
+            self.found += len(chunk)
+            yield from self.scan.settled(store, chunk)
+
+    def _verify(self, store: Store, tarballs: Iterator[Tarball]) -> None:
+        """Verify the tarballs, here or in the workers; either way each
+        verdict is recorded here, and commits are due here."""
+        for tarball, verdict in self._verdicts(store, tarballs):
             self.record(tarball, verdict)
             self._looked_at()
             if self.pending and (

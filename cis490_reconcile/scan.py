@@ -79,7 +79,8 @@ class Scan:
         return self.summary.full and self.cfg.host is None
 
     def candidates(self, store: Store, checkpoint: Callable[[], None]) -> Iterator[list[tuple[str, str]]]:
-        """(host_id, episode_id) of every episode the index lacks, in chunks."""
+        """(host_id, episode_id) of every episode the index lacks, in chunks
+        of one host's (at most SCAN_CHUNK)."""
         chunk: list[tuple[str, str]] = []
         for host_id in store.host_ids(self.cfg.host):
             if isinstance(host_id, Skipped):
@@ -91,9 +92,10 @@ class Scan:
                 if len(chunk) >= SCAN_CHUNK:
                     yield chunk
                     chunk = []
+            if chunk:  # a host's candidates go out at once: verifying them can start
+                yield chunk
+                chunk = []
             checkpoint()
-        if chunk:
-            yield chunk
 
     def _host_candidates(self, store: Store, host_id: str) -> list[str]:
         host = store.open_host(host_id)

@@ -42,7 +42,7 @@ from .store import Store, Tarball
 from .verdicts import Decoding, Verdict
 from .verify import verify_many
 
-BATCH_FILES = 64
+BATCH_FILES = 256
 BATCH_BYTES = 8 << 20
 _POLL_S = 0.05
 _BUDGET_POLL_S = 0.1
