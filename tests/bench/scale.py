@@ -37,6 +37,8 @@ from pathlib import Path
 import zstandard
 from common import Bench, Figure, MiB, Run, goal, write_tarball
 
+from cis490_reconcile.state import FILE_NAME
+
 HOSTS = 100
 TARBALLS = 2_000
 SMALL = 200_000
@@ -67,25 +69,31 @@ def _rows(path: Path, count: int, seed: str) -> None:
         f.write("".join(batch))
 
 
-def corpus(root: Path, rows: int) -> Path:
-    """The store of `rows` rows, generated once and reused (marked by corpus.json)."""
+def corpus(root: Path, rows: int) -> tuple[Path, int]:
+    """The store of `rows` rows, generated once and reused (marked by
+    corpus.json), and its index's size as generated. The index is kept in
+    one copy (at 100M rows it is 28 GB): each use truncates it back to that
+    size, which drops exactly the whole lines the passes appended."""
     d = root / f"scale-{rows}"
     marker = d / "corpus.json"
-    if marker.exists() and json.loads(marker.read_text()) == {"rows": rows, "tarballs": TARBALLS}:
-        print(f"  scale {rows:,} rows: reused", flush=True)
-        return d
+    if marker.exists():
+        known = json.loads(marker.read_text())
+        if {k: known.get(k) for k in ("rows", "tarballs")} == {"rows": rows, "tarballs": TARBALLS}:
+            print(f"  scale {rows:,} rows: reused", flush=True)
+            return d, known["index_bytes"]
     shutil.rmtree(d, ignore_errors=True)
     (d / "episodes").mkdir(parents=True)
     t0 = time.perf_counter()
-    _rows(d / "index.pristine.jsonl", rows, f"scale-{rows}")
+    _rows(d / "index.jsonl", rows, f"scale-{rows}")
     cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
     for i in range(TARBALLS):
         host = d / "episodes" / f"robot-{i % HOSTS:03d}"
         host.mkdir(exist_ok=True)
         write_tarball(host / f"new-{i:05d}.tar.zst", f"new-{i:05d}", 16 << 10, cctx)
-    marker.write_text(json.dumps({"rows": rows, "tarballs": TARBALLS}))
+    size = (d / "index.jsonl").stat().st_size
+    marker.write_text(json.dumps({"rows": rows, "tarballs": TARBALLS, "index_bytes": size}))
     print(f"  scale {rows:,} rows: generated in {time.perf_counter() - t0:.1f} s", flush=True)
-    return d
+    return d, size
 
 
 def parse_reference(index: Path, label: str) -> float:
@@ -117,10 +125,10 @@ def _printed(run: Run) -> int:
 class _Store:
     """One scale store, measured with a fresh state directory."""
 
-    def __init__(self, b: Bench, d: Path) -> None:
+    def __init__(self, b: Bench, d: Path, index_bytes: int) -> None:
         self.b = b
         self.index = d / "index.jsonl"
-        shutil.copyfile(d / "index.pristine.jsonl", self.index)
+        os.truncate(self.index, index_bytes)  # the bench's own copy, back as generated
         settled = time.time() - 3600
         for p in (d / "episodes").glob("*/*.tar.zst"):
             os.utime(p, (settled, settled))
@@ -149,7 +157,7 @@ def run_scale(b: Bench, scale: float, row_counts: list[int] | None = None) -> li
     figs: list[Figure] = []
     base: dict[str, float] = {}
     for n in (SMALL, *counts):
-        store = _Store(b, corpus(b.root, n))
+        store = _Store(b, *corpus(b.root, n))
         try:
             version = b.measure(
                 f"scale {n:,}: --version", [sys.executable, "-m", "cis490_reconcile", "--version"]
@@ -161,7 +169,7 @@ def run_scale(b: Bench, scale: float, row_counts: list[int] | None = None) -> li
             status = store.run(f"scale {n:,}: status", "status", "--json")
             first = store.run(f"scale {n:,}: scrub, first round", "scrub")
             scrub = store.run(f"scale {n:,}: scrub, second round", "scrub")
-            size = (store.state / "state.sqlite3").stat().st_size
+            size = (store.state / FILE_NAME).stat().st_size
             ref = None if n == SMALL else parse_reference(store.index, f"scale {n:,}")
         finally:
             store.close()
