@@ -102,10 +102,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     wanted["strict"] = (DEBIAN, SELECTED, {"CIS490_CI_ALL_PYTHONS": "1"})
     wanted["no-e2e"] = (interpreter("3.10"), NO_E2E, {})
 
+    # made here, not in the threads: pytest creates its base directory lazily, and racily
+    tmps = {name: tmp_path_factory.mktemp(f"newcomer-{name}") for name in wanted}
+
     def one(name: str) -> tuple[subprocess.CompletedProcess[str], float]:
         python, selected, extra = wanted[name]
-        tmp = tmp_path_factory.mktemp(f"newcomer-{name}")
-        return newcomer(clone(tmp), python, tmp, selected, **extra)
+        return newcomer(clone(tmps[name]), python, tmps[name], selected, **extra)
 
     with concurrent.futures.ThreadPoolExecutor(len(wanted)) as pool:
         return dict(zip(wanted, pool.map(one, wanted), strict=True))
