@@ -75,7 +75,7 @@ def _rebuild(
         part = None if split is None else stack.enter_context(_ForkedPart(state, key, fd, split, st.st_size))
         basics.step("forked")
         _stage(reader, index.entries(fd, 0, split or st.st_size), state.keys.stage, on_progress)
-        if part is not None and not part.hand_over(reader, key, on_progress):
+        if part is not None and not part.hand_over(reader, on_progress):
             part = None  # the child failed before it handed its part over: read the part here
             rest = index.entries(fd, split or 0, st.st_size, reader.lines_before(fd, split or 0))
             _stage(reader, rest, state.keys.stage, on_progress)
@@ -175,7 +175,7 @@ class _ForkedPart:
                 self._read += data
                 on_progress()
 
-    def hand_over(self, reader: KeyReader, key: KeyOf, on_progress: Callable[[], None]) -> bool:
+    def hand_over(self, reader: KeyReader, on_progress: Callable[[], None]) -> bool:
         """Take the child's summary and go on with `reader` after its part;
         give ids to the hosts it numbered provisionally. False if it failed
         (the caller reads the part itself)."""
@@ -183,7 +183,7 @@ class _ForkedPart:
         if line is None:
             return False
         part: dict[str, Any] = json.loads(line)
-        ids = {provisional: key.host(name) for name, provisional in part["hosts"].items()}
+        ids = {provisional: self.key.host(name) for name, provisional in part["hosts"].items()}
         try:
             self.child.send(json.dumps(ids).encode() + b"\n")
         except BrokenPipeError:

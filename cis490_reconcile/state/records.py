@@ -135,6 +135,3 @@ class Records:
         self.db.executemany(
             "INSERT OR REPLACE INTO scrub_pruned VALUES (?, ?, ?, ?, ?, ?, ?, ?)", map(astuple, runs)
         )
-
-    def forget_pruned_runs(self) -> None:
-        self.db.execute("DELETE FROM scrub_pruned")
