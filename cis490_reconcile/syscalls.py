@@ -266,6 +266,9 @@ def fork_child(work: Callable[[int, int], None]) -> Child:
         try:
             os.close(r)
             os.close(to_child)
+            # work closes w when it fails; this copy keeps the pipe open until
+            # _exit, so the parent sees it close only after our failure line
+            os.dup(w)
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
