@@ -25,7 +25,7 @@ from . import retention
 from .coverage import Coverage, orphans
 from .log import Events
 from .passdata import PassContext, PassSummary
-from .state import State, Unverified
+from .state import NO_MEMO, Memo, State, Unverified
 from .store import HostDir, Skipped, Store, Tarball, printable
 
 SCAN_CHUNK = 100_000  # candidate names held at once (a few MB)
@@ -68,6 +68,7 @@ class Scan:
         self.hosts: dict[str, _Host] = {}
         self.unverified: dict[tuple[str, str], Unverified | None] = {}  # to remember (None: forget)
         self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
+        self._memos_read: dict[int, Memo] | None = None
         self.unverified_hosts = (
             state.records.unverified_hosts()
         )  # saved only by remember(): fixed for the pass
@@ -116,7 +117,7 @@ class Scan:
                 if not self.summary.full and memo is not None and memo[:2] == times:
                     self.summary.hosts_unchanged += 1
                     self.summary.scanned += len(memo[2])
-                    return self._track(host_id, memo[2])
+                    return self._track(host_id, list(memo[2]))
                 names, skipped = host.entries()
             except OSError as e:
                 self.skipped(Skipped(host_id, f"cannot list: {e.strerror}"))
@@ -132,9 +133,16 @@ class Scan:
             self.orphans[host_id] = listing.orphans
         return self._track(host_id, listing.unindexed)
 
-    def _memo(self, host_id: str) -> tuple[int | None, int | None, list[str]] | None:
+    def _memo(self, host_id: str) -> Memo | None:
         host = self.coverage.known_host(host_id)
-        return None if host is None else self.state.records.memo(host)
+        return None if host is None else self._memos().get(host, NO_MEMO)
+
+    def _memos(self) -> dict[int, Memo]:
+        """Read once, at first use: after the catch-up, which forgets them
+        when the index was replaced."""
+        if self._memos_read is None:
+            self._memos_read = self.state.records.memos()
+        return self._memos_read
 
     def _track(self, host_id: str, episodes: list[str]) -> list[str]:
         self.hosts[host_id].unresolved.update(episodes)
@@ -202,7 +210,9 @@ class Scan:
         host_id = self.coverage.host_id
         with self.state.transaction():
             for name, seen in self.hosts.items():
-                self.state.records.save_memo(host_id(name), None if replaced else seen.times, seen.unresolved)
+                host = host_id(name)
+                before = self._memos().get(host, NO_MEMO)
+                self.state.records.save_memo(host, before, None if replaced else seen.times, seen.unresolved)
             for (name, episode_id), verdict in self.unverified.items():
                 self.state.records.save_unverified(host_id(name), episode_id, verdict)
             if self._recounts_orphans:

@@ -81,15 +81,17 @@ from pathlib import Path
 
 from .connection import FILE_NAME, Access, Database, StateUnusable, split_path
 from .keys import EXAMPLES, Checkpoint, HostRows, Key, Keys, SplitPart
-from .records import PrunedRun, Records, Unverified
+from .records import NO_MEMO, Memo, PrunedRun, Records, Unverified
 
 __all__ = [
     "EXAMPLES",
     "FILE_NAME",
+    "NO_MEMO",
     "Access",
     "Checkpoint",
     "HostRows",
     "Key",
+    "Memo",
     "PrunedRun",
     "SplitPart",
     "State",

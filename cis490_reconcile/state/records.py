@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 
 from .connection import Database
@@ -41,6 +41,10 @@ class Unverified:
     reason: str
 
 
+Memo = tuple[int | None, int | None, Sequence[str]]  # a host directory's (mtime_ns, ctime_ns, unresolved)
+NO_MEMO: Memo = (None, None, ())
+
+
 class Records:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -51,24 +55,27 @@ class Records:
 
     # --- host directories -------------------------------------------------------
 
-    def memo(self, host: int) -> tuple[int | None, int | None, list[str]]:
-        """(mtime_ns, ctime_ns, unresolved episodes) as the last pass left the host."""
-        row = self.db.execute("SELECT dir_mtime_ns, dir_ctime_ns FROM hosts WHERE id = ?", (host,)).fetchone()
-        unresolved = [
-            r[0] for r in self.db.execute("SELECT episode_id FROM unresolved WHERE host = ?", (host,))
-        ]
-        return (None, None, unresolved) if row is None else (row[0], row[1], unresolved)
+    def memos(self) -> dict[int, Memo]:
+        """Every host's memo, read at once: a pass looks at each host's."""
+        unresolved: dict[int, list[str]] = {}
+        for host, episode in self.db.execute("SELECT host, episode_id FROM unresolved"):
+            unresolved.setdefault(host, []).append(episode)
+        hosts = self.db.execute("SELECT id, dir_mtime_ns, dir_ctime_ns FROM hosts")
+        return {host: (mtime, ctime, unresolved.get(host, ())) for host, mtime, ctime in hosts}
 
-    def save_memo(self, host: int, times: tuple[int, int] | None, unresolved: Iterable[str]) -> None:
-        """Only when it changed: a pass with nothing to do writes nothing."""
-        mtime, ctime, before = self.memo(host)
+    def save_memo(
+        self, host: int, before: Memo, times: tuple[int, int] | None, unresolved: Iterable[str]
+    ) -> None:
+        """Only what changed since `before` (the host's memo in memos()): a
+        pass with nothing to do writes nothing."""
+        mtime, ctime, was = before
         unresolved = sorted(unresolved)
         if (mtime, ctime) != (times or (None, None)):
             self.db.execute(
                 "UPDATE hosts SET dir_mtime_ns = ?, dir_ctime_ns = ? WHERE id = ?",
                 (*(times or (None, None)), host),
             )
-        if sorted(before) != unresolved:
+        if sorted(was) != unresolved:
             self.db.execute("DELETE FROM unresolved WHERE host = ?", (host,))
             self.db.executemany("INSERT INTO unresolved VALUES (?, ?)", [(host, e) for e in unresolved])
 
