@@ -1,6 +1,6 @@
 """Small helpers every layer uses, importing nothing of the package: how
-times and sizes are written, how worker results pickle, and the named steps
-the tests can kill or pause a run at.
+times and sizes are written, and the named steps the tests can kill or
+pause a run at.
 
 Named steps (`step`): the crash tests prove that a kill -9 at each one
 leaves an index and a state database the next pass makes whole; the
@@ -23,13 +23,10 @@ until its standard input is closed. Neither is set outside the tests.
 
 from __future__ import annotations
 
-import operator
 import os
 import signal
 from datetime import datetime, timedelta, timezone
-from typing import TypeVar
 
-_T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _CRASH_AT = os.environ.get("CIS490_TEST_CRASH_AT")
 _PAUSE_AT = os.environ.get("CIS490_TEST_PAUSE_AT")
@@ -44,18 +41,6 @@ def step(name: str) -> None:
         _paused.add(name)
         os.write(2, f"cis490-reconcile: paused at {name}\n".encode())
         os.read(0, 1)  # until the test closes our stdin
-
-
-def pickled_by_position(cls: type[_T]) -> type[_T]:
-    """Have a slots dataclass pickle as its class and its fields in order.
-    The default (state set field by field, in Python) made pickling the
-    tarballs and verdicts the workers exchange 7% of a pass's CPU on 64 KiB
-    tarballs (re-measure: tests/bench/run.py --only many)."""
-    names = vars(cls)["__slots__"]
-    assert isinstance(names, tuple) and len(names) > 1
-    fields = operator.attrgetter(*names)
-    cls.__reduce__ = lambda self: (cls, fields(self))  # type: ignore[method-assign]
-    return cls
 
 
 def iso_utc(ns: int) -> str:

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from . import basics, index
 from .config import Config
@@ -34,8 +34,7 @@ from .store import Tarball
 from .verdicts import Intact
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
+class Pending(NamedTuple):
     tarball: Tarball
     intact: Intact
     row: dict[str, object]

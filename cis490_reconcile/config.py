@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from .store import is_safe_name
 
@@ -330,8 +331,7 @@ class Config:
         return self.lock_file or self.index
 
 
-@dataclass(frozen=True, slots=True)
-class Loaded:
+class Loaded(NamedTuple):
     """The effective config and, per key, where its value came from."""
 
     config: Config

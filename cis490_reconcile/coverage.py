@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import basics, index, retention
 from .index import Row
@@ -32,8 +32,7 @@ COMMIT_ROWS = 50_000  # keys per transaction while catching up
 _POINT_US, _SCAN_US = 15.0, 0.4  # measured costs of a lookup and of a key merged
 
 
-@dataclass(frozen=True, slots=True)
-class Listing:
+class Listing(NamedTuple):
     """A host directory's episodes against the index."""
 
     unindexed: list[str]

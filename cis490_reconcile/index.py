@@ -27,8 +27,8 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -86,16 +86,14 @@ class Row(msgspec.Struct):
     end: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class BadLine:
+class BadLine(NamedTuple):
     line: int  # 1-based
     offset: int  # byte offset of the line's first byte
     end: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class TornTail:
+class TornTail(NamedTuple):
     """Bytes after the last "\\n". A complete row that only lacks its
     newline is kept in `row`: readers count it as indexed, to be safe."""
 

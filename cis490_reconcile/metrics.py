@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, Info, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,8 +39,7 @@ TARBALL_STATES = (
 )
 
 
-@dataclass(frozen=True)
-class Metric:
+class Metric(NamedTuple):
     name: str  # after the namespace
     help: str
     labels: tuple[str, ...] = ()

@@ -21,9 +21,8 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from . import statedir
 from .basics import iso_utc
@@ -32,8 +31,7 @@ from .log import Logger
 from .state import StateUnusable
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     command: str  # "pass" or "scrub"
     started_at: float  # unix seconds
     duration_s: float

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from .config import Config
 from .log import Logger
@@ -40,8 +40,7 @@ class PassSummary:
     hosts_unchanged: int = 0  # not listed: unchanged since the last pass
 
 
-@dataclass(frozen=True)
-class PassContext:
+class PassContext(NamedTuple):
     """What a pass needs from the long-lived Reconciler."""
 
     cfg: Config

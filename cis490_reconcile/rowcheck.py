@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import retention
 from .index import Row
@@ -21,8 +21,7 @@ from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
-@dataclass(frozen=True, slots=True)
-class Checkable:
+class Checkable(NamedTuple):
     """What a row claims about a tarball, once we know we can check it."""
 
     host_id: str
@@ -52,8 +51,7 @@ def checkable(row: Row) -> Checkable | str:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Found:
+class Found(NamedTuple):
     result: str  # one of scrubcursor.RESULTS
     reason: str | None = None
     sha256: str | None = None  # of the bytes on disk, when they were all read

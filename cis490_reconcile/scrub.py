@@ -49,7 +49,8 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
+from typing import NamedTuple
 
 from . import basics, index, retention, scrubcursor, statedir, syscalls
 from .basics import human_size
@@ -77,8 +78,7 @@ class ScrubNotRun(Exception):
     index); the event that says why is logged."""
 
 
-@dataclass(frozen=True)
-class ScrubRun:
+class ScrubRun(NamedTuple):
     """What one run did: the scrub_finished facts and the round's."""
 
     started_at: float  # unix seconds

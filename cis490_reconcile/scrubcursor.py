@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from . import index, retention, syscalls
 from .index import Row
@@ -157,8 +157,8 @@ class PrunedRuns:
             self.close()
             run = self._ending_at(row.offset, cutoff)
             run = run or PrunedRun(row.offset, row.offset, 0, 0, received, *self.identity, b"")
-        self.open = replace(
-            run, end=row.end, lines=run.lines + 1, rows=run.rows + 1, newest=max(run.newest, received)
+        self.open = run._replace(
+            end=row.end, lines=run.lines + 1, rows=run.rows + 1, newest=max(run.newest, received)
         )
 
     def close(self) -> None:
@@ -166,7 +166,7 @@ class PrunedRuns:
         run, self.open = self.open, None
         if run is None or run.rows < self.MIN_ROWS or self.known.get(run.start) == run:
             return
-        run = replace(run, tail_sha256=index.tail_digest(self.fd, run.end))
+        run = run._replace(tail_sha256=index.tail_digest(self.fd, run.end))
         if run.start not in self.known:
             bisect.insort(self.starts, run.start)
         self.changed[run.start] = self.known[run.start] = run

@@ -16,11 +16,10 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import syscalls
-from .basics import pickled_by_position
 
 SUFFIX = ".tar.zst"
 _TEMP_SUFFIXES = (".tmp", ".partial")
@@ -39,9 +38,7 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-@pickled_by_position  # sent to the verifying workers and back
-@dataclass(frozen=True, slots=True)
-class Tarball:
+class Tarball(NamedTuple):
     """A regular file named like an episode tarball, as lstat saw it."""
 
     host_id: str
@@ -77,8 +74,7 @@ class Tarball:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Skipped:
+class Skipped(NamedTuple):
     """Something in the store that looks like it matters but is never opened."""
 
     path: str  # relative to the root, printable

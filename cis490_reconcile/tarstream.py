@@ -38,7 +38,7 @@ import re
 import zlib
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER_MAX_BYTES = 1 << 20
 _BLOCK = 512
@@ -68,8 +68,7 @@ class OverBound(Exception):
     """One member's headers exceed HEADER_MAX_BYTES: the archive may be fine, but is not checked here."""
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(NamedTuple):
     name: str  # after pax path / GNU long name; utf-8 with surrogateescape, like tarfile
     is_file: bool  # regular, contiguous or sparse file
     size: int  # as a file: a sparse file's full size, holes included

@@ -27,10 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias
 
 from . import syscalls, zstdframe
-from .basics import human_size, pickled_by_position
+from .basics import human_size
 from .config import Config
 from .preflight import load_dictionaries
 
@@ -59,9 +59,7 @@ class Unverifiable(_Verdict):
     """The bytes may be fine, but this configuration cannot check them."""
 
 
-@pickled_by_position  # sent back by the verifying workers
-@dataclass(frozen=True, slots=True)
-class Intact:
+class Intact(NamedTuple):
     sha256: str
     size: int
     commit: str | None
@@ -175,8 +173,7 @@ class Decoding:
             self.budget.release(window)
 
 
-@dataclass(frozen=True, slots=True)
-class MemoryPlan:
+class MemoryPlan(NamedTuple):
     workers: int
     max_window: int
     limited_by: str  # "max_window", or the memory limit that lowered it

@@ -27,8 +27,7 @@ import operator
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import IO, cast
+from typing import IO, NamedTuple, cast
 
 import zstandard
 
@@ -45,8 +44,7 @@ _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 # --- tar ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Contents:
+class _Contents(NamedTuple):
     members: int
     commit: str | None
     commit_note: str | None  # why there is no commit
@@ -106,8 +104,7 @@ def _never_wait() -> None:
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Seen:
+class Seen(NamedTuple):
     """What one read of a file saw, whatever the verdict (`check` shows it):
     the sha256 and size of the bytes read, and the zstd frames they held."""
 

@@ -16,7 +16,7 @@ A few header bytes of state, whatever the input.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = 0xFD2FB528
 DICTIONARY_MAGIC = 0xEC30A437
@@ -26,8 +26,7 @@ _MAX_HEADER = 18  # magic + descriptor + window + dictionary id + content size
 _MAGIC, _DESCRIPTOR, _HEADER_REST, _BLOCK, _CHECKSUM, _SKIP_SIZE = range(6)
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
+class FrameHeader(NamedTuple):
     window: int  # bytes of history the decoder must keep
     dict_id: int  # 0: no dictionary
     reserved_bit: bool  # a flag this decoder (and RFC 8878) does not define

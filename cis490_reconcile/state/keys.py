@@ -12,8 +12,8 @@ import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from operator import floordiv, itemgetter
+from typing import NamedTuple
 
 from .connection import CACHE_KIB, Database, split_path
 
@@ -131,8 +131,7 @@ class SplitPart:
         self.db.close()
 
 
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
+class Checkpoint(NamedTuple):
     index_dev: int
     index_ino: int
     offset: int
@@ -142,8 +141,7 @@ class Checkpoint:
     rebuilt_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class HostRows:
+class HostRows(NamedTuple):
     """What the keys say about one host (or, for id 0, about rows without host_id)."""
 
     rows: int

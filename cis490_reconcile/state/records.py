@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass
+from typing import NamedTuple
 
 from .connection import Database
 
 
-@dataclass(frozen=True, slots=True)
-class PrunedRun:
+class PrunedRun(NamedTuple):
     """Index lines [start, end) a scrub found all pruned (migrations/0003.sql)."""
 
     start: int
@@ -28,8 +27,7 @@ class PrunedRun:
     tail_sha256: bytes  # of the index's 4 KiB before `end`
 
 
-@dataclass(frozen=True, slots=True)
-class Unverified:
+class Unverified(NamedTuple):
     """A tarball found unverifiable, as it was then."""
 
     dev: int
@@ -139,6 +137,4 @@ class Records:
     def save_pruned_runs(self, runs: Iterable[PrunedRun], forget: Iterable[int] = ()) -> None:
         """Add or replace runs (by start); forget those starting at `forget`."""
         self.db.executemany("DELETE FROM scrub_pruned WHERE start = ?", ((start,) for start in forget))
-        self.db.executemany(
-            "INSERT OR REPLACE INTO scrub_pruned VALUES (?, ?, ?, ?, ?, ?, ?, ?)", map(astuple, runs)
-        )
+        self.db.executemany("INSERT OR REPLACE INTO scrub_pruned VALUES (?, ?, ?, ?, ?, ?, ?, ?)", runs)
