@@ -7,7 +7,7 @@ For contributors, the data flow of a pass, from the top:
     actions/reconcile   --once or a loop; each pass's outcome -> outcome.py sinks
     reconcile.py        Reconciler: what lasts between passes; opens the state (statedir.py)
     passrun.py          PassRun: one pass, and the one place a verdict is recorded
-      coverage.py         the state database (state/) in step with index.jsonl (index.py)
+      coverage.py         the state database (state/) in step with index.jsonl (index.py, rows.py)
       scan.py             which episodes the index lacks; memos of unchanged host directories
       store.py            the host directories, listed and opened safely
       verify.py           one read of one tarball (reading, zstdframe, tarstream; verdicts.py)

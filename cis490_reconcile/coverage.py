@@ -20,13 +20,15 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import basics, index, retention
-from .index import Row
 from .indexkeys import CatchUp, KeyOf, KeyReader, digest
 from .rebuild import rebuild
 from .state import Checkpoint, HostRows, Key, State
+
+if TYPE_CHECKING:
+    from .rows import Row
 
 COMMIT_ROWS = 50_000  # keys per transaction while catching up
 _POINT_US, _SCAN_US = 15.0, 0.4  # measured costs of a lookup and of a key merged
@@ -97,6 +99,8 @@ class Coverage:
         self, fd: int, st: os.stat_result, cp: Checkpoint, on_progress: Callable[[], None]
     ) -> CatchUp:
         reader = KeyReader(self._key, CatchUp(), cp.offset, cp.lines, cp.bad_lines)
+        if st.st_size == cp.offset:
+            return reader.found  # nothing appended since
         saved = cp.offset
         for keys, bad in reader.batches(index.entries(fd, cp.offset, st.st_size, cp.lines), COMMIT_ROWS):
             if reader.offset == saved:
@@ -125,6 +129,8 @@ class Coverage:
             or (cp.index_dev, cp.index_ino, cp.offset) != (st.st_dev, st.st_ino, start)
         ):
             return False
+        from .rows import Row  # here, after an append: a pass that appends nothing need not load msgspec
+
         offsets = list(itertools.accumulate(map(len, lines), initial=start))
         keys = [
             self._key(

@@ -9,14 +9,7 @@ Reading. `entries` is the only loop over index lines (a pass, status and
 scrub all use it). It yields a Row for each line that is a row, a BadLine for
 each that is not (blank lines are neither), and a TornTail for bytes after
 the last "\\n" (an append in progress, or one cut short by a full disk).
-What is a row is decided by ``json.loads``: a JSON object with a non-empty
-string ``episode_id`` and a string ``host_id`` or none. For speed the lines
-of each 1 MiB chunk are first decoded together by msgspec (about 1 us a row
-against 5.8 us for json.loads, measured on an 8M-row index); msgspec accepts
-exactly what json accepts except invalid UTF-8 inside fields it skips, so a
-chunk is taken that way only when it is valid UTF-8, and any chunk msgspec
-rejects is decided line by line by json.loads. Re-measure with
-``tests/bench/run.py --only scale``.
+What is a row is decided in rows.py, imported at the first line to decode.
 """
 
 from __future__ import annotations
@@ -28,13 +21,14 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
-
-import msgspec
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 from . import basics, lock, syscalls
 from .store import Tarball
 from .verdicts import Intact
+
+if TYPE_CHECKING:
+    from .rows import Row
 
 SCHEMA_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # receiver rows are ~300 bytes; longer lines are garbage
@@ -71,21 +65,6 @@ def backfill_row(tarball: Tarball, intact: Intact, now_ns: int) -> dict[str, obj
     return row
 
 
-class Row(msgspec.Struct):
-    """A line that is a row: what the index says about one episode. The
-    JSON fields are as found (only the key's are checked); line, offset and
-    end are where the line is (end: the offset of the next line)."""
-
-    episode_id: str
-    host_id: str | None = None
-    received_at_wall: object = None
-    sha256: object = None
-    size_bytes: object = None
-    line: int = 0
-    offset: int = 0
-    end: int = 0
-
-
 class BadLine(NamedTuple):
     line: int  # 1-based
     offset: int  # byte offset of the line's first byte
@@ -102,53 +81,7 @@ class TornTail(NamedTuple):
     row: Row | None
 
 
-Entry = Row | BadLine | TornTail
-_CHUNK = msgspec.json.Decoder(list[Row])
-_ONE = msgspec.json.Decoder(Row)
-_FIELDS = frozenset(Row.__struct_fields__[:5])
-
-
-def _judge(raw: bytes) -> Row | str:
-    """One line, by json.loads's rules: a Row or why it is not one."""
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
-        return "not valid JSON"
-    if not isinstance(obj, dict):
-        return "not a JSON object"
-    episode_id, host_id = obj.get("episode_id"), obj.get("host_id")
-    if not isinstance(episode_id, str) or not episode_id:
-        return "no episode_id string"
-    if host_id is not None and not isinstance(host_id, str):
-        return "host_id is not a string"
-    return Row(**{k: v for k, v in obj.items() if k in _FIELDS})
-
-
-def _valid(row: Row) -> Row | str:
-    if not row.episode_id:
-        return "no episode_id string"
-    return row
-
-
-def _decode_lines(raws: Sequence[bytes]) -> list[Row | str]:
-    """Each line as a Row or a reason: all at once when msgspec takes the
-    whole chunk, else line by line (msgspec, then json.loads as the judge)."""
-    try:
-        joined = b"[" + b",".join(raws) + b"]"
-        joined.decode()  # msgspec does not check the UTF-8 of fields it skips; json does
-        rows: list[Row | str] = [_valid(r) for r in _CHUNK.decode(joined)]
-        if len(rows) == len(raws):  # "1,2" on one line would decode as two
-            return rows
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        pass
-    out: list[Row | str] = []
-    for raw in raws:
-        try:
-            raw.decode()
-            out.append(_valid(_ONE.decode(raw)))
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            out.append(_judge(raw))
-    return out
+Entry: TypeAlias = "Row | BadLine | TornTail"
 
 
 def entries(fd: int, start: int, end: int, line: int = 0) -> Iterator[Entry]:
@@ -180,10 +113,20 @@ def entries(fd: int, start: int, end: int, line: int = 0) -> Iterator[Entry]:
             if carry_len > MAX_LINE_BYTES:
                 carry, overlong = b"", True
     if line_start < pos:
-        torn = None if overlong else _decode_lines([carry])[0]
-        if isinstance(torn, Row):
+        torn = None if overlong else _decode([carry])[0]
+        if isinstance(torn, str):
+            torn = None
+        elif torn is not None:
             torn.line, torn.offset, torn.end = line + 1, line_start, pos
-        yield TornTail(line + 1, line_start, torn if isinstance(torn, Row) else None)
+        yield TornTail(line + 1, line_start, torn)
+
+
+def _decode(lines: Sequence[bytes]) -> list[Row | str]:
+    """rows.decode, imported here, at the first line there is to decode: a
+    pass that finds nothing new to read need not load msgspec (rows.py)."""
+    from . import rows
+
+    return rows.decode(lines)
 
 
 def newlines(fd: int, start: int, end: int) -> int:
@@ -199,9 +142,9 @@ def _judged(lines: list[bytes], first: int, ends: list[int], first_overlong: boo
     """The complete lines of one chunk: line `first` starts at ends[0] and
     line first + i ends where line first + i + 1 starts (ends[i + 1]). The
     common case (no line blank, white space only or overlong) decodes the chunk in one
-    _decode_lines call; anything else goes line by line."""
+    _decode call; anything else goes line by line."""
     if not first_overlong and all(map(bytes.strip, lines)) and max(map(len, lines)) <= MAX_LINE_BYTES:
-        decoded = enumerate(zip(_decode_lines(lines), ends[:-1], ends[1:], strict=True), first)
+        decoded = enumerate(zip(_decode(lines), ends[:-1], ends[1:], strict=True), first)
         for n, (got, offset, nxt) in decoded:
             if isinstance(got, str):
                 yield BadLine(n, offset, nxt, got)
@@ -246,8 +189,8 @@ def line_at(fd: int, offset: int) -> bytes:
 def row_at(fd: int, offset: int) -> Row | None:
     """The row on the line that starts at `offset` (to name a key the state
     database knows only by digest), or None if it is not one any more."""
-    found = _decode_lines([line_at(fd, offset)])[0]
-    return found if isinstance(found, Row) else None
+    found = _decode([line_at(fd, offset)])[0]
+    return None if isinstance(found, str) else found
 
 
 # --- appending ------------------------------------------------------------------

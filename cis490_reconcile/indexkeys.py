@@ -12,11 +12,14 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import index
-from .index import BadLine, Row, TornTail
+from .index import BadLine, TornTail
 from .state import Checkpoint, Key
+
+if TYPE_CHECKING:
+    from .rows import Row
 
 MAX_BAD_LINES = 1000  # bad lines a catch-up hands back (for events); the count is complete
 _blake2b, _fromisoformat = hashlib.blake2b, datetime.fromisoformat  # bound once: per-row calls
@@ -107,6 +110,8 @@ class KeyReader:
         self, entries: Iterable[Row | BadLine | TornTail], size: int
     ) -> Iterator[tuple[list[Key], list[BadLine]]]:
         """(keys, bad lines kept) every `size` keys, and once at the end."""
+        from .rows import Row  # here: a pass with no line to read never gets here (rows.py)
+
         found, key = self.found, self.key
         keys: list[Key] = []
         bad: list[BadLine] = []

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from . import retention
-from .index import Row
 from .indexkeys import received_seconds
 from .log import MAX_EVENTS, Logger
 from .reading import HashingReader
+from .rows import Row
 from .store import SUFFIX, NotRegularFile, Skipped, Store, is_safe_name
 
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")

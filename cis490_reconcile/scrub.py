@@ -59,6 +59,7 @@ from .log import Logger
 from .notify import Notifier
 from .reading import ReadPacer
 from .rowcheck import check, checkable, report
+from .rows import Row
 from .runtime import StopRequested
 from .scrubcursor import Counts, Cursor, PrunedRuns
 from .state import State
@@ -248,7 +249,7 @@ class Scrubber:
             self._save()
         self._checkpoint()
 
-    def _line(self, store: Store, entry: index.Row | index.BadLine) -> None:
+    def _line(self, store: Store, entry: Row | index.BadLine) -> None:
         """Check one line of the index and count what it came to."""
         round_counts = self.cursor.counts
         if isinstance(entry, index.BadLine):

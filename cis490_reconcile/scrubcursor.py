@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from . import index, retention, syscalls
-from .index import Row
 from .log import Logger
+from .rows import Row
 from .state import PrunedRun
 
 RESULTS = ("ok", "mismatched", "missing", "pruned", "unsettled", "unreadable")  # "checked" counts them all

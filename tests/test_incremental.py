@@ -89,6 +89,30 @@ def test_a_second_process_skips_unchanged_directories(receiver: Receiver, tmp_pa
     )
 
 
+def test_a_pass_with_nothing_new_to_read_leaves_the_row_parser_unloaded(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A quiet pass is mostly start-up, and msgspec's import was a fifth of
+    it: rows.py is loaded only once there are index lines to decode."""
+    receiver.tarball("h1", "e0")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    assert receiver.run("--state-dir", str(state_dir)).one("pass_finished")["backfilled"] == 1
+
+    def imported() -> set[str]:
+        argv = receiver.argv("--once", "--state-dir", str(state_dir))
+        proc = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+
+    quiet = imported()
+    assert "cis490_reconcile.reconcile" in quiet  # what is imported is seen
+    assert {"cis490_reconcile.rows", "msgspec"}.isdisjoint(quiet)
+    receiver.tarball("h1", "e1")
+    receiver.append_row(receiver.receiver_row("h1", "e1"))  # the receiver indexed one: a line to read
+    assert "cis490_reconcile.rows" in imported()
+
+
 def test_the_guard_lists_a_directory_that_changed_within_its_timestamp_tick(
     receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cis490_reconcile import index
-from cis490_reconcile.index import BadLine, Row, TornTail, append_rows, encode_row
+from cis490_reconcile.index import BadLine, TornTail, append_rows, encode_row
+from cis490_reconcile.rows import Row
 
 
 def read(path: Path, start: int = 0, line: int = 0) -> list[index.Entry]:
