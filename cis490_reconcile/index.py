@@ -14,6 +14,7 @@ What is a row is decided in rows.py, imported at the first line to decode.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -113,7 +114,7 @@ def entries(fd: int, start: int, end: int, line: int = 0) -> Iterator[Entry]:
             if carry_len > MAX_LINE_BYTES:
                 carry, overlong = b"", True
     if line_start < pos:
-        torn = None if overlong else _decode([carry])[0]
+        torn = None if overlong else _decoder()([carry])[0]
         if isinstance(torn, str):
             torn = None
         elif torn is not None:
@@ -121,12 +122,13 @@ def entries(fd: int, start: int, end: int, line: int = 0) -> Iterator[Entry]:
         yield TornTail(line + 1, line_start, torn)
 
 
-def _decode(lines: Sequence[bytes]) -> list[Row | str]:
-    """rows.decode, imported here, at the first line there is to decode: a
-    pass that finds nothing new to read need not load msgspec (rows.py)."""
+@functools.cache
+def _decoder() -> Callable[[Sequence[bytes]], list[Row | str]]:
+    """rows.decode, imported at the first line there is to decode: a pass
+    that finds nothing new to read need not load msgspec (rows.py)."""
     from . import rows
 
-    return rows.decode(lines)
+    return rows.decode
 
 
 def newlines(fd: int, start: int, end: int) -> int:
@@ -142,9 +144,9 @@ def _judged(lines: list[bytes], first: int, ends: list[int], first_overlong: boo
     """The complete lines of one chunk: line `first` starts at ends[0] and
     line first + i ends where line first + i + 1 starts (ends[i + 1]). The
     common case (no line blank, white space only or overlong) decodes the chunk in one
-    _decode call; anything else goes line by line."""
+    decode call; anything else goes line by line."""
     if not first_overlong and all(map(bytes.strip, lines)) and max(map(len, lines)) <= MAX_LINE_BYTES:
-        decoded = enumerate(zip(_decode(lines), ends[:-1], ends[1:], strict=True), first)
+        decoded = enumerate(zip(_decoder()(lines), ends[:-1], ends[1:], strict=True), first)
         for n, (got, offset, nxt) in decoded:
             if isinstance(got, str):
                 yield BadLine(n, offset, nxt, got)
@@ -189,7 +191,7 @@ def line_at(fd: int, offset: int) -> bytes:
 def row_at(fd: int, offset: int) -> Row | None:
     """The row on the line that starts at `offset` (to name a key the state
     database knows only by digest), or None if it is not one any more."""
-    found = _decode([line_at(fd, offset)])[0]
+    found = _decoder()([line_at(fd, offset)])[0]
     return None if isinstance(found, str) else found
 
 
