@@ -9,10 +9,13 @@ chunk is taken that way only when it is valid UTF-8, and any chunk msgspec
 rejects is decided line by line by json.loads. Re-measure with
 ``tests/bench/run.py --only scale``.
 
-Only what reads lines imports this module (index.entries, at the first
-line it decodes): importing msgspec is about 9 ms, a twentieth of a pass
-that finds nothing new to read (tests/test_incremental.py checks it is not
-loaded then).
+Importing msgspec is about 9 ms, a twentieth of a pass that finds nothing
+new to read, so the modules a pass imports load this one where they first
+need it: index._decoder at the first line to decode, KeyReader.batches
+when a read starts, Coverage.appended after an append (a catch-up with
+nothing appended returns before either). tests/test_incremental.py checks
+that a quiet pass leaves it unloaded. Scrub and its helpers, which always
+read lines, import it at the top.
 """
 
 from __future__ import annotations
