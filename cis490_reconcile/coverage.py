@@ -102,7 +102,7 @@ class Coverage:
         if st.st_size == cp.offset:
             return reader.found  # nothing appended since
         saved = cp.offset
-        for keys, bad in reader.batches(index.entries(fd, cp.offset, st.st_size, cp.lines), COMMIT_ROWS):
+        for keys, bad in reader.batches(index.chunks(fd, cp.offset, st.st_size, cp.lines), COMMIT_ROWS):
             if reader.offset == saved:
                 continue  # nothing read since the last commit
             with self.state.transaction():

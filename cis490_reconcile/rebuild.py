@@ -74,10 +74,10 @@ def _rebuild(
     with state.keys.rebuilding(), contextlib.ExitStack() as stack:
         part = None if split is None else stack.enter_context(_ForkedPart(state, key, fd, split, st.st_size))
         basics.step("forked")
-        _stage(reader, index.entries(fd, 0, split or st.st_size), state.keys.stage, on_progress)
+        _stage(reader, index.chunks(fd, 0, split or st.st_size), state.keys.stage, on_progress)
         if part is not None and not part.hand_over(reader, on_progress):
             part = None  # the child failed before it handed its part over: read the part here
-            rest = index.entries(fd, split or 0, st.st_size, reader.lines_before(fd, split or 0))
+            rest = index.chunks(fd, split or 0, st.st_size, reader.lines_before(fd, split or 0))
             _stage(reader, rest, state.keys.stage, on_progress)
         basics.step("split_joined")
         if part is not None:
@@ -98,7 +98,7 @@ def _rebuild(
 
 def _stage(
     reader: KeyReader,
-    entries: Iterable[index.Entry],
+    entries: Iterable[index.Rows | index.Entry],
     stage: Callable[[Sequence[Key]], None],
     on_progress: Callable[[], None],
 ) -> None:
@@ -152,7 +152,7 @@ class _ForkedPart:
                 out.write(b".")
                 out.flush()
 
-            _stage(reader, index.entries(self.fd, self.start, self.end), part.stage, progress)
+            _stage(reader, index.chunks(self.fd, self.start, self.end), part.stage, progress)
             out.write(json.dumps({**reader.summary(), "hosts": provisional}).encode() + b"\n")
             out.flush()
             ids = {int(p): i for p, i in json.loads(given.readline()).items()}

@@ -21,7 +21,9 @@ read lines, import it at the top.
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Sequence
+from typing import cast
 
 import msgspec
 
@@ -44,6 +46,7 @@ class Row(msgspec.Struct):
 _CHUNK = msgspec.json.Decoder(list[Row])
 _ONE = msgspec.json.Decoder(Row)
 _FIELDS = frozenset(Row.__struct_fields__[:5])
+_EPISODE_ID = operator.attrgetter("episode_id")
 
 
 def _judge(raw: bytes) -> Row | str:
@@ -74,9 +77,9 @@ def decode(raws: Sequence[bytes]) -> list[Row | str]:
     try:
         joined = b"[" + b",".join(raws) + b"]"
         joined.decode()  # msgspec does not check the UTF-8 of fields it skips; json does
-        rows: list[Row | str] = [_valid(r) for r in _CHUNK.decode(joined)]
+        rows = _CHUNK.decode(joined)
         if len(rows) == len(raws):  # "1,2" on one line would decode as two
-            return rows
+            return cast("list[Row | str]", rows) if all(map(_EPISODE_ID, rows)) else list(map(_valid, rows))
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         pass
     out: list[Row | str] = []

@@ -11,6 +11,7 @@ import threading
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,80 @@ def test_a_new_migration_upgrades_a_file_in_place(tmp_path: Path, monkeypatch: p
 )
 def test_received_seconds(value: object, seconds: int | None) -> None:
     assert indexkeys.received_seconds(value) == seconds
+
+
+_ZONED = st.datetimes(timezones=st.timezones()).map(datetime.isoformat)  # as the receiver writes them
+_RECEIVED = st.one_of(
+    st.none(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=False),
+    st.sampled_from(["", "yesterday", "2026-11-25", "2026-11-25T08:23:02Z", "1969-12-31T23:59:59.5+00:00"]),
+    st.datetimes().map(datetime.isoformat),
+    _ZONED,
+)
+
+
+def _rows(received: st.SearchStrategy[object]) -> st.SearchStrategy[list[tuple[str | None, str, object]]]:
+    hosts = st.one_of(st.none(), st.sampled_from(["h1", "h2", "new-a", "new-b"]))
+    episodes = st.text(min_size=1, max_size=8)  # surrogates too: a bad row may hold them
+    return st.lists(st.tuples(hosts, episodes, received), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_rows(_ZONED), _rows(_RECEIVED)))
+def test_keys_of_a_chunk_are_the_keys_of_each_row(rows: list[tuple[str | None, str, object]]) -> None:
+    """KeyOf.many (C loops over a chunk) gives what a call per row gives,
+    new hosts numbered in the same order; the rows are whatever a line may
+    hold, timestamps with and without a zone, garbage and numbers."""
+    from cis490_reconcile.rows import Row
+
+    parsed = [Row(episode_id=e, host_id=h, received_at_wall=r) for h, e, r in rows]
+    offsets = [i * 100 for i in range(len(parsed) + 1)]
+    one: list[str] = []
+    many: list[str] = []
+    each = indexkeys.KeyOf({"h1": 1, "h2": 2}, lambda name: one.append(name) or 10 + len(one))
+    chunk = indexkeys.KeyOf({"h1": 1, "h2": 2}, lambda name: many.append(name) or 10 + len(many))
+    expected = []
+    for r, offset in zip(parsed, offsets, strict=False):
+        r.offset = offset
+        expected.append(each(r))
+    assert chunk.many(parsed, offsets) == expected
+    assert many == one
+
+
+def test_a_read_by_chunks_keys_every_row_where_it_is(tmp_path: Path) -> None:
+    """Chunks of clean rows (one Rows each) and chunks with bad lines in
+    them (line by line) give the keys, positions and bad lines a read of
+    each entry gives."""
+    from cis490_reconcile import index
+    from cis490_reconcile.rows import Row
+
+    lines = [row(f"h{i % 3}", f"ep-{i}") for i in range(40_000)]  # 4 chunks
+    lines[7_000] = b"not json\n"
+    lines[12_345] = b'{"host_id": "h1"}\n'
+    lines[15_000] = row(None, "ep-anyone")
+    path = tmp_path / "index.jsonl"
+    path.write_bytes(b"".join(lines) + b'{"episode_id": "torn"')
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        assert sum(isinstance(c, index.Rows) for c in index.chunks(fd, 0, size)) >= 2
+        hosts: dict[str, int] = {}
+        expected = [
+            indexkeys.KeyOf(hosts, lambda n: len(hosts) + 1)(e)
+            for e in index.entries(fd, 0, size)
+            if isinstance(e, Row)
+        ]
+        found = indexkeys.CatchUp()
+        reader = indexkeys.KeyReader(indexkeys.KeyOf({}, lambda n: len(hosts) + 1), found)
+        reader.key.hosts.update(hosts)
+        got = [k for keys, _ in reader.batches(index.chunks(fd, 0, size), 5_000) for k in keys]
+    finally:
+        os.close(fd)
+    assert got == expected and len(got) == 39_998
+    assert [b.line for b in found.bad] == [7_001, 12_346]
+    assert found.torn is not None and found.torn.line == 40_001
+    assert (reader.lines, reader.offset) == (40_000, len(b"".join(lines)))
 
 
 # --- a rebuild's second half, read by a forked process -------------------------------
