@@ -3,25 +3,25 @@
 A rebuild (a full pass, a replaced index, a new state) reads every row, and
 a row's key is Python that holds the GIL, so an index over SPLIT_MIN_BYTES
 is read in two parts at once: the first by this process, the rest by a
-forked one. Each stages its keys (state.keys: this one into a temporary
-table, the child into a scratch file, state.sqlite3-split, that only it
-writes) and then sorts them, both at once; the pass merges the two sorted
-parts into the keys table, in the transaction that saves the checkpoint.
+forked one. Each stages its keys (state/split.py: the scratch files, who
+writes which and when); then both sort at once, this process the keys of
+the hosts below a boundary, the forked one the rest, and the pass puts both
+halves into the keys table, in the transaction that saves the checkpoint.
 
-    parent  parse [0, split) ---------- give ids -- sort its part -- merge
-    child   parse [split, end) -- hosts ------------- sort its part
+    parent  parse [0, split) ---------- ids, boundary -- sort lower hosts -- keys
+    child   parse [split, end) -- hand over ----------- sort upper hosts
 
 Host ids. The child files the hosts it meets that the state does not know
 yet under provisional ids (-1, -2, ...): only the parent writes the state.
 When it is done parsing it hands back its summary and those hosts; the
-parent gives them ids (the ones it met too keep theirs) and sends them, and
-the child sorts under those ids. So both parts are in the same key order.
+parent gives them ids (the ones it met too keep theirs) and sends them with
+the boundary, and both sort under those ids.
 
 Progress: the child writes a "." for each batch it staged (the watchdog is
 fed only while it moves), then its summary as one JSON line, then "sorted".
 If it fails before it hands its part over, the parent reads that part
 itself; after, the parent reads the whole index again, alone. Leaving the
-context kills the child if it still runs and removes the scratch file.
+context kills the child if it still runs and removes the scratch files.
 
 Measured (tests/bench/run.py --only scale): sorting 8M keys in one process,
 23 s; two halves sorted at once, 7.5 s, and merged, 9.6 s.
@@ -39,7 +39,7 @@ from typing import Any
 
 from . import basics, index, syscalls
 from .indexkeys import CatchUp, KeyOf, KeyReader
-from .state import Key, SplitPart, State
+from .state import Key, Scratch, SplitPart, State
 
 STAGE_BATCH = 20_000  # keys a rebuild stages at a time (about 3 MB)
 # a rebuild reads part of an index this large in a forked process (the concurrency tests lower it)
@@ -71,20 +71,23 @@ def _rebuild(
     split: int | None,
 ) -> CatchUp:
     reader = KeyReader(key, CatchUp(rebuilt=True, replaced=replaced))
-    with state.keys.rebuilding(), contextlib.ExitStack() as stack:
-        part = None if split is None else stack.enter_context(_ForkedPart(state, key, fd, split, st.st_size))
+    scratch = None if split is None else state.keys.scratch()
+    with state.keys.rebuilding(scratch), contextlib.ExitStack() as stack:
+        part = None
+        if scratch is not None and split is not None:
+            part = stack.enter_context(_ForkedPart(scratch, key, fd, split, st.st_size))
         basics.step("forked")
         _stage(reader, index.chunks(fd, 0, split or st.st_size), state.keys.stage, on_progress)
-        if part is not None and not part.hand_over(reader, on_progress):
+        if part is not None and not part.hand_over(reader, state.keys.boundary, on_progress):
             part = None  # the child failed before it handed its part over: read the part here
             rest = index.chunks(fd, split or 0, st.st_size, reader.lines_before(fd, split or 0))
             _stage(reader, rest, state.keys.stage, on_progress)
         basics.step("split_joined")
-        if part is not None:
-            state.keys.sort_staged()  # while the child sorts its part
+        if part is not None and scratch is not None:
+            state.keys.sort_low(scratch, part.ids, part.high)  # while the child sorts the upper hosts
             if not part.sorted(on_progress):
                 raise _ChildFailed
-            stack.enter_context(state.keys.attached_split(part.path))
+            state.keys.attach_sorted(scratch)
             basics.step("sorted")
         with state.transaction():
             state.keys.replace()
@@ -123,12 +126,15 @@ def _split_point(fd: int, size: int) -> int | None:
 
 
 class _ForkedPart:
-    """Bytes [start, end) of the index, parsed and sorted by a forked process
-    into a SplitPart, while this one does the bytes before."""
+    """Bytes [start, end) of the index, parsed by a forked process into a
+    SplitPart while this one does the bytes before, and the keys of the
+    upper hosts sorted."""
 
-    def __init__(self, state: State, key: KeyOf, fd: int, start: int, end: int) -> None:
+    def __init__(self, scratch: Scratch, key: KeyOf, fd: int, start: int, end: int) -> None:
         self.key, self.fd, self.start, self.end = key, fd, start, end
-        self.path = state.keys.split_path()
+        self.scratch = scratch
+        self.ids: dict[int, int] = {}  # provisional id -> id, and the boundary: given at the hand-over
+        self.high = 0
         self.child = syscalls.fork_child(self._work)
         self._read = b""
 
@@ -137,14 +143,13 @@ class _ForkedPart:
 
     def __exit__(self, *_: object) -> None:
         self.child.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self.scratch.remove("split", "sorted")
 
     def _work(self, out_fd: int, in_fd: int) -> None:
-        """In the child: parse, hand over, then sort under the ids given."""
+        """In the child: parse, hand over, then sort the upper hosts."""
         provisional: dict[str, int] = {}
         key = KeyOf(dict(self.key.hosts), lambda name: provisional.setdefault(name, -1 - len(provisional)))
-        part = SplitPart(self.path)
+        part = SplitPart(self.scratch)
         reader = KeyReader(key, CatchUp(), self.start)
         with os.fdopen(out_fd, "wb") as out, os.fdopen(in_fd, "rb") as given:
 
@@ -153,11 +158,11 @@ class _ForkedPart:
                 out.flush()
 
             _stage(reader, index.chunks(self.fd, self.start, self.end), part.stage, progress)
+            part.hand_over()
             out.write(json.dumps({**reader.summary(), "hosts": provisional}).encode() + b"\n")
             out.flush()
-            ids = {int(p): i for p, i in json.loads(given.readline()).items()}
-            part.sort(ids)
-            part.close()
+            sent = json.loads(given.readline())
+            part.sort({int(p): i for p, i in sent["ids"].items()}, sent["high"])
             out.write(b"sorted\n")
 
     def _until(self, marker: bytes, on_progress: Callable[[], None]) -> bytes | None:
@@ -175,17 +180,21 @@ class _ForkedPart:
                 self._read += data
                 on_progress()
 
-    def hand_over(self, reader: KeyReader, on_progress: Callable[[], None]) -> bool:
+    def hand_over(
+        self, reader: KeyReader, boundary: Callable[[], int], on_progress: Callable[[], None]
+    ) -> bool:
         """Take the child's summary and go on with `reader` after its part;
-        give ids to the hosts it numbered provisionally. False if it failed
-        (the caller reads the part itself)."""
+        give ids to the hosts it numbered provisionally, and the boundary
+        of the hosts it sorts. False if it failed (the caller reads the part
+        itself)."""
         line = self._until(b"}", on_progress)
         if line is None:
             return False
         part: dict[str, Any] = json.loads(line)
-        ids = {provisional: self.key.host(name) for name, provisional in part["hosts"].items()}
+        self.ids = {provisional: self.key.host(name) for name, provisional in part["hosts"].items()}
+        self.high = boundary()
         try:
-            self.child.send(json.dumps(ids).encode() + b"\n")
+            self.child.send(json.dumps({"ids": self.ids, "high": self.high}).encode() + b"\n")
         except BrokenPipeError:
             return False
         reader.add(part, self.fd, self.start, self.end)

@@ -20,7 +20,7 @@ import zstandard
 
 from cis490_reconcile.actions.demo import tar_bytes as tar_bytes
 from cis490_reconcile.coverage import Coverage
-from cis490_reconcile.state import FILE_NAME, State
+from cis490_reconcile.state import FILE_NAME, Scratch, State
 from cis490_reconcile.verify import Decoding, Verdict, examine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,6 +264,11 @@ def recounted(receiver: Receiver, directory: Path) -> Path:
         finally:
             os.close(fd)
     return directory
+
+
+def scratch_left(state_dir: Path) -> list[str]:
+    """The scratch files of a rebuild on two processes that are there."""
+    return [p for p in Scratch.beside(state_dir / FILE_NAME) if os.path.exists(p)]
 
 
 def state_contents(state_dir: Path) -> dict[str, list[tuple]]:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from helpers import state_contents
+from helpers import scratch_left, state_contents
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -355,7 +355,7 @@ def rebuilt(tmp_path: Path, data: bytes, name: str) -> tuple[list[tuple], tuple,
         assert cp is not None
         torn = found.torn and (found.torn.line, found.torn.offset, found.torn.row)
         got = (found.rows, [(b.line, b.offset, b.end, b.reason) for b in found.bad], torn, cov.torn)
-    assert not (d / "state.sqlite3-split").exists()
+    assert scratch_left(d) == []
     contents = state_contents(d)
     return contents["keys"], got, (cp.offset, cp.lines, cp.bad_lines, contents["counts"], contents["hours"])
 
@@ -450,7 +450,7 @@ def test_a_failed_fork_is_read_by_the_pass_itself(
     it sorts it; the pass reads what it must itself, with the same result,
     line numbers included."""
 
-    def fail(self: state_module.SplitPart, keys: object) -> None:
+    def fail(self: state_module.SplitPart, *args: object) -> None:
         if how == "killed":
             os.kill(os.getpid(), signal.SIGKILL)
         raise OSError(28, "No space left on device")
@@ -491,7 +491,7 @@ def test_a_stop_while_the_fork_reads_kills_it_and_keeps_the_old_state(
     assert (
         len(forked) == 1 and forked[0].pid is None
     )  # killed and reaped (the one-line index before needed none)
-    assert not (tmp_path / "state.sqlite3-split").exists()
+    assert scratch_left(tmp_path) == []
     assert keys_table(tmp_path / "state.sqlite3") == before
 
 

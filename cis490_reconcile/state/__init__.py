@@ -24,8 +24,9 @@ newer schema or for another store is not used (StateUnusable).
 Who may write what. One rule: only the holder of the state directory's lock
 (an exclusive flock on the directory itself, statedir.owned) creates,
 replaces or deletes files there: the database (made, migrated, or rebuilt
-when unusable), the scratch file of a rebuild's forked reader
-(state.sqlite3-split), the files of earlier versions. Everyone else writes
+when unusable), the scratch files of a rebuild on two processes
+(state.sqlite3-stage, -split and -sorted: connection.Scratch), the files of
+earlier versions. Everyone else writes
 only in short transactions that cannot disturb the holder, or not at all.
 Each opener says which it is (connection.Access):
 
@@ -47,10 +48,10 @@ The races, and how each is handled:
    guest that waits longer gives up with a warning (scrub_cursor_save_failed,
    state_record_failed), never the pass, which waits at most for one short
    guest write.
-3. A guest starts while a pass rebuilds: the forked reader's scratch file is
-   the pass's. A guest never opens it, and only an owner removes one (as the
-   leftover of a killed owner, when it opens the database), so a scrub can
-   no longer delete the scratch file of a rebuild under way and fail it.
+3. A guest starts while a pass rebuilds: the rebuild's scratch files are
+   the pass's. A guest never opens them, and only an owner removes them (as
+   the leftovers of a killed owner, when it opens the database), so a scrub
+   can no longer delete the scratch files of a rebuild under way and fail it.
 4. A guest finds no database, an older schema or a damaged file: it does not
    make, migrate or rebuild it. A sink gives up with a warning; the scrub,
    which needs its cursor, takes the directory's lock like a pass for as long
@@ -66,7 +67,7 @@ The races, and how each is handled:
 7. kill -9 of an owner: the kernel drops the flock; the checkpoint is
    committed in the same transaction as the keys it covers, so the file is
    consistent in itself (re-measure: tests/test_crash.py); the next owner
-   removes a scratch file the killed rebuild left.
+   removes the scratch files the killed rebuild left.
 8. kill -9 of a guest in a transaction: SQLite rolls it back; the scrub's
    cursor is then its previous save, a few seconds back.
 
@@ -79,9 +80,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from .connection import FILE_NAME, Access, Database, StateUnusable, split_path
-from .keys import EXAMPLES, Checkpoint, HostRows, Key, Keys, SplitPart
+from .connection import FILE_NAME, Access, Database, Scratch, StateUnusable
+from .keys import EXAMPLES, Checkpoint, HostRows, Keys
 from .records import NO_MEMO, Memo, PrunedRun, Records, Unverified
+from .split import Key, SplitPart
 
 __all__ = [
     "EXAMPLES",
@@ -93,11 +95,11 @@ __all__ = [
     "Key",
     "Memo",
     "PrunedRun",
+    "Scratch",
     "SplitPart",
     "State",
     "StateUnusable",
     "Unverified",
-    "split_path",
 ]
 
 

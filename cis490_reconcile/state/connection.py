@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 FILE_NAME = "state.sqlite3"
 APPLICATION_ID = 0x63343930  # "c490": a file of ours, not any SQLite database
@@ -46,9 +47,23 @@ def _statements(script: str) -> Iterator[str]:
 MIGRATIONS = _migrations()
 
 
-def split_path(state_path: Path | str) -> str:
-    """The scratch file of a rebuild's forked reader, beside the state file."""
-    return f"{state_path}-split"
+class Scratch(NamedTuple):
+    """The scratch files of a rebuild on two processes, beside the state
+    file (state/keys.py says who writes which, and when)."""
+
+    stage: str  # the pass's staged keys
+    split: str  # the forked reader's staged keys and counts
+    sorted: str  # the keys of the upper hosts, sorted by the forked reader
+
+    @classmethod
+    def beside(cls, state_path: Path | str) -> Scratch:
+        return cls(f"{state_path}-stage", f"{state_path}-split", f"{state_path}-sorted")
+
+    def remove(self, *which: str) -> None:
+        """Those named (all by default) that exist."""
+        for name in which or self._fields:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(getattr(self, name))
 
 
 class _RolledBack(Exception):
@@ -119,8 +134,7 @@ class Database:
         except sqlite3.DatabaseError as e:
             raise StateUnusable(f"not a usable database: {e}") from None
         if access is Access.OWNER:  # left by an owner that was killed: this one holds the directory now
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(split_path(path))
+            Scratch.beside(path).remove()
         try:
             _check(db, episodes_root, index_path, access)
         except sqlite3.DatabaseError as e:

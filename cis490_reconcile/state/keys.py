@@ -1,134 +1,20 @@
 """What the index covers: one key per (host, episode_id) it has a row for,
 how far it has been read (the checkpoint), the host ids keys are filed
 under, the first bad lines, and rebuilding all of it from the whole index
-(with a forked reader's SplitPart)."""
+(on two processes: split.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
 import sqlite3
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from operator import floordiv, itemgetter
 from typing import NamedTuple
 
-from .connection import CACHE_KIB, Database, split_path
+from .connection import CACHE_KIB, Database, Scratch
+from .split import MAPPED, STAGING, Key, Tally, host_ids, insert_keys
 
 EXAMPLES = 100
 _IN_CHUNK = 400  # digests per IN (...): twice that plus two stays under SQLite's oldest 999-variable limit
-Key = tuple[int, bytes, int, int | None]  # (host, digest, offset, received): a row of the keys table
-STAGE_ROWS = 100
-_STAGING = "(host INTEGER, digest BLOB, offset INTEGER, received INTEGER)"
-# keys in key order, a half of a rebuild each: merging two costs no sort (SQLite's MERGE of a UNION ALL)
-_SORTED = _STAGING[:-1] + ", PRIMARY KEY (host, digest, offset)) WITHOUT ROWID"
-
-
-def _insert_keys(db: sqlite3.Connection, table: str, keys: Sequence[Key]) -> None:
-    """STAGE_ROWS keys a statement: 1.0 us a key against 5.9 for one
-    autocommitted INSERT each (measured, 400k keys)."""
-    whole = len(keys) - len(keys) % STAGE_ROWS
-    flat = list(itertools.chain.from_iterable(keys[:whole]))
-    step = 4 * STAGE_ROWS
-    many = f"INSERT INTO {table} VALUES " + ", ".join(["(?, ?, ?, ?)"] * STAGE_ROWS)
-    db.executemany(many, (flat[i : i + step] for i in range(0, len(flat), step)))
-    db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", keys[whole:])
-
-
-class Tally:
-    """What a rebuild counts as it stages keys: rows per host and per (host,
-    hour received). Once the keys are in, less their duplicates, these are
-    the hosts' counts and received_hours (Keys.replace). Counted as they are
-    staged, in the two processes that parse, they spare an aggregate over
-    every key afterwards (a GROUP BY by the hour sorts them all: 1.3 us a
-    key, measured at 4M). Counts go to two tables beside the staged keys
-    whenever FLUSH_PAIRS (host, hour) pairs are held, so memory stays flat;
-    rows in index order span few hours, so that is seldom."""
-
-    FLUSH_PAIRS = 10_000
-
-    def __init__(self, db: sqlite3.Connection, schema: str) -> None:
-        self.db = db
-        self.hosts, self.hours = f"{schema}.tally_hosts", f"{schema}.tally_hours"
-        db.execute(f"CREATE TABLE {self.hosts} (host INTEGER PRIMARY KEY, rows INTEGER NOT NULL)")
-        db.execute(
-            f"CREATE TABLE {self.hours} (host INTEGER, hour INTEGER, rows INTEGER NOT NULL, "
-            "PRIMARY KEY (host, hour)) WITHOUT ROWID"
-        )
-        self._rows: Counter[int] = Counter()
-        self._hours: Counter[tuple[int, int]] = Counter()
-
-    def add(self, keys: Sequence[Key]) -> None:
-        """Inside the transaction that stages them (it may write)."""
-        hosts = list(map(itemgetter(0), keys))
-        self._rows.update(hosts)
-        received = list(map(itemgetter(3), keys))
-        try:
-            plain = min(received, default=0) >= 0
-        except TypeError:  # a row without received_at_wall
-            plain = False
-        if plain:
-            self._hours.update(zip(hosts, map(floordiv, received, itertools.repeat(3600)), strict=True))
-        else:  # the rule of received_hours: none is not counted, a time before 1970 is hour 0
-            pairs = zip(hosts, received, strict=True)
-            self._hours.update((h, max(r, 0) // 3600) for h, r in pairs if r is not None)
-        if len(self._hours) >= self.FLUSH_PAIRS:
-            self.flush()
-
-    def flush(self) -> None:
-        """Add what is counted to the tables (in a transaction)."""
-        more = "ON CONFLICT DO UPDATE SET rows = rows + excluded.rows"
-        self.db.executemany(f"INSERT INTO {self.hosts} VALUES (?, ?) {more}", self._rows.items())
-        counted = ((host, hour, n) for (host, hour), n in self._hours.items())
-        self.db.executemany(f"INSERT INTO {self.hours} VALUES (?, ?, ?) {more}", counted)
-        self._rows.clear()
-        self._hours.clear()
-
-
-class SplitPart:
-    """The keys of the part of the index a rebuild reads in a forked process
-    (coverage.py says why), staged in a scratch file that only that process
-    writes and the pass then merges (Keys.attached_split), with their Tally.
-    Hosts the state does not know yet get negative provisional ids there;
-    the pass maps them. Neither journaled nor synced: a pass killed meanwhile
-    leaves a file that the next owner's open removes."""
-
-    def __init__(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.db = sqlite3.connect(path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode = OFF")
-        self.db.execute("PRAGMA synchronous = OFF")
-        self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-        self.db.execute(f"CREATE TABLE staging {_STAGING}")
-        self.tally = Tally(self.db, "main")
-        self.db.execute("BEGIN")
-
-    def stage(self, keys: Sequence[Key]) -> None:
-        _insert_keys(self.db, "staging", keys)
-        self.tally.add(keys)
-
-    def sort(self, hosts: dict[int, int]) -> None:
-        """Once the pass has given ids to the hosts only this part met
-        (`hosts`: provisional id -> id): the staged keys, under those ids,
-        into a table in key order, which the pass merges with its own."""
-        self.tally.flush()
-        self.db.execute("CREATE TEMP TABLE ids (provisional INTEGER PRIMARY KEY, id INTEGER)")
-        self.db.executemany("INSERT INTO temp.ids VALUES (?, ?)", hosts.items())
-        mapped = "coalesce((SELECT id FROM temp.ids WHERE provisional = host), host)"
-        for table in ("tally_hosts", "tally_hours"):
-            self.db.execute(f"UPDATE {table} SET host = {mapped} WHERE host < 0")
-        self.db.execute(f"CREATE TABLE sorted {_SORTED}")
-        self.db.execute(
-            f"INSERT INTO sorted SELECT {mapped}, digest, offset, received FROM staging ORDER BY 1, 2, 3"
-        )
-        self.db.execute("DROP TABLE staging")
-
-    def close(self) -> None:
-        self.db.execute("COMMIT")
-        self.db.close()
 
 
 class Checkpoint(NamedTuple):
@@ -214,63 +100,103 @@ class Keys:
     # --- rebuilding ---------------------------------------------------------------------
 
     @contextmanager
-    def rebuilding(self) -> Iterator[None]:
-        """Collect every key of the whole index with stage (and a SplitPart),
-        then replace the keys in one transaction, inserting them sorted
+    def rebuilding(self, scratch: Scratch | None) -> Iterator[None]:
+        """Collect every key of the whole index with stage (into a temporary
+        table, or into `scratch.stage` for a rebuild on two processes), then
+        replace the keys in one transaction, inserting them sorted
         (random-order inserts cost 2.3x: the B-tree pages are then written
         once each)."""
-        temporary = ("temp.staging", "temp.sorted", "temp.tally_hosts", "temp.tally_hours")
+        temporary = [f"temp.{t}" for t in ("staging", "ids", "low", "low_dups", "tally_hosts", "tally_hours")]
         for table in temporary:
             self.db.execute(f"DROP TABLE IF EXISTS {table}")
-        self.db.execute(f"CREATE TEMP TABLE staging {_STAGING}")
+        self._staged = "temp.staging"
+        if scratch is not None:
+            scratch.remove("stage")
+            self.db.execute("ATTACH DATABASE ? AS stage", (scratch.stage,))
+            for pragma in ("journal_mode = OFF", "synchronous = OFF", f"cache_size = -{CACHE_KIB}"):
+                self.db.execute(f"PRAGMA stage.{pragma}")
+            self._staged = "stage.staging"
+        self.db.execute(f"CREATE TABLE {self._staged} {STAGING}")
         self._tally = Tally(self.db, "temp")
         try:
             yield
         finally:
             for table in temporary:
                 self.db.execute(f"DROP TABLE IF EXISTS {table}")
+            attached = {name for (name,) in self.db.execute("SELECT name FROM pragma_database_list")}
+            for name in ("stage", "split", "sorted"):
+                if name in attached:
+                    self.db.execute(f"DETACH DATABASE {name}")
+            if scratch is not None:
+                scratch.remove("stage")
 
     def stage(self, keys: Sequence[Key]) -> None:
         with self.database.transaction():
-            _insert_keys(self.db, "temp.staging", keys)
+            insert_keys(self.db, self._staged, keys)
             self._tally.add(keys)
 
-    def sort_staged(self) -> None:
-        """The staged keys into a table in key order, to merge with a
-        SplitPart's sorted at the same time in another process."""
-        self.db.execute(f"CREATE TEMP TABLE sorted {_SORTED}")
+    def boundary(self) -> int:
+        """The host id below which a rebuild's pass sorts the keys (and the
+        forked reader from which): where the pass's own rows are halved."""
         with self.database.transaction():
-            self.db.execute("INSERT INTO temp.sorted SELECT * FROM temp.staging ORDER BY 1, 2, 3")
-        self.db.execute("DELETE FROM temp.staging")
+            self._tally.flush()
+        counts = self.db.execute("SELECT host, rows FROM temp.tally_hosts ORDER BY host").fetchall()
+        half, seen = sum(n for _, n in counts) / 2, 0
+        for host, n in counts:
+            seen += n
+            if seen >= half:
+                return int(host) + 1
+        return 1
 
-    def split_path(self) -> str:
-        """Where a SplitPart goes: beside the state file."""
+    def sort_low(self, scratch: Scratch, hosts: dict[int, int], high: int) -> None:
+        """With the forked reader's part handed over (`hosts`: its provisional
+        ids -> ids): its counts join ours, and the keys of both parts whose
+        host is below `high` go into temp.low in key order, a copy of each
+        key counted in temp.low_dups, while the reader sorts the rest."""
+        db = self.db
+        db.execute("ATTACH DATABASE ? AS split", (scratch.split,))
+        host_ids(db, hosts)
+        (keys,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'keys'").fetchone()
+        db.execute(keys.replace("CREATE TABLE keys", "CREATE TEMP TABLE low", 1))  # the same: copied whole
+        db.execute("CREATE TEMP TABLE low_dups (host INTEGER PRIMARY KEY, copies INTEGER NOT NULL)")
+        db.execute(
+            "CREATE TEMP TRIGGER low_repeated AFTER UPDATE OF copies ON low BEGIN "
+            "INSERT INTO low_dups VALUES (new.host, 1) ON CONFLICT DO UPDATE SET copies = copies + 1; END"
+        )
+        more = "WHERE true ON CONFLICT DO UPDATE SET rows = rows + excluded.rows"
+        db.execute("BEGIN")  # only the temporary database is written
+        db.execute(f"INSERT INTO temp.tally_hosts SELECT {MAPPED}, rows FROM split.tally_hosts {more}")
+        db.execute(f"INSERT INTO temp.tally_hours SELECT {MAPPED}, hour, rows FROM split.tally_hours {more}")
+        db.execute(
+            "INSERT INTO temp.low (host, digest, offset, received) SELECT * FROM ("
+            f"SELECT host, digest, offset, received FROM {self._staged} WHERE host < ?1 UNION ALL "
+            f"SELECT {MAPPED}, digest, offset, received FROM split.staging WHERE {MAPPED} < ?1 "
+            "ORDER BY 1, 2, 3) WHERE true "
+            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
+            (high,),
+        )
+        db.execute("COMMIT")
+
+    def scratch(self) -> Scratch:
+        """Where a rebuild on two processes works: beside the state file."""
         (path,) = self.db.execute("SELECT file FROM pragma_database_list WHERE name = 'main'").fetchone()
-        return split_path(path)
+        return Scratch.beside(path)
 
-    @contextmanager
-    def attached_split(self, path: str) -> Iterator[None]:
-        """Have `replace` take a sorted SplitPart's keys too (ATTACH and
-        DETACH cannot be in a transaction: this goes around the one that
-        replaces)."""
-        self.db.execute("ATTACH DATABASE ? AS split", (path,))
-        try:
-            yield
-        finally:
-            self.db.execute("DETACH DATABASE split")
+    def attach_sorted(self, scratch: Scratch) -> None:
+        """The forked reader's sorted keys, for `replace` (ATTACH cannot be in a transaction)."""
+        self.db.execute("ATTACH DATABASE ? AS sorted", (scratch.sorted,))
 
     def replace(self) -> None:
         """Inside the transaction that saves the new checkpoint: the staged
-        keys, sorted (or sorted_staged's, merged with an attached SplitPart's)
-        become the keys table, with the hosts' counts and received_hours and
-        _days (migrations/0002.sql)."""
+        keys become the keys table, with the hosts' counts and received_hours
+        and _days (migrations/0002.sql): sorted now, or on two processes
+        temp.low copied whole and the forked reader's sorted keys after it."""
         db = self.db
         schema = dict(
             db.execute("SELECT name, sql FROM sqlite_master WHERE tbl_name = 'keys' AND sql IS NOT NULL")
         )
         db.execute("DROP TABLE keys")  # and its triggers
         db.execute(schema["keys"])
-        db.execute(schema["key_repeated"])  # counts the duplicates as the keys go in
         for table in ("bad_lines", "received_hours", "received_days"):
             db.execute(f"DELETE FROM {table}")
         self._tally.flush()
@@ -279,22 +205,17 @@ class Keys:
         db.execute(f"UPDATE hosts SET keys = coalesce({counted}, 0)")
         db.execute("UPDATE hosts SET duplicates = 0")
         db.execute("INSERT INTO received_hours SELECT host, hour, rows FROM temp.tally_hours")
-        if db.execute("SELECT 1 FROM pragma_database_list WHERE name = 'split'").fetchone():
-            counted = "(SELECT rows FROM split.tally_hosts s WHERE s.host = hosts.id)"
-            db.execute(f"UPDATE hosts SET keys = keys + coalesce({counted}, 0)")
+        if db.execute("SELECT 1 FROM pragma_database_list WHERE name = 'sorted'").fetchone():
+            # a copy of its B-tree: keys is empty and has no trigger yet
+            db.execute("INSERT INTO keys SELECT * FROM temp.low")
+            counted = "(SELECT copies FROM temp.low_dups d WHERE d.host = hosts.id)"
             db.execute(
-                "INSERT INTO received_hours SELECT host, hour, rows FROM split.tally_hours WHERE true "
-                "ON CONFLICT (host, hour) DO UPDATE SET keys = keys + excluded.keys"
+                f"UPDATE hosts SET duplicates = {counted} WHERE id IN (SELECT host FROM temp.low_dups)"
             )
-            # both halves in key order: merged as they are read, not sorted again
-            keys = (
-                "SELECT host, digest, offset, received FROM temp.sorted UNION ALL "
-                "SELECT host, digest, offset, received FROM split.sorted ORDER BY 1, 2, 3"
-            )
-        elif db.execute("SELECT 1 FROM temp.sqlite_master WHERE name = 'sorted'").fetchone():
-            keys = "SELECT host, digest, offset, received FROM temp.sorted"
+            keys = "SELECT host, digest, offset, received FROM sorted.sorted"
         else:
-            keys = "SELECT host, digest, offset, received FROM temp.staging ORDER BY 1, 2, 3"
+            keys = f"SELECT host, digest, offset, received FROM {self._staged} ORDER BY 1, 2, 3"
+        db.execute(schema["key_repeated"])  # counts the duplicates as the keys go in
         db.execute(
             f"INSERT INTO keys (host, digest, offset, received) SELECT * FROM ({keys}) WHERE true "
             "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1"
