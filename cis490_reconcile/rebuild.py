@@ -78,13 +78,13 @@ def _rebuild(
             part = stack.enter_context(_ForkedPart(scratch, key, fd, split, st.st_size))
         basics.step("forked")
         _stage(reader, index.chunks(fd, 0, split or st.st_size), state.keys.stage, on_progress)
-        if part is not None and not part.hand_over(reader, state.keys.boundary, on_progress):
+        if part is not None and not part.hand_over(reader, state, on_progress):
             part = None  # the child failed before it handed its part over: read the part here
             rest = index.chunks(fd, split or 0, st.st_size, reader.lines_before(fd, split or 0))
             _stage(reader, rest, state.keys.stage, on_progress)
         basics.step("split_joined")
         if part is not None and scratch is not None:
-            state.keys.sort_low(scratch, part.ids, part.high)  # while the child sorts the upper hosts
+            state.keys.sort_low(part.high)  # while the child sorts the upper hosts
             if not part.sorted(on_progress):
                 raise _ChildFailed
             state.keys.attach_sorted(scratch)
@@ -180,23 +180,21 @@ class _ForkedPart:
                 self._read += data
                 on_progress()
 
-    def hand_over(
-        self, reader: KeyReader, boundary: Callable[[], int], on_progress: Callable[[], None]
-    ) -> bool:
+    def hand_over(self, reader: KeyReader, state: State, on_progress: Callable[[], None]) -> bool:
         """Take the child's summary and go on with `reader` after its part;
-        give ids to the hosts it numbered provisionally, and the boundary
-        of the hosts it sorts. False if it failed (the caller reads the part
-        itself)."""
+        give ids to the hosts it numbered provisionally, join its part,
+        and send the ids and the boundary of the hosts it sorts. False if it
+        failed before (the caller reads the part itself)."""
         line = self._until(b"}", on_progress)
         if line is None:
             return False
         part: dict[str, Any] = json.loads(line)
         self.ids = {provisional: self.key.host(name) for name, provisional in part["hosts"].items()}
-        self.high = boundary()
+        self.high = state.keys.join_split(self.scratch, self.ids)  # from here a failure reads all again
         try:
             self.child.send(json.dumps({"ids": self.ids, "high": self.high}).encode() + b"\n")
         except BrokenPipeError:
-            return False
+            raise _ChildFailed from None
         reader.add(part, self.fd, self.start, self.end)
         return True
 

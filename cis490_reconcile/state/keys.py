@@ -135,12 +135,21 @@ class Keys:
             insert_keys(self.db, self._staged, keys)
             self._tally.add(keys)
 
-    def boundary(self) -> int:
-        """The host id below which a rebuild's pass sorts the keys (and the
-        forked reader from which): where the pass's own rows are halved."""
+    def join_split(self, scratch: Scratch, hosts: dict[int, int]) -> int:
+        """The forked reader's part, handed over (`hosts`: its provisional
+        ids -> ids): its counts join ours. Returns the boundary of the two
+        sorts: the host id below which half of all rows are."""
+        db = self.db
+        db.execute("ATTACH DATABASE ? AS split", (scratch.split,))
+        host_ids(db, hosts)
+        more = "WHERE true ON CONFLICT DO UPDATE SET rows = rows + excluded.rows"
         with self.database.transaction():
             self._tally.flush()
-        counts = self.db.execute("SELECT host, rows FROM temp.tally_hosts ORDER BY host").fetchall()
+            db.execute(f"INSERT INTO temp.tally_hosts SELECT {MAPPED}, rows FROM split.tally_hosts {more}")
+            db.execute(
+                f"INSERT INTO temp.tally_hours SELECT {MAPPED}, hour, rows FROM split.tally_hours {more}"
+            )
+        counts = db.execute("SELECT host, rows FROM temp.tally_hosts ORDER BY host").fetchall()
         half, seen = sum(n for _, n in counts) / 2, 0
         for host, n in counts:
             seen += n
@@ -148,14 +157,11 @@ class Keys:
                 return int(host) + 1
         return 1
 
-    def sort_low(self, scratch: Scratch, hosts: dict[int, int], high: int) -> None:
-        """With the forked reader's part handed over (`hosts`: its provisional
-        ids -> ids): its counts join ours, and the keys of both parts whose
-        host is below `high` go into temp.low in key order, a copy of each
-        key counted in temp.low_dups, while the reader sorts the rest."""
+    def sort_low(self, high: int) -> None:
+        """The keys of both parts whose host is below `high` into temp.low
+        in key order, a copy of a key counted in temp.low_dups, while the
+        forked reader sorts the rest."""
         db = self.db
-        db.execute("ATTACH DATABASE ? AS split", (scratch.split,))
-        host_ids(db, hosts)
         (keys,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'keys'").fetchone()
         db.execute(keys.replace("CREATE TABLE keys", "CREATE TEMP TABLE low", 1))  # the same: copied whole
         db.execute("CREATE TEMP TABLE low_dups (host INTEGER PRIMARY KEY, copies INTEGER NOT NULL)")
@@ -163,10 +169,7 @@ class Keys:
             "CREATE TEMP TRIGGER low_repeated AFTER UPDATE OF copies ON low BEGIN "
             "INSERT INTO low_dups VALUES (new.host, 1) ON CONFLICT DO UPDATE SET copies = copies + 1; END"
         )
-        more = "WHERE true ON CONFLICT DO UPDATE SET rows = rows + excluded.rows"
         db.execute("BEGIN")  # only the temporary database is written
-        db.execute(f"INSERT INTO temp.tally_hosts SELECT {MAPPED}, rows FROM split.tally_hosts {more}")
-        db.execute(f"INSERT INTO temp.tally_hours SELECT {MAPPED}, hour, rows FROM split.tally_hours {more}")
         db.execute(
             "INSERT INTO temp.low (host, digest, offset, received) SELECT * FROM ("
             f"SELECT host, digest, offset, received FROM {self._staged} WHERE host < ?1 UNION ALL "
