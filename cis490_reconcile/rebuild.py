@@ -73,9 +73,9 @@ def _rebuild(
     reader = KeyReader(key, CatchUp(rebuilt=True, replaced=replaced))
     scratch = None if split is None else state.keys.scratch()
     with state.keys.rebuilding(scratch), contextlib.ExitStack() as stack:
-        part = None
-        if scratch is not None and split is not None:
-            part = stack.enter_context(_ForkedPart(scratch, key, fd, split, st.st_size))
+        part = None if scratch is None or split is None else _ForkedPart(scratch, key, fd, split, st.st_size)
+        if part is not None:
+            stack.enter_context(part)
         basics.step("forked")
         _stage(reader, index.chunks(fd, 0, split or st.st_size), state.keys.stage, on_progress)
         if part is not None and not part.hand_over(reader, state, on_progress):
@@ -83,11 +83,11 @@ def _rebuild(
             rest = index.chunks(fd, split or 0, st.st_size, reader.lines_before(fd, split or 0))
             _stage(reader, rest, state.keys.stage, on_progress)
         basics.step("split_joined")
-        if part is not None and scratch is not None:
+        if part is not None:
             state.keys.sort_low(part.high)  # while the child sorts the upper hosts
             if not part.sorted(on_progress):
                 raise _ChildFailed
-            state.keys.attach_sorted(scratch)
+            state.keys.attach_sorted(part.scratch)
             basics.step("sorted")
         with state.transaction():
             state.keys.replace()
