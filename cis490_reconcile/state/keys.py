@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from .connection import CACHE_KIB, Database, Scratch
+from .connection import Database, Scratch
 from .split import MAPPED, STAGING, Key, Tally, host_ids, insert_keys
 
 EXAMPLES = 100
@@ -113,7 +113,8 @@ class Keys:
         if scratch is not None:
             scratch.remove("stage")
             self.db.execute("ATTACH DATABASE ? AS stage", (scratch.stage,))
-            for pragma in ("journal_mode = OFF", "synchronous = OFF", f"cache_size = -{CACHE_KIB}"):
+            # written in order and read once: 1 MiB of cache (4 MiB: peak RSS 63 MiB at 8M rows, now 60)
+            for pragma in ("journal_mode = OFF", "synchronous = OFF", "cache_size = -1024"):
                 self.db.execute(f"PRAGMA stage.{pragma}")
             self._staged = "stage.staging"
         self.db.execute(f"CREATE TABLE {self._staged} {STAGING}")
