@@ -132,17 +132,15 @@ class Coverage:
         from .rows import Row  # here, after an append: a pass that appends nothing need not load msgspec
 
         offsets = list(itertools.accumulate(map(len, lines), initial=start))
-        keys = [
-            self._key(
-                Row(
-                    episode_id=str(row["episode_id"]),
-                    host_id=str(row["host_id"]),
-                    received_at_wall=row.get("received_at_wall"),
-                    offset=offset,
-                )
+        written = [
+            Row(
+                episode_id=str(row["episode_id"]),
+                host_id=str(row["host_id"]),
+                received_at_wall=row.get("received_at_wall"),
             )
-            for row, offset in zip(rows, offsets, strict=False)
+            for row in rows
         ]
+        keys = self._key.many(written, offsets)
         end = offsets[-1]
         tail = index.tail_digest(fd, end)
         with self.state.transaction():

@@ -23,6 +23,7 @@ from cis490_reconcile import coverage, indexkeys, rebuild
 from cis490_reconcile import state as state_module
 from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.index import encode_row
+from cis490_reconcile.rows import Row
 from cis490_reconcile.state import State, StateUnusable, connection
 
 
@@ -284,23 +285,28 @@ def _rows(received: st.SearchStrategy[object]) -> st.SearchStrategy[list[tuple[s
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(_rows(_ZONED), _rows(_RECEIVED)))
 def test_keys_of_a_chunk_are_the_keys_of_each_row(rows: list[tuple[str | None, str, object]]) -> None:
-    """KeyOf.many (C loops over a chunk) gives what a call per row gives,
-    new hosts numbered in the same order; the rows are whatever a line may
-    hold, timestamps with and without a zone, garbage and numbers."""
-    from cis490_reconcile.rows import Row
-
+    """KeyOf.many (C loops over a chunk) gives what the functions of one
+    row give, new hosts numbered in the same order; the rows are whatever a
+    line may hold, timestamps with and without a zone, garbage and numbers."""
     parsed = [Row(episode_id=e, host_id=h, received_at_wall=r) for h, e, r in rows]
     offsets = [i * 100 for i in range(len(parsed) + 1)]
     one: list[str] = []
     many: list[str] = []
     each = indexkeys.KeyOf({"h1": 1, "h2": 2}, lambda name: one.append(name) or 10 + len(one))
     chunk = indexkeys.KeyOf({"h1": 1, "h2": 2}, lambda name: many.append(name) or 10 + len(many))
-    expected = []
-    for r, offset in zip(parsed, offsets, strict=False):
-        r.offset = offset
-        expected.append(each(r))
+    expected = [_key_of(each, r, offset) for r, offset in zip(parsed, offsets, strict=False)]
     assert chunk.many(parsed, offsets) == expected
     assert many == one
+
+
+def _key_of(key: indexkeys.KeyOf, r: Row, offset: int) -> tuple[object, ...]:
+    """A row's key, by its definition (state.Key)."""
+    return (
+        key.host(r.host_id),
+        indexkeys.digest(r.episode_id),
+        offset,
+        indexkeys.received_seconds(r.received_at_wall),
+    )
 
 
 def test_a_read_by_chunks_keys_every_row_where_it_is(tmp_path: Path) -> None:
@@ -308,7 +314,6 @@ def test_a_read_by_chunks_keys_every_row_where_it_is(tmp_path: Path) -> None:
     them (line by line) give the keys, positions and bad lines a read of
     each entry gives."""
     from cis490_reconcile import index
-    from cis490_reconcile.rows import Row
 
     lines = [row(f"h{i % 3}", f"ep-{i}") for i in range(40_000)]  # 4 chunks
     lines[7_000] = b"not json\n"
@@ -321,14 +326,10 @@ def test_a_read_by_chunks_keys_every_row_where_it_is(tmp_path: Path) -> None:
         size = os.fstat(fd).st_size
         assert sum(isinstance(c, index.Rows) for c in index.chunks(fd, 0, size)) >= 2
         hosts: dict[str, int] = {}
-        expected = [
-            indexkeys.KeyOf(hosts, lambda n: len(hosts) + 1)(e)
-            for e in index.entries(fd, 0, size)
-            if isinstance(e, Row)
-        ]
+        each = indexkeys.KeyOf(hosts, lambda n: len(hosts) + 1)
+        expected = [_key_of(each, e, e.offset) for e in index.entries(fd, 0, size) if isinstance(e, Row)]
         found = indexkeys.CatchUp()
-        reader = indexkeys.KeyReader(indexkeys.KeyOf({}, lambda n: len(hosts) + 1), found)
-        reader.key.hosts.update(hosts)
+        reader = indexkeys.KeyReader(indexkeys.KeyOf(dict(hosts), lambda n: len(hosts) + 1), found)
         got = [k for keys, _ in reader.batches(index.chunks(fd, 0, size), 5_000) for k in keys]
     finally:
         os.close(fd)
