@@ -26,8 +26,8 @@ Who may write what. One rule: only the holder of the state directory's lock
 replaces or deletes files there: the database (made, migrated, or rebuilt
 when unusable), the scratch files of a rebuild on two processes
 (state.sqlite3-stage, -split and -sorted: connection.Scratch), the files of
-earlier versions. Everyone else writes
-only in short transactions that cannot disturb the holder, or not at all.
+earlier versions. Everyone else writes only in short transactions that
+cannot disturb the holder, or not at all.
 Each opener says which it is (connection.Access):
 
     OWNER   a pass, for the whole pass (statedir.owned)

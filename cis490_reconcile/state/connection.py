@@ -49,7 +49,7 @@ MIGRATIONS = _migrations()
 
 class Scratch(NamedTuple):
     """The scratch files of a rebuild on two processes, beside the state
-    file (state/keys.py says who writes which, and when)."""
+    file (state/split.py says who writes which, and when)."""
 
     stage: str  # the pass's staged keys
     split: str  # the forked reader's staged keys and counts

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 from .connection import Database, Scratch
-from .split import MAPPED, STAGING, Key, Tally, host_ids, insert_keys
+from .split import MAPPED, STAGING, Key, Tally, both_parts, host_ids, insert_keys
 
 EXAMPLES = 100
 _IN_CHUNK = 400  # digests per IN (...): twice that plus two stays under SQLite's oldest 999-variable limit
@@ -173,9 +173,7 @@ class Keys:
         db.execute("BEGIN")  # only the temporary database is written
         db.execute(
             "INSERT INTO temp.low (host, digest, offset, received) SELECT * FROM ("
-            f"SELECT host, digest, offset, received FROM {self._staged} WHERE host < ?1 UNION ALL "
-            f"SELECT {MAPPED}, digest, offset, received FROM split.staging WHERE {MAPPED} < ?1 "
-            "ORDER BY 1, 2, 3) WHERE true "
+            f"{both_parts(self._staged, '< ?1')} ORDER BY 1, 2, 3) WHERE true "
             "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
             (high,),
         )

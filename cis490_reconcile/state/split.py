@@ -42,6 +42,16 @@ MAPPED = (
 )
 
 
+def both_parts(staged: str, test: str) -> str:
+    """The keys staged by both processes (the pass's in `staged`, the forked
+    reader's in split.staging, under the ids given) whose host passes
+    `test`: "< ?1" for the pass's sort, ">= ?1" for the reader's."""
+    return (
+        f"SELECT host, digest, offset, received FROM {staged} WHERE host {test} UNION ALL "
+        f"SELECT {MAPPED}, digest, offset, received FROM split.staging WHERE {MAPPED} {test}"
+    )
+
+
 def scratch_db(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode = OFF")
@@ -154,9 +164,7 @@ class SplitPart:
             db.execute(f"CREATE TABLE sorted {SORTED}")
             db.execute("BEGIN")
             db.execute(
-                "INSERT INTO sorted SELECT * FROM (SELECT host, digest, offset, received FROM stage.staging "
-                f"WHERE host >= ?1 UNION ALL SELECT {MAPPED}, digest, offset, received FROM split.staging "
-                f"WHERE {MAPPED} >= ?1) ORDER BY 1, 2, 3",
+                f"INSERT INTO sorted SELECT * FROM ({both_parts('stage.staging', '>= ?1')}) ORDER BY 1, 2, 3",
                 (high,),
             )
             db.execute("COMMIT")
