@@ -134,8 +134,7 @@ class _ForkedPart:
     def __init__(self, scratch: Scratch, key: KeyOf, fd: int, start: int, end: int) -> None:
         self.key, self.fd, self.start, self.end = key, fd, start, end
         self.scratch = scratch
-        self.ids: dict[int, int] = {}  # provisional id -> id, and the boundary: given at the hand-over
-        self.high = 0
+        self.high = 0  # the boundary of the two sorts, given at the hand-over
         self.child = syscalls.fork_child(self._work)
         self._read = b""
 
@@ -190,10 +189,10 @@ class _ForkedPart:
         if line is None:
             return False
         part: dict[str, Any] = json.loads(line)
-        self.ids = {provisional: self.key.host(name) for name, provisional in part["hosts"].items()}
-        self.high = state.keys.join_split(self.scratch, self.ids)  # from here a failure reads all again
+        ids = {provisional: self.key.host(name) for name, provisional in part["hosts"].items()}
+        self.high = state.keys.join_split(self.scratch, ids)  # from here a failure reads all again
         try:
-            self.child.send(json.dumps({"ids": self.ids, "high": self.high}).encode() + b"\n")
+            self.child.send(json.dumps({"ids": ids, "high": self.high}).encode() + b"\n")
         except BrokenPipeError:
             raise _ChildFailed from None
         reader.add(part, self.fd, self.start, self.end)
