@@ -188,6 +188,30 @@ def test_clean_after_a_pass_and_last_pass_result(receiver: Receiver, tmp_path: P
     assert report["attention"][-1].startswith("last pass failed: ")
 
 
+def test_rows_the_receiver_added_since_the_last_pass_count_with_the_states(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """Between passes a reader's keys are in two places: the state's (base)
+    and those it read on from the checkpoint. A host whose directory is
+    matched by a merge of its keys must see both, in one digest order."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    for i in range(40):
+        receiver.tarball("h1", f"ep{i:03d}")
+        receiver.append_row(receiver.receiver_row("h1", f"ep{i:03d}"))
+        if i == 19:
+            assert receiver.run("--state-dir", str(state_dir)).returncode == 0  # the state has 20
+
+    result = status(receiver, "--json", state_dir=state_dir)
+    assert result.returncode == 0, result.stdout
+    totals = json.loads(result.stdout)["totals"]
+    assert (totals["indexed"], totals["unindexed"], totals["missing_rows"]) == (40, 0, 0)
+    dry = receiver.run("--dry-run", "--state-dir", str(state_dir))
+    assert dry.stdout == ""  # no row it would append
+    finished = dry.one("pass_finished")
+    assert (finished["already_indexed"], finished["raced"], finished["bytes_read"]) == (40, 0, 0)
+
+
 def test_in_flight_is_not_attention(receiver: Receiver) -> None:
     receiver.tarball("h1", "new")
     result = status(receiver, "--json", "--min-age", "3600")
