@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import LockHolder, Receiver, episode, gnu_tarball
 
-from cis490_reconcile import config
+from cis490_reconcile import config, survey
 from cis490_reconcile.actions import Context
 from cis490_reconcile.actions import status as status_action
 
@@ -210,6 +210,34 @@ def test_rows_the_receiver_added_since_the_last_pass_count_with_the_states(
     assert dry.stdout == ""  # no row it would append
     finished = dry.one("pass_finished")
     assert (finished["already_indexed"], finished["raced"], finished["bytes_read"]) == (40, 0, 0)
+
+
+def test_a_pass_that_commits_during_a_status_is_not_counted_twice(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status reads the state of one moment: a timer's pass that commits
+    between its reading the index and its listing the store (rows read on
+    from the state's checkpoint, which the pass then moves) must not count
+    those rows in both, nor call them missing."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    for i in range(8):
+        receiver.tarball("h1", f"ep{i}")
+        receiver.append_row(receiver.receiver_row("h1", f"ep{i}"))
+        if i == 4:
+            assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    listing = survey.Survey.list_store
+
+    def pass_meanwhile(self: survey.Survey) -> None:
+        assert receiver.run("--state-dir", str(state_dir)).returncode == 0  # reads on: 3 more keys
+        listing(self)
+
+    monkeypatch.setattr(survey.Survey, "list_store", pass_meanwhile)
+    cfg = config.build(
+        {"episodes_root": str(receiver.episodes), "index": str(receiver.index), "state_dir": str(state_dir)}
+    )
+    totals = survey.survey(cfg).totals()
+    assert (totals.indexed, totals.unindexed, totals.missing_rows, totals.duplicate_rows) == (8, 0, 0, 0)
 
 
 def test_in_flight_is_not_attention(receiver: Receiver) -> None:

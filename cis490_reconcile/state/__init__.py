@@ -62,7 +62,12 @@ The races, and how each is handled:
    next scrub starts a new round; the next run writes its record again).
 6. Readers never block the writer nor are blocked by it (WAL); one that
    finds an older schema ignores the file (state_ignored) and reads the
-   whole index. SQLite may create its -wal and -shm files beside the
+   whole index. A reader sees the state of one moment: one read
+   transaction for its whole run (Database.attach_base), or a pass that
+   commits meanwhile would give it a new checkpoint with the old counts,
+   and rows counted twice would be called missing. Meanwhile the WAL is
+   not reset past that moment: it grows by what passes write until the
+   reader ends. SQLite may create its -wal and -shm files beside the
    database for a reader: they are SQLite's, not ours.
 7. kill -9 of an owner: the kernel drops the flock; the checkpoint is
    committed in the same transaction as the keys it covers, so the file is

@@ -151,13 +151,21 @@ class Database:
         self.db.close()
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
-        return _transaction(self.db)
+        return _savepoint(self.db) if self.base else _transaction(self.db)
 
     def attach_base(self, path: Path | str) -> None:
+        """Attach the state read-only and read it as of this moment from now
+        on: one read transaction holds its snapshot (WAL) until it is
+        detached, so a pass that commits meanwhile is not seen half (its new
+        checkpoint with the old counts: rows counted twice). Changes to main
+        are then savepoints inside it (main is the reader's own file)."""
         self.db.execute("ATTACH DATABASE ? AS base", (f"file:{path}?mode=ro",))
+        self.db.execute("BEGIN")
+        self.db.execute("SELECT count(*) FROM base.sqlite_master").fetchone()  # the snapshot starts here
         self.base = True
 
     def detach_base(self) -> None:
+        self.db.execute("COMMIT")  # what main holds is kept; DETACH cannot be inside a transaction
         self.db.execute("DETACH DATABASE base")
         self.base = False
 
@@ -177,6 +185,19 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+@contextmanager
+def _savepoint(db: sqlite3.Connection) -> Iterator[None]:
+    """A change inside the reader's read transaction (attach_base)."""
+    db.execute("SAVEPOINT change")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK TO change")
+        db.execute("RELEASE change")
+        raise
+    db.execute("RELEASE change")
 
 
 def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, access: Access) -> None:
