@@ -69,7 +69,8 @@ class Coverage:
         """Read what the index gained since the checkpoint; everything when
         `full`, or when the checkpoint does not fit this file (or there is none)."""
         st = os.fstat(fd)
-        cp = self.state.keys.checkpoint(self.state.last)
+        # a reader's own checkpoint once it has read on from the base's: never the same rows twice
+        cp = self.state.keys.checkpoint() or self.state.keys.checkpoint(self.state.last)
         fits = cp is not None and self._fits(fd, st, cp)
         if cp is not None and fits and not full:
             found = self._read_on(fd, st, cp, on_progress)

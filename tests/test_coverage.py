@@ -82,6 +82,28 @@ def test_reads_on_from_the_checkpoint_and_remembers_it(tmp_path: Path) -> None:
         assert cp is not None and (cp.offset, cp.lines, cp.bad_lines) == (index.stat().st_size, 5, 1)
 
 
+def test_a_reader_reads_on_from_its_own_checkpoint_once_it_has_one(tmp_path: Path) -> None:
+    """A view (status, check, a dry run) starts from the state's checkpoint
+    and keeps its own after it: a dry run catches up before each commit, and
+    must not read the same tail again (counted again, as duplicates)."""
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h1", "a"))
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+    with open(index, "ab") as f:
+        f.write(row("h1", "b") + row("h1", "c"))
+    view = State.open(tmp_path / "view.sqlite3", "/episodes", str(index))
+    try:
+        view.attach_base(tmp_path / "state.sqlite3")
+        view.keys.copy_hosts_from_base()
+        cov = Coverage(view)
+        assert catch_up(cov, index).rows == 2
+        assert catch_up(cov, index).rows == 0
+        assert cov.host_rows("h1", None) == (3, 0, 0)
+    finally:
+        view.close()
+
+
 def test_covered_answers_a_batch_in_order_across_hosts_and_query_chunks(tmp_path: Path) -> None:
     """A commit asks about its whole batch at once: more keys than one IN
     (...) takes, several hosts, one unknown host, rows without host_id."""
