@@ -94,7 +94,11 @@ EVENTS: dict[str, tuple[str, str]] = {
         "`pruned_unread`: of the pruned, rows of runs found pruned before, counted without reading them",
     ),
     "scrub_already_running": ("error", "another scrub holds `lock_file`; exit 1"),
-    "scrub_failed": ("error", "the index could not be read, or the store vanished: `error`; exit 1"),
+    "scrub_failed": (
+        "error",
+        "the index could not be read, the store vanished, or the state database was busy past its "
+        "timeout: `error`; exit 1",
+    ),
     "scrub_cursor_ignored": ("warning", "the saved cursor is malformed (`reason`): a new round"),
     "scrub_cursor_save_failed": ("warning", "the cursor could not be saved: `error`"),
     "tarball_scrubbed": ("debug", "one per row: `path`, `line`, `result`"),

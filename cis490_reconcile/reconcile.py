@@ -27,7 +27,7 @@ from .notify import Notifier
 from .passdata import PassContext, PassSummary
 from .passrun import PassRun
 from .runtime import StopRequested
-from .state import State
+from .state import State, damaged
 from .statedir import StateBusy, TempState
 from .termbar import TerminalBar
 from .verdicts import decoding_for
@@ -134,7 +134,7 @@ class Reconciler:
                 try:
                     summary = self._run(lambda: statedir.open_state(path, self.cfg, self.log))
                 except PassFailed as e:
-                    if not isinstance(e.__cause__, sqlite3.DatabaseError) or not _damaged(e.__cause__):
+                    if not isinstance(e.__cause__, sqlite3.DatabaseError) or not damaged(e.__cause__):
                         raise
                     self.log.warning("state_rebuilt", state_dir=state_dir, reason=str(e.__cause__))
                     statedir.discard(path)  # still ours: the directory's lock is held
@@ -174,12 +174,6 @@ class Reconciler:
         run.summary.bad_index_lines = 0 if cp is None else cp.bad_lines
         self.orphans = state.records.orphans()
         return run.summary
-
-
-def _damaged(error: sqlite3.DatabaseError) -> bool:
-    """The state file is damaged (found mid-pass): "malformed", "not a
-    database", or a header that forbids writing. Not a busy or full disk."""
-    return type(error) is sqlite3.DatabaseError or "readonly database" in str(error)
 
 
 def _describe(error: BaseException, cfg: Config) -> str:

@@ -46,6 +46,7 @@ reported (warning events, metrics, exit status 1) for an operator to act on.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -149,7 +150,7 @@ class Scrubber:
                 raise ScrubNotRun(f"another scrub holds {lock_path}")
             try:
                 self.state = statedir.guest(self.cfg, self.log, settle=True)
-            except StateBusy as e:
+            except (StateBusy, sqlite3.OperationalError) as e:  # held past the timeouts, a full disk
                 self.log.error("scrub_failed", error=str(e))
                 raise ScrubNotRun(str(e)) from e
             try:

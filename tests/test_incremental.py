@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import os
@@ -23,8 +24,8 @@ from hypothesis import strategies as st
 from cis490_reconcile import config, scan, state
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.passdata import PassSummary
-from cis490_reconcile.reconcile import Reconciler
-from cis490_reconcile.state import State
+from cis490_reconcile.reconcile import PassFailed, Reconciler
+from cis490_reconcile.state import State, connection
 from cis490_reconcile.store import HostDir
 
 
@@ -243,6 +244,32 @@ def test_a_bad_state_database_is_rebuilt_with_a_warning(
     assert sorted(k for k in indexed if not k[1].startswith("a")) == [("h1", "b")]
     with contextlib.closing(State.open(path, str(receiver.episodes), str(receiver.index))) as rebuilt:
         assert rebuilt.keys.checkpoint().lines == 302  # type: ignore[union-attr]
+
+
+def test_a_busy_state_database_is_kept_not_rebuilt(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest stuck inside a write transaction (a stopped scrub, say) makes
+    the owner's open wait out the busy timeout: that pass fails in one line,
+    and the file, which is not damaged, is kept for the next."""
+    receiver.tarball("h1", "a")
+    first = Run(receiver, tmp_path)
+    first.once()
+    first.close()
+    kept = state_contents(tmp_path)
+    monkeypatch.setattr(connection, "connect", functools.partial(connection.connect, busy_timeout_s=0.2))
+    stuck = sqlite3.connect(tmp_path / state.FILE_NAME, isolation_level=None)
+    try:
+        stuck.execute("BEGIN IMMEDIATE")
+        receiver.tarball("h1", "b")
+        run = Run(receiver, tmp_path)
+        with pytest.raises(PassFailed, match=r"^state database: database is locked$"):
+            run.once()
+        assert run.events("state_rebuilt") == []
+    finally:
+        stuck.close()
+    assert state_contents(tmp_path) == kept
+    assert Run(receiver, tmp_path).once().backfilled == 1  # the next pass goes on from it
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")

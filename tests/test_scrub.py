@@ -8,7 +8,9 @@ exactly where it stopped: no row skipped, none read twice.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -25,8 +27,11 @@ import pytest
 from helpers import REPO, NotifySocket, Receiver, Result, clean_env, parse_events
 from prometheus_client.parser import text_string_to_metric_families
 
-from cis490_reconcile import metrics
-from cis490_reconcile.log import MAX_EVENTS
+from cis490_reconcile import config, metrics
+from cis490_reconcile.log import MAX_EVENTS, make_logger
+from cis490_reconcile.notify import Notifier
+from cis490_reconcile.scrub import Scrubber, ScrubNotRun
+from cis490_reconcile.state import connection
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
 
@@ -293,6 +298,29 @@ def test_a_second_scrub_is_refused_while_one_holds_the_lock(receiver: Receiver, 
     assert [(e["event"], e["level"]) for e in result.events] == [("scrub_already_running", "error")]
     assert result.events[0]["lock_file"] == str(state / "scrub.lock")
     assert cursor_of(state) is None
+
+
+def test_a_state_database_busy_past_the_timeout_is_one_line_and_kept(
+    receiver: Receiver, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer stuck in a transaction: the scrub gives up in one event and
+    leaves the database as it is (it used to take it for damaged)."""
+    indexed(receiver, "h1", "a")
+    assert receiver.run("--state-dir", str(state)).returncode == 0
+    inode = (state / "state.sqlite3").stat().st_ino
+    monkeypatch.setattr(connection, "connect", functools.partial(connection.connect, busy_timeout_s=0.2))
+    cfg = config.build(
+        {"episodes_root": str(receiver.episodes), "index": str(receiver.index), "state_dir": str(state)}
+    )
+    out = io.StringIO()
+    with closing(sqlite3.connect(state / "state.sqlite3", isolation_level=None)) as stuck:
+        stuck.execute("BEGIN IMMEDIATE")
+        with pytest.raises(ScrubNotRun):
+            Scrubber(cfg, make_logger("info", out), Notifier({}), lambda: False, None, None).run()
+    assert [(e["event"], e["error"]) for e in parse_events(out.getvalue())] == [
+        ("scrub_failed", "database is locked")
+    ]
+    assert (state / "state.sqlite3").stat().st_ino == inode and cursor_of(state) is None
 
 
 @pytest.mark.parametrize(

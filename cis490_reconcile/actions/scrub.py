@@ -2,7 +2,8 @@
 the sinks (outcome.py). Exit 0 when nothing wrong was found (even if stopped
 early), 1 for a mismatched, missing or unreadable tarball, or when the scrub
 could not run (another scrub, a pass holding the state directory past
-lock_timeout while the database needed making, no index). A path on a
+lock_timeout while the database needed making, the database busy past its
+timeout or on a full disk, no index). A path on a
 network filesystem is a warning on stderr: a scrub appends nothing to the
 index."""
 

@@ -85,7 +85,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from .connection import FILE_NAME, Access, Database, Scratch, StateUnusable
+from .connection import FILE_NAME, Access, Database, Scratch, StateUnusable, damaged
 from .keys import EXAMPLES, Checkpoint, HostRows, Keys
 from .records import NO_MEMO, Memo, PrunedRun, Records, Unverified
 from .split import Key, SplitPart
@@ -105,6 +105,7 @@ __all__ = [
     "State",
     "StateUnusable",
     "Unverified",
+    "damaged",
 ]
 
 

@@ -124,7 +124,8 @@ class Database:
         Raises StateUnusable (for a guest or a reader also when there is no
         file, or one of an older schema), or OSError/sqlite3.OperationalError
         when the file cannot be opened at all (permissions, a read-only
-        directory)."""
+        directory) or used now (busy past the timeout, a full disk): a file
+        that is not `damaged` is kept."""
         if access is not Access.OWNER and not os.path.exists(path):
             raise StateUnusable("no state database yet (a pass makes one)")
         try:
@@ -139,7 +140,7 @@ class Database:
             _check(db, episodes_root, index_path, access)
         except sqlite3.DatabaseError as e:
             db.close()
-            if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
+            if not damaged(e):
                 raise
             raise StateUnusable(f"not a usable database: {e}") from None
         except StateUnusable:
@@ -173,6 +174,13 @@ class Database:
     def last(self) -> str:
         """The schema that holds what the last pass left: base when attached."""
         return "base" if self.base else "main"
+
+
+def damaged(error: sqlite3.DatabaseError) -> bool:
+    """The file itself is damaged ("malformed", "not a database", a header
+    that forbids writing), so its owner may replace it. Not a busy database,
+    a full disk or an I/O error: those pass, and the file is kept."""
+    return type(error) is sqlite3.DatabaseError or "readonly database" in str(error)
 
 
 @contextmanager
