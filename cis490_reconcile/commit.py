@@ -5,8 +5,12 @@ looked, drop pending rows whose key is now present (the receiver's own row
 arrived while we verified), append the rest in ONE write on an O_APPEND fd
 (a torn last line is terminated in the same write), fdatasync, release.
 Most of the receiver's rows are read just before locking, so the locked
-section is short. After the release our own rows are read back into the
-state database like any other appended rows.
+section is short, and under the lock the index is only read on from the
+checkpoint: one replaced since (the checkpoint does not fit it) is read whole
+after the lock is let go, then the lock is taken again (the last of
+LOCKED_ATTEMPTS reads it under the lock, should it be replaced every time).
+After the release our own rows are read back into the state database like
+any other appended rows.
 
 Crash windows, and why each is harmless:
 - killed before the write: nothing appended; the rows are verified again.
@@ -28,10 +32,12 @@ from typing import NamedTuple, TextIO
 
 from . import basics, index
 from .config import Config
-from .coverage import Coverage
+from .coverage import Coverage, NotReadOn
 from .indexkeys import CatchUp
 from .store import Tarball
 from .verdicts import Intact
+
+LOCKED_ATTEMPTS = 3  # an index replaced again each time: the last reads it whole, under the lock
 
 
 class Pending(NamedTuple):
@@ -93,22 +99,38 @@ class Committer:
             out.flush()
             return done
         asked = time.monotonic()
-        with index.locked(self.cfg.index, self.cfg.lock_file, self.cfg.lock_timeout, on_wait) as ix:
-            locked_at = time.monotonic()
-            # No checkpoint here: a commit that holds the lock finishes.
-            fd_read = self.coverage.catch_up(ix.fd, full=False)
-            done.terminated_torn_tail = ix.ends_torn()
-            self._partition(pending, done)
-            lines = [index.encode_row(p.row) for p in done.fresh]
-            start = os.fstat(ix.fd).st_size
-            done.written = ix.append(lines)
-            done.lock_held_s = time.monotonic() - locked_at
+        attempt = 1
+        while (appended := self._locked(pending, done, on_wait, attempt == LOCKED_ATTEMPTS)) is None:
+            self.catch_up()  # replaced since the last catch-up: read it whole, without the lock
+            attempt += 1
+        locked_at, fd_read, start, lines = appended
         done.lock_wait_s = locked_at - asked
         self.on_read(fd_read)
         basics.step("appended")
         if done.written:
             self._ours(start, lines, [p.row for p in done.fresh], done.terminated_torn_tail)
         return done
+
+    def _locked(
+        self, pending: list[Pending], done: Committed, on_wait: Callable[[], None], whole: bool
+    ) -> tuple[float, CatchUp, int, list[bytes]] | None:
+        """The locked section: (when the lock was taken, what was read on,
+        where our lines start, our lines); None, with nothing written, when
+        the index must be read whole first (unless `whole`)."""
+        with index.locked(self.cfg.index, self.cfg.lock_file, self.cfg.lock_timeout, on_wait) as ix:
+            locked_at = time.monotonic()
+            # No checkpoint here: a commit that holds the lock finishes.
+            try:
+                fd_read = self.coverage.catch_up(ix.fd, full=False, whole=whole)
+            except NotReadOn:
+                return None
+            done.terminated_torn_tail = ix.ends_torn()
+            self._partition(pending, done)
+            lines = [index.encode_row(p.row) for p in done.fresh]
+            start = os.fstat(ix.fd).st_size
+            done.written = ix.append(lines)
+            done.lock_held_s = time.monotonic() - locked_at
+        return locked_at, fd_read, start, lines
 
     def _ours(self, start: int, lines: list[bytes], rows: list[dict[str, object]], terminated: bool) -> None:
         """Our own rows, into the database: as written, when they are the

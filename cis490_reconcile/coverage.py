@@ -55,6 +55,10 @@ def orphans(rows: HostRows, matched: int = 0, matched_older: int = 0) -> tuple[i
     return rows.rows - matched - pruned, pruned
 
 
+class NotReadOn(Exception):
+    """The index is not the one the checkpoint was read from (replaced since)."""
+
+
 class Coverage:
     def __init__(self, state: State) -> None:
         self.state = state
@@ -65,15 +69,21 @@ class Coverage:
 
     # --- reading the index ------------------------------------------------------------
 
-    def catch_up(self, fd: int, full: bool, on_progress: Callable[[], None] = lambda: None) -> CatchUp:
+    def catch_up(
+        self, fd: int, full: bool, on_progress: Callable[[], None] = lambda: None, whole: bool = True
+    ) -> CatchUp:
         """Read what the index gained since the checkpoint; everything when
-        `full`, or when the checkpoint does not fit this file (or there is none)."""
+        `full`, or when the checkpoint does not fit this file (or there is
+        none). Without `whole` (under the index lock, which must stay short)
+        raises NotReadOn instead of reading the whole index."""
         st = os.fstat(fd)
         # a reader's own checkpoint once it has read on from the base's: never the same rows twice
         cp = self.state.keys.checkpoint() or self.state.keys.checkpoint(self.state.last)
         fits = cp is not None and self._fits(fd, st, cp)
         if cp is not None and fits and not full:
             found = self._read_on(fd, st, cp, on_progress)
+        elif not whole:
+            raise NotReadOn
         else:
             if self.state.base:  # the base's keys are of no use: read it all into ours
                 self.state.detach_base()

@@ -21,7 +21,10 @@ from helpers import Receiver, parse_events, recounted, state_contents, tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cis490_reconcile import config, scan, state
+from cis490_reconcile import config, coverage, rebuild, scan, state
+from cis490_reconcile.commit import Committer
+from cis490_reconcile.index import encode_row
+from cis490_reconcile.indexkeys import CatchUp
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.passdata import PassSummary
 from cis490_reconcile.reconcile import PassFailed, Reconciler
@@ -192,6 +195,47 @@ def test_a_changed_index_forces_a_full_parse(
     assert summary.backfilled == 1, "the missing row was not found again"
     assert sorted(k for k in set(receiver.keys()) if k[1] != "x") == [("h1", "a"), ("h1", "b"), ("h1", "c")]
     assert run.events("state_ignored") or run.events("index_restarted")
+
+
+def test_an_index_replaced_while_a_commit_waits_is_read_whole_without_the_lock(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver's lock is held only for a read on from the checkpoint:
+    an index replaced between a commit's catch-up and its lock (a restore,
+    say) is read whole after the lock is let go, never while it is held."""
+    receiver.tarball("h1", "old")
+    receiver.append_row(receiver.receiver_row("h1", "old"))
+    Run(receiver, tmp_path).once()
+    receiver.tarball("h1", "new")
+    catch_up = Committer.catch_up
+    calls = []
+
+    def then_replaced(self: Committer, *args: object, **kwargs: object) -> None:
+        catch_up(self, *args, **kwargs)  # type: ignore[arg-type]
+        calls.append(True)
+        if len(calls) == 2:  # the pass's, then the commit's: now a new file at the path, one row more
+            new = receiver.index.with_name("index.new")
+            new.write_bytes(receiver.index.read_bytes() + encode_row({"host_id": "h2", "episode_id": "x"}))
+            os.replace(new, receiver.index)
+
+    read_whole = []
+
+    def rebuild_unlocked(*args: object, **kwargs: object) -> CatchUp:
+        fd = os.open(receiver.index, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if a commit held it
+        finally:
+            os.close(fd)
+        read_whole.append(True)
+        return rebuild.rebuild(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Committer, "catch_up", then_replaced)
+    monkeypatch.setattr(coverage, "rebuild", rebuild_unlocked)
+    run = Run(receiver, tmp_path)
+    assert run.once().backfilled == 1
+    assert read_whole == [True]  # the replaced index, read whole once
+    assert run.events("index_restarted")
+    assert receiver.keys() == [("h1", "old"), ("h2", "x"), ("h1", "new")]
 
 
 def _truncate(path: Path) -> None:
