@@ -119,6 +119,10 @@ def test_row_at_names_the_key_of_an_offset(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def sum_lists(lists: list[list[bytes]]) -> list[bytes]:
+    return [line for lines in lists for line in lines]
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
@@ -144,9 +148,23 @@ raw_lines = st.one_of(
 )
 
 
+# rows written as one text and cut anywhere: pieces that join into rows again only across lines
+cut_rows = st.tuples(
+    st.lists(objects, min_size=2, max_size=4).map(lambda objs: ", ".join(map(json.dumps, objs)).encode()),
+    st.lists(st.integers(0, 200), max_size=3),
+).map(lambda t: _cut(*t))
+
+
+def _cut(text: bytes, at: list[int]) -> list[bytes]:
+    bounds = sorted({min(a, len(text)) for a in at})
+    return [text[i:j] for i, j in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+
+
 @settings(max_examples=300, deadline=None)
-@given(lines=st.lists(raw_lines, max_size=20))
+@given(lines=st.lists(st.one_of(raw_lines.map(lambda line: [line]), cut_rows), max_size=10).map(sum_lists))
 @example(lines=[b'{"episode_id": "a"}', b" \t", b'{"episode_id": "b"}'])  # white space only: a blank line
+@example(lines=[b'{"episode_id": "a"},{"episode_id": "b", "x": "', b'"}'])  # joined with ",": two rows
+@example(lines=[b'{"episode_id": "z"},{"episode_id": "a", "x": [{"b": 1}', b'{"c": 2}]}'])  # and with ",\n"
 def test_the_fast_path_decides_exactly_as_json_loads(
     tmp_path_factory: pytest.TempPathFactory, lines: list[bytes]
 ) -> None:
