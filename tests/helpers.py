@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import zstandard
 
 from cis490_reconcile.actions.demo import tar_bytes as tar_bytes
@@ -49,10 +50,14 @@ def gnu_tarball(
     zstd_args: tuple[str, ...] = (),
     tar_args: tuple[str, ...] = (),
     sparse: dict[str, list[tuple[int, bytes]]] | None = None,
+    tar: str = "tar",
 ) -> bytes:
-    """A .tar.zst made the way a shipper's shell does: GNU tar piped into the
-    zstd CLI (`tar -cf - ... | zstd ARGS`). `sparse` adds files written as
-    (offset, data) extents with holes between them, for `tar -S`."""
+    """A .tar.zst made the way a shipper's shell does: GNU tar (or `tar`:
+    bsdtar) piped into the zstd CLI (`tar -cf - ... | zstd ARGS`). `sparse`
+    adds files written as (offset, data) extents with holes between them,
+    for `tar -S`."""
+    if shutil.which(tar) is None:
+        pytest.skip(f"{tar} is not installed (apt-get install libarchive-tools)")
     with tempfile.TemporaryDirectory() as src:
         names = [*members, *(sparse or {})]
         for name, data in members.items():
@@ -66,10 +71,23 @@ def gnu_tarball(
                 for offset, data in extents:
                     f.seek(offset)
                     f.write(data)
-        tar = subprocess.Popen(["tar", *tar_args, "-cf", "-", "-C", src, *names], stdout=subprocess.PIPE)
-        subprocess.run(["zstd", "-q", "-f", *zstd_args, "-o", str(path)], stdin=tar.stdout, check=True)
-        assert tar.stdout is not None and tar.wait() == 0
-        tar.stdout.close()
+        tar_out = subprocess.Popen([tar, *tar_args, "-cf", "-", "-C", src, *names], stdout=subprocess.PIPE)
+        subprocess.run(["zstd", "-q", "-f", *zstd_args, "-o", str(path)], stdin=tar_out.stdout, check=True)
+        assert tar_out.stdout is not None and tar_out.wait() == 0
+        tar_out.stdout.close()
+    return path.read_bytes()
+
+
+def bsdtar_zstd(path: Path, members: dict[str, bytes], tar_args: tuple[str, ...] = ()) -> bytes:
+    """A .tar.zst made by bsdtar alone (`bsdtar --zstd -cf`: libarchive's own
+    zstd writer), as BSD and macOS shippers make them."""
+    if shutil.which("bsdtar") is None:
+        pytest.skip("bsdtar is not installed (apt-get install libarchive-tools)")
+    with tempfile.TemporaryDirectory() as src:
+        for name, data in members.items():
+            Path(src, name).parent.mkdir(parents=True, exist_ok=True)
+            Path(src, name).write_bytes(data)
+        subprocess.run(["bsdtar", "--zstd", *tar_args, "-cf", str(path), "-C", src, *members], check=True)
     return path.read_bytes()
 
 
@@ -111,6 +129,11 @@ def stock_tarball(case: str, path: Path, episode_id: str, dictionary: Path) -> N
         "sparse-gnu": lambda: gnu_tarball(path, members(episode_id), (), ("-S", "--format=gnu"), sparse),
         "sparse-pax": lambda: gnu_tarball(path, members(episode_id), (), ("-S", "--format=posix"), sparse),
         "decoy-meta": lambda: gnu_tarball(path, members(episode_id, decoy=True)),
+        "bsdtar-pax": lambda: gnu_tarball(
+            path, members(episode_id), ("-19",), ("--format=pax",), tar="bsdtar"
+        ),
+        "bsdtar-zstd": lambda: bsdtar_zstd(path, members(episode_id), ("--format=gnutar",)),
+        "bsdtar-zstd-cut": lambda: path.write_bytes(bsdtar_zstd(path, members(episode_id))[:-100]),
     }
     path.parent.mkdir(exist_ok=True)
     makers[case]()

@@ -1,7 +1,8 @@
-"""Tarballs as shippers make them with the stock tools (GNU tar piped into the
-zstd CLI, with the options fleets use), through the real command: what gets a
-row, what is corrupt, what is unverifiable, and that only corrupt files are
-ever quarantined. Also the memory a pass needs for large zstd windows."""
+"""Tarballs as shippers make them with the stock tools (GNU tar or bsdtar
+piped into the zstd CLI, with the options fleets use, and bsdtar --zstd),
+through the real command: what gets a row, what is corrupt, what is
+unverifiable, and that only corrupt files are ever quarantined. Also the
+memory a pass needs for large zstd windows."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ CASES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "sparse-gnu": ((), "indexed", ""),
     "sparse-pax": ((), "indexed", ""),
     "decoy-meta": ((), "indexed", ""),
+    "bsdtar-pax": ((), "indexed", ""),
+    "bsdtar-zstd": ((), "indexed", ""),
+    "bsdtar-zstd-cut": ((), "corrupt", "truncated"),
 }
 
 

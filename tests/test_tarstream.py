@@ -171,6 +171,17 @@ def test_gnu_tar_archives(tmp_path: Path, fmt: str) -> None:
     assert sorted((n, d) for n, f, s, d in got) == sorted((n, d[:READ]) for n, d in members.items())
 
 
+@pytest.mark.parametrize("fmt", ["pax", "paxr", "gnutar", "ustar", "v7"])
+def test_bsdtar_archives(tmp_path: Path, fmt: str) -> None:
+    short = fmt in ("ustar", "v7")
+    long = "p" * 60 + "/" + "q" * 30 if short else "/".join(["long"] * 40) + ".bin"
+    members = {"ep/meta.json": b'{"a": 1}', long: os.urandom(3000), "empty": b"", "ep/u.bin": b"u" * 513}
+    data = gnu_tar(tmp_path / "t.tar.zst", members, tar_args=(f"--format={fmt}",), tar="bsdtar")
+    got = walk(data)
+    assert got == oracle(data)
+    assert sorted((n, d) for n, f, s, d in got if f) == sorted((n, d[:READ]) for n, d in members.items())
+
+
 def _extents() -> list[tuple[int, bytes]]:
     """Six data extents with holes before, between and after them (the last write makes the size)."""
     return [(i * 300_000 + 7, os.urandom(5000)) for i in range(1, 7)] + [(2_500_000, b"end")]
@@ -269,7 +280,7 @@ def test_read_data_peeks() -> None:
 # --- how an archive ends ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("maker", ["tarfile", "gnu-tar"])
+@pytest.mark.parametrize("maker", ["tarfile", "gnu-tar", "bsdtar"])
 def test_every_truncation(tmp_path: Path, maker: str) -> None:
     """Cut anywhere before the end of the first zero block: Damaged, as for tarfile; at a member's start
     (a `tar | zstd` whose tar died) the reason names the missing end-of-archive block. Cut after it: whole."""
@@ -277,7 +288,8 @@ def test_every_truncation(tmp_path: Path, maker: str) -> None:
     if maker == "tarfile":
         data = tar_bytes(members)
     else:
-        data = gnu_tar(tmp_path / "t.tar.zst", members, tar_args=("--format=posix",))
+        tar = "tar" if maker == "gnu-tar" else "bsdtar"
+        data = gnu_tar(tmp_path / "t.tar.zst", members, tar_args=("--format=posix",), tar=tar)
     heads, end = layout(data)
     whole = walk(data)
     assert whole == oracle(data) and len(whole) == 3
