@@ -61,7 +61,7 @@ def _free_name(qfd: int, episode_id: str) -> str:
 def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> Path:
     """Rename the verified-corrupt `tarball` into qdir/<host_id>/; return
     where it went. Raises QuarantineRace or OSError, leaving it in place."""
-    if not tarball.is_file(os.stat(tarball.name, dir_fd=host.fd, follow_symlinks=False)):
+    if not tarball.unchanged(os.stat(tarball.name, dir_fd=host.fd, follow_symlinks=False)):
         raise QuarantineRace(f"{tarball.path} changed since it was verified")
     host_q = qdir / tarball.host_id
     host_q.mkdir(mode=0o750, exist_ok=True)

@@ -65,13 +65,20 @@ class Tarball(NamedTuple):
         return (time.time_ns() - self.ctime_ns) / 1e9
 
     def is_file(self, st: os.stat_result) -> bool:
-        """`st` is of this very file as scanned: same inode, size and mtime."""
+        """`st` is of this very file as scanned: same inode, size and mtime
+        (a rename moves its ctime: see unchanged)."""
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
             self.dev,
             self.ino,
             self.size,
             self.mtime_ns,
         )
+
+    def unchanged(self, st: os.stat_result) -> bool:
+        """is_file, and nothing done to it since: the same ctime too, which a
+        rewrite that puts the mtime back (rsync --inplace -t) still moves. A
+        chmod moves it as well; the file is then only looked at again."""
+        return self.is_file(st) and st.st_ctime_ns == self.ctime_ns
 
 
 class Skipped(NamedTuple):
@@ -151,11 +158,11 @@ class HostDir:
         """Why what was read from `fd` may not be `tarball` as scanned (the
         bytes may be half of one file and half of another), or None. The one
         test of "changed while it was read", for verifying and scrubbing."""
-        if not tarball.is_file(os.fstat(fd)):
-            return "changed while it was read"
         now = self.lstat(tarball.episode_id)
         if not isinstance(now, Tarball) or (now.dev, now.ino) != (tarball.dev, tarball.ino):
-            return "replaced while it was read"
+            return "replaced while it was read"  # first: the old file's unlinking moved its ctime too
+        if not tarball.unchanged(os.fstat(fd)):
+            return "changed while it was read"
         return None
 
     def open(self, tarball: Tarball) -> int:

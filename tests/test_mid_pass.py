@@ -38,7 +38,7 @@ def rows_match_files(receiver: Receiver) -> None:
 
 
 def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("a", "b", "c", "d"):
+    for name in ("a", "b", "c", "d", "e"):
         receiver.tarball("h1", name)
     receiver.tarball("h2", "x")
     replacement = receiver.tarball("h9", "c").read_bytes()
@@ -54,8 +54,17 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
         with open(h1 / "d.tar.zst", "ab") as f:
             f.write(b"more")
 
+    def rewrite_e_keeping_its_mtime() -> None:  # as rsync --inplace -t does: only its ctime moves
+        path = h1 / "e.tar.zst"
+        before = path.stat()
+        with open(path, "r+b") as f:
+            f.seek(before.st_size - 100)
+            f.write(os.urandom(100))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
     # what happens after the pass stat'ed each file and before it reads it
     meddle = {
+        "e": rewrite_e_keeping_its_mtime,  # same size, same mtime, other bytes
         "b": (h1 / "b.tar.zst").unlink,  # deleted
         "c": replace_c,  # replaced by another tarball
         "d": grow_d,  # still growing
@@ -69,11 +78,11 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
     monkeypatch.setattr(verify, "verify", meddle_then_verify)
     summary = one_pass(receiver)
     assert meddle == {}
-    assert (summary.backfilled, summary.unsettled, summary.corrupt) == (1, 4, 0)  # only a was still as seen
+    assert (summary.backfilled, summary.unsettled, summary.corrupt) == (1, 5, 0)  # only a was still as seen
     rows_match_files(receiver)
 
     monkeypatch.setattr(verify, "verify", real_verify)
     again = one_pass(receiver)
-    assert (again.backfilled, again.corrupt) == (1, 1)  # the new c; d has bytes after its frame
+    assert (again.backfilled, again.corrupt) == (1, 2)  # the new c; d has bytes after its frame, e a bad end
     rows_match_files(receiver)
     assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "c")]
