@@ -143,11 +143,14 @@ class HostDir:
         return names, skipped
 
     def lstat(self, episode_id: str) -> Tarball | Skipped | None:
-        """The tarball as it is now; None when it is gone."""
+        """The tarball as it is now; None when it is gone, Skipped when it
+        cannot be looked at (a directory listed but not searchable, EIO)."""
         try:
             st = os.stat(episode_id + SUFFIX, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            return Skipped(f"{self.host_id}/{episode_id}{SUFFIX}", f"cannot stat: {e.strerror}")
         if not stat.S_ISREG(st.st_mode):
             return Skipped(f"{self.host_id}/{episode_id}{SUFFIX}", _kind(st.st_mode))
         return Tarball(

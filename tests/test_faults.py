@@ -5,6 +5,7 @@ exactly one row per tarball."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections import Counter
@@ -89,3 +90,23 @@ def test_an_index_that_may_not_be_written(receiver: Receiver) -> None:
     assert receiver.index.read_bytes() == before
     assert receiver.run().returncode == 0
     assert receiver.keys() == [("h1", "old"), ("h1", "a")]
+
+
+def test_a_host_directory_that_can_be_listed_but_not_searched_is_skipped(receiver: Receiver) -> None:
+    """Read permission without search (mode 604): its names are listed, but
+    no file in it can be looked at. That host's tarballs are skipped with a
+    warning, and the other hosts are backfilled (the whole pass used to fail)."""
+    receiver.tarball("good", "a")
+    receiver.tarball("locked", "b")
+    (receiver.episodes / "locked").chmod(0o604)
+    argv = receiver.argv("--once", min_age=0)
+    if os.geteuid() == 0:  # root searches anything: drop the capabilities that let it
+        argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    (receiver.episodes / "locked").chmod(0o755)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    skipped = [(e["path"], e["reason"]) for e in events if e["event"] == "store_entry_skipped"]
+    assert skipped == [("locked/b.tar.zst", "cannot stat: Permission denied")]
+    finished = [e for e in events if e["event"] == "pass_finished"]
+    assert finished and (finished[0]["backfilled"], finished[0]["skipped"]) == (1, 1), proc.stdout
+    assert receiver.keys() == [("good", "a")]
