@@ -73,7 +73,7 @@ def first_header(read_at: Callable[[int, int], bytes], size: int) -> FrameHeader
         if magic & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC and len(head) >= 8:
             pos += 8 + int.from_bytes(head[4:8], "little")
             continue
-        if magic != MAGIC:
+        if magic != MAGIC or len(head) < 5:  # shorter than scanned: it shrank (the read then says so)
             return None
         rest = head[5 : 5 + _rest_size(head[4])]
         return parse_header(head[4], rest) if len(rest) == _rest_size(head[4]) else None

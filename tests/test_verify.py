@@ -435,6 +435,16 @@ def test_replaced_while_read_is_unsettled(tmp_path: Path) -> None:
         assert verify(host, tarball, on_read=replace) == Unsettled("replaced while it was read")
 
 
+def test_shrunk_to_its_magic_after_the_scan_is_unsettled(tmp_path: Path) -> None:
+    """Four bytes left of a file scanned whole: the frame header cannot be
+    read (it used to raise IndexError and fail the pass)."""
+    data = zstd(tar_bytes(episode()))
+    store, host, tarball = _host(tmp_path, data)
+    os.truncate(tmp_path / "h" / "e.tar.zst", 4)
+    with store, host:
+        assert verify(host, tarball) == Unsettled("changed while it was read")
+
+
 def test_removed_before_read_is_unsettled(tmp_path: Path) -> None:
     store, host, tarball = _host(tmp_path, zstd(tar_bytes(episode())))
     os.unlink(tmp_path / "h" / "e.tar.zst")
