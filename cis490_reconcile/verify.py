@@ -21,6 +21,7 @@ each verdict means and how memory is budgeted.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import operator
@@ -125,7 +126,8 @@ def examine(
 ) -> tuple[Intact | Corrupt | Unverifiable, Seen]:
     """Read the first `size` bytes of an open file and verify them: the
     verdict and what the read saw. Raises OSError when the file cannot be
-    read. on_wait is called while a large window waits for the budget."""
+    read, or zstd cannot have the memory it asks for (unreadable here, not
+    corrupt). on_wait is called while a large window waits for the budget."""
     decoding = decoding or Decoding()
     head = os.pread(fd, min(size, READ_SIZE), 0)  # a small tarball whole: read once, headers and all
 
@@ -148,6 +150,8 @@ def examine(
                         source, decoding.decoder(first.dict_id if first else 0, allowed), episode_id
                     )
                 except zstandard.ZstdError as e:
+                    if "Allocation error" in str(e):  # not the bytes: this process (LimitAS=, overcommit)
+                        raise OSError(errno.ENOMEM, f"zstd could not allocate its memory ({e})") from e
                     problem = f"zstd: {e}"
                 except Damaged as e:
                     problem = f"tar: {e}"

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import COMMIT, Receiver, measure_rss, meta, stock_tarball
+from helpers import COMMIT, Receiver, gnu_tarball, measure_rss, meta, stock_members, stock_tarball
 
 from cis490_reconcile.syscalls import memory_limit
 from cis490_reconcile.verdicts import plan_memory
@@ -70,6 +71,30 @@ def test_stock_tool_tarballs(
     assert (qdir / "h" / f"{case}.tar.zst").exists() is moved
     if not moved:
         assert path.read_bytes() == original
+
+
+def test_a_window_this_process_cannot_allocate_is_unreadable_not_corrupt(tmp_path: Path) -> None:
+    """zstd --long=27 asks for a 128 MiB window; under an address-space
+    limit (LimitAS=, a container's) zstd cannot allocate it. That says
+    nothing of the bytes: unreadable (looked at again), never corrupt."""
+    (tmp_path / "h").mkdir()
+    gnu_tarball(tmp_path / "h" / "e.tar.zst", stock_members("e"), ("--long=27",))
+    script = (
+        "import resource, sys, zstandard\n"
+        "from cis490_reconcile.store import Store\n"
+        "from cis490_reconcile.verify import verify_one\n"
+        "with Store(sys.argv[1]) as store:\n"
+        "    host = store.open_host('h')\n"
+        "    with host:\n"
+        "        tarball = host.lstat('e')\n"
+        "    used = int(open('/proc/self/statm').read().split()[0]) * 4096\n"
+        "    resource.setrlimit(resource.RLIMIT_AS, (used + (64 << 20), resource.RLIM_INFINITY))\n"
+        "    print(repr(verify_one(store, tarball)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("Unreadable(reason='read: zstd could not allocate its memory"), out.stdout
 
 
 def test_unverifiable_is_remembered_until_it_or_the_limits_change(receiver: Receiver, tmp_path: Path) -> None:
