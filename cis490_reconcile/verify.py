@@ -39,6 +39,7 @@ from .tarstream import Damaged, OverBound, TarStream
 from .verdicts import Corrupt, Decoding, Intact, Unreadable, Unsettled, Unverifiable, Verdict
 
 META_MAX_BYTES = 1 << 20
+PROGRESS_BYTES = 8 << 20  # decoded bytes between two signs of life (_Decoded)
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 
 
@@ -75,12 +76,46 @@ def meta_rank(name: str, episode_id: str) -> int | None:
     return 0 if parts == [episode_id, "meta.json"] else len(parts)
 
 
-def _read_tar(source: HashingReader, decoder: zstandard.ZstdDecompressor, episode_id: str) -> _Contents:
+class _Decoded:
+    """The decoded stream, saying on_read(0) every PROGRESS_BYTES: a small
+    file may decode to gigabytes (zeros, millions of empty tar headers)
+    with no read of the file between, and the watchdog and a stop request
+    must still hear from the verifier (on_read is where both are heard)."""
+
+    def __init__(
+        self, stream: zstandard.ZstdDecompressionReader, on_read: Callable[[int], None] | None
+    ) -> None:
+        self._stream = stream
+        self._on_read = on_read
+        self._since = 0
+
+    def _decoded(self, n: int) -> int:
+        self._since += n
+        if self._since >= PROGRESS_BYTES and self._on_read is not None:
+            self._since = 0
+            self._on_read(0)
+        return n
+
+    def readinto(self, view: memoryview) -> int:
+        return self._decoded(self._stream.readinto(view))
+
+    def skim(self) -> int:
+        """Decode and drop up to READ_SIZE bytes; 0 at the end."""
+        return self._decoded(len(self._stream.read(READ_SIZE)))
+
+
+def _read_tar(
+    source: HashingReader,
+    decoder: zstandard.ZstdDecompressor,
+    episode_id: str,
+    on_read: Callable[[int], None] | None,
+) -> _Contents:
     """Every member to the end-of-archive block, then the rest of the zstd
     stream (its checksums); the best meta.json's commit on the way."""
     raw = cast(IO[bytes], source)  # zstandard calls read() only
     with decoder.stream_reader(raw, read_size=READ_SIZE, read_across_frames=True, closefd=False) as stream:
-        tar = TarStream(stream.readinto)
+        decoded = _Decoded(stream, on_read)
+        tar = TarStream(decoded.readinto)
         members = 0
         best: tuple[int, tuple[str | None, str | None]] | None = None
         for member in tar:
@@ -92,7 +127,7 @@ def _read_tar(source: HashingReader, decoder: zstandard.ZstdDecompressor, episod
                 best = rank, (None, f"meta.json is {member.size} bytes (limit {META_MAX_BYTES})")
             else:
                 best = rank, _commit_from_meta(tar.read_data(META_MAX_BYTES))
-        while stream.read(READ_SIZE):  # decode to the end of the last frame: checksums
+        while decoded.skim():  # decode to the end of the last frame: checksums
             pass
     commit, note = (None, "no meta.json member") if best is None else best[1]
     return _Contents(members, commit, note)
@@ -146,9 +181,8 @@ def examine(
         if not refused:
             with decoding.reserved(window, on_wait) as allowed:
                 try:
-                    contents = _read_tar(
-                        source, decoding.decoder(first.dict_id if first else 0, allowed), episode_id
-                    )
+                    decoder = decoding.decoder(first.dict_id if first else 0, allowed)
+                    contents = _read_tar(source, decoder, episode_id, on_read)
                 except zstandard.ZstdError as e:
                     if "Allocation error" in str(e):  # not the bytes: this process (LimitAS=, overcommit)
                         raise OSError(errno.ENOMEM, f"zstd could not allocate its memory ({e})") from e

@@ -12,9 +12,10 @@ results are verdicts, the same values the serial path produces, handled in
 the parent: only the parent commits, logs and talks to systemd.
 
 The watchdog must see real progress, not a parent politely waiting on a
-stuck child. Workers add every byte they read to a shared counter, and the
-parent reports progress only when the counter moved or a batch finished; a
-worker blocked in read() for longer than WatchdogSec gets the service killed.
+stuck child. Workers count every read (and every 8 MiB decoded: a small
+file can decode to gigabytes) in a shared counter, and the parent reports
+progress only when the counter moved or a batch finished; a worker blocked
+in read() for longer than WatchdogSec gets the service killed.
 
 Stopping: the parent sets a shared flag; each worker checks it after every
 read (1 MiB) and returns what it has done so far.
@@ -82,6 +83,7 @@ class _Shared:
     decoding: Decoding
     rate: int | None
     bytes_read: Synchronized[int]
+    reads: Synchronized[int]  # calls of on_read: decoding says on_read(0) with no byte read
     stop: Synchronized[int]
 
 
@@ -105,6 +107,7 @@ def _verify_batch(batch: list[Tarball]) -> list[tuple[Tarball, Verdict, int]]:
         read += n
         with shared.bytes_read.get_lock():
             shared.bytes_read.value += n
+            shared.reads.value += 1
         pacer.consume(n)
         check_stop()
 
@@ -138,10 +141,11 @@ class VerifyPool:
         ctx = multiprocessing.get_context("fork")
         self.workers = workers
         self._bytes_read = ctx.Value("Q", 0)
+        self._reads = ctx.Value("Q", 0, lock=False)  # written under _bytes_read's lock
         self._stop = ctx.Value("b", 0)
         share = None if rate is None else max(rate // workers, 1)
         shared_decoding = replace(decoding, budget=SharedWindowBudget(ctx, decoding.max_window))
-        _shared = _Shared(store, shared_decoding, share, self._bytes_read, self._stop)
+        _shared = _Shared(store, shared_decoding, share, self._bytes_read, self._reads, self._stop)
         self._pool = ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=syscalls.die_with_parent, initargs=(os.getpid(),)
         )
@@ -165,7 +169,8 @@ class VerifyPool:
     ) -> Iterator[tuple[Tarball, Verdict, int]]:
         """Verdicts as batches finish. tick(progressed) is called at least
         every _POLL_S; progressed says whether any worker read a byte or
-        finished a batch since the last tick. tick may raise to stop."""
+        finished a batch since the last tick, or said it is decoding on
+        (verify._Decoded). tick may raise to stop."""
         todo = batches(tarballs)
         inflight: set[Future[list[tuple[Tarball, Verdict, int]]]] = set()
         seen = 0
@@ -180,7 +185,7 @@ class VerifyPool:
             if not inflight:
                 return
             done, inflight = wait(inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
-            now = self._bytes_read.value
+            now = self._reads.value
             tick(bool(done) or now != seen)
             seen = now
             for future in done:

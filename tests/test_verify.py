@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import pickle
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,9 @@ from cis490_reconcile.verify import (
     meta_rank,
     verify,
     verify_many,
+    verify_one,
 )
+from cis490_reconcile.workers import VerifyPool
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
 
@@ -443,6 +447,44 @@ def test_shrunk_to_its_magic_after_the_scan_is_unsettled(tmp_path: Path) -> None
     os.truncate(tmp_path / "h" / "e.tar.zst", 4)
     with store, host:
         assert verify(host, tarball) == Unsettled("changed while it was read")
+
+
+def _empty_members(tmp_path: Path, count: int) -> Tarball:
+    """A tarball of `count` empty members: 512 bytes each decoded, next to
+    nothing read (hours of headers from a few hundred KB, in the extreme)."""
+    header = tarfile.TarInfo("e/x").tobuf(tarfile.USTAR_FORMAT)
+    _store, host, tarball = _host(tmp_path, zstd(header * count + bytes(1024)))
+    host.close()
+    return tarball
+
+
+def test_decoding_on_without_reading_still_says_so(tmp_path: Path) -> None:
+    """A sign of life (on_read(0): the watchdog, a stop) every 8 MiB decoded,
+    not only every MiB read: 100 MiB of headers from a file of a few KB."""
+    tarball = _empty_members(tmp_path, 200_000)
+    calls: list[int] = []
+    with Store(tmp_path) as store:
+        assert isinstance(verify_one(store, tarball, on_read=calls.append), Intact)
+    assert calls.count(0) >= 11  # 97.7 MiB decoded
+    assert sum(calls) == tarball.size
+
+
+def test_a_worker_decoding_on_keeps_the_pass_alive(tmp_path: Path) -> None:
+    """The pool reports progress while a worker only decodes: the parent
+    feeds the watchdog from these ticks (it used to see no byte read for the
+    whole of such a file, and WatchdogSec killed the service every pass)."""
+    tarball = _empty_members(tmp_path, 600_000)
+    ticks: list[tuple[float, bool]] = []
+
+    def tick(progressed: bool) -> None:
+        ticks.append((time.monotonic(), progressed))
+
+    with Store(tmp_path) as store, VerifyPool(store, 1, None, Decoding()) as pool:
+        results = list(pool.results([tarball], tick))
+    assert [type(verdict) for _, verdict, _ in results] == [Intact]
+    beats = [at for at, progressed in ticks if progressed]
+    assert len(beats) >= 10
+    assert max(b - a for a, b in itertools.pairwise(beats)) < 1.0, "a second without a sign of life"
 
 
 def test_removed_before_read_is_unsettled(tmp_path: Path) -> None:
