@@ -141,9 +141,12 @@ def test_index_problems_are_reported_and_the_torn_tail_terminated(receiver: Rece
     receiver.tarball("h2", "a")  # indexed under h1 only: h2 still needs a row
     receiver.tarball("h1", "old")  # an old row without host_id covers it
     receiver.tarball("h1", "torn")
+    receiver.tarball("h3", "e")  # its only row names host "": no row, not one for every host
     receiver.append_row(receiver.receiver_row("h1", "a"))
     receiver.append_raw(b"\n{garbage\n[1]\n")
     receiver.append_row({"episode_id": "old", "sha256": "x"})
+    empty_host = len(receiver.index.read_bytes())
+    receiver.append_row({"host_id": "", "episode_id": "e"})
     receiver.append_raw(json.dumps(receiver.receiver_row("h1", "torn")).encode()[:50])
     before = receiver.index.read_bytes()
     result = receiver.run()
@@ -156,14 +159,19 @@ def test_index_problems_are_reported_and_the_torn_tail_terminated(receiver: Rece
     assert bad == [
         (3, first + 1, "not valid JSON"),
         (4, first + 10, "not a JSON object"),
-        (6, torn, "not valid JSON"),
+        (6, empty_host, "an empty host_id"),
+        (7, torn, "not valid JSON"),
     ]
-    assert result.one("index_torn_tail")["line"] == 6
+    assert result.one("index_torn_tail")["line"] == 7
     assert result.named("index_torn_tail_terminated")
     appended = [json.loads(line) for line in after[len(before) + 1 :].splitlines()]
-    assert sorted((r["host_id"], r["episode_id"]) for r in appended) == [("h1", "torn"), ("h2", "a")]
+    assert sorted((r["host_id"], r["episode_id"]) for r in appended) == [
+        ("h1", "torn"),
+        ("h2", "a"),
+        ("h3", "e"),
+    ]
     summary = result.one("pass_finished")
-    assert summary["bad_index_lines"] == 3
+    assert summary["bad_index_lines"] == 4
     assert summary["already_indexed"] == 2
 
 

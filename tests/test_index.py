@@ -46,6 +46,7 @@ def test_every_line_with_its_number_and_offset(tmp_path: Path) -> None:
         b"[1, 2, 3]\n",
         b'{"host_id": "h1"}\n',
         b'{"host_id": 7, "episode_id": "x"}\n',
+        b'{"host_id": "", "episode_id": "x"}\n',  # names no directory: not a row for every host
         b"\xff\xfe not utf-8\n",
         b"[" * 100_000 + b"\n",  # deep nesting: RecursionError in json
         row(None, "old"),
@@ -59,13 +60,14 @@ def test_every_line_with_its_number_and_offset(tmp_path: Path) -> None:
     offsets = [sum(map(len, lines[:i])) for i in range(len(lines) + 1)]
     bad = [e for e in got if isinstance(e, BadLine)]
     assert [(b.line, b.offset, b.end) for b in bad] == [
-        (i + 1, offsets[i], offsets[i + 1]) for i in (3, 4, 5, 6, 7, 8, 12)
+        (i + 1, offsets[i], offsets[i + 1]) for i in (3, 4, 5, 6, 7, 8, 9, 13)
     ]
     assert [b.reason for b in bad] == [
         "not valid JSON",
         "not a JSON object",
         "no episode_id string",
         "host_id is not a string",
+        "an empty host_id",
         "not valid JSON",
         "not valid JSON",
         "not valid JSON",
@@ -73,9 +75,9 @@ def test_every_line_with_its_number_and_offset(tmp_path: Path) -> None:
     rows = [e for e in got if isinstance(e, Row)]
     assert [(r.line, r.host_id, r.episode_id, r.offset) for r in rows] == [
         (1, "h1", "a", 0),
-        (10, None, "old", offsets[9]),
-        (11, "h2", "b", offsets[10]),
-        (12, None, "nan", offsets[11]),
+        (11, None, "old", offsets[10]),
+        (12, "h2", "b", offsets[11]),
+        (13, None, "nan", offsets[12]),
     ]
     assert rows[0].sha256 == "00" and rows[0].size_bytes == 1
     assert not any(isinstance(e, TornTail) for e in got)
@@ -182,7 +184,7 @@ def test_the_fast_path_decides_exactly_as_json_loads(
             isinstance(obj, dict)
             and isinstance(obj.get("episode_id"), str)
             and obj["episode_id"] != ""
-            and (obj.get("host_id") is None or isinstance(obj.get("host_id"), str))
+            and (obj.get("host_id") is None or (isinstance(obj.get("host_id"), str) and obj["host_id"] != ""))
         )
         entry = got.get(n)
         if not raw.strip():
