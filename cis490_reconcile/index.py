@@ -37,6 +37,7 @@ SCHEMA_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # receiver rows are ~300 bytes; longer lines are garbage
 READ_CHUNK = 1 << 20
 TAIL_BYTES = 4096
+JSON_SPACE = b" \t\n\r"  # a line of only these is blank; \x0b or \x0c make it a bad line, as for json
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 
 
@@ -172,7 +173,8 @@ def _judged(
     common case (no line blank, white space only or overlong) decodes the
     chunk in one decode call, and is one Rows when every line is a row;
     anything else goes line by line."""
-    if not first_overlong and all(map(bytes.strip, lines)) and max(map(len, lines)) <= MAX_LINE_BYTES:
+    stripped = map(bytes.strip, lines, itertools.repeat(JSON_SPACE))
+    if not first_overlong and all(stripped) and max(map(len, lines)) <= MAX_LINE_BYTES:
         rows = _decoder()(lines)
         if str not in map(type, rows):
             yield Rows(cast("list[Row]", rows), first, ends)
@@ -188,7 +190,7 @@ def _judged(
         n, offset, nxt = first + i, ends[i], ends[i + 1]
         if (i == 0 and first_overlong) or len(raw) > MAX_LINE_BYTES:
             yield BadLine(n, offset, nxt, "line longer than 1 MiB")
-        elif raw.strip():
+        elif raw.strip(JSON_SPACE):
             yield from _judged([raw], n, [offset, nxt], False)
 
 
