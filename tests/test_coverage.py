@@ -253,6 +253,22 @@ def test_a_file_of_something_else_or_another_store_is_refused(tmp_path: Path) ->
         State.open(tmp_path / "s.sqlite3", "/episodes", "/index")
 
 
+@pytest.mark.parametrize("reader", [False, True], ids=["transaction", "savepoint"])
+def test_a_transaction_sqlite_rolled_back_itself_keeps_its_first_error(tmp_path: Path, reader: bool) -> None:
+    """After SQLITE_FULL (and some I/O errors) SQLite has already rolled the
+    transaction back: ending it must not raise "no transaction is active"
+    over the error that says what happened."""
+    state = State.open(tmp_path / "state.sqlite3", "/episodes", "/index")
+    try:
+        if reader:
+            state.attach_base(tmp_path / "state.sqlite3")
+        with pytest.raises(ValueError, match="the first error"), state.transaction():
+            state.db.execute("ROLLBACK")  # what SQLite does itself on a full disk
+            raise ValueError("the first error")
+    finally:
+        state.close()
+
+
 def test_a_new_migration_upgrades_a_file_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file of version 1 with keys in it, opened by a program with one more
     migration, is upgraded in place: keys kept, the new column there, and a

@@ -152,7 +152,7 @@ class Database:
         self.db.close()
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
-        return _savepoint(self.db) if self.base else _transaction(self.db)
+        return _savepoint(self.db) if self.base else write_transaction(self.db)
 
     def attach_base(self, path: Path | str) -> None:
         """Attach the state read-only and read it as of this moment from now
@@ -184,13 +184,15 @@ def damaged(error: sqlite3.DatabaseError) -> bool:
 
 
 @contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """Every change is an explicit transaction, the write lock taken at BEGIN."""
-    db.execute("BEGIN IMMEDIATE")
+def write_transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """Every change is an explicit transaction, the write lock taken at BEGIN
+    (a plain BEGIN where only the temporary database is written)."""
+    db.execute(begin)
     try:
         yield
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # SQLite may have rolled it back itself (a full disk): keep the first error
+            db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
 
@@ -202,8 +204,9 @@ def _savepoint(db: sqlite3.Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        db.execute("ROLLBACK TO change")
-        db.execute("RELEASE change")
+        if db.in_transaction:  # as in write_transaction
+            db.execute("ROLLBACK TO change")
+            db.execute("RELEASE change")
         raise
     db.execute("RELEASE change")
 
@@ -221,7 +224,7 @@ def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, access: 
     if version < len(MIGRATIONS):
         if access is not Access.OWNER:
             raise StateUnusable(f"schema version {version}: the next pass migrates it")
-        with _transaction(db):
+        with write_transaction(db):
             for script in MIGRATIONS[version:]:
                 for statement in _statements(script):
                     db.execute(statement)
@@ -233,6 +236,6 @@ def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, access: 
     if found != (episodes_root, index_path):
         raise StateUnusable(f"written for another store ({found[0]}, {found[1]})" if found else "no store")
     if access is not Access.READER:  # a header that forbids writing is found by a write, not by a read
-        with contextlib.suppress(_RolledBack), _transaction(db):
+        with contextlib.suppress(_RolledBack), write_transaction(db):
             db.execute("UPDATE store SET index_path = index_path")
             raise _RolledBack

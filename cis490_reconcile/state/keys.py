@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from operator import itemgetter
 from typing import NamedTuple
 
-from .connection import Database, Scratch
+from .connection import Database, Scratch, write_transaction
 from .split import MAPPED, STAGING, Key, Tally, both_parts, host_ids, insert_keys
 
 EXAMPLES = 100
@@ -172,14 +172,13 @@ class Keys:
             "CREATE TEMP TRIGGER low_repeated AFTER UPDATE OF copies ON low BEGIN "
             "INSERT INTO low_dups VALUES (new.host, 1) ON CONFLICT DO UPDATE SET copies = copies + 1; END"
         )
-        db.execute("BEGIN")  # only the temporary database is written
-        db.execute(
-            "INSERT INTO temp.low (host, digest, offset, received) SELECT * FROM ("
-            f"{both_parts(self._staged, '< ?1')} ORDER BY 1, 2, 3) WHERE true "
-            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
-            (high,),
-        )
-        db.execute("COMMIT")
+        with write_transaction(db, "BEGIN"):  # only the temporary database is written
+            db.execute(
+                "INSERT INTO temp.low (host, digest, offset, received) SELECT * FROM ("
+                f"{both_parts(self._staged, '< ?1')} ORDER BY 1, 2, 3) WHERE true "
+                "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
+                (high,),
+            )
 
     def scratch(self) -> Scratch:
         """Where a rebuild on two processes works: beside the state file."""
