@@ -315,6 +315,7 @@ def _records(payload: bytes) -> dict[bytes, bytes]:
     """The records of a pax header: b"<length> <keyword>=<value>\\n", the length counting the whole record,
     up to the payload's end or a NUL. The sparse 0.0 records, one pair per extent, are joined by commas."""
     records: dict[bytes, bytes] = {}
+    sparse: dict[bytes, list[bytes]] = {}  # joined once at the end: adding each to the last is quadratic
     pos = 0
     while pos < len(payload) and payload[pos]:
         space = payload.find(b" ", pos, pos + 20)
@@ -324,11 +325,12 @@ def _records(payload: bytes) -> dict[bytes, bytes]:
         key, equals, value = payload[space + 1 : end - 1].partition(b"=")
         if end > len(payload) or not key or not equals or payload[end - 1] != _NL:
             raise Damaged("a pax record is malformed")
-        if key in _SPARSE_00 and key in records:
-            value = records[key] + b"," + value
-        records[key] = value
+        if key in _SPARSE_00:
+            sparse.setdefault(key, []).append(value)
+        else:
+            records[key] = value
         pos = end
-    return records
+    return records | {key: b",".join(values) for key, values in sparse.items()}
 
 
 def _gnu_sparse(block: bytes, start: int, entries: int, into: array[int]) -> array[int]:
