@@ -23,6 +23,7 @@ DICTIONARY_MAGIC = 0xEC30A437
 _SKIPPABLE_MASK, _SKIPPABLE_MAGIC = 0xFFFFFFF0, 0x184D2A50
 _MAX_BLOCK = 128 << 10
 _MAX_HEADER = 18  # magic + descriptor + window + dictionary id + content size
+LEADING_SKIPPABLE = 1000  # before the first frame; more: unverifiable (no tool writes that many)
 _MAGIC, _DESCRIPTOR, _HEADER_REST, _BLOCK, _CHECKSUM, _SKIP_SIZE = range(6)
 
 
@@ -65,9 +66,13 @@ def parse_header(descriptor: int, rest: bytes) -> FrameHeader:
 def first_header(read_at: Callable[[int, int], bytes], size: int) -> FrameHeader | None:
     """The header of the first zstd frame of a file (after any skippable
     frames), read with read_at(length, offset); None when the file does not
-    start with one (FrameWalker then says why)."""
+    start with one (FrameWalker then says why), nor after at most
+    LEADING_SKIPPABLE skippable frames: each costs a read before any sign of
+    life, and FrameWalker refuses a file with more."""
     pos = 0
-    while pos + 5 <= size:
+    for _ in range(LEADING_SKIPPABLE):
+        if pos + 5 > size:
+            break
         head = read_at(_MAX_HEADER, pos)
         magic = int.from_bytes(head[:4], "little")
         if magic & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC and len(head) >= 8:
@@ -103,6 +108,7 @@ class FrameWalker:
         self._descriptor = 0
         self._skip = 0  # block or skippable-frame bytes still to pass over
         self._has_checksum = False
+        self._leading = 0  # skippable frames before the first frame header; -1 after it
         self.frames = 0
         self.unchecksummed_frames = 0
         self.max_window = 0
@@ -135,6 +141,9 @@ class FrameWalker:
                 self._expect(_DESCRIPTOR, 1)
             elif magic & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
                 self._expect(_SKIP_SIZE, 4)
+                self._leading += self._leading >= 0
+                if self._leading > LEADING_SKIPPABLE and self.refusal is None:
+                    self.refusal = f"over {LEADING_SKIPPABLE} skippable frames before the first zstd frame"
             else:
                 self.error = "garbage after the last zstd frame" if self.frames else "not zstd data"
         elif state == _DESCRIPTOR:
@@ -167,6 +176,7 @@ class FrameWalker:
             self._expect(_MAGIC, 4)
 
     def _frame_header(self, rest: bytes) -> None:
+        self._leading = -1
         frame = parse_header(self._descriptor, rest)
         self.max_window = max(self.max_window, frame.window)
         if self.refusal is None:

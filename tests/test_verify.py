@@ -85,6 +85,19 @@ def test_multi_frame_and_skippable_frames_are_intact() -> None:
     assert not got.checksummed
 
 
+def test_a_thousand_skippable_frames_first_and_no_more() -> None:
+    """Each skippable frame before the first frame costs a read before any
+    sign of life: a file of millions (seconds of reads, a stalled watchdog)
+    is refused, unverifiable, after the first 1000. No tool writes that many."""
+    empty = (0x184D2A50).to_bytes(4, "little") + bytes(4)
+    frame = zstd(tar_bytes(episode()))
+    assert check(empty * 1000 + frame).commit == COMMIT
+    refused = verdict_of(empty * 1001 + frame)
+    assert isinstance(refused, Unverifiable)
+    assert refused.reason == "over 1000 skippable frames before the first zstd frame"
+    assert check(frame + empty * 5000).commit == COMMIT  # after the first: nothing to wait for
+
+
 def test_large_member_streams_through() -> None:
     payload = os.urandom(6 << 20)  # many reads, many zstd blocks
     got = check(zstd(tar_bytes(episode(payload))))
