@@ -188,19 +188,26 @@ def test_clean_after_a_pass_and_last_pass_result(receiver: Receiver, tmp_path: P
     assert report["attention"][-1].startswith("last pass failed: ")
 
 
+def indexed_with_a_pass_between(receiver: Receiver, tmp_path: Path, count: int, before: int) -> Path:
+    """`count` tarballs of h1, each with the receiver's row, and a pass with
+    a state directory (returned) after the first `before`."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    for i in range(count):
+        if i == before:
+            assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+        receiver.tarball("h1", f"ep{i:03d}")
+        receiver.append_row(receiver.receiver_row("h1", f"ep{i:03d}"))
+    return state_dir
+
+
 def test_rows_the_receiver_added_since_the_last_pass_count_with_the_states(
     receiver: Receiver, tmp_path: Path
 ) -> None:
     """Between passes a reader's keys are in two places: the state's (base)
     and those it read on from the checkpoint. A host whose directory is
     matched by a merge of its keys must see both, in one digest order."""
-    state_dir = tmp_path / "state"
-    state_dir.mkdir()
-    for i in range(40):
-        receiver.tarball("h1", f"ep{i:03d}")
-        receiver.append_row(receiver.receiver_row("h1", f"ep{i:03d}"))
-        if i == 19:
-            assert receiver.run("--state-dir", str(state_dir)).returncode == 0  # the state has 20
+    state_dir = indexed_with_a_pass_between(receiver, tmp_path, 40, 20)
 
     result = status(receiver, "--json", state_dir=state_dir)
     assert result.returncode == 0, result.stdout
@@ -219,13 +226,7 @@ def test_a_pass_that_commits_during_a_status_is_not_counted_twice(
     between its reading the index and its listing the store (rows read on
     from the state's checkpoint, which the pass then moves) must not count
     those rows in both, nor call them missing."""
-    state_dir = tmp_path / "state"
-    state_dir.mkdir()
-    for i in range(8):
-        receiver.tarball("h1", f"ep{i}")
-        receiver.append_row(receiver.receiver_row("h1", f"ep{i}"))
-        if i == 4:
-            assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    state_dir = indexed_with_a_pass_between(receiver, tmp_path, 8, 5)
     listing = survey.Survey.list_store
 
     def pass_meanwhile(self: survey.Survey) -> None:
