@@ -72,6 +72,8 @@ def check(store: Store, claim: Checkable, cutoff: float | None, on_read: Callabl
         )
     with host:
         tarball = host.lstat(claim.episode_id)
+        if isinstance(tarball, Skipped) and tarball.unreadable:  # there may be a file: not missing
+            return Found("unreadable", tarball.reason)
         if tarball is None or isinstance(tarball, Skipped):
             if pruned:
                 return Found("pruned")

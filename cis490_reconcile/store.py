@@ -86,6 +86,7 @@ class Skipped(NamedTuple):
 
     path: str  # relative to the root, printable
     reason: str
+    unreadable: bool = False  # not even stat'ed (EACCES, EIO): what it is, nobody knows
 
 
 class NotRegularFile(OSError):
@@ -150,7 +151,7 @@ class HostDir:
         except FileNotFoundError:
             return None
         except OSError as e:
-            return Skipped(f"{self.host_id}/{episode_id}{SUFFIX}", f"cannot stat: {e.strerror}")
+            return Skipped(f"{self.host_id}/{episode_id}{SUFFIX}", f"cannot stat: {e.strerror}", True)
         if not stat.S_ISREG(st.st_mode):
             return Skipped(f"{self.host_id}/{episode_id}{SUFFIX}", _kind(st.st_mode))
         return Tarball(

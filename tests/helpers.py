@@ -91,6 +91,14 @@ def bsdtar_zstd(path: Path, members: dict[str, bytes], tar_args: tuple[str, ...]
     return path.read_bytes()
 
 
+def permissions_apply(argv: list[str]) -> list[str]:
+    """`argv` with file permissions checked even as root (which reads and
+    searches anything): its DAC capabilities dropped with setpriv."""
+    if os.geteuid() != 0:
+        return argv
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
+
+
 def stock_members(episode_id: str, decoy: bool = False) -> dict[str, bytes]:
     """The episode's own meta.json, after a decoy *_meta.json when asked."""
     out = {f"{episode_id}/calib/sensor_meta.json": meta("f" * 40)} if decoy else {}

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, tmpfs
+from helpers import Receiver, permissions_apply, tmpfs
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs and chattr need root")
 
@@ -99,9 +99,7 @@ def test_a_host_directory_that_can_be_listed_but_not_searched_is_skipped(receive
     receiver.tarball("good", "a")
     receiver.tarball("locked", "b")
     (receiver.episodes / "locked").chmod(0o604)
-    argv = receiver.argv("--once", min_age=0)
-    if os.geteuid() == 0:  # root searches anything: drop the capabilities that let it
-        argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
+    argv = permissions_apply(receiver.argv("--once", min_age=0))
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     (receiver.episodes / "locked").chmod(0o755)
     events = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import REPO, NotifySocket, Receiver, Result, clean_env, parse_events
+from helpers import REPO, NotifySocket, Receiver, Result, clean_env, parse_events, permissions_apply
 from prometheus_client.parser import text_string_to_metric_families
 
 from cis490_reconcile import config, metrics
@@ -287,6 +287,26 @@ def test_metrics_file_reports_the_mismatch(receiver: Receiver, state: Path, tmp_
     assert samples[(f"{ns}_round_progress_ratio", ())] == 1.0
     completed = samples[(f"{ns}_last_round_completed_timestamp_seconds", ())]
     assert time.time() - 60 < completed <= time.time()
+
+
+def test_a_tarball_that_cannot_be_stated_is_unreadable_not_missing(receiver: Receiver, state: Path) -> None:
+    """A host directory listed but not searchable (mode 604): the file may
+    well be there, so the scrub says it could not look, not that it is gone."""
+    indexed(receiver, "h1", "a")
+    indexed(receiver, "h2", "b")
+    (receiver.episodes / "h2").chmod(0o604)
+    proc = subprocess.run(
+        permissions_apply(scrub_argv(receiver, state)), capture_output=True, text=True, timeout=60
+    )
+    (receiver.episodes / "h2").chmod(0o755)
+    result = Result(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout))
+    assert result.returncode == 1
+    assert [(e["path"], e["reason"]) for e in result.named("scrub_unreadable")] == [
+        ("h2/b.tar.zst", "cannot stat: Permission denied")
+    ]
+    assert result.named("scrub_missing") == []
+    finished = result.one("scrub_finished")
+    assert (finished["ok"], finished["unreadable"], finished["missing"]) == (1, 1, 0)
 
 
 def test_a_second_scrub_is_refused_while_one_holds_the_lock(receiver: Receiver, state: Path) -> None:
