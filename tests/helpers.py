@@ -44,6 +44,28 @@ def episode(payload: bytes | None = None, commit: object = COMMIT) -> dict[str, 
     }
 
 
+@contextmanager
+def _files(tool: str, members: dict[str, bytes], sparse: dict[str, list[tuple[int, bytes]]]) -> Iterator[str]:
+    """A temporary directory holding `members`, and `sparse` files written as
+    (offset, data) extents with holes between them, for `tool` to archive
+    (the test skips when it is not installed)."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (apt-get install libarchive-tools)")
+    with tempfile.TemporaryDirectory() as src:
+        for name, data in members.items():
+            target = Path(src, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        for name, extents in sparse.items():
+            target = Path(src, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as f:
+                for offset, data in extents:
+                    f.seek(offset)
+                    f.write(data)
+        yield src
+
+
 def gnu_tarball(
     path: Path,
     members: dict[str, bytes],
@@ -54,23 +76,9 @@ def gnu_tarball(
 ) -> bytes:
     """A .tar.zst made the way a shipper's shell does: GNU tar (or `tar`:
     bsdtar) piped into the zstd CLI (`tar -cf - ... | zstd ARGS`). `sparse`
-    adds files written as (offset, data) extents with holes between them,
-    for `tar -S`."""
-    if shutil.which(tar) is None:
-        pytest.skip(f"{tar} is not installed (apt-get install libarchive-tools)")
-    with tempfile.TemporaryDirectory() as src:
+    adds files with holes, for `tar -S`."""
+    with _files(tar, members, sparse or {}) as src:
         names = [*members, *(sparse or {})]
-        for name, data in members.items():
-            target = Path(src, name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        for name, extents in (sparse or {}).items():
-            target = Path(src, name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as f:
-                for offset, data in extents:
-                    f.seek(offset)
-                    f.write(data)
         tar_out = subprocess.Popen([tar, *tar_args, "-cf", "-", "-C", src, *names], stdout=subprocess.PIPE)
         subprocess.run(["zstd", "-q", "-f", *zstd_args, "-o", str(path)], stdin=tar_out.stdout, check=True)
         assert tar_out.stdout is not None and tar_out.wait() == 0
@@ -81,12 +89,7 @@ def gnu_tarball(
 def bsdtar_zstd(path: Path, members: dict[str, bytes], tar_args: tuple[str, ...] = ()) -> bytes:
     """A .tar.zst made by bsdtar alone (`bsdtar --zstd -cf`: libarchive's own
     zstd writer), as BSD and macOS shippers make them."""
-    if shutil.which("bsdtar") is None:
-        pytest.skip("bsdtar is not installed (apt-get install libarchive-tools)")
-    with tempfile.TemporaryDirectory() as src:
-        for name, data in members.items():
-            Path(src, name).parent.mkdir(parents=True, exist_ok=True)
-            Path(src, name).write_bytes(data)
+    with _files("bsdtar", members, {}) as src:
         subprocess.run(["bsdtar", "--zstd", *tar_args, "-cf", str(path), "-C", src, *members], check=True)
     return path.read_bytes()
 
