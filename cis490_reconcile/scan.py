@@ -160,9 +160,10 @@ class Scan:
                 for _, episode_id in group:
                     tarball = host.lstat(episode_id)
                     if not isinstance(tarball, Tarball):
-                        self._resolved_name(host_id, episode_id)  # gone, or not a file any more
                         if isinstance(tarball, Skipped):
                             self.skipped(tarball)
+                        if tarball is None or not tarball.unreadable:  # not stat'ed (EIO): still unresolved
+                            self._resolved_name(host_id, episode_id)  # gone, or not a file any more
                     elif self._known_unverifiable(tarball):
                         s.unverifiable += 1
                     elif (age_s := tarball.age_s()) >= self.cfg.min_age:

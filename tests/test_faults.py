@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import Receiver, permissions_apply, tmpfs
+
+from cis490_reconcile.scan import GUARD_NS
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs and chattr need root")
 
@@ -108,3 +111,24 @@ def test_a_host_directory_that_can_be_listed_but_not_searched_is_skipped(receive
     finished = [e for e in events if e["event"] == "pass_finished"]
     assert finished and (finished[0]["backfilled"], finished[0]["skipped"]) == (1, 1), proc.stdout
     assert receiver.keys() == [("good", "a")]
+
+
+@ROOT_ONLY
+def test_a_tarball_that_could_not_be_stated_is_looked_at_again(receiver: Receiver, tmp_path: Path) -> None:
+    """A file the pass could not stat (EACCES here; EIO alike) is still
+    unresolved: the next pass, in a directory that has not changed since,
+    looks at it again instead of trusting the memo that it was gone."""
+    receiver.tarball("locked", "b")
+    state = ("--state-dir", str(tmp_path))
+    (receiver.episodes / "locked").chmod(0o604)
+    try:
+        time.sleep(GUARD_NS / 1e9 + 0.2)  # so that the listing's times are remembered
+        argv = permissions_apply(receiver.argv("--once", *state, min_age=0))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert '"cannot stat: Permission denied"' in proc.stdout, proc.stdout
+        again = receiver.run(*state)  # as root, which may search it: the directory is unchanged
+    finally:
+        (receiver.episodes / "locked").chmod(0o755)
+    assert again.one("pass_finished")["hosts_unchanged"] == 1, again.stdout
+    assert again.one("pass_finished")["backfilled"] == 1, again.stdout
+    assert receiver.keys() == [("locked", "b")]
