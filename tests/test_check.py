@@ -226,6 +226,22 @@ def test_symlinks_and_other_files_are_refused_never_opened(receiver: Receiver, t
     ]
 
 
+def test_a_name_no_pass_would_look_at_is_a_usage_error(receiver: Receiver) -> None:
+    """A file not named <episode_id>.tar.zst is never a pass's business: one
+    line and exit 2, before anything is opened (not "no such file" about a
+    <name>.tar.zst nobody asked for)."""
+    good = receiver.tarball("robot-07", "real", gnu=True)
+    misnamed = good.with_name("real.tar")
+    misnamed.write_bytes(good.read_bytes())
+
+    proc = check(receiver, str(good), str(misnamed))
+
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"cis490-reconcile: error: check {misnamed}: not an episode tarball (<episode_id>.tar.zst)"
+    ], proc.stderr
+
+
 def test_a_file_outside_the_store_is_verified_not_looked_up(receiver: Receiver, tmp_path: Path) -> None:
     elsewhere = tmp_path / "incoming" / "robot-09"
     elsewhere.mkdir(parents=True)
