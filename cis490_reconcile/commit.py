@@ -34,6 +34,7 @@ from . import basics, index
 from .config import Config
 from .coverage import Coverage, NotReadOn
 from .indexkeys import CatchUp
+from .lock import LockTimeout
 from .store import Tarball
 from .verdicts import Intact
 
@@ -87,50 +88,56 @@ class Committer:
         for p, covered in zip(pending, self.coverage.covered(keys), strict=True):
             (done.raced if covered else done.fresh).append(p)
 
-    def commit(self, pending: list[Pending], on_wait: Callable[[], None]) -> Committed:
-        """Append the rows of `pending` the index still lacks. on_wait is
-        called while the lock is busy (it may raise to give up)."""
-        done = Committed()
+    def commit(self, pending: list[Pending], on_wait: Callable[[], None], done: Committed) -> None:
+        """Append the rows of `pending` the index still lacks; what was done,
+        into `done`, which holds the wait for the lock even when the wait
+        ends in LockTimeout. on_wait is called while the lock is busy (it may
+        raise to give up)."""
         self.catch_up()
         if self.dry_run:
             self._partition(pending, done)
             out = self.rows_out or sys.stdout
             out.write("".join(index.encode_row(p.row).decode("ascii") for p in done.fresh))
             out.flush()
-            return done
-        asked = time.monotonic()
+            return
         attempt = 1
         while (appended := self._locked(pending, done, on_wait, attempt == LOCKED_ATTEMPTS)) is None:
             self.catch_up()  # replaced since the last catch-up: read it whole, without the lock
             attempt += 1
-        locked_at, fd_read, start, lines = appended
-        done.lock_wait_s = locked_at - asked
+        fd_read, start, lines = appended
         self.on_read(fd_read)
         basics.step("appended")
         if done.written:
             self._ours(start, lines, [p.row for p in done.fresh], done.terminated_torn_tail)
-        return done
 
     def _locked(
         self, pending: list[Pending], done: Committed, on_wait: Callable[[], None], whole: bool
-    ) -> tuple[float, CatchUp, int, list[bytes]] | None:
-        """The locked section: (when the lock was taken, what was read on,
-        where our lines start, our lines); None, with nothing written, when
-        the index must be read whole first (unless `whole`)."""
-        with index.locked(self.cfg.index, self.cfg.lock_file, self.cfg.lock_timeout, on_wait) as ix:
-            locked_at = time.monotonic()
-            # No checkpoint here: a commit that holds the lock finishes.
-            try:
-                fd_read = self.coverage.catch_up(ix.fd, full=False, whole=whole)
-            except NotReadOn:
-                return None
-            done.terminated_torn_tail = ix.ends_torn()
-            self._partition(pending, done)
-            lines = [index.encode_row(p.row) for p in done.fresh]
-            start = os.fstat(ix.fd).st_size
-            done.written = ix.append(lines)
-            done.lock_held_s = time.monotonic() - locked_at
-        return locked_at, fd_read, start, lines
+    ) -> tuple[CatchUp, int, list[bytes]] | None:
+        """The locked section: (what was read on, where our lines start, our
+        lines); None, with nothing written, when the index must be read whole
+        first (unless `whole`). Each section adds its wait for the lock to
+        done.lock_wait_s, a timeout's too (never the reads between sections:
+        nobody held the lock then), and keeps the longest hold."""
+        asked = time.monotonic()
+        try:
+            with index.locked(self.cfg.index, self.cfg.lock_file, self.cfg.lock_timeout, on_wait) as ix:
+                locked_at = time.monotonic()
+                done.lock_wait_s += locked_at - asked
+                try:  # no checkpoint here: a commit that holds the lock finishes
+                    fd_read = self.coverage.catch_up(ix.fd, full=False, whole=whole)
+                    done.terminated_torn_tail = ix.ends_torn()
+                    self._partition(pending, done)
+                    lines = [index.encode_row(p.row) for p in done.fresh]
+                    start = os.fstat(ix.fd).st_size
+                    done.written = ix.append(lines)
+                except NotReadOn:
+                    return None
+                finally:
+                    done.lock_held_s = max(done.lock_held_s, time.monotonic() - locked_at)
+        except LockTimeout:
+            done.lock_wait_s += time.monotonic() - asked
+            raise
+        return fd_read, start, lines
 
     def _ours(self, start: int, lines: list[bytes], rows: list[dict[str, object]], terminated: bool) -> None:
         """Our own rows, into the database: as written, when they are the

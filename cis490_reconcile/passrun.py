@@ -255,11 +255,11 @@ class PassRun:
                 self.env.notifier.status(f"waiting for index lock {self.cfg.lock_path}", force=True)
             self.checkpoint()
 
-        asked = time.monotonic()
+        done = Committed()
         try:
-            done = self.committer.commit(pending, on_wait)
+            self.committer.commit(pending, on_wait, done)
         except LockTimeout:  # a wait that ended in failure is a wait too (the alert on lock waits sees it)
-            self.summary.lock_wait_s = round(self.summary.lock_wait_s + time.monotonic() - asked, 4)
+            self.summary.lock_wait_s = round(self.summary.lock_wait_s + done.lock_wait_s, 4)
             raise
         self._report(done)
 
