@@ -66,11 +66,12 @@ def parse_header(descriptor: int, rest: bytes) -> FrameHeader:
 def first_header(read_at: Callable[[int, int], bytes], size: int) -> FrameHeader | None:
     """The header of the first zstd frame of a file (after any skippable
     frames), read with read_at(length, offset); None when the file does not
-    start with one (FrameWalker then says why), nor after at most
+    start with one (FrameWalker then says why) after at most
     LEADING_SKIPPABLE skippable frames: each costs a read before any sign of
-    life, and FrameWalker refuses a file with more."""
+    life, and FrameWalker refuses a file with more (and must find the same
+    header: the frame after exactly LEADING_SKIPPABLE of them counts)."""
     pos = 0
-    for _ in range(LEADING_SKIPPABLE):
+    for _ in range(LEADING_SKIPPABLE + 1):  # that many skippable frames, then the frame
         if pos + 5 > size:
             break
         head = read_at(_MAX_HEADER, pos)

@@ -90,12 +90,15 @@ def test_a_thousand_skippable_frames_first_and_no_more() -> None:
     sign of life: a file of millions (seconds of reads, a stalled watchdog)
     is refused, unverifiable, after the first 1000. No tool writes that many."""
     empty = (0x184D2A50).to_bytes(4, "little") + bytes(4)
-    frame = zstd(tar_bytes(episode()))
-    assert check(empty * 1000 + frame).commit == COMMIT
-    refused = verdict_of(empty * 1001 + frame)
+    plain = zstd(tar_bytes(episode()))
+    assert check(empty * 1000 + plain).commit == COMMIT
+    refused = verdict_of(empty * 1001 + plain)
     assert isinstance(refused, Unverifiable)
     assert refused.reason == "over 1000 skippable frames before the first zstd frame"
-    assert check(frame + empty * 5000).commit == COMMIT  # after the first: nothing to wait for
+    assert check(plain + empty * 5000).commit == COMMIT  # after the first: nothing to wait for
+    trained = zstandard.train_dictionary(2048, samples())  # the 1000th too: its header names the dictionary
+    with_dict = Decoding(dictionaries={trained.dict_id(): trained.as_bytes()})
+    assert check(empty * 1000 + frame(tar_bytes(episode()), 22, trained), with_dict).commit == COMMIT
 
 
 def test_large_member_streams_through() -> None:
@@ -269,9 +272,12 @@ def test_a_later_frame_with_a_larger_window_is_read_again_with_its_budget() -> N
     assert budget.reserved == [32 << 20] and budget.held == 0
 
 
+def samples() -> list[bytes]:
+    return [json.dumps({"robot": f"r{i}", "frames": list(range(i % 40))}).encode() for i in range(400)]
+
+
 def test_dictionary_frames() -> None:
-    samples = [json.dumps({"robot": f"r{i}", "frames": list(range(i % 40))}).encode() for i in range(400)]
-    trained = zstandard.train_dictionary(2048, samples)
+    trained = zstandard.train_dictionary(2048, samples())
     data = frame(tar_bytes(episode()), 22, trained)
     assert zstandard.get_frame_parameters(data).dict_id == trained.dict_id()
     assert unverifiable_reason(data) == (
@@ -280,7 +286,7 @@ def test_dictionary_frames() -> None:
     with_dict = Decoding(dictionaries={trained.dict_id(): trained.as_bytes()})
     assert check(data, with_dict).commit == COMMIT
     assert "truncated" in corrupt_reason(data[:-10])  # cut: corrupt, dictionary or not
-    other = zstandard.train_dictionary(2048, [s + b"x" for s in samples[::-1]])
+    other = zstandard.train_dictionary(2048, [s + b"x" for s in samples()[::-1]])
     two = frame(tar_bytes(episode())[:1024], 22, trained) + frame(tar_bytes(episode())[1024:], 22, other)
     both = Decoding(dictionaries={d.dict_id(): d.as_bytes() for d in (trained, other)})
     assert unverifiable_reason(two, both) == "zstd frames use more than one dictionary"
