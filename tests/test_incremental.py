@@ -267,10 +267,37 @@ def _other_store(path: Path) -> None:
         db.execute("UPDATE store SET episodes_root = '/somewhere/else'")
 
 
+def _table_dropped(table: str) -> Callable[[Path], None]:
+    """Our file, short of a table its schema version promises (a hand edit,
+    a partial copy): at open (store) or mid-pass (keys)."""
+
+    def drop(path: Path) -> None:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute(f"DROP TABLE {table}")
+
+    return drop
+
+
 @pytest.mark.parametrize(
     "damage",
-    [_truncate, _garbage, _header_flip, _newer_schema, _other_store],
-    ids=["truncated", "garbage", "header", "newer-schema", "another-store"],
+    [
+        _truncate,
+        _garbage,
+        _header_flip,
+        _newer_schema,
+        _other_store,
+        _table_dropped("store"),
+        _table_dropped("keys"),
+    ],
+    ids=[
+        "truncated",
+        "garbage",
+        "header",
+        "newer-schema",
+        "another-store",
+        "no-store-table",
+        "no-keys-table",
+    ],
 )
 def test_a_bad_state_database_is_rebuilt_with_a_warning(
     receiver: Receiver, tmp_path: Path, damage: Callable[[Path], None]

@@ -176,11 +176,16 @@ class Database:
         return "base" if self.base else "main"
 
 
+_DAMAGED = ("readonly database", "no such table: ", "no such column: ")
+
+
 def damaged(error: sqlite3.DatabaseError) -> bool:
     """The file itself is damaged ("malformed", "not a database", a header
-    that forbids writing), so its owner may replace it. Not a busy database,
-    a full disk or an I/O error: those pass, and the file is kept."""
-    return type(error) is sqlite3.DatabaseError or "readonly database" in str(error)
+    that forbids writing, a table or column its schema version promises
+    gone: a hand edit, a partial copy), so its owner may replace it. Not a
+    busy database, a full disk or an I/O error: those pass, and the file is
+    kept."""
+    return type(error) is sqlite3.DatabaseError or any(sign in str(error) for sign in _DAMAGED)
 
 
 @contextmanager
