@@ -64,6 +64,8 @@ def check(store: Store, claim: Checkable, cutoff: float | None, on_read: Callabl
     tarballs)."""
     pruned = retention.older(claim.received, cutoff)
     host = store.open_host(claim.host_id)
+    if isinstance(host, Skipped) and host.unreadable:  # its files may be there: not missing, nor pruned
+        return Found("unreadable", host.reason)
     if host is None or isinstance(host, Skipped):
         return (
             Found("pruned")

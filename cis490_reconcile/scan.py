@@ -68,6 +68,9 @@ class Scan:
         self.hosts: dict[str, _Host] = {}
         self.unverified: dict[tuple[str, str], Unverified | None] = {}  # to remember (None: forget)
         self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
+        self.unopened: set[str] = (
+            set()
+        )  # host directories not opened or listed (EACCES, EIO): no orphans counted
         self._memos_read: dict[int, Memo] | None = None
         self.unverified_hosts = (
             state.records.unverified_hosts()
@@ -104,7 +107,7 @@ class Scan:
             self.env.log.warning("host_not_found", host_id=host_id)
         if not isinstance(host, HostDir):
             if isinstance(host, Skipped):
-                self.skipped(host)
+                self._skipped_host(host)
             return []
         with host:
             try:
@@ -120,7 +123,7 @@ class Scan:
                     return self._track(host_id, list(memo[2]))
                 names, skipped = host.entries()
             except OSError as e:
-                self.skipped(Skipped(host_id, f"cannot list: {e.strerror}"))
+                self._skipped_host(Skipped(host_id, f"cannot list: {e.strerror}", True))
                 self.hosts.pop(host_id, None)
                 return []
         self.summary.hosts_listed += 1
@@ -201,6 +204,13 @@ class Scan:
         key = (tarball.host_id, tarball.episode_id)
         self.unverified[key] = unverified(tarball, self.env.decoding.key, reason)
 
+    def _skipped_host(self, skipped: Skipped) -> None:
+        """A host directory not listed. One that could not be opened or
+        listed (EACCES, EIO) may hold its tarballs: its rows are no orphans."""
+        if skipped.unreadable:
+            self.unopened.add(skipped.path)
+        self.skipped(skipped)
+
     def skipped(self, skipped: Skipped) -> None:
         self.summary.skipped += 1
         self.events.warning("store_entry_skipped", path=skipped.path, reason=skipped.reason)
@@ -218,7 +228,7 @@ class Scan:
                 self.state.records.save_unverified(host_id(name), episode_id, verdict)
             if self._recounts_orphans:
                 for name, host in self.coverage.host_names().items():
-                    if host == 0:
+                    if host == 0 or name in self.unopened:  # unopened: its last full pass's counts stand
                         continue
                     if name not in self.orphans:  # its directory is gone: every row is an orphan
                         self.orphans[name] = orphans(self.coverage.host_rows(name, self.cutoff))

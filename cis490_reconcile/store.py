@@ -86,7 +86,7 @@ class Skipped(NamedTuple):
 
     path: str  # relative to the root, printable
     reason: str
-    unreadable: bool = False  # not even stat'ed (EACCES, EIO): what it is, nobody knows
+    unreadable: bool = False  # not stat'ed or opened (EACCES, EIO): what it holds, nobody knows
 
 
 class NotRegularFile(OSError):
@@ -208,15 +208,16 @@ class Store:
         return out
 
     def open_host(self, host_id: str) -> HostDir | Skipped | None:
-        """The host directory, Skipped when it is a symlink or not a directory,
-        None when it does not exist (removed mid-pass, or --host names nothing)."""
+        """The host directory, Skipped when it is a symlink or not a directory
+        (or unreadable, when it cannot be opened: EACCES, EIO), None when it
+        does not exist (removed mid-pass, or --host names nothing)."""
         try:
             return HostDir(host_id, os.open(host_id, syscalls.O_DIRECTORY_NOFOLLOW, dir_fd=self.fd))
         except FileNotFoundError:
             return None
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                return Skipped(host_id, f"cannot open: {e.strerror}")
+                return Skipped(host_id, f"cannot open: {e.strerror}", True)
         try:  # O_DIRECTORY|O_NOFOLLOW fails with ENOTDIR or ELOOP on a symlink: say which
             st = os.stat(host_id, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:

@@ -170,6 +170,9 @@ class Survey:
         self.files = self.bytes_read = 0
         self.fraction = 0.0  # of the host directories listed
         self.listed: dict[str, set[bytes]] = {}  # digests of each host's tarballs, for orphan examples
+        self.unopened: set[str] = (
+            set()
+        )  # host directories that could not be opened: their rows are no orphans
 
     def _wanted(self, host_id: str) -> bool:
         return self.cfg.host is None or host_id == self.cfg.host
@@ -201,6 +204,8 @@ class Survey:
                 host = store.open_host(host_id)
                 if isinstance(host, Skipped):
                     self._skipped(host)
+                    if host.unreadable:
+                        self.unopened.add(host_id)
                 elif host is not None:
                     with host:
                         self._host(store, host)
@@ -266,9 +271,15 @@ class Survey:
             self.bar.update(self.files, self.bytes_read, self.fraction)
 
     def gone_hosts(self) -> None:
-        """Hosts with rows but no directory: every row is without a tarball."""
+        """Hosts with rows but no directory: every row is without a tarball.
+        (Not a directory that could not be opened: its tarballs may be there.)"""
         for host_id, host in self.coverage.host_names().items():
-            if host and host_id not in self.report.hosts and self._wanted(host_id):
+            if (
+                host
+                and host_id not in self.report.hosts
+                and host_id not in self.unopened
+                and self._wanted(host_id)
+            ):
                 rows = self.coverage.host_rows(host_id, self.cutoff)
                 self._rows(host_id, rows, orphans(rows))
                 self.listed[host_id] = set()

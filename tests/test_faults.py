@@ -114,6 +114,32 @@ def test_a_host_directory_that_can_be_listed_but_not_searched_is_skipped(receive
 
 
 @ROOT_ONLY
+def test_rows_of_a_host_directory_that_cannot_be_opened_are_not_missing(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A host directory that cannot be opened (EACCES here, EIO alike) may
+    hold every tarball its rows name: a full pass keeps that host's orphan
+    counts of its last full pass, and status counts none of its rows as
+    missing (either would raise the alert on missing rows)."""
+    for host, episode_id in (("h1", "a"), ("h2", "b")):
+        receiver.tarball(host, episode_id)
+        receiver.append_row(receiver.receiver_row(host, episode_id))
+    prom, state = tmp_path / "m.prom", ("--state-dir", str(tmp_path))
+    (receiver.episodes / "h2").chmod(0o000)
+    try:
+        argv = permissions_apply(receiver.argv("--once", "--full", "--metrics-file", str(prom), *state))
+        passed = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        argv = permissions_apply(receiver.argv("--json", *state, command="status"))
+        status = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        (receiver.episodes / "h2").chmod(0o755)
+    assert '"reason": "cannot open: Permission denied"' in passed.stdout, passed.stdout
+    assert 'cis490_reconcile_orphan_rows{kind="missing"} 0.0' in prom.read_text()
+    report = json.loads(status.stdout)
+    assert (report["totals"]["missing_rows"], report["missing_rows"]) == (0, []), status.stdout
+
+
+@ROOT_ONLY
 def test_a_tarball_that_could_not_be_stated_is_looked_at_again(receiver: Receiver, tmp_path: Path) -> None:
     """A file the pass could not stat (EACCES here; EIO alike) is still
     unresolved: the next pass, in a directory that has not changed since,

@@ -289,21 +289,28 @@ def test_metrics_file_reports_the_mismatch(receiver: Receiver, state: Path, tmp_
     assert time.time() - 60 < completed <= time.time()
 
 
-def test_a_tarball_that_cannot_be_stated_is_unreadable_not_missing(receiver: Receiver, state: Path) -> None:
-    """A host directory listed but not searchable (mode 604): the file may
-    well be there, so the scrub says it could not look, not that it is gone."""
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [(0o604, "cannot stat: Permission denied"), (0o000, "cannot open: Permission denied")],
+    ids=["not-searchable", "not-openable"],
+)
+def test_a_tarball_that_cannot_be_looked_at_is_unreadable_not_missing(
+    receiver: Receiver, state: Path, mode: int, reason: str
+) -> None:
+    """A host directory listed but not searchable (mode 604), or not even
+    opened (000, EIO alike): the file may well be there, so the scrub says it
+    could not look, not that it is gone (nor pruned: a pruned run would
+    never be looked at again)."""
     indexed(receiver, "h1", "a")
     indexed(receiver, "h2", "b")
-    (receiver.episodes / "h2").chmod(0o604)
+    (receiver.episodes / "h2").chmod(mode)
     proc = subprocess.run(
         permissions_apply(scrub_argv(receiver, state)), capture_output=True, text=True, timeout=60
     )
     (receiver.episodes / "h2").chmod(0o755)
     result = Result(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout))
     assert result.returncode == 1
-    assert [(e["path"], e["reason"]) for e in result.named("scrub_unreadable")] == [
-        ("h2/b.tar.zst", "cannot stat: Permission denied")
-    ]
+    assert [(e["path"], e["reason"]) for e in result.named("scrub_unreadable")] == [("h2/b.tar.zst", reason)]
     assert result.named("scrub_missing") == []
     finished = result.one("scrub_finished")
     assert (finished["ok"], finished["unreadable"], finished["missing"]) == (1, 1, 0)
