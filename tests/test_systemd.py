@@ -282,3 +282,38 @@ def test_scrub_unit_checks_the_store_and_fails_on_a_changed_tarball(
     mismatch = named(events(box, SCRUB), "scrub_mismatch")
     assert [(m["path"], m["line"], m["_priority"]) for m in mismatch] == [("h1/b.tar.zst", 2, "4")]
     assert receiver.index.read_bytes() == index_before  # reported, never fixed
+
+
+def readme_drop_in(venv: Path) -> str:
+    """README's drop-in for quarantine and a metrics directory, as written
+    there, with this test's install path."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```ini\n(\[Service\]\nExecStart=\n.*?)```", text, re.DOTALL)
+    assert block is not None, "README's drop-in block"
+    return block[1].replace("/opt/cis490/.venv", str(venv))
+
+
+@needs_container
+def test_readmes_drop_in_quarantines_a_corrupt_tarball(
+    deployed: tuple[SystemdContainer, Receiver], venv: Path
+) -> None:
+    """Under the shipped unit's sandbox, with README's drop-in: the move is
+    a rename, and a rename between two mounts fails (EXDEV) however much
+    they share a filesystem. systemd makes each ReadWritePaths= and
+    ReadOnlyPaths= entry a mount of its own."""
+    box, receiver = deployed
+    receiver.tarball("h2", "cut", blob=receiver.tarball("h2", "whole").read_bytes()[:-100])
+    (receiver.root / "quarantine").mkdir()
+    own(box)
+    box.run("mkdir", "-p", "/var/lib/prometheus/node-exporter")
+    box.write_file(f"/etc/systemd/system/{SERVICE}.d/test.conf", readme_drop_in(venv) + "WatchdogSec=3\n")
+    box.write_file("/etc/cis490/reconcile.toml", "min_age = 0\nquarantine_min_age = 0\n")
+    box.systemctl("daemon-reload")
+    box.systemctl("start", SERVICE, check=False)
+    box.wait_for(lambda: finished(box, SERVICE), 30, "the run to end")
+    found = events(box, SERVICE)
+    assert [e["error"] for e in named(found, "quarantine_failed")] == []
+    assert [e["path"] for e in named(found, "tarball_quarantined")] == ["h2/cut.tar.zst"]
+    moved = receiver.root / "quarantine" / "h2"
+    assert sorted(p.name for p in moved.iterdir()) == ["cut.tar.zst", "cut.tar.zst.json"]
+    assert box.show(SERVICE, "Result") == "success"
