@@ -64,8 +64,8 @@ def load_dictionaries(paths: tuple[Path, ...]) -> dict[int, bytes]:
 
 
 def _check_quarantine(qdir: Path, root: Path) -> None:
-    """A rename target: an existing directory on the episodes' filesystem,
-    and not inside the episodes root (it would be scanned as a host)."""
+    """A rename target: an existing directory in the episodes' mount, and
+    not inside the episodes root (it would be scanned as a host)."""
     flag = f"--quarantine-dir {qdir}"
     try:
         st = os.stat(qdir)
@@ -75,6 +75,11 @@ def _check_quarantine(qdir: Path, root: Path) -> None:
         raise ConfigError(f"{flag}: not a directory")
     if st.st_dev != os.stat(root).st_dev:
         raise ConfigError(f"{flag}: on another filesystem than {root}; a quarantine move must be a rename")
+    if syscalls.mount_id(qdir) != syscalls.mount_id(root):
+        raise ConfigError(
+            f"{flag}: in another mount than {root} (a bind mount, as systemd makes one of each "
+            "ReadWritePaths= and ReadOnlyPaths= entry); a quarantine move must be a rename within one mount"
+        )
     real_q, real_root = qdir.resolve(), root.resolve()
     if real_q == real_root or real_root in real_q.parents:
         raise ConfigError(f"{flag}: inside the episodes root {root}")

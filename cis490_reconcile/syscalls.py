@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import select
 import signal
 import struct
@@ -184,6 +185,30 @@ def mount_type(path: Path) -> str | None:
         if fields.split(" ")[2:3] == [wanted] and tail:
             return tail.split(" ")[0]
     return None
+
+
+def mount_id(path: Path) -> int | None:
+    """The id /proc/self/mountinfo gives the mount holding `path`: the one
+    whose mount point is the longest prefix of its real path, the last of
+    those stacked on one point. rename(2) between two mounts fails with
+    EXDEV even on one filesystem, with one st_dev (a bind mount: systemd
+    makes one of each ReadWritePaths=/ReadOnlyPaths= entry). Re-measure:
+    `mount --bind D D; mv D/f E/` says "Invalid cross-device link". None if
+    it cannot be told."""
+    try:
+        real = os.path.realpath(path)
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found, longest = None, -1
+    for line in lines:
+        fields = line.split(" ")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])  # \040 is a space
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= longest:
+            found, longest = int(fields[0]), len(point)
+    return found
 
 
 def cpu_count() -> int:

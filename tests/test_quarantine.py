@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,6 +115,27 @@ def test_refuses_a_quarantine_on_another_filesystem(receiver: Receiver, other_fs
     result = receiver.run("--quarantine-dir", str(other_fs))
     assert result.returncode == 2
     assert "another filesystem" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@ROOT_ONLY
+def test_refuses_a_quarantine_in_another_mount_of_the_same_filesystem(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """The episodes bound over themselves (as systemd's ReadOnlyPaths= does):
+    one st_dev, but a rename out of them fails with EXDEV. Refused before the
+    pass, in one line, instead of a failed move each pass."""
+    qdir = tmp_path / "quarantine"
+    qdir.mkdir()
+    receiver.tarball("h1", "cut", blob=corrupt_blob())
+    subprocess.run(["mount", "--bind", str(receiver.episodes), str(receiver.episodes)], check=True)
+    try:
+        assert receiver.episodes.stat().st_dev == qdir.stat().st_dev
+        result = receiver.run("--quarantine-dir", str(qdir), "--quarantine-min-age", "0")
+    finally:
+        subprocess.run(["umount", str(receiver.episodes)], check=True)
+    assert result.returncode == 2, result.stdout
+    assert "in another mount than" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert (receiver.episodes / "h1" / "cut.tar.zst").exists() and list(qdir.iterdir()) == []
 
 
 @pytest.mark.parametrize("where", ["inside", "root", "missing", "file"])
