@@ -20,7 +20,8 @@ Races, and how each is handled:
 - A crash after the sidecar is written but before the rename leaves a
   sidecar with no tarball beside it (it names no file, and is never
   deleted), and the tarball still in the store; the next pass finds it
-  corrupt again and moves it under the next free name.
+  corrupt again and moves it under the next free name. A rename that fails
+  (EXDEV, EACCES) takes its sidecar away with it: it moved nothing.
 - The quarantine must be on the episodes' filesystem (a rename, not a copy
   that a crash could leave half-done) and outside the episodes root (or it
   would be scanned as a host directory); preflight.check_paths refuses others.
@@ -80,7 +81,11 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
         syscalls.write_atomic(
             host_q / (name + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode() + b"\n"
         )
-        syscalls.rename_noreplace(host.fd, tarball.name, qfd, name)
+        try:
+            syscalls.rename_noreplace(host.fd, tarball.name, qfd, name)
+        except OSError:
+            os.unlink(name + SIDECAR_SUFFIX, dir_fd=qfd)  # nothing moved: the sidecar names no file
+            raise
         if not tarball.is_file(os.stat(name, dir_fd=qfd, follow_symlinks=False)):
             syscalls.rename_noreplace(qfd, name, host.fd, tarball.name)  # a re-send: give it back
             os.unlink(name + SIDECAR_SUFFIX, dir_fd=qfd)

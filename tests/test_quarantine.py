@@ -79,6 +79,25 @@ def as_verified(receiver: Receiver, host_id: str, episode_id: str) -> Iterator[t
             yield host, seen
 
 
+@ROOT_ONLY
+def test_a_move_that_fails_leaves_no_sidecar_and_takes_no_name(receiver: Receiver, tmp_path: Path) -> None:
+    """A real EXDEV (the episodes bound over themselves, past preflight): the
+    sidecar written before the rename goes with the failure. Left behind, each
+    failed pass used to take one more of the episode's 1000 names."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    path = receiver.tarball("h1", "e", blob=corrupt_blob())
+    subprocess.run(["mount", "--bind", str(receiver.episodes), str(receiver.episodes)], check=True)
+    try:
+        with as_verified(receiver, "h1", "e") as (host, seen):
+            for _ in range(3):
+                with pytest.raises(OSError, match="cross-device"):
+                    quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    finally:
+        subprocess.run(["umount", str(receiver.episodes)], check=True)
+    assert path.exists() and list(qdir.rglob("*")) == [qdir / "h1"]
+
+
 def test_dry_run_moves_nothing(receiver: Receiver, tmp_path: Path) -> None:
     qdir = tmp_path / "q"
     qdir.mkdir()
