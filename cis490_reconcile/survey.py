@@ -169,10 +169,8 @@ class Survey:
         self.pacer = ReadPacer(cfg.max_read_rate, lambda: None)
         self.files = self.bytes_read = 0
         self.fraction = 0.0  # of the host directories listed
-        self.listed: dict[str, set[bytes]] = {}  # digests of each host's tarballs, for orphan examples
-        self.unopened: set[str] = (
-            set()
-        )  # host directories that could not be opened: their rows are no orphans
+        self.listed: set[str] = set()  # hosts listed, or whose directory is gone
+        self.unopened: set[str] = set()  # directories that could not be opened: no orphans counted
 
     def _wanted(self, host_id: str) -> bool:
         return self.cfg.host is None or host_id == self.cfg.host
@@ -222,7 +220,7 @@ class Survey:
             self._skipped(entry)
         listing = self.coverage.listing(host.host_id, names, self.cutoff)
         self._rows(host.host_id, listing.rows, listing.orphans)
-        self.listed[host.host_id] = {digest(name) for name in names}
+        self.listed.add(host.host_id)
         unindexed = set(listing.unindexed)
         for name in names:
             tarball = host.lstat(name)
@@ -282,22 +280,31 @@ class Survey:
             ):
                 rows = self.coverage.host_rows(host_id, self.cutoff)
                 self._rows(host_id, rows, orphans(rows))
-                self.listed[host_id] = set()
+                self.listed.add(host_id)
         self.report.hosts = {
             h: c for h, c in self.report.hosts.items() if c != HostCounts() or h in self.listed
         }
 
     def orphan_rows(self, missing_only: bool) -> Iterator[dict[str, object]]:
         """Rows whose tarball is gone (only the missing ones, or all), named
-        from the index itself."""
+        from the index itself. Only hosts with such rows are looked at, each
+        until its count is found, and its directory is listed again then:
+        memory is one host's listing, not the store's."""
         assert self.fd is not None
-        for host_id, listed in sorted(self.listed.items()):
-            host = self.coverage.known_host(host_id)
-            if host is None:
-                continue
-            since = self.cutoff if missing_only else None
-            for key, offset, received, _ in self.view.keys.rows(host, since=since):
-                if key not in listed:
+        with Store(self.cfg.episodes_root) as store:
+            for host_id in sorted(self.listed):
+                counts, host = self.report.hosts.get(host_id), self.coverage.known_host(host_id)
+                left = (
+                    0 if counts is None else counts.missing_rows + (0 if missing_only else counts.pruned_rows)
+                )
+                if host is None or left <= 0:
+                    continue
+                listed = _tarball_digests(store, host_id)
+                for key, offset, received, _ in self.view.keys.rows(
+                    host, since=self.cutoff if missing_only else None
+                ):
+                    if key in listed:
+                        continue
                     row = index.row_at(self.fd, offset)
                     if row is not None:
                         kind = "pruned" if retention.older(received, self.cutoff) else "missing"
@@ -307,6 +314,9 @@ class Survey:
                             "offset": offset,
                             "kind": kind,
                         }
+                    left -= 1
+                    if not left:
+                        break
 
     def examples(self) -> None:
         r = self.report
@@ -331,6 +341,15 @@ class Survey:
                         offset=offset,
                         rows=copies,
                     )
+
+
+def _tarball_digests(store: Store, host_id: str) -> set[bytes]:
+    """The digests of a host directory's episode names (none when it is gone)."""
+    host = store.open_host(host_id)
+    if not isinstance(host, HostDir):
+        return set()
+    with host:
+        return {digest(name) for name in host.entries()[0]}
 
 
 def survey(

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from helpers import LockHolder, Receiver, episode, gnu_tarball
 from cis490_reconcile import config, survey
 from cis490_reconcile.actions import Context
 from cis490_reconcile.actions import status as status_action
+from cis490_reconcile.state.keys import Keys
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
 
@@ -239,6 +241,35 @@ def test_a_pass_that_commits_during_a_status_is_not_counted_twice(
     )
     totals = survey.survey(cfg).totals()
     assert (totals.indexed, totals.unindexed, totals.missing_rows, totals.duplicate_rows) == (8, 0, 0, 0)
+
+
+def test_missing_row_examples_cost_the_hosts_that_have_them(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One missing row among many hosts: only its host's keys are read for
+    the example, and only until its one row is found (at 100M rows a scan of
+    every key made a 0.3 s status minutes long)."""
+    for host in ("h1", "h2", "h3"):
+        for i in range(20):
+            receiver.tarball(host, f"e{i}", blob=b"x")
+            receiver.append_row(receiver.receiver_row(host, f"e{i}"))
+    receiver.append_row({"host_id": "h2", "episode_id": "gone"})
+    asked: list[tuple[int, int]] = []  # (host, keys taken)
+    rows = Keys.rows
+
+    def counted(
+        self: Keys, host: int, *args: object, **kwargs: object
+    ) -> Iterator[tuple[bytes, int, int | None, int]]:
+        asked.append((host, 0))
+        for got in rows(self, host, *args, **kwargs):  # type: ignore[arg-type]
+            asked[-1] = (host, asked[-1][1] + 1)
+            yield got
+
+    monkeypatch.setattr(Keys, "rows", counted)
+    cfg = config.build({"episodes_root": str(receiver.episodes), "index": str(receiver.index), "min_age": 0})
+    report = survey.survey(cfg)
+    assert [(m["host_id"], m["episode_id"]) for m in report.examples["missing_rows"]] == [("h2", "gone")]
+    assert len(asked) == 1 and asked[0][1] <= 21, asked  # h2 alone, to its orphan at most
 
 
 def test_in_flight_is_not_attention(receiver: Receiver) -> None:
