@@ -63,7 +63,7 @@ from .rowcheck import check, checkable, report
 from .rows import Row
 from .runtime import StopRequested
 from .scrubcursor import Counts, Cursor, PrunedRuns
-from .state import State
+from .state import State, StateUnusable
 from .statedir import StateBusy
 from .store import Store
 from .termbar import TerminalBar
@@ -143,14 +143,23 @@ class Scrubber:
         could not start (said in one event); a run that got going returns
         what it did, an error that stopped it included."""
         lock_path = self.state_dir / LOCK_FILE
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as e:  # a state directory this user may not write
+            self.log.error("scrub_failed", lock_file=lock_path, error=f"lock file: {e.strerror}")
+            raise ScrubNotRun(f"lock file: {e.strerror}") from e
         try:
             if not syscalls.try_flock(fd):
                 self.log.error("scrub_already_running", lock_file=lock_path)
                 raise ScrubNotRun(f"another scrub holds {lock_path}")
             try:
                 self.state = statedir.guest(self.cfg, self.log, settle=True)
-            except (StateBusy, sqlite3.OperationalError) as e:  # held past the timeouts, a full disk
+            except (
+                StateBusy,
+                StateUnusable,
+                OSError,
+                sqlite3.OperationalError,
+            ) as e:  # busy, full, unwritable
                 self.log.error("scrub_failed", error=str(e))
                 raise ScrubNotRun(str(e)) from e
             try:

@@ -316,6 +316,21 @@ def test_a_tarball_that_cannot_be_looked_at_is_unreadable_not_missing(
     assert (finished["ok"], finished["unreadable"], finished["missing"]) == (1, 1, 0)
 
 
+def test_a_state_directory_it_may_not_write_fails_in_one_event(receiver: Receiver, tmp_path: Path) -> None:
+    """The scrub's user cannot create its lock file: scrub_failed and exit 1,
+    not a traceback (internal_error)."""
+    indexed(receiver, "h1", "a")
+    state = tmp_path / "ro-state"
+    state.mkdir(mode=0o555)
+    proc = subprocess.run(
+        permissions_apply(scrub_argv(receiver, state)), capture_output=True, text=True, timeout=60
+    )
+    result = Result(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout))
+    assert result.returncode == 1, proc.stderr
+    assert result.one("scrub_failed")["error"] == "lock file: Permission denied"
+    assert result.named("internal_error") == [] and "Traceback" not in proc.stderr
+
+
 def test_a_second_scrub_is_refused_while_one_holds_the_lock(receiver: Receiver, state: Path) -> None:
     indexed(receiver, "h1", "a")
     with open(state / "scrub.lock", "a") as held:
