@@ -135,7 +135,8 @@ def view(cfg: Config, log: Logger) -> Iterator[State]:
                     State.open(base, str(cfg.episodes_root), str(cfg.index), Access.READER).close()
                     state.attach_base(base)
                     state.keys.copy_hosts_from_base()
-                except (StateUnusable, sqlite3.Error) as e:
+                except (StateUnusable, sqlite3.Error) as e:  # replaced since its check, say
+                    state.forget_base()
                     log.info("state_ignored", state_file=base, reason=str(e))
             yield state
         finally:

@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from helpers import LockHolder, Receiver, episode, gnu_tarball
 from cis490_reconcile import config, survey
 from cis490_reconcile.actions import Context
 from cis490_reconcile.actions import status as status_action
+from cis490_reconcile.state.connection import Database
 from cis490_reconcile.state.keys import Keys
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
@@ -270,6 +272,29 @@ def test_missing_row_examples_cost_the_hosts_that_have_them(
     report = survey.survey(cfg)
     assert [(m["host_id"], m["episode_id"]) for m in report.examples["missing_rows"]] == [("h2", "gone")]
     assert len(asked) == 1 and asked[0][1] <= 21, asked  # h2 alone, to its orphan at most
+
+
+def test_a_state_that_fails_after_it_is_attached_is_ignored_whole(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state checked usable, then failing once attached (its owner
+    rebuilt it in between, say): status goes on without it, from the index
+    alone, instead of failing on a half-attached database."""
+    state_dir = indexed_with_a_pass_between(receiver, tmp_path, 8, 5)
+    attach = Database.attach_base
+
+    def replaced_first(self: Database, path: Path | str) -> None:
+        fresh = tmp_path / "fresh.sqlite3"
+        sqlite3.connect(fresh).close()  # an owner's new file, before its first table
+        os.replace(fresh, path)
+        attach(self, path)
+
+    monkeypatch.setattr(Database, "attach_base", replaced_first)
+    cfg = config.build(
+        {"episodes_root": str(receiver.episodes), "index": str(receiver.index), "state_dir": str(state_dir)}
+    )
+    totals = survey.survey(cfg).totals()
+    assert (totals.indexed, totals.unindexed, totals.missing_rows, totals.duplicate_rows) == (8, 0, 0, 0)
 
 
 def test_in_flight_is_not_attention(receiver: Receiver) -> None:

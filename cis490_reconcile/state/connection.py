@@ -170,6 +170,15 @@ class Database:
         self.db.execute("DETACH DATABASE base")
         self.base = False
 
+    def forget_base(self) -> None:
+        """Undo attach_base however far it got, and what main took from the
+        base meanwhile: a reader that cannot use it goes on without it."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.OperationalError):  # never attached
+            self.db.execute("DETACH DATABASE base")
+        self.base = False
+
     @property
     def last(self) -> str:
         """The schema that holds what the last pass left: base when attached."""
