@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import select
 import signal
 import struct
@@ -314,9 +315,13 @@ _RENAME_NOREPLACE = 1  # linux/fs.h
 
 def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
     """Move src to dst without ever replacing an existing dst (FileExistsError
-    instead). renameat2(RENAME_NOREPLACE) where the filesystem has it; else a
-    hard link (which also refuses to replace) and an unlink of the old name,
-    so a crash in between leaves two names for one file, never a lost file."""
+    instead). renameat2(RENAME_NOREPLACE) where the filesystem has it. Where
+    it has not (NFS, FUSE filesystems such as bindfs: EINVAL), src is first
+    renamed to a name only this call uses, in dst's directory, then hard
+    linked to dst (a link refuses to replace too) and the private name
+    unlinked. Never an unlink of src by name: a file renamed over src
+    meanwhile (a receiver's re-send) would go. A crash in between leaves the
+    file under the private name, never a lost file."""
     import ctypes  # only loaded when something is moved
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -327,5 +332,13 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS):
             raise OSError(err, os.strerror(err), dst)
-    os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
-    os.unlink(src, dir_fd=src_dir_fd)
+    private = f".{dst}.{secrets.token_hex(8)}.moving"
+    os.rename(src, private, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+    try:
+        os.link(private, dst, src_dir_fd=dst_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    except OSError:
+        with contextlib.suppress(OSError):  # back, unless something took src's name: then it stays private
+            os.link(private, src, src_dir_fd=dst_dir_fd, dst_dir_fd=src_dir_fd, follow_symlinks=False)
+            os.unlink(private, dir_fd=dst_dir_fd)
+        raise
+    os.unlink(private, dir_fd=dst_dir_fd)

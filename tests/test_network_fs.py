@@ -359,3 +359,43 @@ def test_the_lines_name_flag_path_type_and_why(tmp_path: Path, monkeypatch: pyte
     assert preflight.network_filesystems(moved) == [
         f"--lock-file {nfs}/lk: on a network filesystem (nfs): {locks}",
     ]
+
+
+@NEEDS_FUSE
+def test_a_move_without_rename_noreplace_never_deletes_a_resend(
+    fuse: Mount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bindfs (like NFS) has no RENAME_NOREPLACE, so a quarantine move falls
+    back to a hard link. A re-send renamed over the tarball's name while it
+    is being moved must stay: unlinking that name after the link deleted it."""
+    store, qdir = fuse.path / "episodes" / "h1", fuse.path / "quarantine"
+    store.mkdir(parents=True)
+    qdir.mkdir()
+    (store / "e.tar.zst").write_bytes(b"corrupt")
+    link = os.link
+    resent: list[bool] = []
+
+    def link_then_resend(*args: object, **kwargs: object) -> None:
+        link(*args, **kwargs)  # type: ignore[arg-type]
+        if not resent:  # the receiver's re-send lands at the name, by rename, as it writes them
+            (store / ".upload").write_bytes(b"resent")
+            os.rename(store / ".upload", store / "e.tar.zst")
+            resent.append(True)
+
+    monkeypatch.setattr(os, "link", link_then_resend)
+    (store / "f.tar.zst").write_bytes(b"f")
+    (qdir / "f.tar.zst").write_bytes(b"taken")
+    src, dst = os.open(store, os.O_RDONLY), os.open(qdir, os.O_RDONLY)
+    try:
+        syscalls.rename_noreplace(src, "e.tar.zst", dst, "e.tar.zst")
+        with pytest.raises(FileExistsError):  # nothing replaced, and the file back where it was
+            syscalls.rename_noreplace(src, "f.tar.zst", dst, "f.tar.zst")
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert resent and (qdir / "e.tar.zst").read_bytes() == b"corrupt"
+    assert [(p.name, p.read_bytes()) for p in sorted(store.iterdir())] == [
+        ("e.tar.zst", b"resent"),
+        ("f.tar.zst", b"f"),
+    ]
+    assert sorted(p.name for p in qdir.iterdir()) == ["e.tar.zst", "f.tar.zst"]  # no private name left
