@@ -65,7 +65,13 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
     if not tarball.unchanged(os.stat(tarball.name, dir_fd=host.fd, follow_symlinks=False)):
         raise QuarantineRace(f"{tarball.path} changed since it was verified")
     host_q = qdir / tarball.host_id
-    host_q.mkdir(mode=0o750, exist_ok=True)
+    try:
+        host_q.mkdir(mode=0o750)
+        syscalls.fsync_dir(
+            qdir
+        )  # its entry first: a crash must not lose the directory with a moved file in it
+    except FileExistsError:
+        pass
     qfd = os.open(host_q, syscalls.O_DIRECTORY_NOFOLLOW)
     try:
         name = _free_name(qfd, tarball.episode_id)

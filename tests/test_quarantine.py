@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import Receiver, episode, tar_bytes, tmpfs, zstd
 
-from cis490_reconcile import quarantine
+from cis490_reconcile import quarantine, syscalls
 from cis490_reconcile.store import HostDir, Store, Tarball
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -96,6 +96,33 @@ def test_a_move_that_fails_leaves_no_sidecar_and_takes_no_name(receiver: Receive
     finally:
         subprocess.run(["umount", str(receiver.episodes)], check=True)
     assert path.exists() and list(qdir.rglob("*")) == [qdir / "h1"]
+
+
+def test_a_new_host_directory_is_made_durable_before_a_file_moves_into_it(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's name goes away durably (its directory is fsynced after
+    the move); the quarantine's new host directory must be there as surely,
+    or a crash could lose both names of the file."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    receiver.tarball("h1", "e", blob=corrupt_blob())
+    done: list[str] = []
+    fsync_dir, rename = syscalls.fsync_dir, syscalls.rename_noreplace
+
+    def noted_fsync(path: str | os.PathLike[str] | int) -> None:
+        done.append("fsync " + (os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)))
+        fsync_dir(path)
+
+    def noted_rename(*args: object) -> None:
+        done.append("rename")
+        rename(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(syscalls, "fsync_dir", noted_fsync)
+    monkeypatch.setattr(syscalls, "rename_noreplace", noted_rename)
+    with as_verified(receiver, "h1", "e") as (host, seen):
+        quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    assert done.index(f"fsync {qdir}") < done.index("rename"), done
 
 
 def test_dry_run_moves_nothing(receiver: Receiver, tmp_path: Path) -> None:
