@@ -12,8 +12,9 @@ Races, and how each is handled:
   the size and mtime we read; after moving, the moved inode is checked
   again. If it is not the one we verified, it is renamed back (without
   replacing anything), so a good re-send is never quarantined. (Should a
-  third file have appeared at the name meanwhile, the move back fails and
-  the re-send stays in the quarantine, sidecar and all: moved, not lost.)
+  third file have appeared at the name meanwhile, the move back fails: the
+  re-send stays in the quarantine, moved, not lost, its sidecar saying it
+  was not verified, and the warning says where it is.)
 - A name in the quarantine is taken (the same episode was corrupt before):
   the move never replaces (renameat2 RENAME_NOREPLACE); the next free
   name `<episode>.N.tar.zst` is used.
@@ -59,6 +60,10 @@ def _free_name(qfd: int, episode_id: str) -> str:
     raise FileExistsError(f"{MAX_NAMES} quarantined copies of {episode_id}")
 
 
+def _write_sidecar(host_q: Path, name: str, sidecar: dict[str, object]) -> None:
+    syscalls.write_atomic(host_q / (name + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode() + b"\n")
+
+
 def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> Path:
     """Rename the verified-corrupt `tarball` into qdir/<host_id>/; return
     where it went. Raises QuarantineRace or OSError, leaving it in place."""
@@ -67,15 +72,13 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
     host_q = qdir / tarball.host_id
     try:
         host_q.mkdir(mode=0o750)
-        syscalls.fsync_dir(
-            qdir
-        )  # its entry first: a crash must not lose the directory with a moved file in it
+        syscalls.fsync_dir(qdir)  # a crash must not lose the new directory, a moved file in it
     except FileExistsError:
         pass
     qfd = os.open(host_q, syscalls.O_DIRECTORY_NOFOLLOW)
     try:
         name = _free_name(qfd, tarball.episode_id)
-        sidecar = {
+        sidecar: dict[str, object] = {
             "host_id": tarball.host_id,
             "episode_id": tarball.episode_id,
             "original_path": tarball.path,
@@ -84,16 +87,24 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
             "quarantined_at": now,
             "quarantined_by": f"cis490-reconcile {__version__}",
         }
-        syscalls.write_atomic(
-            host_q / (name + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode() + b"\n"
-        )
+        _write_sidecar(host_q, name, sidecar)
         try:
             syscalls.rename_noreplace(host.fd, tarball.name, qfd, name)
         except OSError:
             os.unlink(name + SIDECAR_SUFFIX, dir_fd=qfd)  # nothing moved: the sidecar names no file
             raise
-        if not tarball.is_file(os.stat(name, dir_fd=qfd, follow_symlinks=False)):
-            syscalls.rename_noreplace(qfd, name, host.fd, tarball.name)  # a re-send: give it back
+        moved = os.stat(name, dir_fd=qfd, follow_symlinks=False)
+        if not tarball.is_file(moved):
+            try:
+                syscalls.rename_noreplace(qfd, name, host.fd, tarball.name)  # a re-send: give it back
+            except FileExistsError:  # a third file has the name now: the re-send stays here, said so
+                sidecar["reason"] = f"not verified: a re-send moved while {tarball.path} was quarantined"
+                sidecar["size_bytes"] = moved.st_size
+                _write_sidecar(host_q, name, sidecar)
+                raise QuarantineRace(
+                    f"{tarball.path} was replaced while it was being moved, and again before the newer "
+                    f"file could go back: that file, not verified, is at {host_q / name}"
+                ) from None
             os.unlink(name + SIDECAR_SUFFIX, dir_fd=qfd)
             raise QuarantineRace(f"{tarball.path} was replaced while it was being moved")
         syscalls.fsync_dir(qfd)

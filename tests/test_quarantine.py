@@ -125,6 +125,34 @@ def test_a_new_host_directory_is_made_durable_before_a_file_moves_into_it(
     assert done.index(f"fsync {qdir}") < done.index("rename"), done
 
 
+def test_a_resend_caught_in_the_move_with_its_name_taken_again_is_said_where_it_is(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-send lands between the check and the rename (so it is what moved),
+    and a third file takes the name before it can go back: it stays in the
+    quarantine, moved, not lost, its sidecar says it was not verified, and
+    the error names where it is (not 'it stays in place')."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    path = receiver.tarball("h1", "e", blob=corrupt_blob())
+    rename = syscalls.rename_noreplace
+    calls: list[bytes] = []
+
+    def racing(*args: object) -> None:
+        calls.append(b"resent" if not calls else b"third")  # the receiver, just before each rename
+        (path.parent / ".upload").write_bytes(calls[-1])
+        os.rename(path.parent / ".upload", path)
+        rename(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(syscalls, "rename_noreplace", racing)
+    gone_back = pytest.raises(quarantine.QuarantineRace, match=r"not verified, is at .*/q/h1/e\.tar\.zst$")
+    with as_verified(receiver, "h1", "e") as (host, seen), gone_back:
+        quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    assert path.read_bytes() == b"third" and (qdir / "h1/e.tar.zst").read_bytes() == b"resent"
+    sidecar = json.loads((qdir / "h1/e.tar.zst.json").read_text())
+    assert sidecar["reason"].startswith("not verified") and sidecar["size_bytes"] == len(b"resent")
+
+
 def test_dry_run_moves_nothing(receiver: Receiver, tmp_path: Path) -> None:
     qdir = tmp_path / "q"
     qdir.mkdir()
