@@ -52,7 +52,10 @@ EVENTS: dict[str, tuple[str, str]] = {
     "tarball_unreadable": ("warning", "open or read failed (EACCES, EIO): `path`, `reason`"),
     "tarball_without_commit": ("warning", "indexed without `commit`: `path`, `reason`"),
     "tarball_quarantined": ("warning", "moved aside: `path`, `quarantine_path`, `reason`"),
-    "quarantine_failed": ("warning", "could not move it; it stays in place: `path`, `error`"),
+    "quarantine_failed": (
+        "warning",
+        "could not move it; it stays in place, or `error` says where: `path`, `error`",
+    ),
     "memory_limited": (
         "warning",
         "the memory limit (MemoryMax=) made the pass use fewer workers or a smaller window limit: "
