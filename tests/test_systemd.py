@@ -293,6 +293,20 @@ def readme_drop_in(venv: Path) -> str:
     return block[1].replace("/opt/cis490/.venv", str(venv))
 
 
+def quarantine_run(box: SystemdContainer, receiver: Receiver, drop_in_text: str) -> None:
+    """One run of the service with `drop_in_text` on a store with a cut
+    tarball and quarantine_min_age 0."""
+    receiver.tarball("h2", "cut", blob=receiver.tarball("h2", "whole").read_bytes()[:-100])
+    (receiver.root / "quarantine").mkdir()
+    own(box)
+    box.run("mkdir", "-p", "/var/lib/prometheus/node-exporter")
+    box.write_file(f"/etc/systemd/system/{SERVICE}.d/test.conf", drop_in_text + "WatchdogSec=3\n")
+    box.write_file("/etc/cis490/reconcile.toml", "min_age = 0\nquarantine_min_age = 0\n")
+    box.systemctl("daemon-reload")
+    box.systemctl("start", SERVICE, check=False)
+    box.wait_for(lambda: finished(box, SERVICE), 30, "the run to end")
+
+
 @needs_container
 def test_readmes_drop_in_quarantines_a_corrupt_tarball(
     deployed: tuple[SystemdContainer, Receiver], venv: Path
@@ -302,18 +316,26 @@ def test_readmes_drop_in_quarantines_a_corrupt_tarball(
     they share a filesystem. systemd makes each ReadWritePaths= and
     ReadOnlyPaths= entry a mount of its own."""
     box, receiver = deployed
-    receiver.tarball("h2", "cut", blob=receiver.tarball("h2", "whole").read_bytes()[:-100])
-    (receiver.root / "quarantine").mkdir()
-    own(box)
-    box.run("mkdir", "-p", "/var/lib/prometheus/node-exporter")
-    box.write_file(f"/etc/systemd/system/{SERVICE}.d/test.conf", readme_drop_in(venv) + "WatchdogSec=3\n")
-    box.write_file("/etc/cis490/reconcile.toml", "min_age = 0\nquarantine_min_age = 0\n")
-    box.systemctl("daemon-reload")
-    box.systemctl("start", SERVICE, check=False)
-    box.wait_for(lambda: finished(box, SERVICE), 30, "the run to end")
+    quarantine_run(box, receiver, readme_drop_in(venv))
     found = events(box, SERVICE)
     assert [e["error"] for e in named(found, "quarantine_failed")] == []
     assert [e["path"] for e in named(found, "tarball_quarantined")] == ["h2/cut.tar.zst"]
     moved = receiver.root / "quarantine" / "h2"
     assert sorted(p.name for p in moved.iterdir()) == ["cut.tar.zst", "cut.tar.zst.json"]
     assert box.show(SERVICE, "Result") == "success"
+
+
+@needs_container
+def test_quarantine_without_the_drop_ins_reset_is_refused_in_one_line(
+    deployed: tuple[SystemdContainer, Receiver], venv: Path
+) -> None:
+    """The shipped unit keeps the episodes read-only, a mount of their own:
+    --quarantine-dir without README's ReadOnlyPaths= reset is refused before
+    the pass (exit 2, one line), not a failed move per file and pass."""
+    box, receiver = deployed
+    text = readme_drop_in(venv).replace("ReadOnlyPaths=\n", "")
+    quarantine_run(box, receiver, text)
+    assert box.show(SERVICE, "ExecMainStatus") == "2"
+    said = box.journal("-u", SERVICE, "-o", "cat", "_TRANSPORT=stdout").splitlines()
+    assert len(said) == 1 and "in another mount than /var/lib/cis490/episodes" in said[0], said
+    assert (receiver.episodes / "h2" / "cut.tar.zst").exists()
