@@ -68,9 +68,7 @@ class Scan:
         self.hosts: dict[str, _Host] = {}
         self.unverified: dict[tuple[str, str], Unverified | None] = {}  # to remember (None: forget)
         self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
-        self.unopened: set[str] = (
-            set()
-        )  # host directories not opened or listed (EACCES, EIO): no orphans counted
+        self.unopened: set[str] = set()  # host directories not opened or listed: no orphans counted
         self._memos_read: dict[int, Memo] | None = None
         self.unverified_hosts = (
             state.records.unverified_hosts()

@@ -293,10 +293,9 @@ class Survey:
         assert self.fd is not None
         with Store(self.cfg.episodes_root) as store:
             for host_id in sorted(self.listed):
-                counts, host = self.report.hosts.get(host_id), self.coverage.known_host(host_id)
-                left = (
-                    0 if counts is None else counts.missing_rows + (0 if missing_only else counts.pruned_rows)
-                )
+                counts = self.report.hosts[host_id]  # every host listed (or gone) was counted
+                host = self.coverage.known_host(host_id)
+                left = counts.missing_rows + (0 if missing_only else counts.pruned_rows)
                 if host is None or left <= 0:
                     continue
                 listed = _tarball_digests(store, host_id)

@@ -169,6 +169,15 @@ def filesystem_type(path: Path) -> int:
     return ctypes.c_ulong.from_buffer(buf).value
 
 
+def _mountinfo() -> list[str]:
+    """The lines of /proc/self/mountinfo; none if it cannot be read."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
 def mount_type(path: Path) -> str | None:
     """The type /proc/self/mountinfo gives the mount holding `path`, with a
     FUSE daemon's subtype (fuse.sshfs, fuse.glusterfs) where it set one;
@@ -176,12 +185,10 @@ def mount_type(path: Path) -> str | None:
     field is major:minor; its type follows the " - " separator)."""
     try:
         dev = os.stat(path).st_dev
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
     except OSError:
         return None
     wanted = f"{os.major(dev)}:{os.minor(dev)}"
-    for line in lines:
+    for line in _mountinfo():
         fields, _, tail = line.partition(" - ")
         if fields.split(" ")[2:3] == [wanted] and tail:
             return tail.split(" ")[0]
@@ -196,14 +203,9 @@ def mount_id(path: Path) -> int | None:
     makes one of each ReadWritePaths=/ReadOnlyPaths= entry). Re-measure:
     `mount --bind D D; mv D/f E/` says "Invalid cross-device link". None if
     it cannot be told."""
-    try:
-        real = os.path.realpath(path)
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
+    real = os.path.realpath(path)
     found, longest = None, -1
-    for line in lines:
+    for line in _mountinfo():
         fields = line.split(" ")
         point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])  # \040 is a space
         inside = real == point or real.startswith(point.rstrip("/") + "/")
