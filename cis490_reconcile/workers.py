@@ -12,10 +12,13 @@ results are verdicts, the same values the serial path produces, handled in
 the parent: only the parent commits, logs and talks to systemd.
 
 The watchdog must see real progress, not a parent politely waiting on a
-stuck child. Workers count every read (and every 8 MiB decoded: a small
-file can decode to gigabytes) in a shared counter, and the parent reports
-progress only when the counter moved or a batch finished; a worker blocked
-in read() for longer than WatchdogSec gets the service killed.
+stuck child. Workers tick a shared counter on every read, every 8 MiB
+decoded (a small file can decode to gigabytes) and every slice of a sleep
+that keeps the read rate (as the serial path feeds the watchdog while its
+pacer sleeps: at 64K/s split over 4 workers one 1 MiB read takes 64 s, past
+WatchdogSec=60). The parent reports progress only when the counter moved or
+a batch finished; a worker blocked in read() for longer than WatchdogSec
+gets the service killed.
 
 Stopping: the parent sets a shared flag; each worker checks it after every
 read (1 MiB) and returns what it has done so far.
@@ -83,7 +86,7 @@ class _Shared:
     decoding: Decoding
     rate: int | None
     bytes_read: Synchronized[int]
-    reads: Synchronized[int]  # calls of on_read: decoding says on_read(0) with no byte read
+    ticks: Synchronized[int]  # signs of life: reads, on_read(0) while decoding, pacing sleeps
     stop: Synchronized[int]
 
 
@@ -98,18 +101,21 @@ def _verify_batch(batch: list[Tarball]) -> list[tuple[Tarball, Verdict, int]]:
         if shared.stop.value:
             raise _Stopped
 
-    pacer = ReadPacer(shared.rate, check_stop)
+    def alive(n: int = 0) -> None:
+        with shared.bytes_read.get_lock():
+            shared.bytes_read.value += n
+            shared.ticks.value += 1
+        check_stop()
+
+    pacer = ReadPacer(shared.rate, alive)
     results: list[tuple[Tarball, Verdict, int]] = []
     read = counted = 0  # bytes read in this batch; of them, for the verdicts in results
 
     def on_read(n: int) -> None:
         nonlocal read
         read += n
-        with shared.bytes_read.get_lock():
-            shared.bytes_read.value += n
-            shared.reads.value += 1
+        alive(n)
         pacer.consume(n)
-        check_stop()
 
     with contextlib.suppress(_Stopped):  # a stop: what is done so far
         for tarball, verdict in verify_many(shared.store, batch, shared.decoding, on_read, check_stop):
@@ -141,11 +147,11 @@ class VerifyPool:
         ctx = multiprocessing.get_context("fork")
         self.workers = workers
         self._bytes_read = ctx.Value("Q", 0)
-        self._reads = ctx.Value("Q", 0, lock=False)  # written under _bytes_read's lock
+        self._ticks = ctx.Value("Q", 0, lock=False)  # written under _bytes_read's lock
         self._stop = ctx.Value("b", 0)
         share = None if rate is None else max(rate // workers, 1)
         shared_decoding = replace(decoding, budget=SharedWindowBudget(ctx, decoding.max_window))
-        _shared = _Shared(store, shared_decoding, share, self._bytes_read, self._reads, self._stop)
+        _shared = _Shared(store, shared_decoding, share, self._bytes_read, self._ticks, self._stop)
         self._pool = ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=syscalls.die_with_parent, initargs=(os.getpid(),)
         )
@@ -168,9 +174,9 @@ class VerifyPool:
         self, tarballs: Iterable[Tarball], tick: Callable[[bool], None]
     ) -> Iterator[tuple[Tarball, Verdict, int]]:
         """Verdicts as batches finish. tick(progressed) is called at least
-        every _POLL_S; progressed says whether any worker read a byte or
-        finished a batch since the last tick, or said it is decoding on
-        (verify._Decoded). tick may raise to stop."""
+        every _POLL_S; progressed says whether any worker ticked (read,
+        decoded on, or slept to keep the rate) or a batch finished since the
+        last tick. tick may raise to stop."""
         todo = batches(tarballs)
         inflight: set[Future[list[tuple[Tarball, Verdict, int]]]] = set()
         seen = 0
@@ -185,7 +191,7 @@ class VerifyPool:
             if not inflight:
                 return
             done, inflight = wait(inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
-            now = self._reads.value
+            now = self._ticks.value
             tick(bool(done) or now != seen)
             seen = now
             for future in done:

@@ -33,8 +33,8 @@ def notify_socket(tmp_path: Path):
     sock.close()
 
 
-def big_tarball(receiver: Receiver, host: str, episode_id: str) -> Path:
-    return receiver.tarball(host, episode_id, episode(os.urandom(BIG)), checksum=True)
+def big_tarball(receiver: Receiver, host: str, episode_id: str, size: int = BIG) -> Path:
+    return receiver.tarball(host, episode_id, episode(os.urandom(size)), checksum=True)
 
 
 def start(receiver: Receiver, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -57,11 +57,13 @@ def test_ready_status_watchdog_cadence_and_stopping(
     receiver: Receiver, notify_socket: NotifySocket, workers: str
 ) -> None:
     """With workers the pings come from the parent, but only while the
-    workers' shared byte counter moves."""
-    big_tarball(receiver, "h1", "big")
+    workers' shared counter moves. At 2M/s one 1 MiB read takes 0.5 s here
+    and 1 s in one of two workers, longer than the watchdog's period: the
+    sleeps that keep the rate must feed it, in a worker as in the parent."""
+    big_tarball(receiver, "h1", "big", size=4 << 20)
     env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC=str(WATCHDOG_USEC))
     started = time.monotonic()
-    argv = receiver.argv("--once", "--max-read-rate", RATE, "--workers", workers)
+    argv = receiver.argv("--once", "--max-read-rate", "2M", "--workers", workers)
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     took = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
