@@ -201,9 +201,7 @@ class Survey:
                     continue
                 host = store.open_host(host_id)
                 if isinstance(host, Skipped):
-                    self._skipped(host)
-                    if host.unreadable:
-                        self.unopened.add(host_id)
+                    self._skipped_host(host)
                 elif host is not None:
                     with host:
                         self._host(store, host)
@@ -213,9 +211,20 @@ class Survey:
         self.report.skipped += 1
         self.report.example("skipped", path=skipped.path, reason=skipped.reason)
 
+    def _skipped_host(self, skipped: Skipped) -> None:
+        """A host directory not listed; one that could not be opened or
+        listed (EACCES, EIO) may hold its tarballs: its rows are no orphans."""
+        self._skipped(skipped)
+        if skipped.unreadable:
+            self.unopened.add(skipped.path)
+
     def _host(self, store: Store, host: HostDir) -> None:
+        try:
+            names, skipped = host.entries()
+        except OSError as e:
+            self._skipped_host(Skipped(host.host_id, f"cannot list: {e.strerror}", True))
+            return
         counts = self.report.host(host.host_id)
-        names, skipped = host.entries()
         for entry in skipped:
             self._skipped(entry)
         listing = self.coverage.listing(host.host_id, names, self.cutoff)
@@ -299,6 +308,8 @@ class Survey:
                 if host is None or left <= 0:
                     continue
                 listed = _tarball_digests(store, host_id)
+                if listed is None:
+                    continue
                 for key, offset, received, _ in self.view.keys.rows(
                     host, since=self.cutoff if missing_only else None
                 ):
@@ -342,13 +353,20 @@ class Survey:
                     )
 
 
-def _tarball_digests(store: Store, host_id: str) -> set[bytes]:
-    """The digests of a host directory's episode names (none when it is gone)."""
+def _tarball_digests(store: Store, host_id: str) -> set[bytes] | None:
+    """The digests of a host directory's episode names: none when it is
+    gone or not a directory, None when it cannot be opened or listed now
+    (EACCES, EIO: its tarballs may all be there, so no row is named)."""
     host = store.open_host(host_id)
-    if not isinstance(host, HostDir):
+    if isinstance(host, Skipped):
+        return None if host.unreadable else set()
+    if host is None:
         return set()
     with host:
-        return {digest(name) for name in host.entries()[0]}
+        try:
+            return {digest(name) for name in host.entries()[0]}
+        except OSError:
+            return None
 
 
 def survey(

@@ -4,6 +4,7 @@ when there is nothing to look at."""
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from cis490_reconcile.actions import Context
 from cis490_reconcile.actions import status as status_action
 from cis490_reconcile.state.connection import Database
 from cis490_reconcile.state.keys import Keys
+from cis490_reconcile.store import HostDir, Skipped
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
 
@@ -272,6 +274,56 @@ def test_missing_row_examples_cost_the_hosts_that_have_them(
     report = survey.survey(cfg)
     assert [(m["host_id"], m["episode_id"]) for m in report.examples["missing_rows"]] == [("h2", "gone")]
     assert len(asked) == 1 and asked[0][1] <= 21, asked  # h2 alone, to its orphan at most
+
+
+def failing_listing(monkeypatch: pytest.MonkeyPatch, host_id: str, after: int) -> None:
+    """HostDir.entries of host_id fails with EIO after `after` good listings
+    (getdents on a failing disk: nothing here makes a real one)."""
+    entries = HostDir.entries
+    listings = 0
+
+    def failing(self: HostDir) -> tuple[list[str], list[Skipped]]:
+        nonlocal listings
+        if self.host_id == host_id:
+            listings += 1
+            if listings > after:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return entries(self)
+
+    monkeypatch.setattr(HostDir, "entries", failing)
+
+
+def test_a_host_directory_that_cannot_be_listed_has_no_missing_rows(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host directory opened but not listed (EIO) may hold every tarball
+    its rows name: status says it skipped it and counts none of its rows
+    as missing, as for one it cannot open (the listing's OSError used to
+    end status in internal_error)."""
+    for host in ("h1", "h2"):
+        receiver.tarball(host, "a")
+        receiver.append_row(receiver.receiver_row(host, "a"))
+    failing_listing(monkeypatch, "h2", after=0)
+    cfg = config.build({"episodes_root": str(receiver.episodes), "index": str(receiver.index)})
+    report = survey.survey(cfg)
+    assert report.examples["skipped"] == [{"path": "h2", "reason": "cannot list: Input/output error"}]
+    assert (report.totals().indexed, report.totals().missing_rows) == (1, 0)
+
+
+def test_no_orphan_is_named_from_a_listing_that_failed(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The examples list a host with orphans again; when that second
+    listing fails, none of its rows is named. (The EIO escaped; a directory
+    that could no longer be opened was taken as empty, its rows all named.)"""
+    receiver.tarball("h1", "a")
+    receiver.append_row(receiver.receiver_row("h1", "a"))
+    receiver.append_row({"host_id": "h1", "episode_id": "gone"})
+    failing_listing(monkeypatch, "h1", after=1)
+    cfg = config.build({"episodes_root": str(receiver.episodes), "index": str(receiver.index)})
+    report = survey.survey(cfg)
+    assert report.totals().missing_rows == 1
+    assert report.examples.get("missing_rows", []) == []
 
 
 def test_a_state_that_fails_after_it_is_attached_is_ignored_whole(
