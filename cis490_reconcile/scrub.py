@@ -183,7 +183,7 @@ class Scrubber:
                     raise OSError(0, "not a regular file")
                 self.index_size = st.st_size
                 self.cursor = scrubcursor.resume(self._saved_cursor(), fd, st, self.started_at, self.log)
-                self.runs = PrunedRuns(self.state.records.pruned_runs(), fd, st)
+                self.runs = PrunedRuns(self.state.records, fd, st, self.cursor.offset)
             except OSError as e:
                 self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
                 raise ScrubNotRun(f"index: {e.strerror}") from e
@@ -318,11 +318,11 @@ class Scrubber:
 
     def _save(self) -> None:
         assert self.state is not None
-        saved, forgotten = self.runs.take_changes()
+        saved, forgotten, only_index = self.runs.take_changes()
         try:
             with self.state.transaction():
                 self.state.records.save(CURSOR, asdict(self.cursor))
-                self.state.records.save_pruned_runs(saved, forgotten)
+                self.state.records.save_pruned_runs(saved, forgotten, only_index)
         except Exception as e:  # sqlite3.Error: busy past the timeout, disk full
             self.log.warning("scrub_cursor_save_failed", error=str(e))
         self._saved_at = time.monotonic()

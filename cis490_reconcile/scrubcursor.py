@@ -10,7 +10,7 @@ offset); otherwise the round restarts at the top (scrub_round_restarted).
 
 from __future__ import annotations
 
-import bisect
+import collections
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from . import index, retention, syscalls
 from .log import Logger
 from .rows import Row
-from .state import PrunedRun
+from .state import PrunedRun, Records
 
 RESULTS = ("ok", "mismatched", "missing", "pruned", "unsettled", "unreadable")  # "checked" counts them all
 
@@ -109,28 +109,59 @@ class PrunedRuns:
     than the cutoff (an operator who raises `retention` gets its rows read
     again). Pruned rows right after a run counted, or right after a run a
     stopped scrub saved, make that run longer. Runs shorter than MIN_ROWS
-    are not worth a row of the database."""
+    are not worth a row of the database.
+
+    Memory. A scrub walks the index forward, so the known runs are read from
+    the database PAGE at a time, in index order, as the walk reaches them;
+    of those behind it only the last one is kept (a pruned row right after
+    it extends it). What changed is handed to the caller at every save. So
+    memory is a page and a save's worth of changes, however many runs there
+    are: with pruned rows interleaved with kept ones, 100M rows can make
+    1M runs (a whole list of them was hundreds of MB)."""
 
     MIN_ROWS = 64
+    PAGE = 1024
 
-    def __init__(self, known: list[PrunedRun], fd: int, st: os.stat_result) -> None:
+    def __init__(self, records: Records, fd: int, st: os.stat_result, offset: int) -> None:
+        self.records = records
         self.fd = fd
         self.identity = (st.st_dev, st.st_ino)
         self.size = st.st_size
-        self.known = {r.start: r for r in known if (r.index_dev, r.index_ino) == self.identity}
-        self.starts = sorted(self.known)
-        self.forgotten: set[int] = {r.start for r in known} - set(self.known)  # of another index
+        self._ahead: collections.deque[PrunedRun] = collections.deque()  # known, from the database
+        self._loaded = offset - 1  # the last start read from the database
+        self._all_loaded = False
+        self._behind = records.pruned_run_before(*self.identity, offset)  # the last known run passed
         self.open: PrunedRun | None = None  # the run being found, ending at the line just looked at
+        self._stored: PrunedRun | None = None  # the open run as saved (or to be saved), if it is
         self.changed: dict[int, PrunedRun] = {}  # to save
+        self.forgotten: set[int] = set()  # to delete
+        self._others_forgotten = False  # runs of another index: deleted at the first save
+
+    def _first_from(self, offset: int) -> PrunedRun | None:
+        """The first known run starting at `offset` or later (runs starting
+        before it were stepped over: the walk is past them)."""
+        while True:
+            while self._ahead and self._ahead[0].start < offset:
+                self._ahead.popleft()
+            if self._ahead or self._all_loaded:
+                return self._ahead[0] if self._ahead else None
+            page = self.records.pruned_runs(*self.identity, max(self._loaded, offset - 1), self.PAGE)
+            self._all_loaded = len(page) < self.PAGE
+            if page:
+                self._loaded = page[-1].start
+            self._ahead.extend(page)
 
     def at(self, offset: int, cutoff: float | None) -> PrunedRun | None:
         """The known run that starts at `offset`, if it may still be counted;
         it becomes the run being found, so pruned rows after it extend it."""
-        run = self.known.get(offset)
-        if run is None or not self._usable(run, cutoff):
+        run = self._first_from(offset)
+        if run is None or run.start != offset:
+            return None
+        self._ahead.popleft()
+        if not self._usable(run, cutoff):
             return None
         self.close()
-        self.open = run
+        self.open = self._stored = self._behind = run
         return run
 
     def _usable(self, run: PrunedRun, cutoff: float | None) -> bool:
@@ -141,13 +172,16 @@ class PrunedRuns:
             and index.tail_digest(self.fd, run.end) == run.tail_sha256
         )
         if not usable:
-            self._forget(run.start)
+            self.changed.pop(run.start, None)
+            self.forgotten.add(run.start)
+            if self._behind is not None and self._behind.start == run.start:
+                self._behind = None
         return usable
 
     def next_start(self, offset: int) -> int | None:
         """Where the next known run after `offset` starts."""
-        i = bisect.bisect_right(self.starts, offset)
-        return self.starts[i] if i < len(self.starts) else None
+        run = self._first_from(offset + 1)
+        return None if run is None else run.start
 
     def pruned(self, row: Row, received: int, cutoff: float | None) -> None:
         """`row` was found pruned: it extends the run being found (or a known
@@ -155,7 +189,7 @@ class PrunedRuns:
         run = self.open
         if run is None or run.end != row.offset:
             self.close()
-            run = self._ending_at(row.offset, cutoff)
+            run = self._stored = self._ending_at(row.offset, cutoff)
             run = run or PrunedRun(row.offset, row.offset, 0, 0, received, *self.identity, b"")
         self.open = run._replace(
             end=row.end, lines=run.lines + 1, rows=run.rows + 1, newest=max(run.newest, received)
@@ -163,34 +197,30 @@ class PrunedRuns:
 
     def close(self) -> None:
         """The run being found ends (a line that is not a pruned row, a stop)."""
-        run, self.open = self.open, None
-        if run is None or run.rows < self.MIN_ROWS or self.known.get(run.start) == run:
+        run, stored = self.open, self._stored
+        self.open = self._stored = None
+        if run is None or run.rows < self.MIN_ROWS or run == stored:
             return
         run = run._replace(tail_sha256=index.tail_digest(self.fd, run.end))
-        if run.start not in self.known:
-            bisect.insort(self.starts, run.start)
-        self.changed[run.start] = self.known[run.start] = run
+        self.changed[run.start] = self._behind = run
         self.forgotten.discard(run.start)
 
     def _ending_at(self, offset: int, cutoff: float | None) -> PrunedRun | None:
         """The known, usable run that ends where a new one would start."""
-        i = bisect.bisect_left(self.starts, offset) - 1
-        run = self.known[self.starts[i]] if i >= 0 else None
+        run = self._behind
         return run if run is not None and run.end == offset and self._usable(run, cutoff) else None
 
-    def _forget(self, start: int) -> None:
-        del self.known[start]
-        self.starts.remove(start)
-        self.changed.pop(start, None)
-        self.forgotten.add(start)
-
-    def take_changes(self) -> tuple[list[PrunedRun], list[int]]:
-        """What to save, and which to forget, since the last time asked (the
-        run being found is saved as far as it got)."""
+    def take_changes(self) -> tuple[list[PrunedRun], list[int], tuple[int, int] | None]:
+        """What to save, which to forget, and (the first time) the index
+        whose runs alone are kept, since the last time asked. The run being
+        found is saved as far as it got, and goes on growing."""
         if self.open is not None:
-            run = self.open
+            run, stored = self.open, self._stored
             self.close()
-            self.open = self.known.get(run.start, run)  # go on growing it
-        saved, forgotten = list(self.changed.values()), sorted(self.forgotten)
+            saved = self.changed.get(run.start, stored if run == stored else None)
+            self.open, self._stored = saved or run, saved
+        saved_runs, forgotten = list(self.changed.values()), sorted(self.forgotten)
         self.changed, self.forgotten = {}, set()
-        return saved, forgotten
+        only = None if self._others_forgotten else self.identity
+        self._others_forgotten = True
+        return saved_runs, forgotten, only

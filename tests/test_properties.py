@@ -4,22 +4,30 @@ existing byte of the index, and appends exactly the missing rows."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
+import sqlite3
 import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import zstandard
-from helpers import Receiver, episode, tar_bytes, verdict_of, zstd
+from helpers import Receiver, episode, parse_events, tar_bytes, verdict_of, zstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cis490_reconcile import config, zstdframe
 from cis490_reconcile.log import make_logger
+from cis490_reconcile.notify import Notifier
 from cis490_reconcile.reconcile import Reconciler
+from cis490_reconcile.scrub import Scrubber, ScrubRun
+from cis490_reconcile.scrubcursor import PrunedRuns
 from cis490_reconcile.verify import Corrupt, Intact, Unverifiable
 
 STORE = [("h1", "a"), ("h1", "b"), ("h1", "c"), ("h2", "a"), ("h2", "d"), ("h2", "e")]
@@ -136,3 +144,116 @@ def test_damaged_tarballs_are_never_intact(damages: list[tuple[str, int, int]]) 
         walker = zstdframe.FrameWalker()
         walker.feed(data)
         assert walker.problem(len(data)) is None
+
+
+# --- scrub: runs found pruned are counted exactly as reading them would ------------------
+
+KINDS = ("kept", "old", "young", "bad")  # a tarball there; gone, received 2 days ago; gone, 1 hour ago; junk
+NOW = time.time()
+# a stretch of lines of one kind: long stretches make runs, short ones break them
+stretch = st.tuples(st.sampled_from(KINDS), st.integers(1, 6)).map(lambda t: [t[0]] * t[1])
+appended = st.lists(stretch, min_size=1, max_size=6).map(lambda s: [k for part in s for k in part])
+stop_after = st.one_of(st.none(), st.integers(1, 30))  # checkpoints before a stop request
+scrub_step = st.tuples(stop_after, st.sampled_from(["1d", "3d"]))  # a scrub run, and its retention
+step = st.one_of(scrub_step, appended)  # or lines appended
+
+
+def index_line(receiver: Receiver, kind: str, n: int) -> bytes:
+    if kind == "bad":
+        return b"not json"
+    if kind == "kept":
+        receiver.tarball("h1", f"k{n}", blob=os.urandom(64))
+        return json.dumps(receiver.receiver_row("h1", f"k{n}"), sort_keys=True).encode()
+    stamp = NOW - (2 * 86400 if kind == "old" else 3600)
+    wall = datetime.fromtimestamp(stamp, timezone.utc).isoformat()
+    row = {
+        "host_id": "h1",
+        "episode_id": f"g{n}",
+        "received_at_wall": wall,
+        "sha256": "0" * 64,
+        "size_bytes": 9,
+    }
+    return json.dumps(row, sort_keys=True).encode()
+
+
+def expected(kinds: list[str], retention: str) -> dict[str, int]:
+    """The scrub counts of these lines read one by one: the model."""
+    old = kinds.count("old")
+    young = kinds.count("young")
+    pruned, missing = (old, young) if retention == "1d" else (0, young + old)  # 2 days ago: before 1d
+    count = {"ok": kinds.count("kept"), "pruned": pruned, "missing": missing, "bad_lines": kinds.count("bad")}
+    return {**count, "checked": count["ok"] + pruned + missing}
+
+
+def scrub_once(receiver: Receiver, state: Path, retention: str, stop: int | None) -> tuple[ScrubRun, dict]:
+    """One scrub run in this process, asked to stop after `stop`
+    checkpoints; what it did, and its scrub_finished event."""
+    cfg = config.build(
+        {
+            "episodes_root": str(receiver.episodes),
+            "index": str(receiver.index),
+            "state_dir": str(state),
+            "retention": retention,
+        }
+    )
+    checks = itertools.count(1)
+    should_stop = (lambda: False) if stop is None else (lambda: next(checks) > stop)
+    out = io.StringIO()
+    done = Scrubber(cfg, make_logger("info", out), Notifier({}), should_stop, None, None).run()
+    (finished,) = [e for e in parse_events(out.getvalue()) if e["event"] == "scrub_finished"]
+    return done, finished
+
+
+def saved_offset(state: Path) -> int:
+    with contextlib.closing(sqlite3.connect(state / "state.sqlite3")) as db:
+        (value,) = db.execute("SELECT value FROM records WHERE name = 'scrub_cursor'").fetchone()
+    return int(json.loads(value)["offset"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=appended, steps=st.lists(step, max_size=8))
+def test_scrub_counts_with_pruned_runs_equal_reading_every_row(
+    first: list[str], steps: list[list[str] | tuple[int | None, str]]
+) -> None:
+    """Random indexes, appends, stops anywhere and retention moving both
+    ways, with runs of 2 rows and pages of 2 runs (PrunedRuns' real sizes
+    need thousands of rows): every scrub run counts exactly the lines it
+    passed, as reading each of them would. Then, from a fresh state, one
+    round finds every stretch of pruned rows and the next counts all of
+    them unread."""
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PrunedRuns, "MIN_ROWS", 2)
+        mp.setattr(PrunedRuns, "PAGE", 2)
+        receiver = Receiver(Path(tmp))
+        (receiver.episodes / "h1").mkdir()
+        state = Path(tmp) / "state"
+        state.mkdir()
+        kinds: list[str] = []
+        ends: list[int] = []  # each line's end offset
+
+        def append(lines: list[str]) -> None:
+            for kind in lines:
+                receiver.append_raw(index_line(receiver, kind, len(kinds)) + b"\n")
+                kinds.append(kind)
+                ends.append(receiver.index.stat().st_size)
+
+        append(first)
+        offset = 0
+        for what in [*steps, (None, "1d")]:
+            if isinstance(what, list):
+                append(what)
+                continue
+            stop, retention = what
+            done, _ = scrub_once(receiver, state, retention, stop)
+            end = ends[-1] if done.round_completed else saved_offset(state)
+            passed = [k for k, e in zip(kinds, ends, strict=True) if offset < e <= end]
+            assert {k: getattr(done.run, k) for k in expected(passed, "1d")} == expected(passed, retention)
+            offset = 0 if done.round_completed else end
+
+        fresh = Path(tmp) / "fresh"
+        fresh.mkdir()
+        first_round, read = scrub_once(receiver, fresh, "1d", None)
+        second_round, counted = scrub_once(receiver, fresh, "1d", None)
+        stretches = [len(list(g)) for kind, g in itertools.groupby(kinds) if kind == "old"]
+        assert first_round.run == second_round.run
+        assert (read["pruned_unread"], counted["pruned_unread"]) == (0, sum(n for n in stretches if n >= 2))

@@ -100,6 +100,7 @@ __all__ = [
     "Key",
     "Memo",
     "PrunedRun",
+    "Records",
     "Scratch",
     "SplitPart",
     "State",

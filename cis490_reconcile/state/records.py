@@ -129,12 +129,27 @@ class Records:
 
     # --- scrub's pruned runs ---------------------------------------------------------------
 
-    def pruned_runs(self) -> list[PrunedRun]:
-        """In index order (few: runs of consecutive pruned lines)."""
-        sql = 'SELECT start, "end", lines, rows, newest, index_dev, index_ino, tail_sha256 FROM scrub_pruned'
-        return [PrunedRun(*row) for row in self.db.execute(sql + " ORDER BY start")]
+    _RUN = 'SELECT start, "end", lines, rows, newest, index_dev, index_ino, tail_sha256 FROM scrub_pruned'
+    _OF_INDEX = "index_dev = ? AND index_ino = ?"
 
-    def save_pruned_runs(self, runs: Iterable[PrunedRun], forget: Iterable[int] = ()) -> None:
-        """Add or replace runs (by start); forget those starting at `forget`."""
+    def pruned_runs(self, index_dev: int, index_ino: int, after: int, limit: int) -> list[PrunedRun]:
+        """This index's runs that start after offset `after`, in index order,
+        at most `limit` (a page: start is the table's rowid)."""
+        sql = f"{self._RUN} WHERE start > ? AND {self._OF_INDEX} ORDER BY start LIMIT ?"
+        return [PrunedRun(*row) for row in self.db.execute(sql, (after, index_dev, index_ino, limit))]
+
+    def pruned_run_before(self, index_dev: int, index_ino: int, offset: int) -> PrunedRun | None:
+        """This index's run that starts last before `offset`."""
+        sql = f"{self._RUN} WHERE start < ? AND {self._OF_INDEX} ORDER BY start DESC LIMIT 1"
+        row = self.db.execute(sql, (offset, index_dev, index_ino)).fetchone()
+        return None if row is None else PrunedRun(*row)
+
+    def save_pruned_runs(
+        self, runs: Iterable[PrunedRun], forget: Iterable[int] = (), only_index: tuple[int, int] | None = None
+    ) -> None:
+        """Add or replace runs (by start); forget those starting at `forget`,
+        and with `only_index` every run of another index."""
+        if only_index is not None:
+            self.db.execute(f"DELETE FROM scrub_pruned WHERE NOT ({self._OF_INDEX})", only_index)
         self.db.executemany("DELETE FROM scrub_pruned WHERE start = ?", ((start,) for start in forget))
         self.db.executemany("INSERT OR REPLACE INTO scrub_pruned VALUES (?, ?, ?, ?, ?, ?, ?, ?)", runs)
