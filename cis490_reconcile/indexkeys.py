@@ -29,14 +29,19 @@ _HOST, _EPISODE, _RECEIVED = (operator.attrgetter(f) for f in ("host_id", "episo
 _DIGEST_OF = functools.partial(_blake2b, digest_size=12)
 
 
-def digest(episode_id: str) -> bytes:
-    """12 bytes of BLAKE2b of the episode_id's UTF-8 (the surrogates only a
-    bad row can hold pass through). Called once a row on a full pass."""
+def _utf8(text: str) -> bytes:
+    """A row's id as UTF-8. json.loads gives lone surrogates for escapes
+    like "\\ud800", which strict UTF-8 (and SQLite's binding) refuses: they
+    pass through, so such a row keys like any other instead of failing."""
     try:
-        raw = episode_id.encode()
+        return text.encode()
     except UnicodeEncodeError:
-        raw = episode_id.encode("utf-8", "surrogatepass")
-    return _blake2b(raw, digest_size=12).digest()
+        return text.encode("utf-8", "surrogatepass")
+
+
+def digest(episode_id: str) -> bytes:
+    """12 bytes of BLAKE2b of the episode_id's UTF-8. Called once a row on a full pass."""
+    return _blake2b(_utf8(episode_id), digest_size=12).digest()
 
 
 def received_seconds(value: object) -> int | None:
@@ -90,12 +95,17 @@ class KeyOf:
         self.new_host = new_host
 
     def host(self, name: str | None) -> int:
-        """The id of a host_id (0: rows without one)."""
+        """The id of a host_id (0: rows without one). A name with lone
+        surrogates is kept as its UTF-8 with backslash escapes (no directory
+        can have it: it is not a safe name, so its rows have no tarball)."""
         if name is None:
             return 0
         host = self.hosts.get(name)
         if host is None:
-            host = self.hosts[name] = self.new_host(name)
+            name = _utf8(name).decode("utf-8", "backslashreplace")
+            host = self.hosts.get(name)
+            if host is None:
+                host = self.hosts[name] = self.new_host(name)
         return host
 
     def many(self, rows: list[Row], offsets: list[int]) -> list[Key]:

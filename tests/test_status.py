@@ -409,3 +409,26 @@ def test_pruned_rows_are_normal_missing_ones_need_attention(receiver: Receiver) 
 
     older = status(receiver, "--json", "--retention", "30m")  # now the young one is past it too
     assert older.returncode == 0 and json.loads(older.stdout)["totals"]["pruned_rows"] == 6
+
+
+def test_a_host_id_with_a_lone_surrogate_is_a_host_without_a_directory(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """json.loads gives "\\ud800" as a lone surrogate, which SQLite will not
+    store: such a host_id used to stop every pass and status in
+    internal_error. Its row is a row like any other, of a host that cannot
+    have a directory: a missing row, and the passes go on."""
+    receiver.tarball("h1", "a")
+    receiver.append_raw(b'{"episode_id": "ep-x", "host_id": "bad\\ud800host"}\n')
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    for _ in range(2):  # the host is new, then it is known
+        result = receiver.run("--state-dir", str(state_dir), "--full")
+        assert result.returncode == 0, result.stdout
+        assert result.one("pass_finished")["backfilled"] <= 1
+    assert receiver.keys()[-1] == ("h1", "a")
+    proc = status(receiver, "--json", state_dir=state_dir)
+    assert proc.returncode == 1, proc.stderr  # a missing row is attention
+    report = json.loads(proc.stdout)
+    assert report["totals"]["missing_rows"] == 1
+    assert [m["episode_id"] for m in report["missing_rows"]] == ["ep-x"]
