@@ -69,21 +69,21 @@ class Scan:
         self.unverified: dict[tuple[str, str], Unverified | None] = {}  # to remember (None: forget)
         self.orphans: dict[str, tuple[int, int]] = {}  # host -> (missing, pruned), full passes
         self.unopened: set[str] = set()  # host directories not opened or listed: no orphans counted
+        # Only a full pass over every host sees every host's rows and directory. Decided when the
+        # listing starts: a commit that finds the index replaced makes the pass full from then on,
+        # but the hosts listed before did not count their orphans (all would be saved as orphans).
+        self._recounts_orphans = False
         self._memos_read: dict[int, Memo] | None = None
         self.unverified_hosts = (
             state.records.unverified_hosts()
         )  # saved only by remember(): fixed for the pass
         self.cutoff = retention.cutoff(self.cfg.retention, time.time())
 
-    @property
-    def _recounts_orphans(self) -> bool:
-        """Only a full pass over every host sees every host's rows and directory."""
-        return self.summary.full and self.cfg.host is None
-
     def candidates(self, store: Store, checkpoint: Callable[[], None]) -> Iterator[list[tuple[str, str]]]:
         """(host_id, episode_id) of every episode the index lacks, in chunks
         of one host's (at most SCAN_CHUNK)."""
         chunk: list[tuple[str, str]] = []
+        self._recounts_orphans = self.summary.full and self.cfg.host is None
         for host_id in store.host_ids(self.cfg.host):
             if isinstance(host_id, Skipped):
                 self.skipped(host_id)

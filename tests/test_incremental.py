@@ -513,3 +513,36 @@ def _rows(r: Receiver) -> list[tuple[str, str]]:
             row = json.loads(line)
             keys.append((row["host_id"], row["episode_id"]))
     return sorted(keys)
+
+
+def test_an_index_replaced_mid_pass_does_not_make_every_row_an_orphan(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A commit that finds the index replaced reads it all again, which
+    makes the pass full from then on; the hosts it listed before counted no
+    orphans, and used to be saved with every row an orphan (a false critical
+    alert until the next full pass). Their last full pass's counts stand."""
+    for host in ("h1", "h2"):
+        for i in range(3):
+            receiver.tarball(host, f"e{i}")
+            receiver.append_row(receiver.receiver_row(host, f"e{i}"))
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    assert receiver.run("--state-dir", str(state_dir), "--full").returncode == 0
+    receiver.tarball("h2", "newer")  # to commit: the commit's catch-up finds the index replaced
+    env = {**os.environ, "CIS490_TEST_PAUSE_AT": "caught_up"}
+    prom = tmp_path / "m.prom"
+    argv = receiver.argv("--once", "--state-dir", str(state_dir), "--metrics-file", str(prom), min_age=0)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stderr is not None and "paused at caught_up" in proc.stderr.readline()
+    copy = receiver.index.with_name("index.copy")  # the same bytes, another inode
+    copy.write_bytes(receiver.index.read_bytes())
+    os.replace(copy, receiver.index)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    events = parse_events(out)
+    assert [e["event"] for e in events if e["event"] == "index_restarted"] == ["index_restarted"]
+    assert 'cis490_reconcile_orphan_rows{kind="missing"} 0.0' in prom.read_text()
+    assert receiver.keys()[-1] == ("h2", "newer")
