@@ -1,7 +1,7 @@
 """What one pass is given (PassContext) and what it counts (PassSummary):
 the records reconcile.py, passrun.py and scan.py share. pass_finished,
 pass_failed, the metrics and the last pass's record are the summary's
-fields."""
+fields. WorkerDied: how a pass ends when a verifying process is gone."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ from .log import Logger
 from .notify import Notifier
 from .termbar import TerminalBar
 from .verdicts import Decoding
+
+
+class WorkerDied(Exception):
+    """A verifying worker process ended mid-batch (SIGKILL, the OOM killer
+    of a MemoryMax= cgroup): its batch has no verdicts. The pass commits
+    what was verified before and fails (pass_failed); the next pass reads
+    the rest again."""
 
 
 @dataclass

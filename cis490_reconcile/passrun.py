@@ -34,7 +34,7 @@ from .coverage import Coverage
 from .indexkeys import CatchUp
 from .lock import LockTimeout
 from .log import Events
-from .passdata import PassContext, PassSummary
+from .passdata import PassContext, PassSummary, WorkerDied
 from .reading import ReadPacer
 from .runtime import StopRequested
 from .scan import Scan
@@ -74,7 +74,12 @@ class PassRun:
         basics.step("caught_up")
         with Store(self.cfg.episodes_root) as store:
             self.store = store
-            self._verify(store, self._settled(store))
+            try:
+                self._verify(store, self._settled(store))
+            except WorkerDied:
+                if self.pending:
+                    self._commit()  # what was verified before it died is kept
+                raise
         if self.pending or not env.dry_run:
             self._commit()  # also ends a torn last line
 

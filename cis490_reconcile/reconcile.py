@@ -24,7 +24,7 @@ from .index import IndexWriteError
 from .lock import LockTimeout
 from .log import Logger
 from .notify import Notifier
-from .passdata import PassContext, PassSummary
+from .passdata import PassContext, PassSummary, WorkerDied
 from .passrun import PassRun
 from .runtime import StopRequested
 from .state import State, damaged
@@ -161,7 +161,7 @@ class Reconciler:
                     run.stop()
                 if not run.summary.interrupted and not self.context.dry_run:
                     run.remember()
-            except (LockTimeout, OSError) as e:
+            except (LockTimeout, OSError, WorkerDied) as e:
                 raise PassFailed(_describe(e, self.cfg), self._counted(state, run)) from e
             except sqlite3.DatabaseError as e:
                 raise PassFailed(f"state database: {e}", PassSummary()) from e

@@ -37,10 +37,12 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from multiprocessing.sharedctypes import Synchronized
 
 from . import syscalls
+from .passdata import WorkerDied
 from .reading import ReadPacer
 from .store import Store, Tarball
 from .verdicts import Decoding, Verdict
@@ -195,4 +197,8 @@ class VerifyPool:
             tick(bool(done) or now != seen)
             seen = now
             for future in done:
-                yield from future.result()
+                try:
+                    batch_results = future.result()
+                except BrokenProcessPool as e:
+                    raise WorkerDied("a verifying worker died (a signal, or out of memory)") from e
+                yield from batch_results

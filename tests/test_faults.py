@@ -158,3 +158,32 @@ def test_a_tarball_that_could_not_be_stated_is_looked_at_again(receiver: Receive
     assert again.one("pass_finished")["hosts_unchanged"] == 1, again.stdout
     assert again.one("pass_finished")["backfilled"] == 1, again.stdout
     assert receiver.keys() == [("locked", "b")]
+
+
+def test_a_worker_killed_mid_pass_keeps_what_was_verified(receiver: Receiver) -> None:
+    """A verifying worker SIGKILLed (as the OOM killer of a MemoryMax=
+    cgroup does): the pass commits the verdicts it already has, says
+    pass_failed in one line and exits 1. It used to end in internal_error
+    with those rows never written."""
+    for i in range(40):  # meta.json without a commit: each verdict says tarball_without_commit
+        receiver.tarball("h1", f"e{i:02}", {"meta.json": b"{}", "data": os.urandom(1 << 20)})
+    argv = receiver.argv("--once", "--workers", "2", "--max-read-rate", "4M", min_age=0)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    verified = 0
+    while verified < 3:  # some verdicts are in, not yet committed (every 10 s or 1000 rows)
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        verified += json.loads(line)["event"] == "tarball_without_commit"
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[0]), 9)
+    out, err = proc.communicate(timeout=60)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 1, err
+    assert "internal_error" not in {e["event"] for e in events}
+    (failed,) = [e for e in events if e["event"] == "pass_failed"]
+    assert "a verifying worker died" in failed["error"]
+    kept = receiver.keys()
+    assert len(kept) >= verified and len(set(kept)) == len(kept), kept
+    assert receiver.run().returncode == 0  # the next pass reads the rest
+    assert sorted(receiver.keys()) == [("h1", f"e{i:02}") for i in range(40)]
