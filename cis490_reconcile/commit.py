@@ -65,21 +65,25 @@ class Committer:
         on_read: Callable[[CatchUp], None],
         dry_run: bool = False,
         rows_out: TextIO | None = None,
+        keepalive: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
         self.coverage = coverage
         self.on_read = on_read  # what each catch-up found (bad lines, a torn tail)
         self.dry_run = dry_run
         self.rows_out = rows_out
+        # fed as a catch-up of a commit reads (the index replaced: read whole, maybe under the
+        # lock): the watchdog's, never a stop's, as a commit that started finishes
+        self.keepalive = keepalive
 
-    def catch_up(self, full: bool = False, on_progress: Callable[[], None] = lambda: None) -> None:
+    def catch_up(self, full: bool = False, on_progress: Callable[[], None] | None = None) -> None:
         """Read what the index gained, without the lock (it is append-only:
         an unlocked reader sees whole lines plus at most a torn tail)."""
         fd = index.open_for_reading(self.cfg.index)
         if fd is None:
             return  # nothing indexed yet; the first commit creates it
         try:
-            self.on_read(self.coverage.catch_up(fd, full, on_progress))
+            self.on_read(self.coverage.catch_up(fd, full, on_progress or self.keepalive))
         finally:
             os.close(fd)
 
@@ -124,7 +128,7 @@ class Committer:
                 locked_at = time.monotonic()
                 done.lock_wait_s += locked_at - asked
                 try:  # no checkpoint here: a commit that holds the lock finishes
-                    fd_read = self.coverage.catch_up(ix.fd, full=False, whole=whole)
+                    fd_read = self.coverage.catch_up(ix.fd, False, self.keepalive, whole)
                     done.terminated_torn_tail = ix.ends_torn()
                     self._partition(pending, done)
                     lines = [index.encode_row(p.row) for p in done.fresh]

@@ -54,7 +54,9 @@ class PassRun:
         self.state = state
         self.coverage = Coverage(state)
         self.events = Events(env.log)
-        self.committer = Committer(self.cfg, self.coverage, self._read, env.dry_run, env.rows_out)
+        self.committer = Committer(
+            self.cfg, self.coverage, self._read, env.dry_run, env.rows_out, env.notifier.keepalive
+        )
         self.summary = PassSummary(full=full)
         self.scan = Scan(env, state, self.coverage, self.events, self.summary, self._looked_at)
         self.pending: list[Pending] = []

@@ -85,12 +85,13 @@ def _rebuild(
             _stage(reader, rest, state.keys.stage, on_progress)
         basics.step("split_joined")
         if part is not None:
-            state.keys.sort_low(part.high)  # while the child sorts the upper hosts
+            with state.reporting(on_progress):
+                state.keys.sort_low(part.high)  # while the child sorts the upper hosts
             if not part.sorted(on_progress):
                 raise _ChildFailed
             state.keys.attach_sorted(part.scratch)
             basics.step("sorted")
-        with state.transaction():
+        with state.transaction(), state.reporting(on_progress):
             state.keys.replace()
             basics.step("rebuilding")
             state.keys.add_bad_lines((b.line, b.offset, b.reason) for b in reader.found.bad)
@@ -157,12 +158,20 @@ class _ForkedPart:
                 out.write(b".")
                 out.flush()
 
+            dotted = 0.0
+
+            def sorting() -> None:  # SQLite calls it often: a dot a second (the pipe must not fill)
+                nonlocal dotted
+                if time.monotonic() - dotted >= 1.0:
+                    dotted = time.monotonic()
+                    progress()
+
             _stage(reader, index.chunks(self.fd, self.start, self.end), part.stage, progress)
             part.hand_over()
             out.write(json.dumps({**reader.summary(), "hosts": provisional}).encode() + b"\n")
             out.flush()
             sent = json.loads(given.readline())
-            part.sort({int(p): i for p, i in sent["ids"].items()}, sent["high"])
+            part.sort({int(p): i for p, i in sent["ids"].items()}, sent["high"], sorting)
             out.write(b"sorted\n")
 
     def _until(self, marker: bytes, on_progress: Callable[[], None]) -> bytes | None:

@@ -546,3 +546,33 @@ def test_an_index_replaced_mid_pass_does_not_make_every_row_an_orphan(
     assert [e["event"] for e in events if e["event"] == "index_restarted"] == ["index_restarted"]
     assert 'cis490_reconcile_orphan_rows{kind="missing"} 0.0' in prom.read_text()
     assert receiver.keys()[-1] == ("h2", "newer")
+
+
+def test_a_long_statement_reports_progress_and_a_stop_interrupts_it(tmp_path: Path) -> None:
+    """connection.reporting: a statement that reads no row for a long time
+    (a rebuild's sort) calls on_progress as it goes; a stop raised there
+    interrupts it and is what the caller sees, not SQLite's "interrupted"."""
+    from cis490_reconcile.runtime import StopRequested
+
+    db = sqlite3.connect(tmp_path / "x.sqlite3", isolation_level=None)
+    count = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3e6)"
+        " SELECT count(*) FROM n"  # 3M steps of SQLite's, no row of a table read
+    )
+    calls = 0
+
+    def tick() -> None:
+        nonlocal calls
+        calls += 1
+
+    with connection.reporting(db, tick):
+        assert db.execute(count).fetchone() == (3_000_000,)
+    assert calls >= 3, calls  # millions of steps
+
+    def stop() -> None:
+        raise StopRequested
+
+    with pytest.raises(StopRequested), connection.reporting(db, stop):
+        db.execute(count).fetchone()
+    before = calls
+    assert db.execute(count).fetchone() == (3_000_000,) and calls == before  # no handler left

@@ -232,3 +232,39 @@ def test_mode_is_required(receiver: Receiver) -> None:
     assert proc.stderr == (
         "cis490-reconcile: error: nothing to do: pass --once for one pass, or --interval SECONDS for a loop\n"
     )
+
+
+@pytest.mark.parametrize("split", ["", "1"])  # read by this process alone; in two, the forked one sorting too
+def test_a_commit_that_reads_a_replaced_index_whole_feeds_the_watchdog(
+    receiver: Receiver, notify_socket: NotifySocket, tmp_path: Path, split: str
+) -> None:
+    """The index replaced mid-pass: the commit's catch-up reads it whole
+    (at 8M rows, most of a minute). It used to send no WATCHDOG=1 at all
+    meanwhile, so systemd killed the pass; now each staged batch is
+    progress, and so are SQLite's steps while it sorts the keys (here and
+    in the forked reader, whose dots the parent counts)."""
+    rows = (b'{"episode_id": "e%07d", "host_id": "h%d"}\n' % (i, i % 50) for i in range(600_000))
+    receiver.append_raw(b"".join(rows))  # read whole in 2-4 s here: past the period
+    state = ("--state-dir", str(tmp_path))
+    assert receiver.run(*state).returncode == 0
+    env = clean_env(
+        NOTIFY_SOCKET=str(notify_socket.path),
+        WATCHDOG_USEC="1000000",
+        CIS490_TEST_PAUSE_AT="caught_up",
+        CIS490_TEST_SPLIT_MIN_BYTES=split,
+    )
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(receiver.argv("--once", *state), text=True, env=env, **pipes)  # type: ignore[call-overload]
+    assert proc.stderr is not None and "paused at caught_up" in proc.stderr.readline()
+    copy = receiver.index.with_name("index.copy")  # the same bytes, another inode
+    copy.write_bytes(receiver.index.read_bytes())
+    os.replace(copy, receiver.index)
+    resumed = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "index_restarted" in {e["event"] for e in parse_events(out)}
+    (stopping,) = notify_socket.times("STOPPING=1")
+    pings = [resumed, *(t for t in notify_socket.times("WATCHDOG=1") if t > resumed), stopping]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    print(f"read whole in a commit: {stopping - resumed:.2f} s, gaps {[round(g, 2) for g in gaps]}")
+    assert stopping - resumed > 1.2 and max(gaps) < 1.0, gaps  # longer than a period, fed

@@ -8,7 +8,7 @@ import contextlib
 import enum
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -154,6 +154,9 @@ class Database:
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         return _savepoint(self.db) if self.base else write_transaction(self.db)
 
+    def reporting(self, on_progress: Callable[[], None]) -> contextlib.AbstractContextManager[None]:
+        return reporting(self.db, on_progress)
+
     def attach_base(self, path: Path | str) -> None:
         """Attach the state read-only and read it as of this moment from now
         on: one read transaction holds its snapshot (WAL) until it is
@@ -209,6 +212,38 @@ def write_transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") ->
             db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+PROGRESS_STEPS = 1_000_000  # SQLite VM steps between two calls of a long statement's on_progress
+
+
+@contextmanager
+def reporting(db: sqlite3.Connection, on_progress: Callable[[], None]) -> Iterator[None]:
+    """on_progress, every PROGRESS_STEPS, while statements run: a rebuild's
+    sorts read no row for most of a minute at 8M rows, and the watchdog
+    must see them working. If on_progress raises (a stop), SQLite
+    interrupts the statement and that exception is raised in its place."""
+    raised: list[BaseException] = []
+
+    def handler() -> int:
+        try:
+            on_progress()
+        except BaseException as e:  # StopRequested is one
+            raised.append(e)
+            return 1  # interrupt: the statement fails with "interrupted"
+        return 0
+
+    db.set_progress_handler(handler, PROGRESS_STEPS)
+    try:
+        yield
+    except sqlite3.OperationalError:
+        if raised:
+            raise raised[0] from None
+        raise
+    finally:
+        db.set_progress_handler(None, 0)
+    if raised:
+        raise raised[0]
 
 
 @contextmanager
