@@ -265,6 +265,9 @@ class PassRun:
         done = Committed()
         try:
             self.committer.commit(pending, on_wait, done)
+        except StopRequested:  # asked while the lock was busy, before a byte was written
+            self.pending = pending + self.pending  # stop() tries once more, if the lock is free
+            raise
         except LockTimeout:  # a wait that ended in failure is a wait too (the alert on lock waits sees it)
             self.summary.lock_wait_s = round(self.summary.lock_wait_s + done.lock_wait_s, 4)
             raise

@@ -4,15 +4,18 @@ sha256 or size is not the file's."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from helpers import Receiver
 
-from cis490_reconcile import config, passdata, verify
+from cis490_reconcile import config, index, passdata, verify
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import Reconciler
 
@@ -86,3 +89,34 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
     assert (again.backfilled, again.corrupt) == (1, 2)  # the new c; d has bytes after its frame, e a bad end
     rows_match_files(receiver)
     assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "c")]
+
+
+def test_a_stop_while_the_lock_is_busy_still_commits_if_it_is_free_then(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop asked while a commit waits for the index lock: the pass then
+    tries the lock once more, without waiting, and commits what it verified
+    if it is free. Those rows used to be dropped before that try."""
+    receiver.tarball("h1", "a")
+    stop = False
+    locked = index.locked
+
+    @contextlib.contextmanager
+    def busy_once(
+        path: Path, lock_file: Path | None, timeout: float, on_wait: Callable[[], None]
+    ) -> Iterator[index.LockedIndex]:
+        nonlocal stop
+        if not stop:  # the first commit finds the lock busy, and a stop comes meanwhile
+            stop = True
+            on_wait()
+        with locked(path, lock_file, timeout, on_wait) as ix:
+            yield ix
+
+    monkeypatch.setattr(index, "locked", busy_once)
+    cfg = config.build(
+        {"episodes_root": receiver.episodes, "index": receiver.index, "min_age": 0, "workers": 1}
+    )
+    with Reconciler(cfg, make_logger("error", io.StringIO()), should_stop=lambda: stop) as reconciler:
+        summary = reconciler.run_pass()
+    assert summary.interrupted and summary.backfilled == 1
+    assert receiver.keys() == [("h1", "a")]
