@@ -147,6 +147,8 @@ def test_sigterm_stops_the_workers(receiver: Receiver, notify_socket: NotifySock
 
 
 def test_sigterm_while_waiting_for_the_lock(receiver: Receiver, notify_socket: NotifySocket) -> None:
+    """The stop ends the wait; the pass tries the lock once more without
+    waiting, finds it still held, and says the verified row is left."""
     receiver.tarball("h1", "a")
     receiver.index.touch()
     with LockHolder(receiver.index):
@@ -157,7 +159,9 @@ def test_sigterm_while_waiting_for_the_lock(receiver: Receiver, notify_socket: N
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     events = parse_events(out)
-    assert [e["event"] for e in events if e["event"] == "rows_left_for_next_pass"] == []
+    assert [(e["rows"], e["reason"]) for e in events if e["event"] == "rows_left_for_next_pass"] == [
+        (1, "stopping, lock busy")
+    ]
     assert next(e for e in events if e["event"] == "pass_finished")["interrupted"] is True
     assert receiver.index.read_bytes() == b""
 
