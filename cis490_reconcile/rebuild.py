@@ -18,7 +18,9 @@ parent gives them ids (the ones it met too keep theirs) and sends them with
 the boundary, and both sort under those ids.
 
 Progress: the child writes a "." for each batch it staged (the watchdog is
-fed only while it moves), then its summary as one JSON line, then "sorted".
+fed only while it moves), then its summary as one JSON line, then a "." a
+second while SQLite sorts (its progress handler: connection.reporting), then
+"sorted". The parent's own sorts feed the watchdog the same way.
 If it fails before it hands its part over, the parent reads that part
 itself; after, the parent reads the whole index again, alone. Leaving the
 context kills the child if it still runs and removes the scratch files.
