@@ -233,6 +233,12 @@ class Receiver:
     def append_row(self, row: dict) -> None:
         self.append_raw((json.dumps(row, sort_keys=True) + "\n").encode())
 
+    def replace_index(self) -> None:
+        """The same bytes under another inode (a restore, a copy renamed over it)."""
+        copy = self.index.with_name("index.copy")
+        copy.write_bytes(self.index.read_bytes())
+        os.replace(copy, self.index)
+
     def rows(self) -> list[dict]:
         """Every non-blank line of the index as JSON (fails on a bad line)."""
         return [json.loads(line) for line in self.index.read_bytes().splitlines() if line.strip()]

@@ -499,9 +499,7 @@ def _apply(r: Receiver, what: str, host: str, n: int) -> None:
     elif what == "torn" and path.exists() and (host, episode_id) not in _rows(r):  # a row without its "\n"
         r.append_raw(json.dumps({"host_id": host, "episode_id": episode_id}, sort_keys=True).encode())
     elif what == "replace_index" and r.index.exists():  # same bytes, another inode
-        copy = r.index.with_name("index.copy")
-        copy.write_bytes(r.index.read_bytes())
-        os.replace(copy, r.index)
+        r.replace_index()
 
 
 def _rows(r: Receiver) -> list[tuple[str, str]]:
@@ -537,9 +535,7 @@ def test_an_index_replaced_mid_pass_does_not_make_every_row_an_orphan(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     assert proc.stderr is not None and "paused at caught_up" in proc.stderr.readline()
-    copy = receiver.index.with_name("index.copy")  # the same bytes, another inode
-    copy.write_bytes(receiver.index.read_bytes())
-    os.replace(copy, receiver.index)
+    receiver.replace_index()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
     events = parse_events(out)

@@ -260,9 +260,7 @@ def test_a_commit_that_reads_a_replaced_index_whole_feeds_the_watchdog(
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     proc = subprocess.Popen(receiver.argv("--once", *state), text=True, env=env, **pipes)  # type: ignore[call-overload]
     assert proc.stderr is not None and "paused at caught_up" in proc.stderr.readline()
-    copy = receiver.index.with_name("index.copy")  # the same bytes, another inode
-    copy.write_bytes(receiver.index.read_bytes())
-    os.replace(copy, receiver.index)
+    receiver.replace_index()
     resumed = time.monotonic()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
