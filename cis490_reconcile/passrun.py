@@ -17,7 +17,8 @@
 Stopping: every slow step calls `checkpoint`, which feeds the watchdog and
 raises StopRequested when a stop was asked for. Checkpoints are never inside
 the locked section, so a commit that has the lock always finishes. After a
-stop, rows already verified are committed if the lock is free at once.
+stop, rows already verified are committed if the lock is free at once,
+including the verdicts the workers had made and not yet handed over.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 from . import basics, index, quarantine
 from .basics import human_size, iso_utc
@@ -63,6 +64,7 @@ class PassRun:
         self.pending_since = 0.0
         self.verified = self.found = 0  # candidates looked at, candidates found
         self.reading = 0  # bytes read by workers for verdicts not yet back
+        self.unclaimed: list[tuple[Tarball, Verdict, int]] = []  # made by workers, not yet recorded
         self.replaced = False  # the index was replaced: the memos cannot be trusted
         self.torn_reported = False
         self.store: Store | None = None
@@ -78,8 +80,9 @@ class PassRun:
             self.store = store
             try:
                 self._verify(store, self._settled(store))
-            except WorkerDied:
-                if self.pending:
+            except (StopRequested, WorkerDied) as e:
+                self._record_unclaimed()
+                if isinstance(e, WorkerDied) and self.pending:
                     self._commit()  # what was verified before it died is kept
                 raise
         if self.pending or not env.dry_run:
@@ -142,15 +145,27 @@ class PassRun:
     def _verify(self, store: Store, tarballs: Iterator[Tarball]) -> None:
         """Verify the tarballs, here or in the workers; either way each
         verdict is recorded here, and commits are due here."""
-        for tarball, verdict in self._verdicts(store, tarballs):
-            self.record(tarball, verdict)
-            self._looked_at()
-            if self.pending and (
-                len(self.pending) >= BATCH_ROWS or time.monotonic() - self.pending_since >= BATCH_SECONDS
-            ):
-                self._commit()
+        with contextlib.closing(self._verdicts(store, tarballs)) as verdicts:  # ended early: pool.finish()
+            for tarball, verdict in verdicts:
+                self.record(tarball, verdict)
+                self._looked_at()
+                if self.pending and (
+                    len(self.pending) >= BATCH_ROWS or time.monotonic() - self.pending_since >= BATCH_SECONDS
+                ):
+                    self._commit()
 
-    def _verdicts(self, store: Store, tarballs: Iterable[Tarball]) -> Iterator[tuple[Tarball, Verdict]]:
+    def _record_unclaimed(self) -> None:
+        """Record the verdicts a stop (or a dead worker) kept from _verify:
+        the store is still open for a quarantine, and stop() commits the
+        rows if the lock is free. No checkpoint: the stop is known."""
+        unclaimed, self.unclaimed = self.unclaimed, []
+        for tarball, verdict, read in unclaimed:
+            self.summary.bytes_read += read
+            self.record(tarball, verdict)
+
+    def _verdicts(
+        self, store: Store, tarballs: Iterable[Tarball]
+    ) -> Generator[tuple[Tarball, Verdict], None, None]:
         """Verdicts in this process (workers 1) or from a pool. Reading code
         (zstandard, tarfile, multiprocessing) is imported only once there is
         a tarball to read: a pass with nothing to do does not pay for it."""
@@ -181,10 +196,13 @@ class PassRun:
                 self.reading = pool.bytes_read - counted  # for the status line
                 self.checkpoint(progressed)
 
-            for tarball, verdict, read in pool.results(todo, tick):
-                counted += read
-                self.summary.bytes_read += read
-                yield tarball, verdict
+            try:
+                for tarball, verdict, read in pool.results(todo, tick):
+                    counted += read
+                    self.summary.bytes_read += read
+                    yield tarball, verdict
+            finally:  # ended early (a stop, a failure): what the workers verified is kept
+                self.unclaimed = pool.finish()
         self.reading = 0
 
     def record(self, tarball: Tarball, verdict: Verdict) -> None:

@@ -21,7 +21,9 @@ a batch finished; a worker blocked in read() for longer than WatchdogSec
 gets the service killed.
 
 Stopping: the parent sets a shared flag; each worker checks it after every
-read (1 MiB) and returns what it has done so far.
+read (1 MiB) and returns what it has done so far. Those verdicts, and the
+ones back from the workers but not yet handed out when the stop came, are
+what `finish` returns: the pass records them rather than read them again.
 
 The read-rate limit is split evenly between the workers.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -94,10 +97,14 @@ class _Shared:
 
 _shared: _Shared | None = None  # set in the parent just before the pool forks
 
+_Result = tuple[Tarball, Verdict, int]  # a verdict and the bytes read for it
 
-def _verify_batch(batch: list[Tarball]) -> list[tuple[Tarball, Verdict, int]]:
+
+def _verify_batch(batch: list[Tarball]) -> list[_Result]:
     shared = _shared
     assert shared is not None, "the pool must be created with the fork start method"
+    if shared.stop.value:  # queued before a stop: nothing to begin
+        return []
 
     def check_stop() -> None:
         if shared.stop.value:
@@ -110,7 +117,7 @@ def _verify_batch(batch: list[Tarball]) -> list[tuple[Tarball, Verdict, int]]:
         check_stop()
 
     pacer = ReadPacer(shared.rate, alive)
-    results: list[tuple[Tarball, Verdict, int]] = []
+    results: list[_Result] = []
     read = counted = 0  # bytes read in this batch; of them, for the verdicts in results
 
     def on_read(n: int) -> None:
@@ -157,6 +164,8 @@ class VerifyPool:
         self._pool = ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=syscalls.die_with_parent, initargs=(os.getpid(),)
         )
+        self._inflight: set[Future[list[_Result]]] = set()
+        self._ready: deque[_Result] = deque()  # back from the workers, not yet handed out
 
     def __enter__(self) -> VerifyPool:
         return self
@@ -172,33 +181,45 @@ class VerifyPool:
         """Bytes the workers have read so far, finished or not."""
         return int(self._bytes_read.value)
 
-    def results(
-        self, tarballs: Iterable[Tarball], tick: Callable[[bool], None]
-    ) -> Iterator[tuple[Tarball, Verdict, int]]:
+    def results(self, tarballs: Iterable[Tarball], tick: Callable[[bool], None]) -> Iterator[_Result]:
         """Verdicts as batches finish. tick(progressed) is called at least
         every _POLL_S; progressed says whether any worker ticked (read,
         decoded on, or slept to keep the rate) or a batch finished since the
-        last tick. tick may raise to stop."""
+        last tick. tick may raise to stop: what came back stays for finish()."""
         todo = batches(tarballs)
-        inflight: set[Future[list[tuple[Tarball, Verdict, int]]]] = set()
         seen = 0
         exhausted = False
         while True:
-            while not exhausted and len(inflight) < 2 * self.workers:
+            while not exhausted and len(self._inflight) < 2 * self.workers:
                 batch = next(todo, None)
                 if batch is None:
                     exhausted = True
                 else:
-                    inflight.add(self._pool.submit(_verify_batch, batch))
-            if not inflight:
+                    self._inflight.add(self._pool.submit(_verify_batch, batch))
+            if not self._inflight:
                 return
-            done, inflight = wait(inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+            done, self._inflight = wait(self._inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    self._ready.extend(future.result())
+                except BrokenProcessPool as e:
+                    raise WorkerDied("a verifying worker died (a signal, or out of memory)") from e
             now = self._ticks.value
             tick(bool(done) or now != seen)
             seen = now
-            for future in done:
-                try:
-                    batch_results = future.result()
-                except BrokenProcessPool as e:
-                    raise WorkerDied("a verifying worker died (a signal, or out of memory)") from e
-                yield from batch_results
+            while self._ready:
+                yield self._ready.popleft()
+
+    def finish(self) -> list[_Result]:
+        """Stop the workers and wait for them. The verdicts results() has not
+        handed out (a stop or a failure came first): those back already, and
+        what each worker verified of its batch before it saw the stop. Empty
+        after results() ran to its end."""
+        self._stop.value = 1
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for future in self._inflight:
+            if not future.cancelled() and future.exception() is None:  # a dead worker's: nothing
+                self._ready.extend(future.result())
+        self._inflight = set()
+        left, self._ready = list(self._ready), deque()
+        return left

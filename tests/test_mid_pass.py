@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from helpers import Receiver
 
 from cis490_reconcile import config, index, passdata, verify
 from cis490_reconcile.log import make_logger
+from cis490_reconcile.passrun import PassRun
 from cis490_reconcile.reconcile import Reconciler
+from cis490_reconcile.store import Tarball
+from cis490_reconcile.verdicts import Verdict
 
 
 def one_pass(receiver: Receiver) -> passdata.PassSummary:
@@ -120,3 +124,53 @@ def test_a_stop_while_the_lock_is_busy_still_commits_if_it_is_free_then(
         summary = reconciler.run_pass()
     assert summary.interrupted and summary.backfilled == 1
     assert receiver.keys() == [("h1", "a")]
+
+
+def stopped_pass(
+    receiver: Receiver, should_stop: Callable[[], bool], **settings: object
+) -> passdata.PassSummary:
+    cfg = config.build(
+        {"episodes_root": receiver.episodes, "index": receiver.index, "min_age": 0, "workers": 2, **settings}
+    )
+    with Reconciler(cfg, make_logger("error", io.StringIO()), should_stop=should_stop) as reconciler:
+        return reconciler.run_pass()
+
+
+def test_a_stop_keeps_the_verdicts_the_workers_already_sent(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that comes as the first verdict of a batch is recorded: the
+    rest of the batch is back from the worker too, and is recorded and
+    committed, not read again next pass (they used to be dropped)."""
+    for i in range(20):
+        receiver.tarball("h1", f"e{i:02}")
+    cut = receiver.tarball("h1", "e07")
+    cut.write_bytes(cut.read_bytes()[:-100])
+    stop = False
+    record = PassRun.record
+
+    def record_then_stop(self: PassRun, tarball: Tarball, verdict: Verdict) -> None:
+        nonlocal stop
+        record(self, tarball, verdict)
+        stop = True
+
+    monkeypatch.setattr(PassRun, "record", record_then_stop)
+    summary = stopped_pass(receiver, lambda: stop)
+    assert summary.interrupted and (summary.backfilled, summary.corrupt) == (19, 1)
+    rows_match_files(receiver)
+    assert len(receiver.keys()) == len(set(receiver.keys())) == 19
+
+
+def test_a_stop_keeps_what_a_worker_verified_of_its_batch(receiver: Receiver) -> None:
+    """A stop while a worker is inside its batch: the worker returns the
+    verdicts it has, and the pass commits them. The next pass reads only the
+    rest; no row is written twice."""
+    for i in range(12):
+        receiver.tarball("h1", f"e{i:02}", {"meta.json": b"{}", "data": os.urandom(256 << 10)})
+    started = time.monotonic()  # 12 files in one batch, at 512 KiB/s: 2 a second, 6 s in all
+    summary = stopped_pass(receiver, lambda: time.monotonic() - started > 1.6, max_read_rate="1M")
+    assert summary.interrupted and 1 <= summary.backfilled < 12  # used to be 0: the batch was dropped
+    first = summary.backfilled
+    rows_match_files(receiver)
+    assert stopped_pass(receiver, lambda: False).backfilled == 12 - first
+    assert sorted(receiver.keys()) == [("h1", f"e{i:02}") for i in range(12)]
