@@ -121,7 +121,7 @@ class Scan:
                     return self._track(host_id, list(memo[2]))
                 names, skipped = host.entries()
             except OSError as e:
-                self._skipped_host(Skipped(host_id, f"cannot list: {e.strerror}", True))
+                self._skipped_host(host.unlistable(e))
                 self.hosts.pop(host_id, None)
                 return []
         self.summary.hosts_listed += 1

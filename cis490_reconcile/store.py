@@ -143,6 +143,11 @@ class HostDir:
                 skipped.append(Skipped(f"{self.host_id}/{printable(name)}", "unsafe episode name"))
         return names, skipped
 
+    def unlistable(self, e: OSError) -> Skipped:
+        """This directory, when stat'ing or listing it failed (EIO): what it
+        holds, nobody knows, so its rows are not missing (scan, survey)."""
+        return Skipped(self.host_id, f"cannot list: {e.strerror}", True)
+
     def lstat(self, episode_id: str) -> Tarball | Skipped | None:
         """The tarball as it is now; None when it is gone, Skipped when it
         cannot be looked at (a directory listed but not searchable, EIO)."""

@@ -222,7 +222,7 @@ class Survey:
         try:
             names, skipped = host.entries()
         except OSError as e:
-            self._skipped_host(Skipped(host.host_id, f"cannot list: {e.strerror}", True))
+            self._skipped_host(host.unlistable(e))
             return
         counts = self.report.host(host.host_id)
         for entry in skipped:
