@@ -24,6 +24,14 @@ Stopping: the parent sets a shared flag; each worker checks it after every
 read (1 MiB) and returns what it has done so far. Those verdicts, and the
 ones back from the workers but not yet handed out when the stop came, are
 what `finish` returns: the pass records them rather than read them again.
+Workers ignore SIGTERM, SIGINT and SIGHUP: systemd's stop signals every
+process of the unit, and a worker that died of it would fail the pass.
+
+A worker that dies (the OOM killer, a SIGKILL) breaks the pool: every batch
+not yet back fails, and the pass ends in WorkerDied with what came back. The
+executor then SIGTERMs the other workers and joins them, but they ignore
+that, and one blocked writing a result the executor no longer reads would
+never exit: `finish` SIGKILLs them first.
 
 The read-rate limit is split evenly between the workers.
 
@@ -37,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -133,6 +142,12 @@ def _verify_batch(batch: list[Tarball]) -> list[_Result]:
     return results
 
 
+def _start_worker(parent: int) -> None:
+    syscalls.die_with_parent(parent)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a stop is the parent's: it sets the shared flag
+
+
 def batches(tarballs: Iterable[Tarball]) -> Iterator[list[Tarball]]:
     """Up to BATCH_FILES tarballs or BATCH_BYTES per batch: small files are
     sent many at a time, large ones one by one so they spread over workers."""
@@ -162,18 +177,18 @@ class VerifyPool:
         shared_decoding = replace(decoding, budget=SharedWindowBudget(ctx, decoding.max_window))
         _shared = _Shared(store, shared_decoding, share, self._bytes_read, self._ticks, self._stop)
         self._pool = ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=syscalls.die_with_parent, initargs=(os.getpid(),)
+            workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(),)
         )
         self._inflight: set[Future[list[_Result]]] = set()
         self._ready: deque[_Result] = deque()  # back from the workers, not yet handed out
+        self._broken = False  # a worker died
 
     def __enter__(self) -> VerifyPool:
         return self
 
     def __exit__(self, *_: object) -> None:
         global _shared
-        self._stop.value = 1
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.finish()
         _shared = None
 
     @property
@@ -189,26 +204,36 @@ class VerifyPool:
         todo = batches(tarballs)
         seen = 0
         exhausted = False
-        while True:
-            while not exhausted and len(self._inflight) < 2 * self.workers:
-                batch = next(todo, None)
-                if batch is None:
-                    exhausted = True
-                else:
-                    self._inflight.add(self._pool.submit(_verify_batch, batch))
-            if not self._inflight:
-                return
-            done, self._inflight = wait(self._inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
-            for future in done:
-                try:
-                    self._ready.extend(future.result())
-                except BrokenProcessPool as e:
-                    raise WorkerDied("a verifying worker died (a signal, or out of memory)") from e
-            now = self._ticks.value
-            tick(bool(done) or now != seen)
-            seen = now
-            while self._ready:
-                yield self._ready.popleft()
+        try:
+            while True:
+                while not exhausted and len(self._inflight) < 2 * self.workers:
+                    batch = next(todo, None)
+                    if batch is None:
+                        exhausted = True
+                    else:
+                        self._inflight.add(self._pool.submit(_verify_batch, batch))
+                if not self._inflight:
+                    return
+                done, self._inflight = wait(self._inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+                self._collect(done)
+                now = self._ticks.value
+                tick(bool(done) or now != seen)
+                seen = now
+                while self._ready:
+                    yield self._ready.popleft()
+        except BrokenProcessPool as e:  # from a batch, or from submit once the pool is broken
+            self._broken = True
+            raise WorkerDied("a verifying worker died (a signal, or out of memory)") from e
+
+    def _collect(self, futures: Iterable[Future[list[_Result]]]) -> None:
+        """Keep the verdicts of the finished batches, then raise the failure
+        of any (BrokenProcessPool: a worker died)."""
+        finished = [future for future in futures if not future.cancelled()]
+        for future in finished:
+            if future.exception() is None:
+                self._ready.extend(future.result())
+        for future in finished:
+            future.result()
 
     def finish(self) -> list[_Result]:
         """Stop the workers and wait for them. The verdicts results() has not
@@ -216,10 +241,17 @@ class VerifyPool:
         what each worker verified of its batch before it saw the stop. Empty
         after results() ran to its end."""
         self._stop.value = 1
-        self._pool.shutdown(wait=True, cancel_futures=True)
         for future in self._inflight:
-            if not future.cancelled() and future.exception() is None:  # a dead worker's: nothing
-                self._ready.extend(future.result())
+            future.cancel()  # not sent to a worker yet
+        wait(self._inflight)  # a worker returns at its next read; a dead one fails every batch
+        try:
+            self._collect(self._inflight)
+        except BrokenProcessPool:
+            self._broken = True
         self._inflight = set()
+        if self._broken:  # see the module's docstring: the executor's SIGTERM is ignored
+            for process in multiprocessing.active_children():
+                process.kill()
+        self._pool.shutdown(wait=True)
         left, self._ready = list(self._ready), deque()
         return left

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -187,3 +188,60 @@ def test_a_worker_killed_mid_pass_keeps_what_was_verified(receiver: Receiver) ->
     assert len(kept) >= verified and len(set(kept)) == len(kept), kept
     assert receiver.run().returncode == 0  # the next pass reads the rest
     assert sorted(receiver.keys()) == [("h1", f"e{i:02}") for i in range(40)]
+
+
+KILL_A_WORKER_AT_THE_FIRST_VERDICT = """
+import multiprocessing, os, signal, sys, time
+from cis490_reconcile import cli, passrun
+
+record, killed = passrun.PassRun.record, []
+
+def record_after_a_kill(self, tarball, verdict):
+    if not killed:  # the OOM killer, while this process handles the verdicts of a batch
+        killed.append(multiprocessing.active_children()[0].pid)
+        os.kill(killed[0], signal.SIGKILL)
+        time.sleep(1)
+    record(self, tarball, verdict)
+
+passrun.PassRun.record = record_after_a_kill
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "batch"),
+    [
+        pytest.param(48, 1 << 20, 8, id="batches-left-to-send"),  # 6 batches of 8 MiB (BATCH_BYTES)
+        pytest.param(1600, 1000, 256, id="results-over-a-pipe"),  # 256 verdicts pickle to more than 64 KiB
+    ],
+)
+def test_a_worker_killed_while_verdicts_are_handled(
+    receiver: Receiver, count: int, size: int, batch: int
+) -> None:
+    """A worker killed while the pass handles a batch's verdicts. The next
+    submit found the pool broken and raised past WorkerDied (internal_error,
+    nothing committed); and the executor's SIGTERM, which workers ignore, left
+    a worker blocked writing its results for good: the pass hung. Now it
+    fails in one line, exit 1, with every verdict that came back committed."""
+    for i in range(count):
+        receiver.tarball(f"h{i % 2}", f"e{i:04}", {"meta.json": b"{}", "data": os.urandom(size)})
+    argv = [
+        sys.executable,
+        "-c",
+        KILL_A_WORKER_AT_THE_FIRST_VERDICT,
+        *receiver.argv("--once", "--workers", "2")[3:],
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 1, err
+    assert "internal_error" not in {e["event"] for e in events}
+    (failed,) = [e for e in events if e["event"] == "pass_failed"]
+    assert "a verifying worker died" in failed["error"]
+    kept = receiver.keys()
+    assert len(kept) >= batch and len(set(kept)) == len(kept), kept  # at least the batch it was handling
+    assert receiver.run().returncode == 0  # the next pass reads the rest
+    assert len(set(receiver.keys())) == len(receiver.keys()) == count

@@ -130,13 +130,26 @@ def test_sigterm_mid_pass_stops_cleanly_and_keeps_what_was_verified(
     assert sorted(receiver.keys()) == [("h0", "torn"), ("h1", "a"), ("h1", "b"), ("h1", "c"), ("h2", "big")]
 
 
-def test_sigterm_stops_the_workers(receiver: Receiver, notify_socket: NotifySocket) -> None:
+@pytest.mark.parametrize("to_every_process", [False, True], ids=["main", "control-group"])
+def test_sigterm_stops_the_workers(
+    receiver: Receiver, notify_socket: NotifySocket, to_every_process: bool
+) -> None:
+    """Also when the workers are signalled too, as systemd's stop does (the
+    default KillMode=control-group): they leave the stop to the main process
+    and are not killed by it (a worker dead of it would fail the pass)."""
     big_tarball(receiver, "h1", "big1")
     big_tarball(receiver, "h1", "big2")
     env = clean_env(NOTIFY_SOCKET=str(notify_socket.path))
     proc = start(receiver, "--once", "--max-read-rate", "4M", "--workers", "2", env=env)
     wait_for_field(notify_socket, r"STATUS=verifying 0/2 unindexed tarballs, [1-9][\d.]* MiB read")
     stopped = time.monotonic()
+    if to_every_process:
+        workers = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(int(worker), signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=10)
     assert time.monotonic() - stopped < 2, "workers did not stop at their next read"
