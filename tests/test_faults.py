@@ -178,7 +178,18 @@ def test_a_worker_killed_mid_pass_keeps_what_was_verified(receiver: Receiver) ->
         verified += json.loads(line)["event"] == "tarball_without_commit"
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     os.kill(int(workers[0]), 9)
-    out, err = proc.communicate(timeout=60)
+    failed_by_a_dead_worker(receiver, proc, verified)
+    assert sorted(receiver.keys()) == [("h1", f"e{i:02}") for i in range(40)]
+
+
+def failed_by_a_dead_worker(receiver: Receiver, proc: subprocess.Popen[str], verified: int) -> None:
+    """The pass `proc` exits 1 in one pass_failed line (no internal_error),
+    having committed at least `verified` rows, none twice; the next pass
+    reads the rest."""
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     events = [json.loads(line) for line in out.splitlines()]
     assert proc.returncode == 1, err
     assert "internal_error" not in {e["event"] for e in events}
@@ -186,8 +197,7 @@ def test_a_worker_killed_mid_pass_keeps_what_was_verified(receiver: Receiver) ->
     assert "a verifying worker died" in failed["error"]
     kept = receiver.keys()
     assert len(kept) >= verified and len(set(kept)) == len(kept), kept
-    assert receiver.run().returncode == 0  # the next pass reads the rest
-    assert sorted(receiver.keys()) == [("h1", f"e{i:02}") for i in range(40)]
+    assert receiver.run().returncode == 0
 
 
 KILL_A_WORKER_AT_THE_FIRST_VERDICT = """
@@ -232,16 +242,5 @@ def test_a_worker_killed_while_verdicts_are_handled(
         *receiver.argv("--once", "--workers", "2")[3:],
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    events = [json.loads(line) for line in out.splitlines()]
-    assert proc.returncode == 1, err
-    assert "internal_error" not in {e["event"] for e in events}
-    (failed,) = [e for e in events if e["event"] == "pass_failed"]
-    assert "a verifying worker died" in failed["error"]
-    kept = receiver.keys()
-    assert len(kept) >= batch and len(set(kept)) == len(kept), kept  # at least the batch it was handling
-    assert receiver.run().returncode == 0  # the next pass reads the rest
+    failed_by_a_dead_worker(receiver, proc, batch)  # at least the batch it was handling is kept
     assert len(set(receiver.keys())) == len(receiver.keys()) == count
