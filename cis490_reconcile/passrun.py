@@ -80,10 +80,12 @@ class PassRun:
             self.store = store
             try:
                 self._verify(store, self._settled(store))
-            except (StopRequested, WorkerDied) as e:
+            except StopRequested:
                 self._record_unclaimed()
-                if isinstance(e, WorkerDied) and self.pending:
-                    self._commit()  # what was verified before it died is kept
+                raise
+            except WorkerDied:
+                self._record_unclaimed()
+                self._keep_verified()
                 raise
         if self.pending or not env.dry_run:
             self._commit()  # also ends a torn last line
@@ -94,6 +96,16 @@ class PassRun:
         if self.pending and not self.env.dry_run:
             with contextlib.suppress(StopRequested):
                 self._commit(wait_for_lock=False)
+
+    def _keep_verified(self) -> None:
+        """After a worker died: commit what was verified before it did. A
+        stop while that commit waits for the lock gets stop()'s one last
+        try, and the pass still fails for the death, not as interrupted."""
+        try:
+            if self.pending:
+                self._commit()
+        except StopRequested:
+            self.stop()
 
     def checkpoint(self, progressed: bool = True) -> None:
         """A safe point: feed the watchdog (only if work moved on), report

@@ -19,7 +19,7 @@ from helpers import Receiver
 from cis490_reconcile import config, index, passdata, verify
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.passrun import PassRun
-from cis490_reconcile.reconcile import Reconciler
+from cis490_reconcile.reconcile import PassFailed, Reconciler
 from cis490_reconcile.store import Tarball
 from cis490_reconcile.verdicts import Verdict
 
@@ -95,13 +95,9 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
     assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "c")]
 
 
-def test_a_stop_while_the_lock_is_busy_still_commits_if_it_is_free_then(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A stop asked while a commit waits for the index lock: the pass then
-    tries the lock once more, without waiting, and commits what it verified
-    if it is free. Those rows used to be dropped before that try."""
-    receiver.tarball("h1", "a")
+def lock_busy_once(monkeypatch: pytest.MonkeyPatch) -> Callable[[], bool]:
+    """The first commit finds the index lock busy, and a stop comes
+    meanwhile; the lock is free after that. Returns the stop flag."""
     stop = False
     locked = index.locked
 
@@ -110,20 +106,47 @@ def test_a_stop_while_the_lock_is_busy_still_commits_if_it_is_free_then(
         path: Path, lock_file: Path | None, timeout: float, on_wait: Callable[[], None]
     ) -> Iterator[index.LockedIndex]:
         nonlocal stop
-        if not stop:  # the first commit finds the lock busy, and a stop comes meanwhile
+        if not stop:
             stop = True
             on_wait()
         with locked(path, lock_file, timeout, on_wait) as ix:
             yield ix
 
     monkeypatch.setattr(index, "locked", busy_once)
-    cfg = config.build(
-        {"episodes_root": receiver.episodes, "index": receiver.index, "min_age": 0, "workers": 1}
-    )
-    with Reconciler(cfg, make_logger("error", io.StringIO()), should_stop=lambda: stop) as reconciler:
-        summary = reconciler.run_pass()
+    return lambda: stop
+
+
+def test_a_stop_while_the_lock_is_busy_still_commits_if_it_is_free_then(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop asked while a commit waits for the index lock: the pass then
+    tries the lock once more, without waiting, and commits what it verified
+    if it is free. Those rows used to be dropped before that try."""
+    receiver.tarball("h1", "a")
+    summary = stopped_pass(receiver, lock_busy_once(monkeypatch), workers=1)
     assert summary.interrupted and summary.backfilled == 1
     assert receiver.keys() == [("h1", "a")]
+
+
+def test_a_worker_death_is_said_even_if_a_stop_comes_while_its_rows_wait_for_the_lock(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker dies; the rows verified before it wait for the lock, and a
+    stop comes meanwhile. The pass fails for the death (it used to end as
+    merely interrupted, exit 0), and still commits the rows at the last try."""
+    receiver.tarball("h1", "a")
+    receiver.tarball("h1", "b")
+    real_verify_many = verify.verify_many
+
+    def dies_after_one(*args):  # type: ignore[no-untyped-def]
+        yield next(iter(real_verify_many(*args)))
+        raise passdata.WorkerDied("a verifying worker died")
+
+    monkeypatch.setattr(verify, "verify_many", dies_after_one)
+    with pytest.raises(PassFailed, match="worker died") as failed:
+        stopped_pass(receiver, lock_busy_once(monkeypatch), workers=1)
+    assert failed.value.summary.interrupted and failed.value.summary.backfilled == 1
+    assert len(receiver.keys()) == 1
 
 
 def stopped_pass(
