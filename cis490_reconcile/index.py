@@ -46,9 +46,14 @@ class IndexWriteError(OSError):
     next append (ours or the receiver's through `append_rows`) terminates."""
 
 
+# json.dumps(row, sort_keys=True) builds this encoder on every call (0.9 of 4.1 us a row)
+_ROW_ENCODER = json.JSONEncoder(sort_keys=True)
+
+
 def encode_row(row: Mapping[str, object]) -> bytes:
-    """One row as the receiver writes it: sorted keys, default separators, ASCII."""
-    return (json.dumps(row, sort_keys=True) + "\n").encode("ascii")
+    """One row as the receiver writes it: json.dumps(row, sort_keys=True),
+    that is sorted keys, default separators, ASCII."""
+    return (_ROW_ENCODER.encode(row) + "\n").encode("ascii")
 
 
 def backfill_row(tarball: Tarball, intact: Intact, now_ns: int) -> dict[str, object]:
