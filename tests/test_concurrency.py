@@ -11,7 +11,7 @@ staged but not merged (the scratch file a scrub once deleted), the
 incremental pass with the index read and the state directory held, the
 scrub at its first row with its cursor's database open. The other command
 runs to its end inside that pause. The rebuild splits at any size here
-(CIS490_TEST_SPLIT_MIN_BYTES): the same code path as a 64 MiB index.
+(CIS490_TEST_SPLIT_MIN_BYTES): the same code path as an index over 4 MiB.
 """
 
 from __future__ import annotations
