@@ -132,6 +132,10 @@ class _Store:
         settled = time.time() - 3600
         for p in (d / "episodes").glob("*/*.tar.zst"):
             os.utime(p, (settled, settled))
+        # A pass trusts a host directory's memo only if it had not changed for 3 s when listed
+        # (scan.GUARD_NS): with a corpus generated just now, every no-op pass would list them all.
+        changed = max(host.stat().st_ctime for host in (d / "episodes").iterdir())
+        time.sleep(max(0.0, changed + 3.5 - time.time()))
         self.state = Path(tempfile.mkdtemp(prefix="state-", dir=b.root))
         self.where = ["--episodes-root", str(d / "episodes"), "--index", str(self.index)]
         self.where += ["--state-dir", str(self.state), "--min-age", "0", "--retention", RETENTION]
