@@ -28,10 +28,16 @@ Workers ignore SIGTERM, SIGINT and SIGHUP: systemd's stop signals every
 process of the unit, and a worker that died of it would fail the pass.
 
 A worker that dies (the OOM killer, a SIGKILL) breaks the pool: every batch
-not yet back fails, and the pass ends in WorkerDied with what came back. The
-executor then SIGTERMs the other workers and joins them, but they ignore
-that, and one blocked writing a result the executor no longer reads would
-never exit: `finish` SIGKILLs them first.
+not yet back fails, and the pass ends in WorkerDied with what came back,
+even if a stop came too. The executor then SIGTERMs the other workers and
+joins them, but they ignore that, and two of them could never exit: one
+blocked writing a result the executor no longer reads, and, when the dead
+one was idle, every other idle one, waiting for the task queue's lock that
+the dead one held while it waited for a task (a semaphore nobody will post).
+So `finish`, once every batch is back, SIGKILLs the pool's workers, dead one
+or not, before it shuts the executor down: nothing is left to lose then, and
+a worker found dead there (idle, or after its batch came back, which no
+batch reports) still fails the pass.
 
 The read-rate limit is split evenly between the workers.
 
@@ -63,6 +69,7 @@ from .verify import verify_many
 BATCH_FILES = 256
 BATCH_BYTES = 8 << 20
 _POLL_S = 0.05
+DIED = "a verifying worker died (a signal, or out of memory)"
 _BUDGET_POLL_S = 0.1
 
 
@@ -192,6 +199,11 @@ class VerifyPool:
         _shared = None
 
     @property
+    def broken(self) -> bool:
+        """Whether a worker died (known for sure once finish() returned)."""
+        return self._broken
+
+    @property
     def bytes_read(self) -> int:
         """Bytes the workers have read so far, finished or not."""
         return int(self._bytes_read.value)
@@ -223,7 +235,7 @@ class VerifyPool:
                     yield self._ready.popleft()
         except BrokenProcessPool as e:  # from a batch, or from submit once the pool is broken
             self._broken = True
-            raise WorkerDied("a verifying worker died (a signal, or out of memory)") from e
+            raise WorkerDied(DIED) from e
 
     def _collect(self, futures: Iterable[Future[list[_Result]]]) -> None:
         """Keep the verdicts of the finished batches, then raise the failure
@@ -249,9 +261,11 @@ class VerifyPool:
         except BrokenProcessPool:
             self._broken = True
         self._inflight = set()
-        if self._broken:  # see the module's docstring: the executor's SIGTERM is ignored
-            for process in multiprocessing.active_children():
-                process.kill()
+        processes = list((self._pool._processes or {}).values())  # None once shut down
+        if any(process.exitcode is not None for process in processes):
+            self._broken = True  # idle, or after its batch came back: no batch says so
+        for process in processes:  # every batch is back: see the module's docstring
+            process.kill()
         self._pool.shutdown(wait=True)
         left, self._ready = list(self._ready), deque()
         return left

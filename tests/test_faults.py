@@ -182,16 +182,19 @@ def test_a_worker_killed_mid_pass_keeps_what_was_verified(receiver: Receiver) ->
     assert sorted(receiver.keys()) == [("h1", f"e{i:02}") for i in range(40)]
 
 
-def failed_by_a_dead_worker(receiver: Receiver, proc: subprocess.Popen[str], verified: int) -> None:
-    """The pass `proc` exits 1 in one pass_failed line (no internal_error),
-    having committed at least `verified` rows, none twice; the next pass
-    reads the rest."""
+def failed_by_a_dead_worker(
+    receiver: Receiver, proc: subprocess.Popen[str], verified: int, stopped: bool = False
+) -> None:
+    """The pass `proc` fails in one pass_failed line (no internal_error) and
+    exits 1, or 0 if it was asked to stop (README: Exit codes), having
+    committed at least `verified` rows, none twice; the next pass reads the
+    rest."""
     try:
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     events = [json.loads(line) for line in out.splitlines()]
-    assert proc.returncode == 1, err
+    assert proc.returncode == (0 if stopped else 1), err
     assert "internal_error" not in {e["event"] for e in events}
     (failed,) = [e for e in events if e["event"] == "pass_failed"]
     assert "a verifying worker died" in failed["error"]
@@ -211,13 +214,16 @@ def record_after_a_kill(self, tarball, verdict):
         killed.append(multiprocessing.active_children()[0].pid)
         os.kill(killed[0], signal.SIGKILL)
         time.sleep(1)
+        if sys.argv[1] == "then-stop":  # systemd stops the unit (OOMPolicy=stop)
+            os.kill(os.getpid(), signal.SIGTERM)
     record(self, tarball, verdict)
 
 passrun.PassRun.record = record_after_a_kill
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.parametrize("then", ["alone", "then-stop"])
 @pytest.mark.parametrize(
     ("count", "size", "batch"),
     [
@@ -226,21 +232,67 @@ sys.exit(cli.main(sys.argv[1:]))
     ],
 )
 def test_a_worker_killed_while_verdicts_are_handled(
-    receiver: Receiver, count: int, size: int, batch: int
+    receiver: Receiver, count: int, size: int, batch: int, then: str
 ) -> None:
     """A worker killed while the pass handles a batch's verdicts. The next
     submit found the pool broken and raised past WorkerDied (internal_error,
     nothing committed); and the executor's SIGTERM, which workers ignore, left
-    a worker blocked writing its results for good: the pass hung. Now it
-    fails in one line, exit 1, with every verdict that came back committed."""
+    a worker blocked writing its results for good: the pass hung. A stop
+    right after the death ended the pass as merely interrupted (the death
+    unsaid). Now it fails in one line, exit 1 (0 when asked to stop), with
+    every verdict that came back committed."""
     for i in range(count):
         receiver.tarball(f"h{i % 2}", f"e{i:04}", {"meta.json": b"{}", "data": os.urandom(size)})
     argv = [
         sys.executable,
         "-c",
         KILL_A_WORKER_AT_THE_FIRST_VERDICT,
+        then,
         *receiver.argv("--once", "--workers", "2")[3:],
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    failed_by_a_dead_worker(receiver, proc, batch)  # at least the batch it was handling is kept
+    failed_by_a_dead_worker(receiver, proc, batch, then == "then-stop")  # at least the batch it was handling
     assert len(set(receiver.keys())) == len(receiver.keys()) == count
+
+
+KILL_THE_IDLE_WORKER_THAT_WAITS_FOR_A_TASK = """
+import multiprocessing, os, signal, sys, time
+from cis490_reconcile import cli, workers
+
+real_wait, done = workers.wait, []
+
+def wait_then_a_death(fs, timeout=None, return_when="ALL_COMPLETED"):
+    got = real_wait(fs, timeout=timeout, return_when=return_when)
+    if timeout is None and not done:  # finish()'s: every batch is back, the workers idle
+        done.append(1)
+        time.sleep(0.3)
+        # the one reading the task queue holds its lock (the others wait for it)
+        reading = [p.pid for p in multiprocessing.active_children()
+                   if "pipe_read" in open(f"/proc/{p.pid}/wchan").read()]
+        print("reading", reading, file=sys.stderr, flush=True)
+        os.kill(reading[0], signal.SIGKILL)
+        time.sleep(0.5)
+    return got
+
+workers.wait = wait_then_a_death
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_an_idle_worker_killed_at_the_end_neither_hangs_the_pass_nor_goes_unsaid(receiver: Receiver) -> None:
+    """Every batch is back and a worker dies idle (the OOM killer may pick
+    it): it held the task queue's lock, so the other workers never read the
+    executor's sentinels, and they ignore its SIGTERM. The pass hung in
+    shutdown for good, deaf to SIGTERM. Now its workers are killed once the
+    batches are back; the death still fails the pass, every row kept."""
+    for i in range(8):
+        receiver.tarball("h1", f"e{i}", {"meta.json": b"{}", "data": os.urandom(300_000)})
+    argv = [
+        sys.executable,
+        "-c",
+        KILL_THE_IDLE_WORKER_THAT_WAITS_FOR_A_TASK,
+        *receiver.argv("--once", "--workers", "3")[3:],
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    failed_by_a_dead_worker(receiver, proc, 8)
+    assert receiver.keys() == [("h1", f"e{i}") for i in range(8)]
