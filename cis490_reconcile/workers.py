@@ -205,8 +205,10 @@ class VerifyPool:
 
     @property
     def bytes_read(self) -> int:
-        """Bytes the workers have read so far, finished or not."""
-        return int(self._bytes_read.value)
+        """Bytes the workers have read so far, finished or not: for the
+        status line, read without the lock, which a worker killed while it
+        counted would hold for good (the value is one aligned word)."""
+        return int(self._bytes_read.get_obj().value)
 
     def results(self, tarballs: Iterable[Tarball], tick: Callable[[bool], None]) -> Iterator[_Result]:
         """Verdicts as batches finish. tick(progressed) is called at least
@@ -256,16 +258,23 @@ class VerifyPool:
         for future in self._inflight:
             future.cancel()  # not sent to a worker yet
         wait(self._inflight)  # a worker returns at its next read; a dead one fails every batch
+        inflight, self._inflight = self._inflight, set()
         try:
-            self._collect(self._inflight)
+            self._collect(inflight)
         except BrokenProcessPool:
             self._broken = True
-        self._inflight = set()
-        processes = list((self._pool._processes or {}).values())  # None once shut down
-        if any(process.exitcode is not None for process in processes):
-            self._broken = True  # idle, or after its batch came back: no batch says so
-        for process in processes:  # every batch is back: see the module's docstring
-            process.kill()
-        self._pool.shutdown(wait=True)
+        finally:  # a batch's other failure (results() raised it first) is raised after this
+            self._shut_down()
         left, self._ready = list(self._ready), deque()
         return left
+
+    def _shut_down(self) -> None:
+        """Every batch is back: kill the workers, then shut the executor down
+        (see the module's docstring). A worker found dead here died idle, or
+        after its batch came back: no batch says so."""
+        processes = list((self._pool._processes or {}).values())  # None once shut down
+        if any(process.exitcode is not None for process in processes):
+            self._broken = True
+        for process in processes:
+            process.kill()
+        self._pool.shutdown(wait=True)
