@@ -239,14 +239,13 @@ class VerifyPool:
             self._broken = True
             raise WorkerDied(DIED) from e
 
-    def _collect(self, futures: Iterable[Future[list[_Result]]]) -> None:
+    def _collect(self, futures: set[Future[list[_Result]]]) -> None:
         """Keep the verdicts of the finished batches, then raise the failure
         of any (BrokenProcessPool: a worker died)."""
-        finished = [future for future in futures if not future.cancelled()]
-        for future in finished:
+        for future in futures:
             if future.exception() is None:
                 self._ready.extend(future.result())
-        for future in finished:
+        for future in futures:
             future.result()
 
     def finish(self) -> list[_Result]:
@@ -255,8 +254,9 @@ class VerifyPool:
         what each worker verified of its batch before it saw the stop. Empty
         after results() ran to its end."""
         self._stop.value = 1
-        for future in self._inflight:
-            future.cancel()  # not sent to a worker yet
+        # No batch is cancelled: the executor has queued them all already (at most 2 x workers are
+        # in flight; its queue holds workers + 1), one not yet begun returns at once, and the
+        # executor of 3.10 and 3.11 fails on a cancelled batch if a worker dies then.
         wait(self._inflight)  # a worker returns at its next read; a dead one fails every batch
         inflight, self._inflight = self._inflight, set()
         try:
