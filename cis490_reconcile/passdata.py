@@ -17,10 +17,13 @@ from .verdicts import Decoding
 
 
 class WorkerDied(Exception):
-    """A verifying worker process ended mid-batch (SIGKILL, the OOM killer
-    of a MemoryMax= cgroup): its batch has no verdicts. The pass commits
-    what was verified before and fails (pass_failed); the next pass reads
-    the rest again."""
+    """A verifying worker process died (SIGKILL, the OOM killer of a
+    MemoryMax= cgroup), mid-batch or idle: a batch it held has no verdicts.
+    The pass commits what was verified and fails (pass_failed); the next
+    pass reads the rest again."""
+
+    def __init__(self, reason: str = "a verifying worker died (a signal, or out of memory)") -> None:
+        super().__init__(reason)
 
 
 @dataclass

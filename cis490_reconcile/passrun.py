@@ -65,7 +65,7 @@ class PassRun:
         self.verified = self.found = 0  # candidates looked at, candidates found
         self.reading = 0  # bytes read by workers for verdicts not yet back
         self.unclaimed: list[tuple[Tarball, Verdict, int]] = []  # made by workers, not yet recorded
-        self.worker_died = ""  # why, once the pool found a worker dead
+        self.worker_died = False  # the pool found a worker dead
         self.replaced = False  # the index was replaced: the memos cannot be trusted
         self.torn_reported = False
         self.store: Store | None = None
@@ -86,7 +86,7 @@ class PassRun:
                 if not self.worker_died:
                     raise
                 self._keep_verified()  # the stop came after a worker died: the death is what is said
-                raise WorkerDied(self.worker_died) from None
+                raise WorkerDied from None
             except WorkerDied:
                 self._record_unclaimed()
                 self._keep_verified()
@@ -203,7 +203,7 @@ class PassRun:
 
             yield from verify_many(store, todo, env.decoding, on_read)
             return
-        from .workers import DIED, VerifyPool
+        from .workers import VerifyPool
 
         with VerifyPool(store, env.workers, self.cfg.max_read_rate, env.decoding) as pool:
             counted = 0  # bytes of finished verdicts, already in the summary
@@ -219,10 +219,10 @@ class PassRun:
                     yield tarball, verdict
             finally:  # ended early (a stop, a failure): what the workers verified is kept
                 self.unclaimed = pool.finish()
-                self.worker_died = DIED if pool.broken else ""
+                self.worker_died = pool.broken
         self.reading = 0
         if self.worker_died:  # after every batch was back: still a death, and said
-            raise WorkerDied(self.worker_died)
+            raise WorkerDied
 
     def record(self, tarball: Tarball, verdict: Verdict) -> None:
         """The one place a verdict is counted, logged and acted on."""

@@ -69,7 +69,6 @@ from .verify import verify_many
 BATCH_FILES = 256
 BATCH_BYTES = 8 << 20
 _POLL_S = 0.05
-DIED = "a verifying worker died (a signal, or out of memory)"
 _BUDGET_POLL_S = 0.1
 
 
@@ -237,7 +236,7 @@ class VerifyPool:
                     yield self._ready.popleft()
         except BrokenProcessPool as e:  # from a batch, or from submit once the pool is broken
             self._broken = True
-            raise WorkerDied(DIED) from e
+            raise WorkerDied from e
 
     def _collect(self, futures: set[Future[list[_Result]]]) -> None:
         """Keep the verdicts of the finished batches, then raise the failure
