@@ -204,21 +204,39 @@ def failed_by_a_dead_worker(
 
 
 KILL_A_WORKER_AT_THE_FIRST_VERDICT = """
-import multiprocessing, os, signal, sys, time
-from cis490_reconcile import cli, passrun
+import os, signal, sys, tempfile, time
+from cis490_reconcile import cli, passrun, workers
 
-record, killed = passrun.PassRun.record, []
+record, verify_many, killed = passrun.PassRun.record, workers.verify_many, []
+flag = tempfile.mkdtemp()
 
 def record_after_a_kill(self, tarball, verdict):
     if not killed:  # the OOM killer, while this process handles the verdicts of a batch
-        killed.append(multiprocessing.active_children()[0].pid)
-        os.kill(killed[0], signal.SIGKILL)
+        killed.append(open(os.path.join(flag, "now"), "w"))
+        while not os.path.exists(os.path.join(flag, "died")):
+            time.sleep(0.01)
         time.sleep(1)
         if sys.argv[1] == "then-stop":  # systemd stops the unit (OOMPolicy=stop)
             os.kill(os.getpid(), signal.SIGTERM)
     record(self, tarball, verdict)
 
+def verify_or_die(store, tarballs, *args):
+    def each():
+        for tarball in tarballs:
+            # the first worker to begin a tarball after that dies: between two tarballs, not
+            # while it writes its results, a death the executor cannot survive (workers.py)
+            if os.path.exists(os.path.join(flag, "now")):
+                try:
+                    os.mkdir(os.path.join(flag, "died"))
+                except FileExistsError:
+                    pass
+                else:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            yield tarball
+    return verify_many(store, each(), *args)
+
 passrun.PassRun.record = record_after_a_kill
+workers.verify_many = verify_or_die
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -308,18 +326,20 @@ def failing(store, batch, *args):  # every batch fails, as verify does not expec
     raise OSError(5, "Input/output error")
     yield
 
-def hold(lock):
-    lock.acquire()
+def hold(pool):  # every lock of the counters the workers share with the pass
+    for value in (pool._bytes_read, pool._stop, pool._ticks):
+        if hasattr(value, "get_lock"):
+            value.get_lock().acquire()
     time.sleep(60)
 
 workers.verify_many = failing
 found = {}
 with Store(sys.argv[1]) as store:
     pool = workers.VerifyPool(store, 2, None, Decoding())
-    holder = multiprocessing.get_context("fork").Process(target=hold, args=(pool._bytes_read.get_lock(),))
+    holder = multiprocessing.get_context("fork").Process(target=hold, args=(pool,))
     holder.start()
     time.sleep(0.5)
-    holder.kill()  # as a worker killed while it counted: the lock stays taken
+    holder.kill()  # as a worker killed while it counted or checked for a stop: the locks stay taken
     holder.join()
     began = time.monotonic()
     found["bytes_read"] = pool.bytes_read
@@ -339,7 +359,8 @@ def test_the_pool_shuts_down_after_any_failure_and_never_blocks_the_status_line(
     """Batches that fail with an error verify does not expect: the second
     seen (in finish) skipped the shutdown, and the workers stayed (one set
     more each failed pass in loop mode). And the parent's status line took
-    the byte counter's lock, which a worker killed while counting holds for
+    the byte counter's lock, and every worker and the parent's finish() the
+    stop flag's, which a worker killed while counting or checking holds for
     good. In a process of its own: a pass forks before any thread starts."""
     out = subprocess.run(
         [sys.executable, "-c", POOL_FAULTS, str(tmp_path)], capture_output=True, text=True, timeout=60
