@@ -11,7 +11,8 @@ concurrency tests pause a run at one to start another command beside it.
     in_transaction  inside a state transaction while catching up
     forked          a rebuild's forked reader has started
     split_joined    a rebuild's forked reader handed its part over, both unsorted
-    sorted          both parts of a rebuild are sorted, not yet merged
+    sorted          a rebuild's lower hosts are in the new keys, the forked
+                    reader's upper hosts sorted, not yet added
     rebuilding      halfway through a full rebuild, its halves merged
     caught_up       a pass has read the index, holding the state directory
     scrubbing       a scrub is at its first row, its state database open

@@ -151,8 +151,18 @@ class Database:
     def close(self) -> None:
         self.db.close()
 
-    def transaction(self) -> contextlib.AbstractContextManager[None]:
-        return _savepoint(self.db) if self.base else write_transaction(self.db)
+    def transaction(self, lock_all: bool = True) -> contextlib.AbstractContextManager[None]:
+        """A write transaction (a savepoint inside a reader's: attach_base).
+        BEGIN IMMEDIATE takes the write lock of every attached database at
+        once; lock_all=False begins deferred, each database locked at its
+        first use, for a transaction that must leave one alone (a rebuild's
+        `sorted`, which the forked reader writes meanwhile). Its first
+        statement must then write main: the lock is waited for there (the
+        busy timeout), where after a read it would be refused at once if
+        another connection had written since."""
+        if self.base:
+            return _savepoint(self.db)
+        return write_transaction(self.db, "BEGIN IMMEDIATE" if lock_all else "BEGIN")
 
     def reporting(self, on_progress: Callable[[], None]) -> contextlib.AbstractContextManager[None]:
         return reporting(self.db, on_progress)

@@ -12,10 +12,15 @@ from contextlib import contextmanager
 from operator import itemgetter
 from typing import NamedTuple
 
-from .connection import Database, Scratch, write_transaction
-from .split import MAPPED, STAGING, Key, Tally, both_parts, host_ids, insert_keys
+from .connection import Database, Scratch
+from .split import MAPPED, SORTED, STAGING, Key, Tally, both_parts, host_ids, insert_keys
 
 EXAMPLES = 100
+# The share of the rows whose keys the pass sorts into the keys table while the forked reader sorts the
+# rest, which the pass adds after (0.33 us a key): the two sorts should end together. Measured on 8M rows
+# (tests/bench/run.py --only scale): with 0.475 the reader's ended 0.3 s before ours, with 0.46 0.2-0.3 s
+# after.
+LOWER_SHARE = 0.47
 _IN_CHUNK = 400  # digests per IN (...): twice that plus two stays under SQLite's oldest 999-variable limit
 
 
@@ -105,19 +110,14 @@ class Keys:
     def rebuilding(self, scratch: Scratch | None) -> Iterator[None]:
         """Collect every key of the whole index with stage (into a temporary
         table, or into `scratch.stage` for a rebuild on two processes), then
-        replace the keys in one transaction, inserting them sorted
-        (random-order inserts cost 2.3x: the B-tree pages are then written
-        once each)."""
-        temporary = [f"temp.{t}" for t in ("staging", "ids", "low", "low_dups", "tally_hosts", "tally_hours")]
+        replace the keys in one transaction (`replacing`)."""
+        temporary = [f"temp.{t}" for t in ("staging", "ids", "tally_hosts", "tally_hours")]
         for table in temporary:
             self.db.execute(f"DROP TABLE IF EXISTS {table}")
         self._staged = "temp.staging"
         if scratch is not None:
             scratch.remove("stage")
-            self.db.execute("ATTACH DATABASE ? AS stage", (scratch.stage,))
-            # written in order and read once: 1 MiB of cache (4 MiB: peak RSS 63 MiB at 8M rows, now 60)
-            for pragma in ("journal_mode = OFF", "synchronous = OFF", "cache_size = -1024"):
-                self.db.execute(f"PRAGMA stage.{pragma}")
+            self._attach_scratch("stage", scratch.stage)
             self._staged = "stage.staging"
         self.db.execute(f"CREATE TABLE {self._staged} {STAGING}")
         self._tally = Tally(self.db, "temp")
@@ -133,6 +133,14 @@ class Keys:
             if scratch is not None:
                 scratch.remove("stage")
 
+    def _attach_scratch(self, name: str, path: str) -> None:
+        """A scratch file, written in order or read once: neither journaled
+        nor synced, 1 MiB of cache (SQLite's default of 2 MiB for each of
+        the three put the peak RSS of a pass over 8M rows at 63.7 MiB)."""
+        self.db.execute(f"ATTACH DATABASE ? AS {name}", (path,))
+        for pragma in ("journal_mode = OFF", "synchronous = OFF", "cache_size = -1024"):
+            self.db.execute(f"PRAGMA {name}.{pragma}")
+
     def stage(self, keys: Sequence[Key]) -> None:
         with self.database.transaction():
             insert_keys(self.db, self._staged, keys)
@@ -140,10 +148,13 @@ class Keys:
 
     def join_split(self, scratch: Scratch, hosts: dict[int, int]) -> int:
         """The forked reader's part, handed over (`hosts`: its provisional
-        ids -> ids): its counts join ours. Returns the boundary of the two
-        sorts: the host id below which half of all rows are."""
+        ids -> ids): its counts join ours, and `sorted` is made for the keys
+        it sorts. Returns the boundary of the two sorts: the host id below
+        which LOWER_SHARE of all rows are."""
         db = self.db
-        db.execute("ATTACH DATABASE ? AS split", (scratch.split,))
+        self._attach_scratch("split", scratch.split)
+        self._attach_scratch("sorted", scratch.sorted)  # here: ATTACH is never inside a transaction
+        db.execute(f"CREATE TABLE sorted.sorted {SORTED}")
         host_ids(db, hosts)
         more = "WHERE true ON CONFLICT DO UPDATE SET rows = rows + excluded.rows"
         with self.database.transaction():
@@ -153,76 +164,69 @@ class Keys:
                 f"INSERT INTO temp.tally_hours SELECT {MAPPED}, hour, rows FROM split.tally_hours {more}"
             )
         counts = db.execute("SELECT host, rows FROM temp.tally_hosts ORDER BY host").fetchall()
-        half, seen = sum(n for _, n in counts) / 2, 0
+        share, seen = sum(n for _, n in counts) * LOWER_SHARE, 0
         for host, n in counts:
             seen += n
-            if seen >= half:
+            if seen >= share:
                 return int(host) + 1
         return 1
-
-    def sort_low(self, high: int) -> None:
-        """The keys of both parts whose host is below `high` into temp.low
-        in key order, a copy of a key counted in temp.low_dups, while the
-        forked reader sorts the rest."""
-        db = self.db
-        (keys,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'keys'").fetchone()
-        db.execute(keys.replace("CREATE TABLE keys", "CREATE TEMP TABLE low", 1))  # the same: copied whole
-        db.execute("CREATE TEMP TABLE low_dups (host INTEGER PRIMARY KEY, copies INTEGER NOT NULL)")
-        db.execute(
-            "CREATE TEMP TRIGGER low_repeated AFTER UPDATE OF copies ON low BEGIN "
-            "INSERT INTO low_dups VALUES (new.host, 1) ON CONFLICT DO UPDATE SET copies = copies + 1; END"
-        )
-        with write_transaction(db, "BEGIN"):  # only the temporary database is written
-            db.execute(
-                "INSERT INTO temp.low (host, digest, offset, received) SELECT * FROM ("
-                f"{both_parts(self._staged, '< ?1')} ORDER BY 1, 2, 3) WHERE true "
-                "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
-                (high,),
-            )
 
     def scratch(self) -> Scratch:
         """Where a rebuild on two processes works: beside the state file."""
         (path,) = self.db.execute("SELECT file FROM pragma_database_list WHERE name = 'main'").fetchone()
         return Scratch.beside(path)
 
-    def attach_sorted(self, scratch: Scratch) -> None:
-        """The forked reader's sorted keys, for `replace` (ATTACH cannot be in a transaction)."""
-        self.db.execute("ATTACH DATABASE ? AS sorted", (scratch.sorted,))
-
-    def replace(self) -> None:
-        """Inside the transaction that saves the new checkpoint: the staged
-        keys become the keys table, with the hosts' counts and received_hours
-        and _days (migrations/0002.sql): sorted now, or on two processes
-        temp.low copied whole and the forked reader's sorted keys after it."""
-        db = self.db
-        schema = dict(
-            db.execute("SELECT name, sql FROM sqlite_master WHERE tbl_name = 'keys' AND sql IS NOT NULL")
+    @contextmanager
+    def replacing(self) -> Iterator[None]:
+        """The transaction that replaces the keys (replace, add_sorted on two
+        processes, then replaced) and saves the new checkpoint. It begins
+        deferred (Database.transaction) and replace writes main first: it
+        begins while the forked reader still writes `sorted`."""
+        self._schema = dict(
+            self.db.execute("SELECT name, sql FROM sqlite_master WHERE tbl_name = 'keys' AND sql IS NOT NULL")
         )
-        db.execute("DROP TABLE keys")  # and its triggers
+        with self.database.transaction(lock_all=False):
+            yield
+
+    def replace(self, below: int | None = None) -> None:
+        """The staged keys become the keys table, with the hosts' counts and
+        received_hours (migrations/0002.sql), inserted sorted (random-order
+        inserts cost 2.3x: the B-tree pages are then written once each). On
+        two processes only those of the hosts below `below`, while the forked
+        reader sorts the rest for add_sorted: in key order, they follow."""
+        db, schema = self.db, self._schema
+        db.execute("DROP TABLE keys")  # and its triggers; this transaction's first write (replacing)
         db.execute(schema["keys"])
         for table in ("bad_lines", "received_hours", "received_days"):
             db.execute(f"DELETE FROM {table}")
         self._tally.flush()
-        # every row counted so far: the duplicates are taken off below
+        # every row counted so far: the duplicates are taken off in replaced()
         counted = "(SELECT rows FROM temp.tally_hosts t WHERE t.host = hosts.id)"
-        db.execute(f"UPDATE hosts SET keys = coalesce({counted}, 0)")
-        db.execute("UPDATE hosts SET duplicates = 0")
+        db.execute(f"UPDATE hosts SET keys = coalesce({counted}, 0), duplicates = 0")
         db.execute("INSERT INTO received_hours SELECT host, hour, rows FROM temp.tally_hours")
-        if db.execute("SELECT 1 FROM pragma_database_list WHERE name = 'sorted'").fetchone():
-            # a copy of its B-tree: keys is empty and has no trigger yet
-            db.execute("INSERT INTO keys SELECT * FROM temp.low")
-            counted = "(SELECT copies FROM temp.low_dups d WHERE d.host = hosts.id)"
-            db.execute(
-                f"UPDATE hosts SET duplicates = {counted} WHERE id IN (SELECT host FROM temp.low_dups)"
-            )
-            keys = "SELECT host, digest, offset, received FROM sorted.sorted"
-        else:
-            keys = f"SELECT host, digest, offset, received FROM {self._staged} ORDER BY 1, 2, 3"
         db.execute(schema["key_repeated"])  # counts the duplicates as the keys go in
-        db.execute(
+        if below is None:
+            self._insert(f"SELECT host, digest, offset, received FROM {self._staged} ORDER BY 1, 2, 3")
+        else:
+            self._insert(f"{both_parts(self._staged, '< ?1')} ORDER BY 1, 2, 3", below)
+
+    def add_sorted(self) -> None:
+        """The keys the forked reader sorted into `sorted`, after ours."""
+        self._insert("SELECT host, digest, offset, received FROM sorted.sorted")
+
+    def _insert(self, keys: str, *args: object) -> None:
+        self.db.execute(
             f"INSERT INTO keys (host, digest, offset, received) SELECT * FROM ({keys}) WHERE true "
-            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1"
+            "ON CONFLICT (host, digest) DO UPDATE SET copies = copies + 1",
+            args,
         )
+
+    def replaced(self) -> None:
+        """The counts that need every key in: duplicates off the hosts'
+        keys and hours, received_days; then the trigger that counts the
+        keys added from now on."""
+        db = self.db
+
         repeated = [h for (h,) in db.execute("SELECT id FROM hosts WHERE duplicates > 0")]
         db.execute("UPDATE hosts SET keys = keys - duplicates WHERE duplicates > 0")
         for again in repeated:  # a later copy was counted at its own hour: count these hosts' keys again
@@ -235,7 +239,7 @@ class Keys:
         db.execute(
             "INSERT INTO received_days SELECT host, hour / 24, sum(keys) FROM received_hours GROUP BY 1, 2"
         )
-        db.execute(schema["key_added"])
+        db.execute(self._schema["key_added"])
 
     # --- asking -------------------------------------------------------------------------
 

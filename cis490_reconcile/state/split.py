@@ -11,14 +11,16 @@ killed meanwhile leaves them, and the next owner's open removes them.
 Each file has one writer at a time, and nobody reads one while it is written
 (SQLite without a journal takes an exclusive lock to write): both processes
 stage, each into its own file; the reader commits its part and hands it
-over; then both read both staging files, the pass sorting the keys of the
-hosts below a boundary into its temporary database and the reader those
-from the boundary up into `sorted`. The boundary halves the pass's rows.
-Keys of one host are in one half, so the halves follow each other in key
-order: the keys table takes the lower half as a bulk copy of its B-tree
-(SQLite's transfer optimisation: into an empty table without triggers) and
-the upper half in order. Measured on 2 x 4M keys: merging both halves into
-the keys table 8.6 s; the lower half copied 1.5 s, the upper inserted 3.4 s.
+over; the pass makes `sorted` (empty) and attaches it; then both read both
+staging files, the pass sorting the keys of the hosts below a boundary
+(keys.LOWER_SHARE of the rows) straight into a new keys table, the reader
+those from the boundary up into `sorted`. Keys of one host are in one half,
+so the halves follow each other in key order, and the pass adds the upper
+half after its own, in order. The pass's transaction must not lock `sorted`
+while the reader writes it: it begins deferred (Keys.replacing), and reads
+`sorted` only once the reader said it is done; its cached pages of that file
+are dropped then, as SQLite does whenever a file changed under a connection
+(its change counter).
 """
 
 from __future__ import annotations
@@ -161,8 +163,7 @@ class SplitPart:
             db.execute("ATTACH DATABASE ? AS stage", (self.scratch.stage,))
             db.execute("ATTACH DATABASE ? AS split", (self.scratch.split,))
             host_ids(db, hosts)
-            db.execute(f"CREATE TABLE sorted {SORTED}")
-            db.execute("BEGIN")
+            db.execute("BEGIN")  # into the table the pass made (Keys.join_split)
             db.execute(
                 f"INSERT INTO sorted SELECT * FROM ({both_parts('stage.staging', '>= ?1')}) ORDER BY 1, 2, 3",
                 (high,),
