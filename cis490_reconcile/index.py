@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, TypeAlias, cast
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 from . import basics, lock, syscalls
 from .store import Tarball
@@ -131,10 +131,11 @@ def chunks(fd: int, start: int, end: int, line: int = 0) -> Iterator[Rows | Entr
         tail = lines.pop()  # after the last "\n" of the chunk: carried on
         if lines:
             first_len = carry_len + len(lines[0])
+            rest = memoryview(chunk)[len(lines[0]) + 1 : len(chunk) - len(tail)]  # the lines after it
             lines[0] = b"" if overlong else carry + lines[0]
             lengths = itertools.chain([first_len], map(len, itertools.islice(lines, 1, None)))
             ends = list(itertools.accumulate((n + 1 for n in lengths), initial=line_start))
-            yield from _judged(lines, line + 1, ends, overlong or first_len > MAX_LINE_BYTES)
+            yield from _judged(lines, rest, line + 1, ends, overlong or first_len > MAX_LINE_BYTES)
             line += len(lines)
             line_start = ends[-1]
             carry, carry_len, overlong = b"", 0, False
@@ -144,7 +145,7 @@ def chunks(fd: int, start: int, end: int, line: int = 0) -> Iterator[Rows | Entr
             if carry_len > MAX_LINE_BYTES:
                 carry, overlong = b"", True
     if line_start < pos:
-        torn = None if overlong else _decoder()([carry])[0]
+        torn = None if overlong else _decoding().decode([carry])[0]
         if isinstance(torn, str):
             torn = None
         elif torn is not None:
@@ -152,13 +153,18 @@ def chunks(fd: int, start: int, end: int, line: int = 0) -> Iterator[Rows | Entr
         yield TornTail(line + 1, line_start, torn)
 
 
+class _Decoders(NamedTuple):
+    decode: Callable[[Sequence[bytes]], list[Row | str]]
+    all_rows: Callable[[Sequence[bytes], memoryview], list[Row] | None]
+
+
 @functools.cache
-def _decoder() -> Callable[[Sequence[bytes]], list[Row | str]]:
-    """rows.decode, imported at the first line there is to decode: a pass
-    that finds nothing new to read need not load msgspec (rows.py)."""
+def _decoding() -> _Decoders:
+    """rows.py's decoders, imported at the first line there is to decode: a
+    pass that finds nothing new to read need not load msgspec (rows.py)."""
     from . import rows
 
-    return rows.decode
+    return _Decoders(rows.decode, rows.all_rows)
 
 
 def newlines(fd: int, start: int, end: int) -> int:
@@ -171,32 +177,28 @@ def newlines(fd: int, start: int, end: int) -> int:
 
 
 def _judged(
-    lines: list[bytes], first: int, ends: list[int], first_overlong: bool
+    lines: list[bytes], rest: memoryview, first: int, ends: list[int], first_overlong: bool
 ) -> Iterator[Rows | Row | BadLine]:
-    """The complete lines of one chunk: line `first` starts at ends[0] and
-    line first + i ends where line first + i + 1 starts (ends[i + 1]). The
-    common case (no line blank, white space only or overlong) decodes the
-    chunk in one decode call, and is one Rows when every line is a row;
-    anything else goes line by line."""
-    stripped = map(bytes.strip, lines, itertools.repeat(JSON_SPACE))
-    if not first_overlong and all(stripped) and max(map(len, lines)) <= MAX_LINE_BYTES:
-        rows = _decoder()(lines)
-        if str not in map(type, rows):
-            yield Rows(cast("list[Row]", rows), first, ends)
-            return
-        for n, (got, offset, nxt) in enumerate(zip(rows, ends[:-1], ends[1:], strict=True), first):
-            if isinstance(got, str):
-                yield BadLine(n, offset, nxt, got)
-            else:
-                got.line, got.offset, got.end = n, offset, nxt
-                yield got
+    """The complete lines of one chunk (`rest`: lines[1:] as read): line
+    `first` starts at ends[0] and line first + i ends where line first + i + 1
+    starts (ends[i + 1]). When every line is a row (nearly always) they are
+    decoded at once, one Rows; anything else goes line by line. Only the
+    first line can be overlong: the others fit in one read."""
+    decoding = _decoding()
+    if not first_overlong and (rows := decoding.all_rows(lines, rest)) is not None:
+        yield Rows(rows, first, ends)
         return
     for i, raw in enumerate(lines):
         n, offset, nxt = first + i, ends[i], ends[i + 1]
         if (i == 0 and first_overlong) or len(raw) > MAX_LINE_BYTES:
             yield BadLine(n, offset, nxt, "line longer than 1 MiB")
         elif raw.strip(JSON_SPACE):
-            yield from _judged([raw], n, [offset, nxt], False)
+            got = decoding.decode([raw])[0]
+            if isinstance(got, str):
+                yield BadLine(n, offset, nxt, got)
+            else:
+                got.line, got.offset, got.end = n, offset, nxt
+                yield got
 
 
 def tail_digest(fd: int, offset: int) -> bytes:
@@ -228,7 +230,7 @@ def line_at(fd: int, offset: int) -> bytes:
 def row_at(fd: int, offset: int) -> Row | None:
     """The row on the line that starts at `offset` (to name a key the state
     database knows only by digest), or None if it is not one any more."""
-    found = _decoder()([line_at(fd, offset)])[0]
+    found = _decoding().decode([line_at(fd, offset)])[0]
     return None if isinstance(found, str) else found
 
 

@@ -150,9 +150,14 @@ raw_lines = st.one_of(
 )
 
 
-# rows written as one text and cut anywhere: pieces that join into rows again only across lines
+# rows written as one text and cut anywhere: pieces that join into rows again only across lines,
+# and lines of several objects (which msgspec's decode_lines would read as that many values)
 cut_rows = st.tuples(
-    st.lists(objects, min_size=2, max_size=4).map(lambda objs: ", ".join(map(json.dumps, objs)).encode()),
+    st.sampled_from([", ", " ", ""]).flatmap(
+        lambda sep: st.lists(objects, min_size=2, max_size=4).map(
+            lambda o: sep.join(map(json.dumps, o)).encode()
+        )
+    ),
     st.lists(st.integers(0, 200), max_size=3),
 ).map(lambda t: _cut(*t))
 
@@ -163,19 +168,61 @@ def _cut(text: bytes, at: list[int]) -> list[bytes]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(lines=st.lists(st.one_of(raw_lines.map(lambda line: [line]), cut_rows), max_size=10).map(sum_lists))
-@example(lines=[b'{"episode_id": "a"}', b" \t", b'{"episode_id": "b"}'])  # white space only: a blank line
-@example(lines=[b'{"episode_id": "a"}', b"\x0b", b"\x0c "])  # not JSON's white space: bad lines
-@example(lines=[b'{"episode_id": "a"},{"episode_id": "b", "x": "', b'"}'])  # joined with ",": two rows
-@example(lines=[b'{"episode_id": "z"},{"episode_id": "a", "x": [{"b": 1}', b'{"c": 2}]}'])  # and with ",\n"
+@given(
+    lines=st.lists(st.one_of(raw_lines.map(lambda line: [line]), cut_rows), max_size=10).map(sum_lists),
+    read_size=st.sampled_from([1 << 20, 50, 7]),
+)
+@example(
+    read_size=1 << 20, lines=[b'{"episode_id": "a"}', b" \t", b'{"episode_id": "b"}']
+)  # white space only: a blank line
+@example(
+    read_size=1 << 20, lines=[b'{"episode_id": "a"}', b"\x0b", b"\x0c "]
+)  # not JSON's white space: bad lines
+@example(
+    read_size=1 << 20, lines=[b'{"episode_id": "a"},{"episode_id": "b", "x": "', b'"}']
+)  # joined with ",": two rows
+@example(
+    read_size=1 << 20, lines=[b'{"episode_id": "z"},{"episode_id": "a", "x": [{"b": 1}', b'{"c": 2}]}']
+)  # and with ",\n"
+# one value over two lines (a "}" then a "{": never inside one), and two on one line to even the count
+@example(
+    read_size=1 << 20,
+    lines=[
+        b'{"episode_id": "0"}',
+        b'{"episode_id": "a", "x": {"y": 1}',
+        b'{"z": 2}}',
+        b'{"episode_id": "b"} {"episode_id": "c"}',
+    ],
+)
+@example(
+    read_size=1 << 20,
+    lines=[b'{"episode_id": "0"}', b'{"episode_id": "a"}{"episode_id": "b"}', b'{"episode_id": "c"}'],
+)
+@example(
+    read_size=1 << 20, lines=[b'{"episode_id": "0"}', b'{"episode_id": "a", "x": "}', b'{"}']
+)  # a string with a newline in it: no JSON has one
+# a value over two lines that JSON allows, or a blank line, then two values on one line
+@example(
+    read_size=1 << 20,
+    lines=[
+        b'{"episode_id": "0"}',
+        b'{"episode_id": "a",',
+        b'"x": 1}',
+        b'{"episode_id": "b"} {"episode_id": "c"}',
+    ],
+)
+@example(read_size=1 << 20, lines=[b'{"episode_id": "0"}', b" ", b'{"episode_id": "a"} {"episode_id": "b"}'])
 def test_the_fast_path_decides_exactly_as_json_loads(
-    tmp_path_factory: pytest.TempPathFactory, lines: list[bytes]
+    tmp_path_factory: pytest.TempPathFactory, lines: list[bytes], read_size: int
 ) -> None:
-    """Whether a chunk goes through msgspec at once or line by line, a line
-    is a row exactly when json.loads makes it one, with the same key."""
+    """Whether a chunk goes through msgspec at once or line by line, and
+    wherever the reads cut the lines, a line is a row exactly when
+    json.loads makes it one, with the same key."""
     path = tmp_path_factory.mktemp("idx") / "index.jsonl"
     path.write_bytes(b"".join(line + b"\n" for line in lines))
-    got = {e.line: e for e in read(path)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(index, "READ_CHUNK", read_size)
+        got = {e.line: e for e in read(path)}
     for n, raw in enumerate(lines, 1):
         try:
             obj = json.loads(raw)
