@@ -80,7 +80,7 @@ class TarStream:
 
     Iterating yields each Member once its headers are read, and stops normally only after the end-of-archive
     block: any other ending raises Damaged. read_data peeks at the data of the member just yielded. The
-    stream may be read past the end-of-archive block, as far as the buffer goes; the caller drains the rest.
+    stream may be read past the end-of-archive block, as far as the buffer goes; drain reads the rest.
     """
 
     def __init__(self, readinto: Callable[[memoryview], int]) -> None:
@@ -105,6 +105,14 @@ class TarStream:
             raise Damaged("the archive ends inside a member's data")
         data = bytes(self._view[self._pos : self._pos + n])
         return data if self._sparse is None else _expand(data, self._sparse, min(limit, self._size))
+
+    def drain(self) -> None:
+        """Read the stream to its end (after the end-of-archive block: the rest of the zstd stream and its
+        checksums), into the buffer, looking at nothing."""
+        while got := self._readinto(self._view):
+            if got == len(self._view) < _CHUNK:  # more than a trailer: read the rest in big pieces
+                self._view = memoryview(bytearray(_CHUNK))
+        self._pos = self._end = 0
 
     # --- the buffer -------------------------------------------------------------------------------------
 

@@ -99,10 +99,6 @@ class _Decoded:
     def readinto(self, view: memoryview) -> int:
         return self._decoded(self._stream.readinto(view))
 
-    def skim(self) -> int:
-        """Decode and drop up to READ_SIZE bytes; 0 at the end."""
-        return self._decoded(len(self._stream.read(READ_SIZE)))
-
 
 def _read_tar(
     source: HashingReader,
@@ -112,7 +108,7 @@ def _read_tar(
 ) -> _Contents:
     """Every member to the end-of-archive block, then the rest of the zstd
     stream (its checksums); the best meta.json's commit on the way."""
-    raw = cast(IO[bytes], source)  # zstandard calls read() only
+    raw = cast("IO[bytes]", source)  # zstandard calls read() only
     with decoder.stream_reader(raw, read_size=READ_SIZE, read_across_frames=True, closefd=False) as stream:
         decoded = _Decoded(stream, on_read)
         tar = TarStream(decoded.readinto)
@@ -127,8 +123,7 @@ def _read_tar(
                 best = rank, (None, f"meta.json is {member.size} bytes (limit {META_MAX_BYTES})")
             else:
                 best = rank, _commit_from_meta(tar.read_data(META_MAX_BYTES))
-        while decoded.skim():  # decode to the end of the last frame: checksums
-            pass
+        tar.drain()  # decode to the end of the last frame: checksums
     commit, note = (None, "no meta.json member") if best is None else best[1]
     return _Contents(members, commit, note)
 

@@ -132,9 +132,11 @@ def _verify_batch(batch: list[Tarball]) -> list[_Result]:
         if shared.stop.value:
             raise _Stopped
 
+    lock, read_total = shared.bytes_read.get_lock(), shared.bytes_read.get_obj()
+
     def alive(n: int = 0) -> None:
-        with shared.bytes_read.get_lock():
-            shared.bytes_read.value += n
+        with lock:  # the value itself, not through .value, which takes the same lock again
+            read_total.value += n
             shared.ticks.value += 1
         check_stop()
 

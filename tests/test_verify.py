@@ -184,6 +184,19 @@ def test_checksum_mismatch_reason() -> None:
     assert "checksum" in corrupt_reason(bytes(data))
 
 
+def test_damage_past_the_end_of_archive_block_is_corrupt() -> None:
+    """The tar ends long before the zstd stream does (`tar -b 2048` pads the
+    archive to 1 MiB records): the rest is decoded all the same, so a flip
+    there, in the padding's block or the content checksum, is found."""
+    padded = tar_bytes(episode()).ljust(1 << 20, b"\0")
+    data = zstd(padded)
+    assert isinstance(check(data), Intact)
+    for position in (len(data) - 1, len(data) - 8):
+        flipped = bytearray(data)
+        flipped[position] ^= 0x01
+        assert "zstd" in corrupt_reason(bytes(flipped))
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
