@@ -18,7 +18,7 @@ Figures (NAMES for --only, comma separated):
   256 MiB ones.
 - ``many``: 32,000 tarballs of 64 KiB payload on 16 hosts, 70% indexed; wall against the legacy
   tool's work on an identical copy of the store: legacy_like.py restates it, or --legacy PATH runs
-  the real script.
+  the real script. Each the best of 3 runs, taken in turns.
 - ``noop``: 200,000 tarballs of 4 KiB payload on 16 hosts, all indexed; wall against
   ``find ROOT -name '*.tar.zst' | wc -l``, and an incremental pass if the build has ``--state-dir``.
 - ``lock``: lock hold and wait from the ``pass_finished`` event of the ``many`` pass (~9,600 rows).
@@ -173,56 +173,32 @@ def _best_floor(paths: list[Path], label: str, measure: Callable[[list[Path]], f
 def bench_many(
     b: Bench, scale: float, cpus: int, gen: dict[str, str], legacy: bool, legacy_script: Path
 ) -> tuple[list[Figure], Run]:
+    """Ours and the legacy script in turns, the best of REPEAT runs of each (for the lock figure
+    alone, one run of ours): single runs of each gave ratios from 0.059 to 0.067 in one day."""
     figs: list[Figure] = []
     c = Corpus("many", b.root / "many", 16, max(16, round(32_000 * scale)), 64 * KiB, 0.7)
     ensure_corpus(c, gen)
     paths = c.tarballs()
     indexed_lines = line_count(c.pristine_index)
-    runs: list[tuple[str, Run]] = []
-    for workers, extra in ((f"default ({cpus} workers)", ()), ("--workers 1", ("--workers", "1"))):
-        reset_index(c)
-        warm(paths)
-        run = b.ours(f"many {workers}", c, *extra)
-        added = line_count(c.index) - indexed_lines
-        if run.finished.get("backfilled") != c.unindexed or added != c.unindexed:
-            got = run.finished.get("backfilled")
-            print(f"    WARNING: expected {c.unindexed} rows; backfilled {got}, index grew by {added}")
-        runs.append((workers, run))
-        if not legacy:
-            break
+    variants = [(f"default ({cpus} workers)", ()), ("--workers 1", ("--workers", "1"))]
+    lc = _legacy_copy(b, c) if legacy else None
+    best: dict[str, Run] = {}
     leg_wall = None
-    if legacy:
-        lc = Corpus("many-legacy", b.root / "many-legacy", c.hosts, c.count, c.payload, c.indexed_fraction)
-        marker = lc.dir / "copy.json"
-        source = (c.dir / "corpus.json").read_text()  # a regenerated corpus is copied again
-        if not (marker.exists() and marker.read_text() == source):
-            shutil.rmtree(lc.dir, ignore_errors=True)
-            lc.dir.mkdir(parents=True)
-            t0 = time.perf_counter()
-            subprocess.run(["cp", "-a", str(c.episodes), str(lc.episodes)], check=True)
-            shutil.copyfile(c.pristine_index, lc.pristine_index)
-            marker.write_text(source)
-            print(f"  copied the store for the legacy script in {time.perf_counter() - t0:.1f} s", flush=True)
-        if shutil.which("zstd") is None:
-            print("  WARNING: no zstd CLI on PATH: the legacy script writes rows without commit (too fast)")
-        reset_index(lc)
-        warm(lc.tarballs())
-        run = b.measure(
-            "many legacy script",
-            [
-                sys.executable,
-                str(legacy_script),
-                "--episodes-root",
-                str(lc.episodes),
-                "--index",
-                str(lc.index),
-            ],
-        )
-        added = line_count(lc.index) - indexed_lines
-        print(f"    legacy appended {added} rows (expected {c.unindexed})", flush=True)
-        if added != c.unindexed:
-            print("    WARNING: the legacy script did not write the expected rows")
-        leg_wall = run.wall_s
+    for _ in range(REPEAT if legacy else 1):
+        for workers, extra in variants if legacy else variants[:1]:
+            reset_index(c)
+            warm(paths)
+            run = b.ours(f"many {workers}", c, *extra)
+            added = line_count(c.index) - indexed_lines
+            if run.finished.get("backfilled") != c.unindexed or added != c.unindexed:
+                got = run.finished.get("backfilled")
+                print(f"    WARNING: expected {c.unindexed} rows; backfilled {got}, index grew by {added}")
+            if workers not in best or run.wall_s < best[workers].wall_s:
+                best[workers] = run
+        if lc is not None:
+            wall = _run_legacy(b, lc, legacy_script, indexed_lines, c.unindexed)
+            leg_wall = wall if leg_wall is None else min(leg_wall, wall)
+    runs = list(best.items())
     for i, (workers, run) in enumerate(runs):
         share = run.wall_s / leg_wall if leg_wall else None
         figs.append(
@@ -247,6 +223,37 @@ def bench_many(
                 )
             )
     return figs, runs[0][1]
+
+
+def _legacy_copy(b: Bench, c: Corpus) -> Corpus:
+    """An identical copy of the store for the legacy script, made once per corpus."""
+    lc = Corpus("many-legacy", b.root / "many-legacy", c.hosts, c.count, c.payload, c.indexed_fraction)
+    marker = lc.dir / "copy.json"
+    source = (c.dir / "corpus.json").read_text()  # a regenerated corpus is copied again
+    if not (marker.exists() and marker.read_text() == source):
+        shutil.rmtree(lc.dir, ignore_errors=True)
+        lc.dir.mkdir(parents=True)
+        t0 = time.perf_counter()
+        subprocess.run(["cp", "-a", str(c.episodes), str(lc.episodes)], check=True)
+        shutil.copyfile(c.pristine_index, lc.pristine_index)
+        marker.write_text(source)
+        print(f"  copied the store for the legacy script in {time.perf_counter() - t0:.1f} s", flush=True)
+    if shutil.which("zstd") is None:
+        print("  WARNING: no zstd CLI on PATH: the legacy script writes rows without commit (too fast)")
+    return lc
+
+
+def _run_legacy(b: Bench, lc: Corpus, script: Path, indexed_lines: int, expected: int) -> float:
+    """One run of the legacy script on its copy, from the pristine index; its wall time."""
+    reset_index(lc)
+    warm(lc.tarballs())
+    cmd = [sys.executable, str(script), "--episodes-root", str(lc.episodes), "--index", str(lc.index)]
+    run = b.measure("many legacy script", cmd)
+    added = line_count(lc.index) - indexed_lines
+    print(f"    legacy appended {added} rows (expected {expected})", flush=True)
+    if added != expected:
+        print("    WARNING: the legacy script did not write the expected rows")
+    return run.wall_s
 
 
 def bench_lock(run: Run) -> list[Figure]:
