@@ -107,9 +107,10 @@ class PrunedRuns:
     A run is used only while it still describes the index: the same device
     and inode, the same 4 KiB before its end, its newest row still older
     than the cutoff (an operator who raises `retention` gets its rows read
-    again). Pruned rows right after a run counted, or right after a run a
-    stopped scrub saved, make that run longer. Runs shorter than MIN_ROWS
-    are not worth a row of the database.
+    again); and the walk stops reading at one only if it starts a line (an
+    index rewritten in place keeps its inode). Pruned rows right after a run
+    counted, or right after a run a stopped scrub saved, make that run
+    longer. Runs shorter than MIN_ROWS are not worth a row of the database.
 
     Memory. A scrub walks the index forward, so the known runs are read from
     the database PAGE at a time, in index order, as the walk reaches them;
@@ -172,16 +173,26 @@ class PrunedRuns:
             and index.tail_digest(self.fd, run.end) == run.tail_sha256
         )
         if not usable:
-            self.changed.pop(run.start, None)
-            self.forgotten.add(run.start)
-            if self._behind is not None and self._behind.start == run.start:
-                self._behind = None
+            self._forget(run)
         return usable
 
+    def _forget(self, run: PrunedRun) -> None:
+        self.changed.pop(run.start, None)
+        self.forgotten.add(run.start)
+        if self._behind is not None and self._behind.start == run.start:
+            self._behind = None
+
     def next_start(self, offset: int) -> int | None:
-        """Where the next known run after `offset` starts."""
-        run = self._first_from(offset + 1)
-        return None if run is None else run.start
+        """Where the next known run after `offset` starts: the walk reads
+        lines up to there. Only at the start of a line: a run found before
+        the index was rewritten in place (same inode) may start inside a line
+        now, where that line would look torn and end the round (forgotten)."""
+        while (run := self._first_from(offset + 1)) is not None:
+            if run.start >= self.size or syscalls.pread_exact(self.fd, 1, run.start - 1) == b"\n":
+                return run.start
+            self._ahead.popleft()
+            self._forget(run)
+        return None
 
     def pruned(self, row: Row, received: int, cutoff: float | None) -> None:
         """`row` was found pruned: it extends the run being found (or a known

@@ -13,8 +13,10 @@ import os
 import sqlite3
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -22,12 +24,13 @@ from helpers import Receiver, episode, parse_events, tar_bytes, verdict_of, zstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cis490_reconcile import config, zstdframe
+from cis490_reconcile import config, scrub, zstdframe
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.notify import Notifier
 from cis490_reconcile.reconcile import Reconciler
 from cis490_reconcile.scrub import Scrubber, ScrubRun
 from cis490_reconcile.scrubcursor import PrunedRuns
+from cis490_reconcile.state import Records
 from cis490_reconcile.verify import Corrupt, Intact, Unverifiable
 
 STORE = [("h1", "a"), ("h1", "b"), ("h1", "c"), ("h2", "a"), ("h2", "d"), ("h2", "e")]
@@ -257,3 +260,125 @@ def test_scrub_counts_with_pruned_runs_equal_reading_every_row(
         stretches = [len(list(g)) for kind, g in itertools.groupby(kinds) if kind == "old"]
         assert first_round.run == second_round.run
         assert (read["pruned_unread"], counted["pruned_unread"]) == (0, sum(n for n in stretches if n >= 2))
+
+
+# the same inode rewritten in place: a byte before the first line, the first line gone, the last one gone
+rewrite = st.sampled_from(["shift", "unshift", "cut"])
+failing_saves = st.frozensets(st.integers(1, 8), max_size=3)  # which saves of a scrub run fail (busy)
+scrub_or_fail = st.tuples(stop_after, st.sampled_from(["1d", "3d"]), failing_saves)
+history = st.one_of(scrub_or_fail, scrub_or_fail, appended, rewrite)  # scrubs: half the steps
+COUNTS = tuple(expected([], "1d"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(first=appended, steps=st.lists(history, min_size=2, max_size=12))
+def test_scrub_counts_stay_exact_when_saves_fail_and_the_index_is_rewritten_in_place(
+    first: list[str], steps: list[list[str] | str | tuple[int | None, str, frozenset[int]]]
+) -> None:
+    """As above, with a save every 3 rows of which some fail (the cursor and
+    the runs rolled back together: the next run resumes from the last save),
+    and the index rewritten in place (same inode), so that runs saved before
+    may start or end inside a line, or past the end. Every run counts exactly
+    the lines from where it resumed to where it stopped, both line starts (a
+    read cut inside a line would take it for a torn tail and end the round);
+    a round's counts are each of its lines as last counted."""
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PrunedRuns, "MIN_ROWS", 2)
+        mp.setattr(PrunedRuns, "PAGE", 2)
+        mp.setattr(scrub, "SAVE_EVERY_ROWS", 3)
+        receiver = Receiver(Path(tmp))
+        (receiver.episodes / "h1").mkdir()
+        receiver.index.touch()
+        ino = receiver.index.stat().st_ino
+        state = Path(tmp) / "state"
+        state.mkdir()
+        names = itertools.count()
+        lines: list[tuple[str, bytes]] = []  # each line's kind and bytes, "\n" included
+        counted: dict[int, list[str | None]] = {}  # by round: the retention each line was last counted under
+        dirty: set[int] = set()  # rounds begun before a rewrite: their lines moved under them
+        fails: frozenset[int] = frozenset()
+        saves = itertools.count(1)
+        real_save = Records.save_pruned_runs
+
+        def save(self: Records, *args: Any) -> None:
+            if next(saves) in fails:
+                raise sqlite3.OperationalError("database is locked")
+            real_save(self, *args)
+
+        mp.setattr(Records, "save_pruned_runs", save)
+        for what in [first, *steps, (None, "1d", frozenset())]:
+            if isinstance(what, tuple):
+                stop, retention, fails = what
+                saves = itertools.count(1)
+                scrubber, done, events = scrub_events(receiver, state, retention, stop)
+                assert receiver.index.stat().st_ino == ino
+                ends = list(itertools.accumulate(len(raw) for _, raw in lines))
+                (started,) = [e for e in events if e["event"] == "scrub_started"]
+                resumed, round_ = started["offset"], started["round"]
+                end = (ends or [0])[-1] if done.round_completed else scrubber.cursor.offset
+                assert resumed in (0, *ends) and end in (0, *ends)
+                passed = [i for i, e in enumerate(ends) if resumed < e <= end]
+                run = {k: getattr(done.run, k) for k in COUNTS}
+                assert run == expected([lines[i][0] for i in passed], retention)
+                if resumed == 0:
+                    counted[round_] = [None] * len(lines)
+                    dirty.discard(round_)
+                for i in passed:
+                    counted[round_][i] = retention
+                if round_ not in dirty:
+                    in_round = Counter[str]()
+                    for i, e in enumerate(ends):
+                        if e <= end:
+                            under = counted[round_][i]
+                            assert under is not None
+                            in_round.update(expected([lines[i][0]], under))
+                    assert {k: getattr(done.in_round, k) for k in COUNTS} == {k: in_round[k] for k in COUNTS}
+                continue
+            if isinstance(what, list):
+                lines += [(kind, index_line(receiver, kind, next(names)) + b"\n") for kind in what]
+                for under in counted.values():
+                    under += [None] * len(what)
+            elif lines:
+                at = {"shift": 0, "unshift": 0, "cut": -1}[what]
+                if what == "shift":
+                    lines[at] = (lines[at][0], b" " + lines[at][1])
+                else:
+                    del lines[at]
+                    for under in counted.values():
+                        del under[at]
+                dirty |= set(counted)
+            with open(receiver.index, "r+b") as f:  # in place: the same inode
+                f.truncate(0)
+                f.write(b"".join(raw for _, raw in lines))
+
+        fresh = Path(tmp) / "fresh"
+        fresh.mkdir()
+        _, first_round, read = scrub_events(receiver, fresh, "1d", None)
+        _, second_round, counted_again = scrub_events(receiver, fresh, "1d", None)
+        kinds = [kind for kind, _ in lines]
+        stretches = [len(list(g)) for kind, g in itertools.groupby(kinds) if kind == "old"]
+        assert first_round.run == second_round.run
+        assert first_round.run.checked == expected(kinds, "1d")["checked"]
+        unread = [e["pruned_unread"] for e in (*read, *counted_again) if e["event"] == "scrub_finished"]
+        assert unread == [0, sum(n for n in stretches if n >= 2)]
+
+
+def scrub_events(
+    receiver: Receiver, state: Path, retention: str, stop: int | None
+) -> tuple[Scrubber, ScrubRun, list[dict]]:
+    """scrub_once, with the Scrubber (its cursor where it stopped, saved or
+    not) and every event."""
+    cfg = config.build(
+        {
+            "episodes_root": str(receiver.episodes),
+            "index": str(receiver.index),
+            "state_dir": str(state),
+            "retention": retention,
+        }
+    )
+    checks = itertools.count(1)
+    should_stop = (lambda: False) if stop is None else (lambda: next(checks) > stop)
+    out = io.StringIO()
+    scrubber = Scrubber(cfg, make_logger("info", out), Notifier({}), should_stop, None, None)
+    done = scrubber.run()
+    return scrubber, done, parse_events(out.getvalue())

@@ -568,3 +568,39 @@ def test_runs_grow_across_stopped_runs_and_keep_exact_counts(receiver: Receiver,
     assert last.one("scrub_round_completed")["pruned"] == 20_000
     following = run_scrub(receiver, state, "--retention", "1d")
     assert round_facts(following)["pruned_unread"] == 20_000 == round_facts(following)["pruned"]
+
+
+@pytest.mark.parametrize("change", ["shift", "regrown"])
+def test_a_run_of_an_index_rewritten_in_place_never_cuts_a_line(
+    receiver: Receiver, state: Path, change: str
+) -> None:
+    """The same inode rewritten in place (every line a byte later; or
+    truncated and filled again with other rows): the runs found before are
+    this inode's, but their starts may now fall inside a line. The walk must
+    not stop reading there (that line would look torn, and the round would
+    end early): the whole index is read and counted."""
+    _pruned_store(receiver, old=300, young=0)
+    indexed(receiver, "h1", "kept", size=1000)
+    _pruned_store(receiver, old=100, young=0)
+    assert round_facts(run_scrub(receiver, state, "--retention", "1d"))["pruned"] == 400
+    with closing(sqlite3.connect(state / "state.sqlite3")) as db:
+        starts = [start for (start,) in db.execute("SELECT start FROM scrub_pruned ORDER BY start")]
+    assert len(starts) == 2
+    ino = receiver.index.stat().st_ino
+    if change == "shift":
+        receiver.index.write_bytes(b" " + receiver.index.read_bytes())
+        facts = {"checked": 401, "ok": 1, "pruned": 400, "missing": 0, "bad_lines": 0}
+    else:
+        os.truncate(receiver.index, 0)
+        receiver.append_raw(b"x" * (starts[1] + 8) + b"\n")  # a line across the second run's old start
+        _pruned_store(receiver, old=200, young=0)
+        facts = {"checked": 200, "ok": 0, "pruned": 200, "missing": 0, "bad_lines": 1}
+    assert receiver.index.stat().st_ino == ino
+
+    again = run_scrub(receiver, state, "--retention", "1d")
+
+    assert again.one("scrub_finished")["round_completed"] is True
+    assert {k: v for k, v in round_facts(again).items() if k != "pruned_unread"} == facts
+    assert again.one("scrub_round_completed")["pruned"] == facts["pruned"]
+    with closing(sqlite3.connect(state / "state.sqlite3")) as db:  # the run cut by a line: forgotten
+        assert starts[1] not in {start for (start,) in db.execute("SELECT start FROM scrub_pruned")}
