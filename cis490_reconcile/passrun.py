@@ -142,6 +142,7 @@ class PassRun:
             self.summary.full = True  # read the whole index: list every host too
         if found.replaced:
             self.replaced = True
+            self.scan.index_replaced()  # orphans counted before, of the old index: not saved
             self.log.warning("index_restarted", reason="index replaced or shrank; read from the start")
         for bad in found.bad:
             self.events.warning("index_bad_line", line=bad.line, offset=bad.offset, reason=bad.reason)

@@ -71,7 +71,8 @@ class Scan:
         self.unopened: set[str] = set()  # host directories not opened or listed: no orphans counted
         # Only a full pass over every host sees every host's rows and directory. Decided when the
         # listing starts: a commit that finds the index replaced makes the pass full from then on,
-        # but the hosts listed before did not count their orphans (all would be saved as orphans).
+        # but the hosts listed before did not count their orphans (all would be saved as orphans),
+        # and in a full pass they counted them against the keys of the old index (index_replaced).
         self._recounts_orphans = False
         self._memos_read: dict[int, Memo] | None = None
         self.unverified_hosts = (
@@ -98,6 +99,14 @@ class Scan:
                 yield chunk
                 chunk = []
             checkpoint()
+
+    def index_replaced(self) -> None:
+        """The index was found replaced and read whole again. Once the
+        listing has begun (a commit found it), the orphans counted so far
+        are of rows it may no longer have: none of this pass's are saved,
+        and the last full pass's stand. Before the listing (the pass's own
+        catch-up), candidates() decides anew."""
+        self._recounts_orphans = False
 
     def _host_candidates(self, store: Store, host_id: str) -> list[str]:
         host = store.open_host(host_id)

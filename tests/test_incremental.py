@@ -544,6 +544,48 @@ def test_an_index_replaced_mid_pass_does_not_make_every_row_an_orphan(
     assert receiver.keys()[-1] == ("h2", "newer")
 
 
+def test_a_full_pass_saves_no_orphan_counts_of_an_index_replaced_after_its_listing(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A full pass counts each host's orphans as it lists it, against the
+    keys of the index it read first. When a commit then finds the index
+    replaced (a restore without some rows) and reads it whole, those counts
+    are of rows the index no longer has: saved, they said a tarball was
+    missing for a row gone from the index (a false critical alert, until the
+    next full pass). The last full pass's counts stand instead."""
+    for name in ("a", "b", "c"):
+        receiver.tarball("h1", name)
+        receiver.append_row(receiver.receiver_row("h1", name))
+    state_dir, prom = tmp_path / "state", tmp_path / "m.prom"
+    state_dir.mkdir()
+    metrics = ("--state-dir", str(state_dir), "--metrics-file", str(prom))
+    assert receiver.run(*metrics, "--full").returncode == 0
+    assert 'cis490_reconcile_orphan_rows{kind="missing"} 0.0' in prom.read_text()
+    rows = receiver.index.read_bytes().splitlines(keepends=True)
+    (receiver.episodes / "h1" / "c.tar.zst").unlink()  # and the restored index has no row for it
+    env = {**os.environ, "CIS490_TEST_PAUSE_AT": "caught_up"}
+    argv = receiver.argv("--once", "--full", *metrics, min_age=0)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stderr is not None and "paused at caught_up" in proc.stderr.readline()
+    restored = receiver.index.with_name("index.restored")
+    restored.write_bytes(b"".join(rows[:2]))
+    os.replace(restored, receiver.index)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert [e["event"] for e in parse_events(out) if e["event"] == "index_restarted"] == ["index_restarted"]
+    status = subprocess.run(
+        receiver.argv("--json", "--state-dir", str(state_dir), command="status"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(status.stdout)["totals"]["missing_rows"] == 0, status.stdout
+    assert 'cis490_reconcile_orphan_rows{kind="missing"} 0.0' in prom.read_text(), prom.read_text()
+    assert receiver.keys() == [("h1", "a"), ("h1", "b")]
+
+
 def test_a_long_statement_reports_progress_and_a_stop_interrupts_it(tmp_path: Path) -> None:
     """connection.reporting: a statement that reads no row for a long time
     (a rebuild's sort) calls on_progress as it goes; a stop raised there
