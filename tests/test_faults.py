@@ -5,6 +5,8 @@ exactly one row per tarball."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -15,8 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, permissions_apply, tmpfs
+from helpers import LockHolder, Receiver, permissions_apply, tmpfs
 
+from cis490_reconcile import config, passrun
+from cis490_reconcile.commit import Committed
+from cis490_reconcile.log import make_logger
+from cis490_reconcile.reconcile import PassFailed, Reconciler
 from cis490_reconcile.scan import GUARD_NS
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs and chattr need root")
@@ -369,3 +375,113 @@ def test_the_pool_shuts_down_after_any_failure_and_never_blocks_the_status_line(
     assert found["bytes_read"] == 0 and found["bytes_read_s"] < 1, out.stderr
     assert found["error"] == "Input/output error"
     assert found["workers_left"] == 0
+
+
+@contextlib.contextmanager
+def _fault(kind: str, receiver: Receiver, disk: Path | None) -> Iterator[None]:
+    """The index made unwritable for the length of the block: its lock held
+    by another process past --lock-timeout, the file immutable (EPERM), or
+    its disk full (ENOSPC)."""
+    if kind == "lock":
+        with LockHolder(receiver.index, "lockf"):
+            yield
+    elif kind == "immutable":
+        subprocess.run(["chattr", "+i", str(receiver.index)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(receiver.index)], check=True)
+    else:
+        assert disk is not None
+        filler = fill(disk, 0)
+        try:
+            yield
+        finally:
+            filler.unlink()
+
+
+@pytest.mark.parametrize(
+    "kind", ["lock", pytest.param("immutable", marks=ROOT_ONLY), pytest.param("disk-full", marks=ROOT_ONLY)]
+)
+def test_a_pass_that_fails_to_append_leaves_no_memo_that_hides_its_tarballs(
+    receiver: Receiver, tmp_path: Path, kind: str
+) -> None:
+    """A pass that verified tarballs but could not append their rows (the
+    lock held past lock_timeout, EPERM, ENOSPC) saves no memo: the next
+    pass lists those host directories again, though settled and unchanged
+    since, and backfills every tarball, once. Nothing a failed pass leaves
+    may say a tarball is resolved whose row was never written: that would
+    be a gap for good."""
+    with contextlib.ExitStack() as stack:
+        disk = None
+        if kind == "disk-full":
+            disk = stack.enter_context(tmpfs(tmp_path / "small", "64k"))
+            receiver.index = disk / "index.jsonl"
+        state = ("--state-dir", str(tmp_path / "state"))
+        (tmp_path / "state").mkdir()
+        for host in ("h1", "h2"):
+            receiver.tarball(host, "old")
+            receiver.append_row(receiver.receiver_row(host, "old"))
+        time.sleep(GUARD_NS / 1e9 + 0.2)
+        first = receiver.run(*state)
+        assert first.one("pass_finished")["hosts_listed"] == 2, first.stdout
+        episodes = [(host, f"e{i}") for host in ("h1", "h2") for i in range(6)]
+        for host, episode_id in episodes:
+            receiver.tarball(host, episode_id)
+        time.sleep(GUARD_NS / 1e9 + 0.2)  # settled: a failed pass's memos would be trusted
+        before = receiver.index.read_bytes()
+        with _fault(kind, receiver, disk):
+            failed = receiver.run(*state, "--workers", "2", "--lock-timeout", "0.5")
+        assert failed.returncode == 1, failed.stdout
+        assert failed.one("pass_failed")["backfilled"] == 0
+        assert receiver.index.read_bytes().startswith(before)
+        written = receiver.index.read_bytes()[len(before) :].count(b"\n")  # a short write's whole rows
+
+        again = receiver.run(*state).one("pass_finished")
+        assert (again["hosts_listed"], again["backfilled"]) == (2, len(episodes) - written), again
+        exactly_one_row_each(receiver, [*episodes, ("h1", "old"), ("h2", "old")])
+        assert receiver.run(*state).one("pass_finished")["backfilled"] == 0
+
+
+def test_a_lock_timeout_between_batches_drops_only_verdicts_the_next_pass_redoes(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock taken by another process after the first batch was
+    appended: the next batch's commit times out with verdicts still in the
+    workers. The pass fails and keeps none of them (they could only go in
+    the index), and saves no memo; the next pass verifies just the rest.
+    Every tarball ends with one row."""
+    episodes = [("h1", f"e{i:02}") for i in range(24)]
+    for host, episode_id in episodes:
+        receiver.tarball(host, episode_id)
+    time.sleep(GUARD_NS / 1e9 + 0.2)  # settled: a failed pass's memos would be trusted
+    (tmp_path / "state").mkdir()
+    settings = {"episodes_root": receiver.episodes, "index": receiver.index, "min_age": 0}
+    cfg = config.build({**settings, "workers": 2, "lock_timeout": 0.5, "state_dir": tmp_path / "state"})
+    monkeypatch.setattr(passrun, "BATCH_ROWS", 4)
+    holders: list[LockHolder] = []
+    report = passrun.PassRun._report
+
+    def then_locked(self: passrun.PassRun, done: Committed) -> None:
+        report(self, done)
+        if not holders:
+            holders.append(LockHolder(receiver.index, "lockf"))
+
+    monkeypatch.setattr(passrun.PassRun, "_report", then_locked)
+    try:
+        with (
+            Reconciler(cfg, make_logger("error", io.StringIO())) as reconciler,
+            pytest.raises(PassFailed, match="lock") as failed,
+        ):
+            reconciler.run_pass()
+    finally:
+        for holder in holders:
+            holder.release()
+    first = failed.value.summary.backfilled
+    assert 4 <= first < len(episodes), failed.value.summary
+    assert len(receiver.keys()) == first
+    monkeypatch.setattr(passrun.PassRun, "_report", report)
+    with Reconciler(cfg, make_logger("error", io.StringIO())) as reconciler:
+        again = reconciler.run_pass()
+    assert (again.full, again.hosts_listed, again.backfilled) == (False, 1, len(episodes) - first), again
+    exactly_one_row_each(receiver, episodes)
