@@ -44,7 +44,7 @@ HEADER_MAX_BYTES = 1 << 20
 _BLOCK = 512
 _SLACK = 4 * _BLOCK  # the header blocks around the payloads the bound is about
 _FIRST_BUFFER = 64 << 10  # a small archive in a read or two; 128 KiB would be an mmap, page faults and all
-_CHUNK = 1 << 20  # reads while skipping a large member's data
+_CHUNK = 1 << 20  # reads of bytes no one looks at: _bulk
 _ZEROS = bytes(_BLOCK)
 _OCTAL = re.compile(rb" *([0-7]*) *(?:\0.*)?", re.DOTALL)
 _CHECKED = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode ... devminor
@@ -110,11 +110,17 @@ class TarStream:
         """Read the stream to its end (after the end-of-archive block: the rest of the zstd stream and its
         checksums), into the buffer, looking at nothing."""
         while got := self._readinto(self._view):
-            if got == len(self._view) < _CHUNK:  # more than a trailer: read the rest in big pieces
-                self._view = memoryview(bytearray(_CHUNK))
+            if got == len(self._view):  # more than a trailer: read the rest in big pieces
+                self._bulk()
         self._pos = self._end = 0
 
     # --- the buffer -------------------------------------------------------------------------------------
+
+    def _bulk(self) -> None:
+        """Reads of bytes no one looks at (skipped data, the stream's tail) use a _CHUNK buffer, so that a
+        large stretch takes few calls. Its bytes are dropped: call it only with none left to parse."""
+        if len(self._view) < _CHUNK:
+            self._view = memoryview(bytearray(_CHUNK))
 
     def _fill(self, n: int) -> bool:
         """Make n bytes available from _pos in one piece, reading as much as the buffer holds; False if the
@@ -139,8 +145,8 @@ class TarStream:
             self._pos += n
             return
         n -= have
-        if n > len(self._view) < _CHUNK:
-            self._view = memoryview(bytearray(_CHUNK))
+        if n > len(self._view):
+            self._bulk()
         while True:
             got = self._readinto(self._view)
             if not got:
