@@ -93,7 +93,7 @@ def check(store: Store, claim: Checkable, cutoff: float | None, on_read: Callabl
         try:
             reader = HashingReader(fd, tarball.size, on_read=on_read)
             reader.drain()
-            moved = host.moved(tarball, fd)
+            moved = host.moved(tarball)
         except OSError as e:
             return Found("unreadable", f"read: {e.strerror}")
         finally:

@@ -242,7 +242,7 @@ def examine_file(
     except OSError as e:
         verdict = Unreadable(f"read: {e.strerror}")
     try:
-        moved = host.moved(tarball, fd)
+        moved = host.moved(tarball)
     finally:
         os.close(fd)
     if moved is None and seen is not None and seen.size != tarball.size:
