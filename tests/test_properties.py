@@ -188,9 +188,12 @@ def expected(kinds: list[str], retention: str) -> dict[str, int]:
     return {**count, "checked": count["ok"] + pruned + missing}
 
 
-def scrub_once(receiver: Receiver, state: Path, retention: str, stop: int | None) -> tuple[ScrubRun, dict]:
+def scrub_events(
+    receiver: Receiver, state: Path, retention: str, stop: int | None
+) -> tuple[Scrubber, ScrubRun, list[dict]]:
     """One scrub run in this process, asked to stop after `stop`
-    checkpoints; what it did, and its scrub_finished event."""
+    checkpoints: the Scrubber (its cursor where it stopped, saved or not),
+    what it did, and every event."""
     cfg = config.build(
         {
             "episodes_root": str(receiver.episodes),
@@ -202,8 +205,16 @@ def scrub_once(receiver: Receiver, state: Path, retention: str, stop: int | None
     checks = itertools.count(1)
     should_stop = (lambda: False) if stop is None else (lambda: next(checks) > stop)
     out = io.StringIO()
-    done = Scrubber(cfg, make_logger("info", out), Notifier({}), should_stop, None, None).run()
-    (finished,) = [e for e in parse_events(out.getvalue()) if e["event"] == "scrub_finished"]
+    scrubber = Scrubber(cfg, make_logger("info", out), Notifier({}), should_stop, None, None)
+    done = scrubber.run()
+    return scrubber, done, parse_events(out.getvalue())
+
+
+def scrub_once(receiver: Receiver, state: Path, retention: str, stop: int | None) -> tuple[ScrubRun, dict]:
+    """One scrub run in this process, asked to stop after `stop`
+    checkpoints; what it did, and its scrub_finished event."""
+    _, done, events = scrub_events(receiver, state, retention, stop)
+    (finished,) = [e for e in events if e["event"] == "scrub_finished"]
     return done, finished
 
 
@@ -361,24 +372,3 @@ def test_scrub_counts_stay_exact_when_saves_fail_and_the_index_is_rewritten_in_p
         assert first_round.run.checked == expected(kinds, "1d")["checked"]
         unread = [e["pruned_unread"] for e in (*read, *counted_again) if e["event"] == "scrub_finished"]
         assert unread == [0, sum(n for n in stretches if n >= 2)]
-
-
-def scrub_events(
-    receiver: Receiver, state: Path, retention: str, stop: int | None
-) -> tuple[Scrubber, ScrubRun, list[dict]]:
-    """scrub_once, with the Scrubber (its cursor where it stopped, saved or
-    not) and every event."""
-    cfg = config.build(
-        {
-            "episodes_root": str(receiver.episodes),
-            "index": str(receiver.index),
-            "state_dir": str(state),
-            "retention": retention,
-        }
-    )
-    checks = itertools.count(1)
-    should_stop = (lambda: False) if stop is None else (lambda: next(checks) > stop)
-    out = io.StringIO()
-    scrubber = Scrubber(cfg, make_logger("info", out), Notifier({}), should_stop, None, None)
-    done = scrubber.run()
-    return scrubber, done, parse_events(out.getvalue())
