@@ -70,11 +70,10 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
     if not tarball.unchanged(os.stat(tarball.name, dir_fd=host.fd, follow_symlinks=False)):
         raise QuarantineRace(f"{tarball.path} changed since it was verified")
     host_q = qdir / tarball.host_id
-    try:
-        host_q.mkdir(mode=0o750)
-        syscalls.fsync_dir(qdir)  # a crash must not lose the new directory, a moved file in it
-    except FileExistsError:
-        pass
+    host_q.mkdir(mode=0o750, exist_ok=True)
+    # a crash must not lose the new directory, a moved file in it; every time, not
+    # only after our mkdir: a move killed before this fsync left it undurable
+    syscalls.fsync_dir(qdir)
     qfd = os.open(host_q, syscalls.O_DIRECTORY_NOFOLLOW)
     try:
         name = _free_name(qfd, tarball.episode_id)

@@ -260,3 +260,38 @@ def test_a_resend_that_lands_between_check_and_rename_is_put_back(
         quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
     assert path.read_bytes() == resent  # back at its name, whole
     assert sorted(p.name for p in (qdir / "h1").iterdir()) == []  # no tarball, no sidecar
+
+
+def test_a_host_directory_left_by_a_move_that_died_is_made_durable_before_a_file_moves_into_it(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass killed between the mkdir and its fsync (kill -9, the watchdog)
+    leaves the directory in the page cache only; the next move finds it
+    there. Moved into it without an fsync of the quarantine, the file could
+    lose both names in a power cut: the store's goes durably after the move."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    receiver.tarball("h1", "e", blob=corrupt_blob())
+    done: list[str] = []
+    fsync_dir, rename = syscalls.fsync_dir, syscalls.rename_noreplace
+
+    def killed(path: str | os.PathLike[str] | int) -> None:
+        raise SystemExit("killed before the fsync")
+
+    def noted_fsync(path: str | os.PathLike[str] | int) -> None:
+        done.append("fsync " + (os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)))
+        fsync_dir(path)
+
+    def noted_rename(*args: object) -> None:
+        done.append("rename")
+        rename(*args)  # type: ignore[arg-type]
+
+    with as_verified(receiver, "h1", "e") as (host, seen):
+        monkeypatch.setattr(syscalls, "fsync_dir", killed)
+        with pytest.raises(SystemExit):
+            quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+        assert (qdir / "h1").is_dir() and (receiver.episodes / "h1/e.tar.zst").exists()
+        monkeypatch.setattr(syscalls, "fsync_dir", noted_fsync)
+        monkeypatch.setattr(syscalls, "rename_noreplace", noted_rename)
+        quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    assert f"fsync {qdir}" in done and done.index(f"fsync {qdir}") < done.index("rename"), done
