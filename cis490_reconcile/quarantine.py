@@ -26,10 +26,13 @@ Races, and how each is handled:
 - The quarantine must be on the episodes' filesystem (a rename, not a copy
   that a crash could leave half-done) and outside the episodes root (or it
   would be scanned as a host directory); preflight.check_paths refuses others.
+  DIR may be the root's parent: then a host named like the root has the root
+  as its DIR/<host_id>, and its tarballs are not moved.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -76,6 +79,8 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
     syscalls.fsync_dir(qdir)
     qfd = os.open(host_q, syscalls.O_DIRECTORY_NOFOLLOW)
     try:
+        if os.path.samestat(os.fstat(qfd), os.stat("..", dir_fd=host.fd)):  # DIR the root's parent
+            raise OSError(errno.EINVAL, f"{host_q} is the episodes root, not outside it")
         name = _free_name(qfd, tarball.episode_id)
         sidecar: dict[str, object] = {
             "host_id": tarball.host_id,

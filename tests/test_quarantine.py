@@ -295,3 +295,15 @@ def test_a_host_directory_left_by_a_move_that_died_is_made_durable_before_a_file
         monkeypatch.setattr(syscalls, "rename_noreplace", noted_rename)
         quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
     assert f"fsync {qdir}" in done and done.index(f"fsync {qdir}") < done.index("rename"), done
+
+
+def test_a_quarantine_whose_host_directory_is_the_episodes_root_moves_nothing(receiver: Receiver) -> None:
+    """--quarantine-dir the root's parent (outside the root, so preflight lets
+    it be) and a host named like the root: DIR/<host_id> is the root itself.
+    A move there would put the tarball and its sidecar in the store, skipped
+    by every pass after (not a host directory), the quarantine inside the root."""
+    path = receiver.tarball(receiver.episodes.name, "cut", blob=corrupt_blob())
+    result = receiver.run("--quarantine-dir", str(receiver.root), "--quarantine-min-age", "0")
+    assert result.returncode == 0 and result.named("tarball_quarantined") == []
+    assert "episodes root" in result.one("quarantine_failed")["error"]
+    assert path.exists() and sorted(p.name for p in receiver.episodes.iterdir()) == [receiver.episodes.name]
