@@ -319,11 +319,13 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
     """Move src to dst without ever replacing an existing dst (FileExistsError
     instead). renameat2(RENAME_NOREPLACE) where the filesystem has it. Where
     it has not (NFS, FUSE filesystems such as bindfs: EINVAL), src is first
-    renamed to a name only this call uses, in dst's directory, then hard
-    linked to dst (a link refuses to replace too) and the private name
-    unlinked. Never an unlink of src by name: a file renamed over src
-    meanwhile (a receiver's re-send) would go. A crash in between leaves the
-    file under the private name, never a lost file."""
+    hard linked to dst (a link refuses to replace too; where it fails, as on
+    a filesystem without hard links, nothing has moved), then renamed to a
+    name only this call uses, in dst's directory, and that name unlinked if
+    it is dst's file. Never an unlink of src by name: a file renamed over
+    src meanwhile (a receiver's re-send) would go; such a file is linked
+    back to src. A crash in between leaves the file under both names, or
+    the re-send under the private name, never a lost file."""
     import ctypes  # only loaded when something is moved
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -334,13 +336,16 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS):
             raise OSError(err, os.strerror(err), dst)
+    os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
     private = f".{dst}.{secrets.token_hex(8)}.moving"
-    os.rename(src, private, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
     try:
-        os.link(private, dst, src_dir_fd=dst_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+        os.rename(src, private, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+    except FileNotFoundError:
+        return  # src's name went meanwhile: the file has dst's alone
     except OSError:
-        with contextlib.suppress(OSError):  # back, unless something took src's name: then it stays private
-            os.link(private, src, src_dir_fd=dst_dir_fd, dst_dir_fd=src_dir_fd, follow_symlinks=False)
-            os.unlink(private, dir_fd=dst_dir_fd)
+        os.unlink(dst, dir_fd=dst_dir_fd)  # the link just made: nothing moved
         raise
+    moved, linked = (os.stat(name, dir_fd=dst_dir_fd, follow_symlinks=False) for name in (private, dst))
+    if not os.path.samestat(moved, linked):  # renamed over src between the link and the rename
+        os.link(private, src, src_dir_fd=dst_dir_fd, dst_dir_fd=src_dir_fd, follow_symlinks=False)
     os.unlink(private, dir_fd=dst_dir_fd)

@@ -6,6 +6,7 @@ cannot be mounted here, so the table of filesystem types is unit-tested."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -399,3 +400,33 @@ def test_a_move_without_rename_noreplace_never_deletes_a_resend(
         ("f.tar.zst", b"f"),
     ]
     assert sorted(p.name for p in qdir.iterdir()) == ["e.tar.zst", "f.tar.zst"]  # no private name left
+
+
+@NEEDS_FUSE
+def test_a_move_without_rename_noreplace_that_cannot_link_leaves_the_file_in_place(
+    tmp_path: Path, fuse: Mount
+) -> None:
+    """Where the link fallback cannot link (a filesystem without hard links,
+    such as SMB or a bucket mount; here a real EMLINK, the tarball having
+    ext4's most links), the move must fail with the file still at its name.
+    Renamed aside first, it stayed under a hidden name in the quarantine,
+    with no sidecar, and quarantine_failed said neither."""
+    receiver = Receiver(fuse.path)
+    receiver.tarball("h1", "cut", blob=b"\x28\xb5\x2f\xfd" + b"cut short")
+    links = fuse.backing / "links"
+    links.mkdir()
+    for n in range(70_000):
+        try:
+            os.link(fuse.backing / "episodes/h1/cut.tar.zst", links / str(n))
+        except OSError as e:
+            assert e.errno == errno.EMLINK
+            break
+    else:
+        pytest.skip("the backing filesystem takes more than 70,000 links (ext4 takes 65,000)")
+    qdir = fuse.path / "quarantine"
+    qdir.mkdir()
+    result = receiver.run("--quarantine-dir", str(qdir), "--quarantine-min-age", "0", "--allow-network-fs")
+    assert result.returncode == 0, result.stderr
+    assert result.one("quarantine_failed")["error"] == os.strerror(errno.EMLINK)
+    assert (receiver.episodes / "h1/cut.tar.zst").exists()
+    assert list(qdir.rglob("*")) == [qdir / "h1"]  # no hidden name, no sidecar
