@@ -22,8 +22,9 @@ Progress: the child writes a "." for each batch it staged (the watchdog is
 fed only while it moves), then its summary as one JSON line, then a "." a
 second while SQLite sorts (its progress handler: connection.reporting), then
 "sorted". The parent's own sorts feed the watchdog the same way.
-If it fails before it hands its part over, the parent reads that part
-itself; after, the parent reads the whole index again, alone. Leaving the
+If it fails before it hands its part over, or says nothing for
+CHILD_SILENT_S (stopped, hung), the parent reads that part itself; after,
+the parent reads the whole index again, alone. Leaving the
 context kills the child if it still runs and removes the scratch files.
 
 Measured on the 8M-row scale index (tests/bench/run.py --only scale, 2
@@ -56,6 +57,9 @@ STAGE_BATCH = 20_000  # keys a rebuild stages at a time (about 3 MB)
 # is verified (4 to 6 runs in turns): 5.9k rows (1.3 MB) the same either way; 11.8k (2.7 MB)
 # 8 ms sooner; 22.4k (5.1 MB) 22-50 ms sooner, 2-4% of the whole pass (two sets of 6 runs).
 SPLIT_MIN_BYTES = int(os.environ.get("CIS490_TEST_SPLIT_MIN_BYTES") or 4 << 20)
+# a forked reader that writes nothing this long (no dot: stopped, hung) is given up on: well under the
+# service's WatchdogSec=60, which the pass feeds only when the reader moves
+CHILD_SILENT_S = 30.0
 
 
 def rebuild(
@@ -203,7 +207,9 @@ class _ForkedPart:
 
     def _until(self, marker: bytes, on_progress: Callable[[], None]) -> bytes | None:
         """What the child writes up to the next line ending in `marker`
-        (progress dots stripped), or None once it closed its pipe first."""
+        (progress dots stripped), or None once it closed its pipe first or
+        wrote nothing for CHILD_SILENT_S."""
+        heard = time.monotonic()
         while True:
             line, newline, rest = self._read.partition(b"\n")
             if newline and line.lstrip(b".").endswith(marker):
@@ -214,7 +220,10 @@ class _ForkedPart:
                 return None
             if data is not None:
                 self._read += data
+                heard = time.monotonic()
                 on_progress()
+            elif time.monotonic() - heard >= CHILD_SILENT_S:
+                return None  # left to Child.close (SIGKILL works on a stopped process)
 
     def hand_over(self, reader: KeyReader, state: State, on_progress: Callable[[], None]) -> bool:
         """Take the child's summary and go on with `reader` after its part;
@@ -235,6 +244,6 @@ class _ForkedPart:
         return True
 
     def sorted(self, on_progress: Callable[[], None]) -> bool:
-        """Wait for the child to have sorted its part; whether it did."""
-        done = self._until(b"sorted", on_progress) is not None
-        return self.child.succeeded() and done
+        """Wait for the child to have sorted its part; whether it did (a
+        silent one is not waited for: Child.close kills it)."""
+        return self._until(b"sorted", on_progress) is not None and self.child.succeeded()

@@ -504,6 +504,34 @@ def test_a_failed_fork_is_read_by_the_pass_itself(
     assert ("No space left on device" in err) == (how == "raises")
 
 
+@pytest.mark.parametrize("when", ["stage", "hand_over", "sort"])
+def test_a_stopped_fork_is_not_waited_for_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """The forked reader stops (SIGSTOP: a debugger, a frozen cgroup) while
+    it parses, once it handed its part over, or as it sorts: the pass stops
+    waiting once it has said nothing for a while, and reads what it must
+    itself, with the same result."""
+
+    def stopped(self: state_module.SplitPart, *args: object) -> None:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    serial, _ = serial_and_split(tmp_path, monkeypatch, mixed_index(b""))
+    monkeypatch.setattr(rebuild, "CHILD_SILENT_S", 0.5)
+    monkeypatch.setattr(state_module.SplitPart, when, stopped)
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("the pass still waits for a stopped forked reader")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        assert rebuilt(tmp_path, mixed_index(b""), "stopped") == serial
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_a_stop_while_the_fork_reads_kills_it_and_keeps_the_old_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
