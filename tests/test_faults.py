@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LockHolder, Receiver, permissions_apply, tmpfs
+from helpers import LockHolder, Receiver, permissions_apply, scratch_left, tmpfs
 
 from cis490_reconcile import config, passrun
 from cis490_reconcile.commit import Committed
+from cis490_reconcile.index import encode_row
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import PassFailed, Reconciler
 from cis490_reconcile.scan import GUARD_NS
@@ -82,6 +83,31 @@ def test_disk_full_fails_cleanly_and_the_next_pass_converges(
     assert receiver.index.read_bytes().startswith(before)
     exactly_one_row_each(receiver, episodes)
     assert receiver.run().one("pass_finished")["backfilled"] == 0
+
+
+@ROOT_ONLY
+def test_a_split_rebuild_that_fills_the_state_disk_keeps_the_state_database(tmp_path: Path) -> None:
+    """A full pass's rebuild on two processes fills the state directory's
+    disk with its scratch files. The forked reader's sort, not journaled,
+    is left half written in `sorted`: the pass falls back or fails with the
+    full disk, but never takes that scratch file for a damaged state
+    database (state_rebuilt: the kept database discarded), and leaves no
+    scratch file. Where the disk fills depends on both processes' timing:
+    indexes of several sizes."""
+    outcomes = []
+    for rows in range(1000, 6001, 500):
+        (tmp_path / f"r{rows}").mkdir()
+        receiver = Receiver(tmp_path / f"r{rows}")
+        lines = [encode_row({"host_id": f"h{i % 5}", "episode_id": f"e{i:06}"}) for i in range(rows)]
+        receiver.index.write_bytes(b"".join(lines[:40]))
+        with tmpfs(receiver.root / "state", "256k") as state_dir:
+            argv = receiver.argv("--once", "--state-dir", str(state_dir), "--workers", "1")
+            assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+            receiver.append_raw(b"".join(lines[40:]))
+            env = {**os.environ, "CIS490_TEST_SPLIT_MIN_BYTES": "1"}
+            full = subprocess.run([*argv, "--full"], capture_output=True, text=True, env=env, timeout=60)
+            outcomes.append((rows, full.returncode, "state_rebuilt" in full.stdout, scratch_left(state_dir)))
+    assert [o for o in outcomes if o[2] or o[3]] == [], outcomes
 
 
 @ROOT_ONLY

@@ -124,14 +124,19 @@ class Keys:
         try:
             yield
         finally:
-            for table in temporary:
-                self.db.execute(f"DROP TABLE IF EXISTS {table}")
-            attached = {name for (name,) in self.db.execute("SELECT name FROM pragma_database_list")}
+            # detached first, and without asking which are attached: a statement reads the schema of
+            # every attached file, and one the forked reader left half written (a full disk, no journal)
+            # is "malformed", which would fail the fallback and call the state database damaged
             for name in ("stage", "split", "sorted"):
-                if name in attached:
+                try:
                     self.db.execute(f"DETACH DATABASE {name}")
+                except sqlite3.OperationalError as e:
+                    if not str(e).startswith("no such database"):
+                        raise
             if scratch is not None:
                 scratch.remove("stage")
+            for table in temporary:
+                self.db.execute(f"DROP TABLE IF EXISTS {table}")
 
     def _attach_scratch(self, name: str, path: str) -> None:
         """A scratch file, written in order or read once: neither journaled
