@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,12 +20,14 @@ from pathlib import Path
 import pytest
 from helpers import LockHolder, Receiver, permissions_apply, scratch_left, tmpfs
 
-from cis490_reconcile import config, passrun
+from cis490_reconcile import config, passrun, rebuild
 from cis490_reconcile.commit import Committed
+from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.index import encode_row
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import PassFailed, Reconciler
 from cis490_reconcile.scan import GUARD_NS
+from cis490_reconcile.state import FILE_NAME, State
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs and chattr need root")
 
@@ -511,3 +514,26 @@ def test_a_lock_timeout_between_batches_drops_only_verdicts_the_next_pass_redoes
         again = reconciler.run_pass()
     assert (again.full, again.hosts_listed, again.backfilled) == (False, 1, len(episodes) - first), again
     exactly_one_row_each(receiver, episodes)
+
+
+@ROOT_ONLY
+def test_a_rebuild_that_cannot_start_its_scratch_file_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state directory's disk is full when a rebuild on two processes
+    makes its staging table: the pass fails with the full disk, and the
+    scratch file it had opened for it is not left behind."""
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(b"".join(encode_row({"host_id": "h", "episode_id": f"e{i}"}) for i in range(100)))
+    monkeypatch.setattr(rebuild, "SPLIT_MIN_BYTES", 0)
+    with tmpfs(tmp_path / "state", "1M") as disk:
+        state = State.open(disk / FILE_NAME, "/episodes", str(index))
+        fd = os.open(index, os.O_RDONLY)
+        try:
+            fill(disk, 0)
+            with pytest.raises(sqlite3.OperationalError, match="full"):
+                Coverage(state).catch_up(fd, full=True)
+        finally:
+            os.close(fd)
+            state.close()
+        assert scratch_left(disk) == []

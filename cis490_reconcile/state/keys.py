@@ -114,14 +114,14 @@ class Keys:
         temporary = [f"temp.{t}" for t in ("staging", "ids", "tally_hosts", "tally_hours")]
         for table in temporary:
             self.db.execute(f"DROP TABLE IF EXISTS {table}")
-        self._staged = "temp.staging"
-        if scratch is not None:
-            scratch.remove("stage")
-            self._attach_scratch("stage", scratch.stage)
-            self._staged = "stage.staging"
-        self.db.execute(f"CREATE TABLE {self._staged} {STAGING}")
-        self._tally = Tally(self.db, "temp")
-        try:
+        try:  # a full disk may fail the staging table: its scratch file goes too
+            self._staged = "temp.staging"
+            if scratch is not None:
+                scratch.remove("stage")
+                self._attach_scratch("stage", scratch.stage)
+                self._staged = "stage.staging"
+            self.db.execute(f"CREATE TABLE {self._staged} {STAGING}")
+            self._tally = Tally(self.db, "temp")
             yield
         finally:
             # detached first, and without asking which are attached: a statement reads the schema of
