@@ -33,6 +33,9 @@ DEFAULT_CONFIG_FILE = Path("/etc/cis490/reconcile.toml")
 ENV_PREFIX = "CIS490_RECONCILE_"
 ENV_CONFIG = ENV_PREFIX + "CONFIG"
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+# 100 years: any longer wait overflows select()'s time_t (2**63 ns), and a
+# retention cutoff further back than 2**53 s is no longer a whole hour in a float
+MAX_SECONDS = 100 * 365 * 86400
 
 
 class ConfigError(Exception):
@@ -40,7 +43,7 @@ class ConfigError(Exception):
 
 
 def _path(value: object) -> Path:
-    if not isinstance(value, str | Path) or not str(value):
+    if not isinstance(value, str | Path) or not str(value) or "\0" in str(value):
         raise ValueError("expected a path")
     return Path(value)
 
@@ -55,10 +58,14 @@ def _seconds(value: object) -> float:
         raise ValueError("expected a number of seconds")
     try:
         seconds = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # a TOML integer beyond any float
+        seconds = math.inf
     except (TypeError, ValueError):
         raise ValueError("expected a number of seconds") from None
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError("expected a finite number of seconds >= 0")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"expected at most {MAX_SECONDS} seconds (100 years)")
     return seconds
 
 

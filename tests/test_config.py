@@ -123,6 +123,37 @@ def test_bad_config_file_is_one_line_and_exit_2(receiver: Receiver, tmp_path: Pa
     assert "min_age = 'soon': expected a number of seconds" in proc.stderr
 
 
+HUGE = "1" + "0" * 400  # a TOML integer beyond any float
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"min_age = {HUGE}\n", "min_age = 1000"),
+        (f"retention = {HUGE}\n", "retention = 1000"),
+        ('lock_file = "a\\u0000b"\n', "lock_file = 'a\\x00b': expected a path"),
+        ('quarantine_dir = "a\\u0000b"\n', "quarantine_dir = 'a\\x00b': expected a path"),
+        ('metrics_file = "a\\u0000b"\n', "metrics_file = 'a\\x00b': expected a path"),
+        ("interval = 1e10\n", "interval = 10000000000.0: expected at most"),  # past select()'s time_t
+        ('retention = "1e30"\n', "retention = '1e30': expected at most"),  # a cutoff no float holds whole
+    ],
+)
+def test_values_the_system_cannot_take_are_one_line_and_exit_2(
+    receiver: Receiver, tmp_path: Path, text: str, message: str
+) -> None:
+    receiver.tarball("h1", "a")
+    receiver.append_row(receiver.receiver_row("h1", "a"))
+    receiver.append_row({**receiver.receiver_row("h1", "a"), "episode_id": "gone"})  # an orphan to count
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text(text)
+    once = () if text.startswith("interval") else ("--once",)
+    proc = subprocess.run(
+        [*receiver.argv(*once), "--config", str(toml)], capture_output=True, text=True, timeout=30
+    )
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stdout
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
 def test_config_file_drives_a_pass(receiver: Receiver, tmp_path: Path) -> None:
     receiver.tarball("h1", "a")
     toml = tmp_path / "reconcile.toml"

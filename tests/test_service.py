@@ -236,6 +236,10 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
         proc.send_signal(signal.SIGHUP)
         assert "interval = 'soon'" in wait_event("config_reload_failed")["error"]
         assert wait_event("pass_started")["max_read_rate"] == 1 << 30  # the old config is kept
+        toml.write_text("interval = 1e10\n")  # parses, but no select() could wait that long
+        proc.send_signal(signal.SIGHUP)
+        assert "interval = 10000000000.0: expected at most" in wait_event("config_reload_failed")["error"]
+        assert wait_event("pass_started")["max_read_rate"] == 1 << 30
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
