@@ -89,6 +89,6 @@ def _watchdog_interval(env: Mapping[str, str]) -> float | None:
     except ValueError:
         return None
     pid = env.get("WATCHDOG_PID")
-    if usec <= 0 or (pid and pid != str(os.getpid())):
+    if usec <= 0 or (pid and pid != str(os.getpid())) or usec > 2**63:  # past systemd's uint64: none
         return None
     return usec / 2 / 1e6

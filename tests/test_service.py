@@ -94,6 +94,18 @@ def test_no_watchdog_pings_for_another_pid(receiver: Receiver, notify_socket: No
     assert "WATCHDOG=1" not in fields
 
 
+def test_a_watchdog_usec_beyond_any_float_is_no_watchdog(
+    receiver: Receiver, notify_socket: NotifySocket
+) -> None:
+    receiver.tarball("h1", "a")
+    env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="1" + "0" * 400)
+    proc = subprocess.run(receiver.argv("--once"), capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout
+    assert receiver.keys() == [("h1", "a")]
+    fields = notify_socket.fields()
+    assert fields[0] == "READY=1" and "STOPPING=1" in fields
+
+
 def test_nothing_is_sent_without_notify_socket(receiver: Receiver, notify_socket: NotifySocket) -> None:
     receiver.tarball("h1", "a")
     env = clean_env(WATCHDOG_USEC="1000")  # a watchdog without a socket is still nothing to do
