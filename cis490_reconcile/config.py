@@ -33,9 +33,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/cis490/reconcile.toml")
 ENV_PREFIX = "CIS490_RECONCILE_"
 ENV_CONFIG = ENV_PREFIX + "CONFIG"
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-# 100 years: any longer wait overflows select()'s time_t (2**63 ns), and a
-# retention cutoff further back than 2**53 s is no longer a whole hour in a float
-MAX_SECONDS = 100 * 365 * 86400
+MAX_SECONDS = 100 * 365 * 86400  # longer overflows select() (2**63 ns), or a retention cutoff's float
 
 
 class ConfigError(Exception):
@@ -43,9 +41,10 @@ class ConfigError(Exception):
 
 
 def _path(value: object) -> Path:
-    if not isinstance(value, str | Path) or not str(value) or "\0" in str(value):
-        raise ValueError("expected a path")
-    return Path(value)
+    text = str(value) if isinstance(value, str | Path) else ""
+    if not text or "\0" in text or text.encode(errors="ignore").decode() != text:  # SQLite keeps it as text
+        raise ValueError("expected a path (UTF-8, no NUL)")
+    return Path(text)
 
 
 def _optional_path(value: object) -> Path | None:

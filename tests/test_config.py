@@ -154,6 +154,21 @@ def test_values_the_system_cannot_take_are_one_line_and_exit_2(
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("command", [None, "status"])
+@pytest.mark.parametrize("flag", ["--index", "--episodes-root"])
+def test_a_path_not_in_utf8_is_one_line_and_exit_2(
+    receiver: Receiver, flag: str, command: str | None
+) -> None:
+    """The state database keeps both paths as text: a name with a byte
+    that is not UTF-8 (a surrogate escape here) cannot be stored there."""
+    bad = receiver.root / "not-utf8-\udcff"  # b"not-utf8-\xff" on the command line
+    bad.mkdir() if flag == "--episodes-root" else bad.touch()
+    argv = receiver.argv(*(() if command else ("--once",)), flag, str(bad), command=command)
+    proc = subprocess.run([*argv, "--state-dir", str(receiver.root)], capture_output=True, timeout=30)
+    assert (proc.returncode, proc.stdout) == (2, b""), proc.stdout
+    assert proc.stderr.count(b"\n") == 1 and b"expected a path" in proc.stderr, proc.stderr
+
+
 def test_config_file_drives_a_pass(receiver: Receiver, tmp_path: Path) -> None:
     receiver.tarball("h1", "a")
     toml = tmp_path / "reconcile.toml"
