@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import basics, index, retention
+from . import basics, index, retention, syscalls
 from .indexkeys import CatchUp, KeyOf, KeyReader, digest
 from .rebuild import rebuild
 from .state import Checkpoint, HostRows, Key, State
@@ -131,7 +131,9 @@ class Coverage:
         """Rows this process appended at `start`, a whole line each, into
         the keys without reading them back (the same KeyOf: the same key a
         read gives): only when the checkpoint is exactly at `start` of this
-        very file; False, and nothing done, otherwise."""
+        very file and our lines are the bytes there (a writer the lock did
+        not stop may have appended first: its row would go unkeyed, and the
+        checkpoint land inside a line); False, and nothing done, otherwise."""
         st = os.fstat(fd)
         cp = self.state.keys.checkpoint()
         if (
@@ -139,6 +141,9 @@ class Coverage:
             or cp is None
             or (cp.index_dev, cp.index_ino, cp.offset) != (st.st_dev, st.st_ino, start)
         ):
+            return False
+        data = b"".join(lines)
+        if syscalls.pread_exact(fd, len(data), start) != data:
             return False
         from .rows import Row  # here, after an append: a pass that appends nothing need not load msgspec
 

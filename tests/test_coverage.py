@@ -637,6 +637,31 @@ def test_rows_we_appended_go_in_as_written_only_where_the_checkpoint_is(tmp_path
     assert state_contents(tmp_path) == state_contents(recounted_index(index, tmp_path / "recount"))
 
 
+def test_rows_we_appended_are_read_back_when_another_line_came_first(tmp_path: Path) -> None:
+    """A line a writer the lock did not stop (a lock file deleted while
+    held, a network filesystem) appended between the checkpoint and ours:
+    our rows are not where `start` says, so they are read back, and that
+    line is keyed too (trusting `start` lost it, and the next pass
+    appended a duplicate of it)."""
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(row("h1", "a"))
+    ours = [{"host_id": "h1", "episode_id": "b"}]
+    lines = [encode_row(r) for r in ours]
+    with opened(tmp_path, index) as cov:
+        catch_up(cov, index)
+        start = index.stat().st_size
+        with open(index, "ab") as f:
+            f.write(row("h2", "theirs") + lines[0])
+        fd = os.open(index, os.O_RDONLY)
+        try:
+            assert not cov.appended(fd, start, lines, ours)
+        finally:
+            os.close(fd)
+        assert catch_up(cov, index).bad == []
+        assert covers(cov, "h2", "theirs") and covers(cov, "h1", "b")
+    assert state_contents(tmp_path) == state_contents(recounted_index(index, tmp_path / "recount"))
+
+
 def recounted_index(index: Path, directory: Path) -> Path:
     directory.mkdir()
     with opened(directory, index) as cov:

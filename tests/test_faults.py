@@ -23,7 +23,7 @@ from helpers import LockHolder, Receiver, permissions_apply, scratch_left, tmpfs
 from cis490_reconcile import config, passrun, rebuild
 from cis490_reconcile.commit import Committed
 from cis490_reconcile.coverage import Coverage
-from cis490_reconcile.index import encode_row
+from cis490_reconcile.index import LockedIndex, encode_row
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import PassFailed, Reconciler
 from cis490_reconcile.scan import GUARD_NS
@@ -537,3 +537,38 @@ def test_a_rebuild_that_cannot_start_its_scratch_file_removes_it(
             os.close(fd)
             state.close()
         assert scratch_left(disk) == []
+
+
+def test_a_row_appended_past_the_lock_before_ours_is_kept_and_not_repeated(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer the lock did not stop (a receiver locking a lock file that
+    was deleted meanwhile, a network filesystem) appends a whole row just
+    before our write. The pass must not record our rows where it expected
+    them: that skipped the other row, read its tail as a bad line, and the
+    next pass appended a second row for its tarball."""
+    episodes = [("h1", f"e{i}") for i in range(3)]
+    for host, episode_id in episodes:
+        receiver.tarball(host, episode_id)
+    (tmp_path / "state").mkdir()
+    settings = {"episodes_root": receiver.episodes, "index": receiver.index, "min_age": 0}
+    cfg = config.build({**settings, "state_dir": tmp_path / "state"})
+    real = LockedIndex.append
+
+    def unlocked_writer_first(self: LockedIndex, lines: list[bytes]) -> int:
+        receiver.tarball("h2", "late")
+        fd = os.open(receiver.index, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, encode_row(receiver.receiver_row("h2", "late")))
+        finally:
+            os.close(fd)
+        return real(self, lines)
+
+    monkeypatch.setattr(LockedIndex, "append", unlocked_writer_first)
+    with Reconciler(cfg, make_logger("error", io.StringIO())) as reconciler:
+        assert reconciler.run_pass().backfilled == 3
+    monkeypatch.setattr(LockedIndex, "append", real)
+    with Reconciler(cfg, make_logger("error", io.StringIO())) as reconciler:
+        again = reconciler.run_pass()
+    assert (again.backfilled, again.bad_index_lines) == (0, 0), again
+    exactly_one_row_each(receiver, [*episodes, ("h2", "late")])
