@@ -88,9 +88,13 @@ class Committer:
             os.close(fd)
 
     def _partition(self, pending: list[Pending], done: Committed) -> None:
+        """Fresh: the rows whose key the index lacks, each key once (a key
+        twice in `pending` would otherwise be appended twice)."""
         keys = [(p.tarball.host_id, p.tarball.episode_id) for p in pending]
-        for p, covered in zip(pending, self.coverage.covered(keys), strict=True):
-            (done.raced if covered else done.fresh).append(p)
+        seen: set[tuple[str, str]] = set()
+        for p, key, covered in zip(pending, keys, self.coverage.covered(keys), strict=True):
+            (done.raced if covered or key in seen else done.fresh).append(p)
+            seen.add(key)
 
     def commit(self, pending: list[Pending], on_wait: Callable[[], None], done: Committed) -> None:
         """Append the rows of `pending` the index still lacks; what was done,

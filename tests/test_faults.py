@@ -21,13 +21,15 @@ import pytest
 from helpers import LockHolder, Receiver, permissions_apply, scratch_left, tmpfs
 
 from cis490_reconcile import config, passrun, rebuild
-from cis490_reconcile.commit import Committed
+from cis490_reconcile.commit import Committed, Committer, Pending
 from cis490_reconcile.coverage import Coverage
-from cis490_reconcile.index import LockedIndex, encode_row
+from cis490_reconcile.index import LockedIndex, backfill_row, encode_row
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import PassFailed, Reconciler
 from cis490_reconcile.scan import GUARD_NS
 from cis490_reconcile.state import FILE_NAME, State
+from cis490_reconcile.store import HostDir, Store, Tarball
+from cis490_reconcile.verdicts import Intact
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs and chattr need root")
 
@@ -572,3 +574,25 @@ def test_a_row_appended_past_the_lock_before_ours_is_kept_and_not_repeated(
         again = reconciler.run_pass()
     assert (again.backfilled, again.bad_index_lines) == (0, 0), again
     exactly_one_row_each(receiver, [*episodes, ("h2", "late")])
+
+
+def test_a_key_twice_in_one_batch_is_appended_once(receiver: Receiver, tmp_path: Path) -> None:
+    """The Committer is the last guard of "no duplicate rows": a tarball
+    handed to it twice in one batch (no pass does so today) gets one row."""
+    receiver.tarball("h1", "e1")
+    cfg = config.build({"episodes_root": receiver.episodes, "index": receiver.index, "min_age": 0})
+    opened = State.open(tmp_path / FILE_NAME, str(receiver.episodes), str(receiver.index))
+    with contextlib.closing(opened) as st:
+        committer = Committer(cfg, Coverage(st), lambda found: None)
+        with Store(receiver.episodes) as store:
+            host = store.open_host("h1")
+            assert isinstance(host, HostDir)
+            with host:
+                tarball = host.lstat("e1")
+        assert isinstance(tarball, Tarball)
+        intact = Intact("0" * 64, tarball.size, None, None, 1, True)
+        pending = Pending(tarball, intact, backfill_row(tarball, intact, time.time_ns()))
+        done = Committed()
+        committer.commit([pending, pending], lambda: None, done)
+    assert (len(done.fresh), len(done.raced)) == (1, 1)
+    exactly_one_row_each(receiver, [("h1", "e1")])
