@@ -47,8 +47,11 @@ What we do, and the race each step closes:
    is no PID file to go stale, and nothing to clean up.
 
 7. fork: a child shares the open file description and so would share the
-   locks. The fd is O_CLOEXEC and the reconciler never forks while holding
-   the lock.
+   locks. The fd is O_CLOEXEC; one fork happens under the lock (the last
+   commit attempt on an index replaced every time rebuilds it there, maybe
+   with a forked reader), and it is harmless: release is an explicit unlock
+   of the description (8), which drops the lock for the child too, and the
+   child dies with its parent.
 
 8. Release is explicit, in reverse order (flock, then OFD), before the close,
    so the lock is never held longer than the critical section even if some
