@@ -98,15 +98,9 @@ def test_a_move_that_fails_leaves_no_sidecar_and_takes_no_name(receiver: Receive
     assert path.exists() and list(qdir.rglob("*")) == [qdir / "h1"]
 
 
-def test_a_new_host_directory_is_made_durable_before_a_file_moves_into_it(
-    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The store's name goes away durably (its directory is fsynced after
-    the move); the quarantine's new host directory must be there as surely,
-    or a crash could lose both names of the file."""
-    qdir = tmp_path / "q"
-    qdir.mkdir()
-    receiver.tarball("h1", "e", blob=corrupt_blob())
+def fsyncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, each directory fsync ("fsync <path>") and each move
+    ("rename") of the quarantine code, in order, as they happen."""
     done: list[str] = []
     fsync_dir, rename = syscalls.fsync_dir, syscalls.rename_noreplace
 
@@ -120,6 +114,19 @@ def test_a_new_host_directory_is_made_durable_before_a_file_moves_into_it(
 
     monkeypatch.setattr(syscalls, "fsync_dir", noted_fsync)
     monkeypatch.setattr(syscalls, "rename_noreplace", noted_rename)
+    return done
+
+
+def test_a_new_host_directory_is_made_durable_before_a_file_moves_into_it(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's name goes away durably (its directory is fsynced after
+    the move); the quarantine's new host directory must be there as surely,
+    or a crash could lose both names of the file."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    receiver.tarball("h1", "e", blob=corrupt_blob())
+    done = fsyncs_and_renames(monkeypatch)
     with as_verified(receiver, "h1", "e") as (host, seen):
         quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
     assert done.index(f"fsync {qdir}") < done.index("rename"), done
@@ -272,27 +279,16 @@ def test_a_host_directory_left_by_a_move_that_died_is_made_durable_before_a_file
     qdir = tmp_path / "q"
     qdir.mkdir()
     receiver.tarball("h1", "e", blob=corrupt_blob())
-    done: list[str] = []
-    fsync_dir, rename = syscalls.fsync_dir, syscalls.rename_noreplace
 
     def killed(path: str | os.PathLike[str] | int) -> None:
         raise SystemExit("killed before the fsync")
 
-    def noted_fsync(path: str | os.PathLike[str] | int) -> None:
-        done.append("fsync " + (os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)))
-        fsync_dir(path)
-
-    def noted_rename(*args: object) -> None:
-        done.append("rename")
-        rename(*args)  # type: ignore[arg-type]
-
     with as_verified(receiver, "h1", "e") as (host, seen):
-        monkeypatch.setattr(syscalls, "fsync_dir", killed)
-        with pytest.raises(SystemExit):
+        with monkeypatch.context() as m, pytest.raises(SystemExit):
+            m.setattr(syscalls, "fsync_dir", killed)
             quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
         assert (qdir / "h1").is_dir() and (receiver.episodes / "h1/e.tar.zst").exists()
-        monkeypatch.setattr(syscalls, "fsync_dir", noted_fsync)
-        monkeypatch.setattr(syscalls, "rename_noreplace", noted_rename)
+        done = fsyncs_and_renames(monkeypatch)
         quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
     assert f"fsync {qdir}" in done and done.index(f"fsync {qdir}") < done.index("rename"), done
 
