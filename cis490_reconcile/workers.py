@@ -75,6 +75,12 @@ from .verify import verify_many
 
 BATCH_FILES = 256
 BATCH_BYTES = 8 << 20
+# batches handed to the pool at once, per worker. The parent hands out more only between verdicts,
+# and a commit keeps it away for 30-90 ms (the append and its fdatasync, the state's transaction, up
+# to 1,000 row events), while a batch of 64 KiB tarballs takes a worker about 33 ms. With 2 per
+# worker the workers sat idle 80-140 ms each in a many-small pass and it ended 40-50 ms later than
+# with 4 (3 runs each, tests/bench/run.py's corpus); 8 gained nothing more.
+IN_FLIGHT_PER_WORKER = 4
 _POLL_S = 0.05
 _BUDGET_POLL_S = 0.1
 
@@ -230,7 +236,7 @@ class VerifyPool:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(self._inflight) < 2 * self.workers:
+                while not exhausted and len(self._inflight) < IN_FLIGHT_PER_WORKER * self.workers:
                     batch = next(todo, None)
                     if batch is None:
                         exhausted = True
@@ -264,9 +270,8 @@ class VerifyPool:
         what each worker verified of its batch before it saw the stop. Empty
         after results() ran to its end."""
         self._stop.value = 1
-        # No batch is cancelled: the executor has queued them all already (at most 2 x workers are
-        # in flight; its queue holds workers + 1), one not yet begun returns at once, and the
-        # executor of 3.10 and 3.11 fails on a cancelled batch if a worker dies then.
+        # No batch is cancelled: one not yet begun returns at once (it sees the stop first), and
+        # the executor of 3.10 and 3.11 fails on a cancelled batch if a worker dies then.
         wait(self._inflight)  # a worker returns at its next read; a dead one fails every batch
         inflight, self._inflight = self._inflight, set()
         try:
