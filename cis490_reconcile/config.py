@@ -131,7 +131,7 @@ def _paths(value: object) -> tuple[Path, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(p, str | Path) for p in items):
         raise ValueError("expected a list of paths (in a flag: comma-separated)")
-    return tuple(Path(p) for p in (str(p).strip() for p in items) if p)
+    return tuple(_path(p) for p in (str(p).strip() for p in items) if p)
 
 
 def _workers(value: object) -> int | None:

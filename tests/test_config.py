@@ -154,13 +154,14 @@ def test_values_the_system_cannot_take_are_one_line_and_exit_2(
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("command", [None, "status"])
-@pytest.mark.parametrize("flag", ["--index", "--episodes-root"])
+@pytest.mark.parametrize("command", [None, "status", "config"])
+@pytest.mark.parametrize("flag", ["--index", "--episodes-root", "--zstd-dictionaries"])
 def test_a_path_not_in_utf8_is_one_line_and_exit_2(
     receiver: Receiver, flag: str, command: str | None
 ) -> None:
-    """The state database keeps both paths as text: a name with a byte
-    that is not UTF-8 (a surrogate escape here) cannot be stored there."""
+    """The state database keeps paths as text: a name with a byte that is
+    not UTF-8 (a surrogate escape here) cannot be stored there, and
+    `config` could not print it as TOML. Every path setting, lists too."""
     bad = receiver.root / "not-utf8-\udcff"  # b"not-utf8-\xff" on the command line
     bad.mkdir() if flag == "--episodes-root" else bad.touch()
     argv = receiver.argv(*(() if command else ("--once",)), flag, str(bad), command=command)
