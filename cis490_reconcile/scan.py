@@ -5,12 +5,12 @@ directory that did not change.
 
 A host directory's memo is its (mtime, ctime) when it was listed, plus the
 episodes it left unresolved. A directory whose times still match is not
-listed again: only its unresolved episodes are looked at. Creating,
-renaming or removing a tarball changes its directory's mtime, so a match
-means no episode came or went. The memo is trusted only if the directory
-had not changed for GUARD_NS when it was listed (a change within the same
-timestamp tick would leave the times equal), and not at all after the index
-was replaced (its rows may be different ones now).
+listed again: only its unresolved episodes that the index still lacks are
+looked at. Creating, renaming or removing a tarball changes its directory's
+mtime, so a match means no episode came or went. The memo is trusted only
+if the directory had not changed for GUARD_NS when it was listed (a change
+within the same timestamp tick would leave the times equal), and not at all
+after the index was replaced (its rows may be different ones now).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import operator
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import retention
@@ -126,8 +126,7 @@ class Scan:
                 self.hosts[host_id] = _Host(times if settled else None)
                 if not self.summary.full and memo is not None and memo[:2] == times:
                     self.summary.hosts_unchanged += 1
-                    self.summary.scanned += len(memo[2])
-                    return self._track(host_id, list(memo[2]))
+                    return self._track(host_id, self._still_unindexed(host_id, memo[2]))
                 names, skipped = host.entries()
             except OSError as e:
                 self._skipped_host(host.unlistable(e))
@@ -142,6 +141,18 @@ class Scan:
         if self._recounts_orphans:
             self.orphans[host_id] = listing.orphans
         return self._track(host_id, listing.unindexed)
+
+    def _still_unindexed(self, host_id: str, unresolved: Sequence[str]) -> list[str]:
+        """The memo's unresolved episodes the index still lacks: a row the
+        receiver appended since (its tarball was in flight, or its row
+        late) resolves one without reading it, as a listing would."""
+        self.summary.scanned += len(unresolved)
+        if not unresolved:
+            return []
+        covered = self.coverage.covered([(host_id, episode_id) for episode_id in unresolved])
+        unindexed = [e for e, known in zip(unresolved, covered, strict=True) if not known]
+        self.summary.already_indexed += len(unresolved) - len(unindexed)
+        return unindexed
 
     def _memo(self, host_id: str) -> Memo | None:
         host = self.coverage.known_host(host_id)

@@ -153,6 +153,27 @@ def test_a_file_left_in_flight_is_revisited(receiver: Receiver, tmp_path: Path, 
     assert (second.hosts_unchanged, second.hosts_listed, second.backfilled) == (1, 0, 2)
 
 
+def test_a_file_left_in_flight_then_indexed_by_the_receiver_is_not_read_again(
+    receiver: Receiver, tmp_path: Path, no_guard: None
+) -> None:
+    """A tarball in flight at the listing is left unresolved; the receiver
+    then appends its row (written in place, or its row late). The next pass,
+    in a directory that has not changed since, used to verify it anyway,
+    read it whole and log `row_already_present` as if the row had raced it."""
+    receiver.tarball("h1", "young")
+    assert Run(receiver, tmp_path, min_age=3600).once().in_flight == 1
+    receiver.append_row(receiver.receiver_row("h1", "young"))
+    tick()
+    run = Run(receiver, tmp_path, min_age=0)
+    second = run.once()
+    assert (second.hosts_unchanged, second.hosts_listed) == (1, 0)
+    assert (second.bytes_read, second.raced, second.already_indexed) == (0, 0, 1), second
+    assert run.events("row_already_present") == []
+    with contextlib.closing(sqlite3.connect(tmp_path / state.FILE_NAME)) as db:
+        assert db.execute("SELECT * FROM unresolved").fetchall() == []  # nor by any later pass
+    assert receiver.keys() == [("h1", "young")]
+
+
 def test_a_new_process_resumes_the_index_where_the_last_stopped(
     receiver: Receiver, tmp_path: Path, no_guard: None
 ) -> None:
