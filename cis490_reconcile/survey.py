@@ -379,6 +379,9 @@ def survey(
             fd = index.open_for_reading(cfg.index)
             try:
                 s = Survey(cfg, log, view, fd, bar)
+                # first: a replaced index is read whole into keys of our own, without the state's records
+                s.report.last_pass = view.records.get("last_pass", view.last)
+                s.report.last_scrub = view.records.get("last_scrub", view.last)
                 s.read_index()
                 s.list_store()
                 s.gone_hosts()
@@ -387,8 +390,6 @@ def survey(
                         orphans.write(json.dumps(found) + "\n")
                 else:
                     s.examples()
-                s.report.last_pass = view.records.get("last_pass", view.last)
-                s.report.last_scrub = view.records.get("last_scrub", view.last)
             finally:
                 if fd is not None:
                     os.close(fd)

@@ -194,6 +194,30 @@ def test_clean_after_a_pass_and_last_pass_result(receiver: Receiver, tmp_path: P
     assert report["attention"][-1].startswith("last pass failed: ")
 
 
+def test_the_last_pass_and_scrub_are_said_after_the_index_was_replaced(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """An index replaced since the last pass (a restore, a copy renamed over
+    it) is read whole, which used to drop the state's records with its
+    keys: status said no pass had run, and a failed one was no attention."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    receiver.tarball("h1", "a")
+    assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    scrub = receiver.argv("--state-dir", str(state_dir), command="scrub")
+    assert subprocess.run(scrub, capture_output=True, timeout=60).returncode == 0
+    with LockHolder(receiver.index):
+        assert receiver.run("--state-dir", str(state_dir), "--lock-timeout", "0.2").returncode == 1
+    receiver.replace_index()
+    result = status(receiver, "--json", state_dir=state_dir)
+    report = json.loads(result.stdout)
+    assert report["last_pass"] is not None and report["last_pass"]["result"] == "failed", result.stdout
+    assert report["last_scrub"] is not None and report["last_scrub"]["result"] == "ok"
+    assert [note.split(":")[0] for note in report["attention"]] == ["last pass failed"]
+    assert result.returncode == 1
+    assert report["totals"]["indexed"] == 1
+
+
 def indexed_with_a_pass_between(receiver: Receiver, tmp_path: Path, count: int, before: int) -> Path:
     """`count` tarballs of h1, each with the receiver's row, and a pass with
     a state directory (returned) after the first `before`."""
