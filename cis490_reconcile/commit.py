@@ -79,13 +79,12 @@ class Committer:
     def catch_up(self, full: bool = False, on_progress: Callable[[], None] | None = None) -> None:
         """Read what the index gained, without the lock (it is append-only:
         an unlocked reader sees whole lines plus at most a torn tail)."""
-        fd = index.open_for_reading(self.cfg.index)
-        if fd is None:
-            return  # nothing indexed yet; the first commit creates it
+        fd = index.open_for_reading(self.cfg.index)  # None: none yet, or gone (no rows); a commit makes it
         try:
             self.on_read(self.coverage.catch_up(fd, full, on_progress or self.keepalive))
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def _partition(self, pending: list[Pending], done: Committed) -> None:
         """Fresh: the rows whose key the index lacks, each key once (a key

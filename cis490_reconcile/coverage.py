@@ -70,15 +70,25 @@ class Coverage:
     # --- reading the index ------------------------------------------------------------
 
     def catch_up(
-        self, fd: int, full: bool, on_progress: Callable[[], None] = lambda: None, whole: bool = True
+        self, fd: int | None, full: bool, on_progress: Callable[[], None] = lambda: None, whole: bool = True
     ) -> CatchUp:
         """Read what the index gained since the checkpoint; everything when
         `full`, or when the checkpoint does not fit this file (or there is
         none). Without `whole` (under the index lock, which must stay short)
-        raises NotReadOn instead of reading the whole index."""
-        st = os.fstat(fd)
+        raises NotReadOn instead of reading the whole index. `fd` None: there
+        is no index file (moved away, deleted, not made yet), so no row,
+        whatever the checkpoint's file held: an empty file is read instead."""
         # a reader's own checkpoint once it has read on from the base's: never the same rows twice
         cp = self.state.keys.checkpoint() or self.state.keys.checkpoint(self.state.last)
+        if fd is None:
+            if cp is None:
+                return CatchUp()  # nothing was read: nothing to forget
+            empty = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return self.catch_up(empty, full, on_progress, whole)
+            finally:
+                os.close(empty)
+        st = os.fstat(fd)
         fits = cp is not None and self._fits(fd, st, cp)
         if cp is not None and fits and not full:
             found = self._read_on(fd, st, cp, on_progress)

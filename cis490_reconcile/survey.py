@@ -177,9 +177,7 @@ class Survey:
 
     def read_index(self) -> None:
         r = self.report
-        if self.fd is None:
-            return
-        found = self.coverage.catch_up(self.fd, full=False)
+        found = self.coverage.catch_up(self.fd, full=False)  # None: no index, no row
         r.torn_tail = found.torn is not None
         cp = self.view.keys.checkpoint() or self.view.keys.checkpoint(self.view.last)
         if cp is not None:

@@ -190,6 +190,27 @@ def test_a_new_process_resumes_the_index_where_the_last_stopped(
     assert summary.bad_index_lines == 1
 
 
+def test_an_index_gone_since_the_last_pass_is_an_empty_one(
+    receiver: Receiver, tmp_path: Path, no_guard: None
+) -> None:
+    """The index moved away (rotated, restored elsewhere) has no rows, as
+    `check` says: the next pass used the keys the state had read from it,
+    called both tarballs already indexed and backfilled them a pass late."""
+    receiver.tarball("h1", "a")
+    receiver.tarball("h1", "b")
+    Run(receiver, tmp_path).once()
+    receiver.index.rename(receiver.index.with_name("index.jsonl.1"))
+    tick()
+    run = Run(receiver, tmp_path)
+    summary = run.once()
+    assert (summary.already_indexed, summary.backfilled) == (0, 2), summary
+    assert run.events("index_restarted")
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b")]
+    tick()
+    again = Run(receiver, tmp_path)
+    assert (again.once().backfilled, again.events("index_restarted")) == (0, [])
+
+
 @pytest.mark.parametrize("how", ["replaced", "truncated", "rewritten"])
 def test_a_changed_index_forces_a_full_parse(
     receiver: Receiver, tmp_path: Path, no_guard: None, how: str

@@ -218,6 +218,23 @@ def test_the_last_pass_and_scrub_are_said_after_the_index_was_replaced(
     assert report["totals"]["indexed"] == 1
 
 
+def test_an_index_gone_since_the_last_pass_has_no_rows(receiver: Receiver, tmp_path: Path) -> None:
+    """The index moved away (rotated, restored elsewhere): status used the
+    keys the last pass read from it, and said every tarball indexed and the
+    store clean beside "index: 0 lines, 0 rows"."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    receiver.tarball("h1", "a")
+    receiver.tarball("h1", "b")
+    assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    receiver.index.rename(receiver.index.with_name("index.jsonl.1"))
+    result = status(receiver, "--json", state_dir=state_dir)
+    report = json.loads(result.stdout)
+    assert (report["totals"]["indexed"], report["totals"]["unindexed"]) == (0, 2), result.stdout
+    assert result.returncode == 1 and report["last_pass"]["result"] == "ok"
+    assert not receiver.index.exists()  # status never creates it
+
+
 def indexed_with_a_pass_between(receiver: Receiver, tmp_path: Path, count: int, before: int) -> Path:
     """`count` tarballs of h1, each with the receiver's row, and a pass with
     a state directory (returned) after the first `before`."""
