@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from . import basics, index, retention, syscalls
 from .indexkeys import CatchUp, KeyOf, KeyReader, digest
 from .rebuild import rebuild
-from .state import Checkpoint, HostRows, Key, State
+from .state import EXAMPLES, Checkpoint, HostRows, Key, State
 
 if TYPE_CHECKING:
     from .rows import Row
@@ -65,6 +65,7 @@ class Coverage:
         self._key = KeyOf(state.keys.host_ids(), state.keys.add_host)
         self._hosts = self._key.hosts
         self.base_duplicates: dict[int, int] = {}  # rows of the tail that repeat a key of the base
+        self.base_duplicated: dict[tuple[int, bytes], int] = {}  # ... of the first EXAMPLES keys, to name
         self.torn: Row | None = None  # a complete row that only lacks its "\n": indexed, to be safe
 
     # --- reading the index ------------------------------------------------------------
@@ -184,6 +185,9 @@ class Coverage:
         for key in keys:
             if self.state.keys.in_base(key[0], key[1]):
                 self.base_duplicates[key[0]] = self.base_duplicates.get(key[0], 0) + 1
+                named = (key[0], key[1])
+                if named in self.base_duplicated or len(self.base_duplicated) < EXAMPLES:
+                    self.base_duplicated[named] = self.base_duplicated.get(named, 0) + 1
             else:
                 kept.append(key)
         return kept

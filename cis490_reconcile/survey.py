@@ -339,16 +339,21 @@ class Survey:
             host = self.coverage.known_host(host_id)
             if host is None or not r.hosts[host_id].duplicate_rows:
                 continue
-            for _, offset, _, copies in self.view.keys.rows(host, min_copies=2):
-                row = index.row_at(self.fd, offset)
-                if row is not None:
-                    r.example(
-                        "duplicate_rows",
-                        host_id=host_id,
-                        episode_id=row.episode_id,
-                        offset=offset,
-                        rows=copies,
-                    )
+            # rows the tail repeats of a key of the state's: one copy there unless rows() has it
+            tail = {d: n for (h, d), n in self.coverage.base_duplicated.items() if h == host}
+            for d, offset, _, copies in self.view.keys.rows(host, min_copies=2):
+                self._duplicate(host_id, offset, copies + tail.pop(d, 0))
+            for d, n in tail.items():
+                if (first := self.view.keys.first_row(host, d)) is not None:
+                    self._duplicate(host_id, first, 1 + n)
+
+    def _duplicate(self, host_id: str, offset: int, copies: int) -> None:
+        assert self.fd is not None
+        row = index.row_at(self.fd, offset)
+        if row is not None:
+            self.report.example(
+                "duplicate_rows", host_id=host_id, episode_id=row.episode_id, offset=offset, rows=copies
+            )
 
 
 def _tarball_digests(store: Store, host_id: str) -> set[bytes] | None:

@@ -235,6 +235,31 @@ def test_an_index_gone_since_the_last_pass_has_no_rows(receiver: Receiver, tmp_p
     assert not receiver.index.exists()  # status never creates it
 
 
+def test_rows_repeated_since_the_last_pass_are_named(receiver: Receiver, tmp_path: Path) -> None:
+    """A row the receiver repeats after the last pass is a duplicate of a
+    key in the state's keys: it was counted, but named nowhere (no example
+    beside "duplicate rows: 1"), and a key already duplicated in the state
+    was named with its rows there only."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    for name in ("a", "b"):
+        receiver.tarball("h1", name)
+        receiver.append_row(receiver.receiver_row("h1", name))
+    receiver.append_row(receiver.receiver_row("h1", "b"))  # b: 2 rows in the state
+    assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    first_a, first_b = 0, len(receiver.index.read_bytes().splitlines(keepends=True)[0])
+    receiver.append_row(receiver.receiver_row("h1", "a"))
+    receiver.append_row(receiver.receiver_row("h1", "b"))
+    for where in (state_dir, None):  # the state's keys and those read on; the index read whole
+        result = status(receiver, "--json", state_dir=where)
+        report = json.loads(result.stdout)
+        assert report["totals"]["duplicate_rows"] == 3, result.stdout
+        assert sorted(report["duplicate_rows"], key=lambda e: str(e["episode_id"])) == [
+            {"host_id": "h1", "episode_id": "a", "offset": first_a, "rows": 2},
+            {"host_id": "h1", "episode_id": "b", "offset": first_b, "rows": 3},
+        ], result.stdout
+
+
 def indexed_with_a_pass_between(receiver: Receiver, tmp_path: Path, count: int, before: int) -> Path:
     """`count` tarballs of h1, each with the receiver's row, and a pass with
     a state directory (returned) after the first `before`."""
