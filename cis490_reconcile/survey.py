@@ -87,6 +87,7 @@ class Report:
     )
     last_pass: dict[str, object] | None = None
     last_scrub: dict[str, object] | None = None
+    unknown_host: str | None = None  # --host named no directory and no row: a typo, most likely
 
     def host(self, host_id: str) -> HostCounts:
         return self.hosts.setdefault(host_id, HostCounts())
@@ -117,6 +118,8 @@ class Report:
             (int(self.torn_tail), "torn last index line"),
         ]
         notes = [f"{what}: {n}" for n, what in found if n]
+        if self.unknown_host is not None:
+            notes.append(f"no directory and no rows for --host {printable(self.unknown_host)}")
         if self.last_pass is not None and self.last_pass.get("result") == "failed":
             notes.append(f"last pass failed: {self.last_pass.get('error')}")
         if self.last_scrub is not None and self.last_scrub.get("result") == "failed":
@@ -291,6 +294,9 @@ class Survey:
         self.report.hosts = {
             h: c for h, c in self.report.hosts.items() if c != HostCounts() or h in self.listed
         }
+        only = self.cfg.host
+        if only is not None and only not in self.listed and not self.report.skipped:  # skipped: said
+            self.report.unknown_host = only
 
     def orphan_rows(self, missing_only: bool) -> Iterator[dict[str, object]]:
         """Rows whose tarball is gone (only the missing ones, or all), named

@@ -430,6 +430,30 @@ def test_host_filter_and_missing_index(receiver: Receiver) -> None:
     assert not receiver.index.exists()  # status never creates it
 
 
+def test_a_host_named_by_no_directory_and_no_row_needs_attention(receiver: Receiver) -> None:
+    """A --host typo must not read as a clean store: a pass says
+    host_not_found, and status says it too. A host with rows but no
+    directory, or with an empty directory, is no typo."""
+    receiver.tarball("h1", "a")
+    receiver.append_row(receiver.receiver_row("h1", "a"))
+    now = datetime.now(timezone.utc).isoformat()
+    receiver.append_row({"host_id": "gone", "episode_id": "b", "received_at_wall": now})
+    (receiver.episodes / "empty").mkdir()
+
+    typo = status(receiver, "--json", "--host", "h1x")
+    report = json.loads(typo.stdout)
+    assert (typo.returncode, report["attention"], report["hosts"]) == (
+        1,
+        ["no directory and no rows for --host h1x"],
+        {},
+    )
+    text = status(receiver, "--host", "h1x")
+    assert text.returncode == 1 and "needs attention: no directory and no rows for --host h1x" in text.stdout
+    for host, attention in [("h1", []), ("empty", []), ("gone", ["missing tarballs"])]:
+        found = json.loads(status(receiver, "--json", "--host", host).stdout)["attention"]
+        assert [note.split(" (")[0] for note in found] == attention, (host, found)
+
+
 def test_an_unreadable_index_is_one_line_and_exit_1(receiver: Receiver, tmp_path: Path) -> None:
     """check_paths refuses a directory as --index; one swapped in after it
     (or any read error) still ends in one line, not a traceback."""
