@@ -11,7 +11,8 @@ Races, and how each is handled:
   move. Before moving, the name must still be the inode we verified, with
   the size and mtime we read; after moving, the moved inode is checked
   again. If it is not the one we verified, it is renamed back (without
-  replacing anything), so a good re-send is never quarantined. (Should a
+  replacing anything; both directories are then fsynced, as after a move),
+  so a good re-send is never quarantined. (Should a
   third file have appeared at the name meanwhile, the move back fails: the
   re-send stays in the quarantine, moved, not lost, its sidecar saying it
   was not verified, and the warning says where it is.)
@@ -110,6 +111,8 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
                     f"file could go back: that file, not verified, is at {host_q / name}"
                 ) from None
             os.unlink(name + SIDECAR_SUFFIX, dir_fd=qfd)
+            syscalls.fsync_dir(host.fd)  # the re-send back at its name, surely, before we say so
+            syscalls.fsync_dir(qfd)
             raise QuarantineRace(f"{tarball.path} was replaced while it was being moved")
         syscalls.fsync_dir(qfd)
         syscalls.fsync_dir(host.fd)

@@ -245,7 +245,9 @@ def test_a_resend_that_lands_between_check_and_rename_is_put_back(
 ) -> None:
     """The narrowest race: the receiver renames a re-send over the name after
     the pre-move check. The moved inode is not the verified one, so it goes
-    back to its name and its sidecar is removed."""
+    back to its name and its sidecar is removed; both directories are then
+    fsynced, or a power cut could leave the re-send in the quarantine with
+    no sidecar, and the store without it."""
     qdir = tmp_path / "q"
     qdir.mkdir()
     path = receiver.tarball("h1", "e", blob=corrupt_blob())
@@ -260,6 +262,7 @@ def test_a_resend_that_lands_between_check_and_rename_is_put_back(
         return name
 
     monkeypatch.setattr(quarantine, "_free_name", free_name_then_resend)
+    done = fsyncs_and_renames(monkeypatch)
     with (
         as_verified(receiver, "h1", "e") as (host, seen),
         pytest.raises(quarantine.QuarantineRace, match="replaced while it was being moved"),
@@ -267,6 +270,8 @@ def test_a_resend_that_lands_between_check_and_rename_is_put_back(
         quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
     assert path.read_bytes() == resent  # back at its name, whole
     assert sorted(p.name for p in (qdir / "h1").iterdir()) == []  # no tarball, no sidecar
+    h1, q1 = str(receiver.episodes / "h1"), str(qdir / "h1")
+    assert done[done.index("rename", done.index("rename") + 1) :] == ["rename", f"fsync {h1}", f"fsync {q1}"]
 
 
 def test_a_host_directory_left_by_a_move_that_died_is_made_durable_before_a_file_moves_into_it(
