@@ -51,7 +51,10 @@ EVENTS: dict[str, tuple[str, str]] = {
     "tarball_unsettled": ("info", "changed, replaced or removed while it was read: `path`, `reason`"),
     "tarball_unreadable": ("warning", "open or read failed (EACCES, EIO): `path`, `reason`"),
     "tarball_without_commit": ("warning", "indexed without `commit`: `path`, `reason`"),
-    "tarball_quarantined": ("warning", "moved aside: `path`, `quarantine_path`, `reason`"),
+    "tarball_quarantined": (
+        "warning",
+        "moved aside: `path`, `quarantine_path`, `reason`; `error` if the move is not checked or not durable",
+    ),
     "quarantine_failed": (
         "warning",
         "could not move it; it stays in place, or `error` says where: `path`, `error`",

@@ -275,11 +275,16 @@ class PassRun:
             except OSError as e:
                 self.events.warning("quarantine_failed", path=tarball.path, error=e.strerror or str(e))
                 return
-        self.summary.quarantined += 1
+        self.summary.quarantined += 1  # moved, even if not confirmed: no longer in the store
         self.scan.resolved(tarball)
-        self.events.warning(
-            "tarball_quarantined", path=tarball.path, quarantine_path=moved, reason=verdict.reason
-        )
+        facts = {
+            "path": tarball.path,
+            "quarantine_path": moved.path,
+            "reason": verdict.reason,
+        }
+        if moved.unconfirmed is not None:
+            facts["error"] = moved.unconfirmed
+        self.events.warning("tarball_quarantined", **facts)
 
     # --- committing ---------------------------------------------------------------------
 

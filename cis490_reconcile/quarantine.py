@@ -23,7 +23,9 @@ Races, and how each is handled:
   sidecar with no tarball beside it (it names no file, and is never
   deleted), and the tarball still in the store; the next pass finds it
   corrupt again and moves it under the next free name. A rename that fails
-  (EXDEV, EACCES) takes its sidecar away with it: it moved nothing.
+  (EXDEV, EACCES) takes its sidecar away with it: it moved nothing. A check
+  or fsync that fails after the rename (EIO) leaves the file moved: said
+  moved, with what is not confirmed, never "it stays in place".
 - The quarantine must be on the episodes' filesystem (a rename, not a copy
   that a crash could leave half-done) and outside the episodes root (or it
   would be scanned as a host directory); preflight.check_paths refuses others.
@@ -37,6 +39,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from . import __version__, syscalls
 from .store import SUFFIX, HostDir, Tarball
@@ -47,6 +50,14 @@ MAX_NAMES = 1000
 
 class QuarantineRace(OSError):
     """What is at the name now is not the file that was verified."""
+
+
+class Moved(NamedTuple):
+    """Where the file went; `unconfirmed` says what failed after the rename
+    (the check of what moved, or the fsyncs), the file moved all the same."""
+
+    path: Path
+    unconfirmed: str | None = None
 
 
 def _free_name(qfd: int, episode_id: str) -> str:
@@ -68,9 +79,10 @@ def _write_sidecar(host_q: Path, name: str, sidecar: dict[str, object]) -> None:
     syscalls.write_atomic(host_q / (name + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode() + b"\n")
 
 
-def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> Path:
+def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> Moved:
     """Rename the verified-corrupt `tarball` into qdir/<host_id>/; return
-    where it went. Raises QuarantineRace or OSError, leaving it in place."""
+    where it went. Raises QuarantineRace or OSError, leaving it in place
+    (or saying where it is)."""
     if not tarball.unchanged(os.stat(tarball.name, dir_fd=host.fd, follow_symlinks=False)):
         raise QuarantineRace(f"{tarball.path} changed since it was verified")
     host_q = qdir / tarball.host_id
@@ -98,7 +110,10 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
         except OSError:
             os.unlink(name + SIDECAR_SUFFIX, dir_fd=qfd)  # nothing moved: the sidecar names no file
             raise
-        moved = os.stat(name, dir_fd=qfd, follow_symlinks=False)
+        try:
+            moved = os.stat(name, dir_fd=qfd, follow_symlinks=False)
+        except OSError as e:  # moved: said so, with what is not known
+            return Moved(host_q / name, f"not checked to be the file verified, not durable: {e.strerror}")
         if not tarball.is_file(moved):
             try:
                 syscalls.rename_noreplace(qfd, name, host.fd, tarball.name)  # a re-send: give it back
@@ -114,8 +129,11 @@ def move(host: HostDir, tarball: Tarball, reason: str, qdir: Path, now: str) -> 
             syscalls.fsync_dir(host.fd)  # the re-send back at its name, surely, before we say so
             syscalls.fsync_dir(qfd)
             raise QuarantineRace(f"{tarball.path} was replaced while it was being moved")
-        syscalls.fsync_dir(qfd)
-        syscalls.fsync_dir(host.fd)
+        try:
+            syscalls.fsync_dir(qfd)
+            syscalls.fsync_dir(host.fd)
+        except OSError as e:  # moved, but a crash may undo it
+            return Moved(host_q / name, f"not made durable: {e.strerror}")
     finally:
         os.close(qfd)
-    return host_q / name
+    return Moved(host_q / name)

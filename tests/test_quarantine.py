@@ -3,15 +3,17 @@ shipper's retry can re-send them; good files and re-sends are never moved."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, episode, tar_bytes, tmpfs, zstd
+from helpers import Receiver, episode, parse_events, tar_bytes, tmpfs, zstd
 
 from cis490_reconcile import quarantine, syscalls
 from cis490_reconcile.store import HostDir, Store, Tarball
@@ -158,6 +160,40 @@ def test_a_resend_caught_in_the_move_with_its_name_taken_again_is_said_where_it_
     assert path.read_bytes() == b"third" and (qdir / "h1/e.tar.zst").read_bytes() == b"resent"
     sidecar = json.loads((qdir / "h1/e.tar.zst.json").read_text())
     assert sidecar["reason"].startswith("not verified") and sidecar["size_bytes"] == len(b"resent")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+@pytest.mark.parametrize(
+    ("syscall", "nth", "unconfirmed"),
+    [
+        ("fsync", 2, "not made durable"),  # the 1st makes the sidecar durable, before the rename
+        ("newfstatat", 4, "not checked to be the file verified"),  # before: fstat, _free_name x2
+    ],
+)
+def test_a_move_whose_check_or_fsync_fails_after_the_rename_is_said_moved(
+    receiver: Receiver, tmp_path: Path, syscall: str, nth: int, unconfirmed: str
+) -> None:
+    """A real EIO after the rename, in the real command (strace fails the
+    syscall on DIR/<host_id>, as a disk failing its journal commit or a
+    network filesystem losing its server would): the file has moved. The
+    event says where, and what is not confirmed, and the pass counts it
+    quarantined; it used to say quarantine_failed, "it stays in place"."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    blob = corrupt_blob()
+    path = receiver.tarball("h1", "cut", blob=blob)
+    strace = ["strace", "-f", "-qq", "-o", os.devnull, "-P", str(qdir / "h1"), "-e", f"trace={syscall}"]
+    strace += ["-e", f"inject={syscall}:error=EIO:when={nth}"]
+    argv = strace + receiver.argv("--once", "--quarantine-dir", str(qdir), "--quarantine-min-age", "0")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=receiver.root)
+    assert proc.returncode == 0, proc.stderr
+    events = parse_events(proc.stdout)
+    assert not path.exists() and (qdir / "h1/cut.tar.zst").read_bytes() == blob
+    assert [e for e in events if e["event"] == "quarantine_failed"] == []
+    (moved,) = [e for e in events if e["event"] == "tarball_quarantined"]
+    assert moved["quarantine_path"] == str(qdir / "h1/cut.tar.zst")
+    assert unconfirmed in moved["error"] and os.strerror(errno.EIO) in moved["error"]
+    assert [e["quarantined"] for e in events if e["event"] == "pass_finished"] == [1]
 
 
 def test_dry_run_moves_nothing(receiver: Receiver, tmp_path: Path) -> None:
