@@ -324,8 +324,10 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
     name only this call uses, in dst's directory, and that name unlinked if
     it is dst's file. Never an unlink of src by name: a file renamed over
     src meanwhile (a receiver's re-send) would go; such a file is linked
-    back to src. A crash in between leaves the file under both names, or
-    the re-send under the private name, never a lost file."""
+    back to src, or, if a newer one has src by then, kept under the private
+    name (the newer one's rename would have deleted it). A crash in between
+    leaves the file under both names, or the re-send under the private
+    name, never a lost file."""
     import ctypes  # only loaded when something is moved
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -347,5 +349,8 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
         raise
     moved, linked = (os.stat(name, dir_fd=dst_dir_fd, follow_symlinks=False) for name in (private, dst))
     if not os.path.samestat(moved, linked):  # renamed over src between the link and the rename
-        os.link(private, src, src_dir_fd=dst_dir_fd, dst_dir_fd=src_dir_fd, follow_symlinks=False)
+        try:
+            os.link(private, src, src_dir_fd=dst_dir_fd, dst_dir_fd=src_dir_fd, follow_symlinks=False)
+        except FileExistsError:  # renamed over again since: the newer file has src, this one stays
+            return  # under the private name; the move to dst is done all the same
     os.unlink(private, dir_fd=dst_dir_fd)

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from helpers import LockHolder, Receiver, parse_events
+from helpers import LockHolder, Receiver, episode, parse_events, tar_bytes, zstd
 
-from cis490_reconcile import config, fstypes, preflight, syscalls
+from cis490_reconcile import config, fstypes, preflight, quarantine, syscalls
+from cis490_reconcile.store import HostDir, Store, Tarball
 
 FUSE_MAGIC = 0x65735546
 
@@ -400,6 +401,50 @@ def test_a_move_without_rename_noreplace_never_deletes_a_resend(
         ("f.tar.zst", b"f"),
     ]
     assert sorted(p.name for p in qdir.iterdir()) == ["e.tar.zst", "f.tar.zst"]  # no private name left
+
+
+@NEEDS_FUSE
+def test_a_move_without_rename_noreplace_raced_by_two_resends_keeps_its_sidecar(
+    fuse: Mount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two re-sends land during the link fallback: the first after the link
+    (so it is what the rename takes to the private name), the second before
+    that one can be linked back. The verified file has moved all the same:
+    it must keep its sidecar and be said quarantined. The link back's
+    EEXIST used to be raised as the move's: the sidecar was removed and
+    quarantine_failed said "it stays in place"."""
+    receiver = Receiver(fuse.path)
+    blob = zstd(tar_bytes(episode()))[:-40]
+    path = receiver.tarball("h1", "e", blob=blob)
+    qdir = fuse.path / "quarantine"
+    qdir.mkdir()
+    link, links = os.link, []
+
+    def resend(data: bytes) -> None:  # the receiver's atomic re-send
+        (path.parent / ".upload").write_bytes(data)
+        os.rename(path.parent / ".upload", path)
+
+    def racing(*args: object, **kwargs: object) -> None:
+        links.append(args)
+        if len(links) == 2:
+            resend(b"second")
+        link(*args, **kwargs)  # type: ignore[arg-type]
+        if len(links) == 1:
+            resend(b"first")
+
+    with Store(receiver.episodes) as store:
+        host = store.open_host("h1")
+        assert isinstance(host, HostDir)
+        with host:
+            seen = host.lstat("e")
+            assert isinstance(seen, Tarball)
+            monkeypatch.setattr(os, "link", racing)
+            moved = quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    assert len(links) == 2 and moved.path == qdir / "h1/e.tar.zst"
+    assert moved.path.read_bytes() == blob and path.read_bytes() == b"second"
+    assert json.loads((qdir / "h1/e.tar.zst.json").read_text())["reason"] == "zstd: truncated"
+    hidden = [p.read_bytes() for p in (qdir / "h1").iterdir() if p.name.endswith(".moving")]
+    assert hidden == [b"first"]  # superseded by the second, as its rename would have deleted it: kept
 
 
 @NEEDS_FUSE
