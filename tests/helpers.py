@@ -22,6 +22,7 @@ import zstandard
 from cis490_reconcile.actions.demo import tar_bytes as tar_bytes
 from cis490_reconcile.coverage import Coverage
 from cis490_reconcile.state import FILE_NAME, Scratch, State
+from cis490_reconcile.store import HostDir, Store, Tarball
 from cis490_reconcile.verify import Decoding, Verdict, examine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -440,6 +441,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(extra)
     return env
+
+
+@contextmanager
+def as_verified(receiver: Receiver, host_id: str, episode_id: str) -> Iterator[tuple[HostDir, Tarball]]:
+    """The host directory open and the tarball as a pass saw it."""
+    with Store(receiver.episodes) as store:
+        host = store.open_host(host_id)
+        assert isinstance(host, HostDir)
+        with host:
+            seen = host.lstat(episode_id)
+            assert isinstance(seen, Tarball)
+            yield host, seen
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LockHolder, Receiver, permissions_apply, scratch_left, tmpfs
+from helpers import LockHolder, Receiver, as_verified, permissions_apply, scratch_left, tmpfs
 
 from cis490_reconcile import config, passrun, rebuild
 from cis490_reconcile.commit import Committed, Committer, Pending
@@ -28,7 +28,6 @@ from cis490_reconcile.log import make_logger
 from cis490_reconcile.reconcile import PassFailed, Reconciler
 from cis490_reconcile.scan import GUARD_NS
 from cis490_reconcile.state import FILE_NAME, State
-from cis490_reconcile.store import HostDir, Store, Tarball
 from cis490_reconcile.verdicts import Intact
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs and chattr need root")
@@ -584,14 +583,9 @@ def test_a_key_twice_in_one_batch_is_appended_once(receiver: Receiver, tmp_path:
     opened = State.open(tmp_path / FILE_NAME, str(receiver.episodes), str(receiver.index))
     with contextlib.closing(opened) as st:
         committer = Committer(cfg, Coverage(st), lambda found: None)
-        with Store(receiver.episodes) as store:
-            host = store.open_host("h1")
-            assert isinstance(host, HostDir)
-            with host:
-                tarball = host.lstat("e1")
-        assert isinstance(tarball, Tarball)
-        intact = Intact("0" * 64, tarball.size, None, None, 1, True)
-        pending = Pending(tarball, intact, backfill_row(tarball, intact, time.time_ns()))
+        with as_verified(receiver, "h1", "e1") as (_, tarball):
+            intact = Intact("0" * 64, tarball.size, None, None, 1, True)
+            pending = Pending(tarball, intact, backfill_row(tarball, intact, time.time_ns()))
         done = Committed()
         committer.commit([pending, pending], lambda: None, done)
     assert (len(done.fresh), len(done.raced)) == (1, 1)

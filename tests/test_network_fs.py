@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from helpers import LockHolder, Receiver, episode, parse_events, tar_bytes, zstd
+from helpers import LockHolder, Receiver, as_verified, episode, parse_events, tar_bytes, zstd
 
 from cis490_reconcile import config, fstypes, preflight, quarantine, syscalls
-from cis490_reconcile.store import HostDir, Store, Tarball
 
 FUSE_MAGIC = 0x65735546
 
@@ -432,14 +431,9 @@ def test_a_move_without_rename_noreplace_raced_by_two_resends_keeps_its_sidecar(
         if len(links) == 1:
             resend(b"first")
 
-    with Store(receiver.episodes) as store:
-        host = store.open_host("h1")
-        assert isinstance(host, HostDir)
-        with host:
-            seen = host.lstat("e")
-            assert isinstance(seen, Tarball)
-            monkeypatch.setattr(os, "link", racing)
-            moved = quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
+    with as_verified(receiver, "h1", "e") as (host, seen):
+        monkeypatch.setattr(os, "link", racing)
+        moved = quarantine.move(host, seen, "zstd: truncated", qdir, "2026-11-30T00:00:00+00:00")
     assert len(links) == 2 and moved.path == qdir / "h1/e.tar.zst"
     assert moved.path.read_bytes() == blob and path.read_bytes() == b"second"
     assert json.loads((qdir / "h1/e.tar.zst.json").read_text())["reason"] == "zstd: truncated"

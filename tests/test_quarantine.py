@@ -9,14 +9,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, episode, parse_events, tar_bytes, tmpfs, zstd
+from helpers import Receiver, as_verified, episode, parse_events, tar_bytes, tmpfs, zstd
 
 from cis490_reconcile import quarantine, syscalls
-from cis490_reconcile.store import HostDir, Store, Tarball
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -67,18 +65,6 @@ def test_corrupt_tarball_is_moved_with_a_sidecar_and_resent_copies_are_indexed(
     ]
     assert (qdir / "h1/cut.tar.zst").read_bytes() == first_bytes
     assert (qdir / "h3/cut.1.tar.zst").read_bytes() == b"garbage"
-
-
-@contextmanager
-def as_verified(receiver: Receiver, host_id: str, episode_id: str) -> Iterator[tuple[HostDir, Tarball]]:
-    """The host directory open and the tarball as a pass saw it."""
-    with Store(receiver.episodes) as store:
-        host = store.open_host(host_id)
-        assert isinstance(host, HostDir)
-        with host:
-            seen = host.lstat(episode_id)
-            assert isinstance(seen, Tarball)
-            yield host, seen
 
 
 @ROOT_ONLY
