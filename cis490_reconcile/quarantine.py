@@ -12,10 +12,10 @@ Races, and how each is handled:
   the size and mtime we read; after moving, the moved inode is checked
   again. If it is not the one we verified, it is renamed back (without
   replacing anything; both directories are then fsynced, as after a move),
-  so a good re-send is never quarantined. (Should a
-  third file have appeared at the name meanwhile, the move back fails: the
-  re-send stays in the quarantine, moved, not lost, its sidecar saying it
-  was not verified, and the warning says where it is.)
+  so a good re-send is never quarantined. (Should a third file have
+  appeared at the name meanwhile, the move back fails: the re-send stays in
+  the quarantine, moved, not lost, its sidecar saying it was not verified,
+  and the warning says where it is.)
 - A name in the quarantine is taken (the same episode was corrupt before):
   the move never replaces (renameat2 RENAME_NOREPLACE); the next free
   name `<episode>.N.tar.zst` is used.
