@@ -113,6 +113,28 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14: preadv2 that never waits for the disk
+
+
+def pread_cached(fd: int, length: int, offset: int) -> bytearray | None:
+    """`length` bytes at `offset` when the page cache held every one of them
+    already (a preadv2 with RWF_NOWAIT, which reads nothing from the disk),
+    else None: some were not cached (EAGAIN, or a short read: the end of the
+    file counts), or the filesystem cannot tell (EOPNOTSUPP: tmpfs, FUSE).
+    Re-measure: read a file, then `python3 -c 'import os; fd = os.open(F,
+    os.O_RDONLY); print(os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT))'`
+    prints 4096 (ext4, xfs); after `dd if=F iflag=nocache count=0` (which
+    drops it) the same raises EAGAIN."""
+    if not _RWF_NOWAIT:
+        return None
+    buf = bytearray(length)
+    try:
+        n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+    except OSError:  # not cached, no RWF_NOWAIT here, or a read error the plain read will report
+        return None
+    return buf if n == length else None
+
+
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
     """pread that loops over short reads (rare on local files, legal anyway)."""
     parts = []

@@ -33,7 +33,7 @@ from typing import IO, NamedTuple, cast
 import zstandard
 
 from . import syscalls, zstdframe
-from .reading import READ_SIZE, HashingReader
+from .reading import READ_SIZE, HashingReader, read_head
 from .store import HostDir, NotRegularFile, Store, Tarball
 from .tarstream import Damaged, OverBound, TarStream
 from .verdicts import Corrupt, Decoding, Intact, Unreadable, Unsettled, Unverifiable, Verdict
@@ -159,10 +159,10 @@ def examine(
     read, or zstd cannot have the memory it asks for (unreadable here, not
     corrupt). on_wait is called while a large window waits for the budget."""
     decoding = decoding or Decoding()
-    head = os.pread(fd, min(size, READ_SIZE), 0)  # a small tarball whole: read once, headers and all
+    head = read_head(fd, size)  # a small tarball whole: read once, headers and all
 
-    def read_at(n: int, at: int) -> bytes:
-        return head[at : at + n] if at + n <= len(head) else syscalls.pread_exact(fd, n, at)
+    def read_at(n: int, at: int) -> bytes:  # a frame header's few bytes
+        return bytes(head.data[at : at + n]) if at + n <= len(head.data) else syscalls.pread_exact(fd, n, at)
 
     first = zstdframe.first_header(read_at, size)
     window = 0 if first is None else first.window

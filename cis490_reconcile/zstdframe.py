@@ -116,7 +116,7 @@ class FrameWalker:
         self.refusal: str | None = None
         self.error: str | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         view, pos, end = memoryview(data), 0, len(data)
         while pos < end and self.error is None:
             if self._skip:

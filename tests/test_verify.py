@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from helpers import COMMIT, episode, gnu_tarball, meta, tar_bytes, verdict_of, zstd
+from helpers import COMMIT, Receiver, episode, gnu_tarball, meta, tar_bytes, verdict_of, zstd
 
+from cis490_reconcile.reading import HashingReader
 from cis490_reconcile.store import Store, Tarball
+from cis490_reconcile.syscalls import pread_cached
 from cis490_reconcile.verify import (
     Corrupt,
     Decoding,
@@ -607,3 +609,70 @@ def test_what_the_workers_exchange_pickles_by_position(
 
     monkeypatch.setattr(type(value), "__setstate__", per_field, raising=False)
     assert pickle.loads(pickle.dumps(value)) == value
+
+
+# --- the page cache -------------------------------------------------------------
+
+
+def _resident(path: Path) -> int:
+    """Bytes of the file in the page cache (util-linux fincore)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
+def test_a_pass_drops_what_it_read_from_the_disk_and_keeps_what_was_cached(receiver: Receiver) -> None:
+    """A tarball the receiver just wrote is still cached, and whoever reads
+    new episodes next should find it so; what the pass brought in from the
+    disk is dropped, from the first read that was not cached on."""
+    mib = 1 << 20
+    paths = {
+        name: receiver.tarball("h1", name, episode(os.urandom(size)))
+        for name, size in (("cached", 3 * mib), ("cold", 3 * mib), ("head-cached", 8 * mib))
+    }
+    for path in paths.values():
+        _evict(path)
+    paths["cached"].read_bytes()
+    with paths["head-cached"].open("rb") as f:
+        f.read(mib)  # the first read of a pass: cached, and what the kernel read ahead, not the rest
+    fd = os.open(paths["cached"], os.O_RDONLY)
+    try:
+        if pread_cached(fd, 4096, 0) is None:
+            pytest.skip("this filesystem cannot tell what is cached (RWF_NOWAIT: tmpfs, FUSE)")
+    finally:
+        os.close(fd)
+    page = os.sysconf("SC_PAGE_SIZE")
+    size = {name: -(-path.stat().st_size // page) * page for name, path in paths.items()}  # in pages
+    assert _resident(paths["cold"]) == 0
+    head_cached = _resident(paths["head-cached"])
+    assert mib <= head_cached < size["head-cached"]
+
+    result = receiver.run()
+    assert result.returncode == 0, result.stderr
+    assert result.one("pass_finished")["backfilled"] == 3
+    assert _resident(paths["cached"]) == size["cached"]
+    assert _resident(paths["cold"]) == 0
+    assert _resident(paths["head-cached"]) == head_cached  # the rest was read from the disk: dropped
+
+    _evict(paths["cold"])
+    for name in ("cached", "cold"):  # a scrub reads through the same reader, with no head read first
+        fd = os.open(paths[name], os.O_RDONLY)
+        try:
+            HashingReader(fd, os.fstat(fd).st_size).drain()
+        finally:
+            os.close(fd)
+    assert (_resident(paths["cached"]), _resident(paths["cold"])) == (size["cached"], 0)
