@@ -44,7 +44,7 @@ def _rest_size(descriptor: int) -> int:
     )
 
 
-def parse_header(descriptor: int, rest: bytes) -> FrameHeader:
+def parse_header(descriptor: int, rest: bytes | bytearray) -> FrameHeader:
     """A frame header from its descriptor byte and the bytes after it."""
     single_segment = descriptor >> 5 & 1
     pos = 0
@@ -117,24 +117,27 @@ class FrameWalker:
         self.error: str | None = None
 
     def feed(self, data: bytes | bytearray) -> None:
-        view, pos, end = memoryview(data), 0, len(data)
+        pos, end = 0, len(data)
         while pos < end and self.error is None:
             if self._skip:
                 step = min(self._skip, end - pos)
                 self._skip -= step
                 pos += step
                 continue
-            step = min(self._need - len(self._header), end - pos)
-            self._header += view[pos : pos + step]
-            pos += step
-            if len(self._header) == self._need:
-                header, self._header = self._header, b""
-                self._advance(header)
+            need = self._need - len(self._header)
+            if need > end - pos:  # a header split between two chunks: keep its start
+                self._header += data[pos:]
+                return
+            header = data[pos : pos + need]
+            if self._header:
+                header, self._header = self._header + header, b""
+            pos += need
+            self._advance(header)
 
     def _expect(self, state: int, need: int) -> None:
         self._state, self._need = state, need
 
-    def _advance(self, header: bytes) -> None:
+    def _advance(self, header: bytes | bytearray) -> None:
         state = self._state
         if state == _MAGIC:
             magic = int.from_bytes(header, "little")
@@ -176,7 +179,7 @@ class FrameWalker:
             self._skip = int.from_bytes(header, "little")
             self._expect(_MAGIC, 4)
 
-    def _frame_header(self, rest: bytes) -> None:
+    def _frame_header(self, rest: bytes | bytearray) -> None:
         self._leading = -1
         frame = parse_header(self._descriptor, rest)
         self.max_window = max(self.max_window, frame.window)

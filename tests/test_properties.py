@@ -149,6 +149,37 @@ def test_damaged_tarballs_are_never_intact(damages: list[tuple[str, int, int]]) 
         assert walker.problem(len(data)) is None
 
 
+# frames with and without a checksum and a skippable frame between: every kind of header to split
+FRAMES = zstd(CONTENT[:2000], checksum=False) + b"\x50\x2a\x4d\x18\x03\x00\x00\x00abc" + ORIGINAL
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    damages=st.lists(damage, max_size=2),
+    reads=st.lists(st.one_of(st.integers(1, 3), st.integers(1, 3000)), max_size=40),  # header bits, or more
+)
+def test_the_frame_walker_says_the_same_however_reads_split_the_bytes(
+    damages: list[tuple[str, int, int]], reads: list[int]
+) -> None:
+    """A read of a large file ends anywhere, inside a frame or block header
+    too; the walker's verdict must not depend on where (bytes or bytearray)."""
+    data = FRAMES
+    for how in damages:
+        data = apply(data, how) if data else data
+    whole, split = zstdframe.FrameWalker(), zstdframe.FrameWalker()
+    whole.feed(data)
+    bounds = sorted({0, len(data), *(min(end, len(data)) for end in itertools.accumulate(reads))})
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        split.feed(data[start:end] if i % 2 else bytearray(data[start:end]))
+
+    def said(w: zstdframe.FrameWalker) -> tuple[object, ...]:
+        return w.problem(len(data)), w.frames, w.unchecksummed_frames, w.max_window, w.refusal
+
+    assert said(split) == said(whole)
+    if not damages:
+        assert said(whole) == (None, 2, 1, whole.max_window, None)
+
+
 # --- scrub: runs found pruned are counted exactly as reading them would ------------------
 
 KINDS = ("kept", "old", "young", "bad")  # a tarball there; gone, received 2 days ago; gone, 1 hour ago; junk
