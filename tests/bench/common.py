@@ -234,7 +234,7 @@ def line_count(path: Path) -> int:
 
 
 def warm(paths: Iterable[Path]) -> None:
-    """Read files into the page cache (our pass drops what it read: POSIX_FADV_DONTNEED)."""
+    """Read files into the page cache (our pass drops what it read from the disk: POSIX_FADV_DONTNEED)."""
     for p in paths:
         with p.open("rb", buffering=0) as f:
             while f.read(MiB):

@@ -28,8 +28,8 @@ Figures (NAMES for --only, comma separated):
 - ``scrub``: ``scrub`` with a fresh state directory over the ``large`` corpus, indexed first by a pass
   into its own index file (index.scrub.jsonl); wall and peak RSS against ``sha256sum`` of the same files,
   the hash floor, and ``openssl dgst -sha256`` if on PATH. The page cache is warmed before each measured
-  run: the scrub drops what it reads (POSIX_FADV_DONTNEED), so it would otherwise leave the next run a
-  cold cache.
+  run: the scrub drops what it read from the disk (POSIX_FADV_DONTNEED), so a run that found the files
+  cold would leave the next one a cold cache too.
 
 Benchmarks print numbers; they assert nothing. Not collected by pytest (not a test_*.py file).
 """
@@ -450,8 +450,8 @@ def bench_scrub(b: Bench, scale: float, gen: dict[str, str]) -> list[Figure]:
     if line_count(index) != c.count:
         print(f"    WARNING: the index has {line_count(index)} rows, expected {c.count}", flush=True)
     print(
-        "    page cache warmed before each measured run below (the scrub drops what it reads, "
-        "POSIX_FADV_DONTNEED, and so does the setup pass)",
+        "    page cache warmed before each measured run below (the scrub drops what it read from the "
+        "disk, POSIX_FADV_DONTNEED, and so does the setup pass)",
         flush=True,
     )
 
