@@ -183,7 +183,7 @@ SETTINGS: tuple[Setting, ...] = (
         "episodes_root",
         Path("/var/lib/cis490/episodes"),
         _path,
-        "the store: <root>/<host_id>/<episode_id>.tar.zst",
+        "the store: <root>/<host_id>/<episode_id>.tar.zst (dotfiles and lost+found are no hosts)",
         "DIR",
     ),
     Setting(

@@ -209,12 +209,16 @@ class Store:
         self.close()
 
     def host_ids(self, only: str | None = None) -> list[str | Skipped]:
-        """Host directory names to visit, sorted; Skipped for unsafe names."""
+        """Host directory names to visit, sorted; Skipped for unsafe names.
+        Dotfiles are ignored, and lost+found: an episodes root that is a
+        mount point has mkfs's, which the service's user cannot open (a
+        warning every pass, and a status never clean), and no host is named
+        so (hostnames have no "+")."""
         if only is not None:
             return [only]
         out: list[str | Skipped] = []
         for name in sorted(os.listdir(self.fd)):
-            if name.startswith("."):
+            if name.startswith(".") or name == "lost+found":
                 continue
             out.append(name if is_safe_name(name) else Skipped(printable(name), "unsafe host name"))
         return out

@@ -177,6 +177,38 @@ def test_rows_of_a_host_directory_that_cannot_be_opened_are_not_missing(
 
 
 @ROOT_ONLY
+def test_lost_and_found_of_a_store_on_its_own_filesystem_is_no_host(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """An episodes root that is a mount point holds mkfs's lost+found (root's,
+    mode 700), which the service's user cannot open. It is the filesystem's,
+    not a host's: no warning every pass, and status stays clean."""
+    receiver.tarball("h1", "a")
+    (receiver.episodes / "lost+found").mkdir(mode=0o700)
+    os.chown(receiver.episodes / "lost+found", 65534, 65534)  # not the service's: it cannot open it
+    state = ("--state-dir", str(tmp_path))
+    passed = subprocess.run(
+        permissions_apply(receiver.argv("--once", "--full", *state)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    status = subprocess.run(
+        permissions_apply(receiver.argv("--json", *state, command="status")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    events = [json.loads(line) for line in passed.stdout.splitlines()]
+    assert [e for e in events if e["event"] == "store_entry_skipped"] == []
+    finished = [e for e in events if e["event"] == "pass_finished"]
+    assert finished and (finished[0]["backfilled"], finished[0]["skipped"]) == (1, 0), passed.stdout
+    report = json.loads(status.stdout)
+    assert (status.returncode, report["clean"], report["skipped_entries"]) == (0, True, 0), status.stdout
+    assert list(report["hosts"]) == ["h1"]
+
+
+@ROOT_ONLY
 def test_a_tarball_that_could_not_be_stated_is_looked_at_again(receiver: Receiver, tmp_path: Path) -> None:
     """A file the pass could not stat (EACCES here; EIO alike) is still
     unresolved: the next pass, in a directory that has not changed since,
