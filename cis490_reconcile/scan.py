@@ -25,7 +25,7 @@ from . import retention
 from .coverage import Coverage, orphans
 from .log import Events
 from .passdata import PassContext, PassSummary
-from .state import NO_MEMO, Memo, State, Unverified
+from .state import NO_MEMO, Memo, Records, State, Unverified
 from .store import HostDir, Skipped, Store, Tarball, printable
 
 SCAN_CHUNK = 100_000  # candidate names held at once (a few MB)
@@ -35,6 +35,14 @@ GUARD_NS = 3 * 10**9  # a directory changed this recently may change again withi
 def unverified(tarball: Tarball, limits: str, reason: str) -> Unverified:
     t = tarball
     return Unverified(t.dev, t.ino, t.size, t.mtime_ns, t.ctime_ns, limits, reason)
+
+
+def known_unverifiable(records: Records, host: int | None, tarball: Tarball, limits: str) -> str | None:
+    """Why a pass found this very file unverifiable under these limits, if
+    it did and the file has not changed since; then it is not read again (a
+    `zstd --long=31` tarball may be gigabytes). None otherwise."""
+    known = None if host is None else records.unverified(host, tarball.episode_id)
+    return known.reason if known is not None and known == unverified(tarball, limits, known.reason) else None
 
 
 @dataclass
@@ -199,8 +207,7 @@ class Scan:
         host = self.coverage.known_host(tarball.host_id)
         if host not in self.unverified_hosts:
             return False
-        known = self.state.records.unverified(host, tarball.episode_id)
-        if known is None or known != unverified(tarball, self.env.decoding.key, known.reason):
+        if known_unverifiable(self.state.records, host, tarball, self.env.decoding.key) is None:
             return False
         self.env.log.debug("tarball_unverifiable_unchanged", path=tarball.path)
         return True

@@ -37,10 +37,11 @@ from .coverage import Coverage, orphans
 from .indexkeys import digest
 from .log import Logger, make_logger
 from .reading import ReadPacer
+from .scan import known_unverifiable
 from .state import EXAMPLES, HostRows, State
 from .store import HostDir, Skipped, Store, Tarball, printable
 from .termbar import TerminalBar
-from .verdicts import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, decoding_for
+from .verdicts import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, Verdict, decoding_for
 from .verify import verify_one
 
 REPORT_VERSION = 2
@@ -252,13 +253,20 @@ class Survey:
         counts.duplicate_rows = rows.duplicates
 
     def _verify(self, store: Store, tarball: Tarball, counts: HostCounts) -> None:
+        """As the next pass would: a file it found unverifiable and that has
+        not changed since is not read again (nor by the pass)."""
+
         def on_read(n: int) -> None:
             self.bytes_read += n
             self.pacer.consume(n)
             self._show()
 
-        verdict = verify_one(store, tarball, self.decoding, on_read)
-        self.files += 1
+        host = self.coverage.known_host(tarball.host_id)
+        known = known_unverifiable(self.view.records, host, tarball, self.decoding.key)
+        verdict: Verdict = (
+            Unverifiable(known) if known is not None else verify_one(store, tarball, self.decoding, on_read)
+        )
+        self.files += known is None
         path = printable(tarball.path)
         if isinstance(verdict, Intact):
             counts.unindexed += 1

@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -192,6 +193,35 @@ def test_clean_after_a_pass_and_last_pass_result(receiver: Receiver, tmp_path: P
     assert during.returncode == 1
     assert report["last_pass"]["result"] == "failed" and "lock" in report["last_pass"]["error"]
     assert report["attention"][-1].startswith("last pass failed: ")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to see which files are opened")
+def test_status_and_a_dry_run_do_not_read_again_what_the_last_pass_found_unverifiable(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A pass remembers an unchanged unverifiable tarball and does not read
+    it again (a --long=31 one may be gigabytes); status and a dry run, which
+    see what the next pass would, must not read it either."""
+    receiver.tarball("h1", "a")
+    gnu_tarball(receiver.episodes / "h1/long.tar.zst", episode(), ("--long=31",))
+    (tmp_path / "state").mkdir()
+    state = ("--state-dir", str(tmp_path / "state"))
+    assert receiver.run(*state).one("pass_finished")["unverifiable"] == 1
+    reason = "a zstd frame declares a 2.0 GiB window, over max_window (128.0 MiB)"
+    trace = tmp_path / "trace"
+    status = receiver.argv("--json", *state, command="status")
+    dry_run = receiver.argv("--dry-run", "--once", *state)
+    for argv in (dry_run, status):
+        strace = ["strace", "-f", "-qq", "-e", "trace=open,openat,openat2", "-o", str(trace)]
+        proc = subprocess.run([*strace, *argv], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == (1 if argv is status else 0), proc.stderr  # status: it needs attention
+        assert "long.tar.zst" not in trace.read_text(), argv
+        if argv is status:
+            assert json.loads(proc.stdout)["unverifiable"] == [{"path": "h1/long.tar.zst", "reason": reason}]
+        else:
+            events = [json.loads(line) for line in proc.stderr.splitlines()]
+            (finished,) = [e for e in events if e["event"] == "pass_finished"]
+            assert (finished["unverifiable"], finished["backfilled"]) == (1, 0), proc.stderr
 
 
 def test_the_last_pass_and_scrub_are_said_after_the_index_was_replaced(

@@ -95,14 +95,17 @@ class Records:
 
     # --- verdicts -------------------------------------------------------------------
 
+    # Read from what the last pass left: a view's base too, so a dry run and status know them.
+
     def unverified_hosts(self) -> set[int]:
         """Hosts with a remembered unverifiable tarball (few): the others need no lookup."""
-        return {host for (host,) in self.db.execute("SELECT DISTINCT host FROM unverifiable")}
+        table = f"{self.database.last}.unverifiable"
+        return {host for (host,) in self.db.execute(f"SELECT DISTINCT host FROM {table}")}
 
     def unverified(self, host: int, episode_id: str) -> Unverified | None:
         row = self.db.execute(
-            "SELECT dev, ino, size, mtime_ns, ctime_ns, limits, reason FROM unverifiable "
-            "WHERE host = ? AND episode_id = ?",
+            "SELECT dev, ino, size, mtime_ns, ctime_ns, limits, reason "
+            f"FROM {self.database.last}.unverifiable WHERE host = ? AND episode_id = ?",
             (host, episode_id),
         ).fetchone()
         return None if row is None else Unverified(*row)
