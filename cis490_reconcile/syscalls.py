@@ -123,7 +123,7 @@ def pread_cached(fd: int, length: int, offset: int) -> bytearray | None:
     file counts), or the filesystem cannot tell (EOPNOTSUPP: tmpfs, FUSE).
     Re-measure: read a file, then `python3 -c 'import os; fd = os.open(F,
     os.O_RDONLY); print(os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT))'`
-    prints 4096 (ext4, xfs); after `dd if=F iflag=nocache count=0` (which
+    prints 4096 (ext4); after `dd if=F iflag=nocache count=0` (which
     drops it) the same raises EAGAIN."""
     if not _RWF_NOWAIT:
         return None
