@@ -20,8 +20,16 @@ DICTIONARY_MAX_BYTES = 16 << 20
 
 def check_paths(cfg: Config) -> None:
     """Paths must make sense before a pass starts: the root a directory, the
-    index a regular file (or absent, in an existing directory)."""
-    if not cfg.episodes_root.is_dir():
+    index a regular file (or absent, in an existing directory). A path this
+    user may not search is one line too, not a traceback (Path.is_dir raises
+    PermissionError)."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(cfg.episodes_root).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as e:
+        raise ConfigError(f"--episodes-root {cfg.episodes_root}: {e.strerror}") from None
+    if not is_dir:
         raise ConfigError(f"--episodes-root {cfg.episodes_root}: not a directory")
     for flag, path in (("--index", cfg.index), ("--lock-file", cfg.lock_path)):
         try:

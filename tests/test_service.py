@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import LockHolder, NotifySocket, Receiver, clean_env, episode, parse_events
+from helpers import LockHolder, NotifySocket, Receiver, clean_env, episode, parse_events, permissions_apply
 
 from cis490_reconcile.notify import Notifier
 
@@ -38,8 +38,12 @@ def big_tarball(receiver: Receiver, host: str, episode_id: str, size: int = BIG)
 
 
 def start(receiver: Receiver, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return start_argv(receiver.argv(*args), env)
+
+
+def start_argv(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        receiver.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or clean_env()
     )
 
 
@@ -257,6 +261,47 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
         proc.wait(timeout=10)
     assert proc.returncode == 0
     assert wait_event("service_stopped")["signal"] == "SIGTERM"
+
+
+def test_a_reload_naming_an_unsearchable_episodes_root_keeps_the_loop_running(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A path the new config names that this user may not search is a bad
+    config like any other: logged, the old one kept. It used to end the loop
+    in an internal_error (exit 1, which Restart=on-failure restarts, in vain)."""
+    locked = tmp_path / "locked"
+    (locked / "episodes").mkdir(parents=True)
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text(f"interval = 0.2\nepisodes_root = '{receiver.episodes}'\n")
+    given = receiver.argv("--config", str(toml))
+    argv = [a for a in given if a not in ("--episodes-root", str(receiver.episodes))]  # the file names it
+    proc = start_argv(permissions_apply(argv))
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + 20
+
+    def wait_event(name: str) -> dict:
+        while time.monotonic() < deadline:
+            event = json.loads(lines.get(timeout=20))
+            assert event["event"] != "internal_error", event["exception"]
+            if event["event"] == name:
+                return event
+        raise AssertionError(f"no {name} event")
+
+    try:
+        wait_event("pass_finished")
+        locked.chmod(0)
+        toml.write_text(f"interval = 0.2\nepisodes_root = '{locked / 'episodes'}'\n")
+        proc.send_signal(signal.SIGHUP)
+        failed = wait_event("config_reload_failed")
+        assert failed["error"] == f"--episodes-root {locked}/episodes: Permission denied"
+        assert wait_event("pass_started")["episodes_root"] == str(receiver.episodes)
+    finally:
+        locked.chmod(0o755)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
 
 
 def test_mode_is_required(receiver: Receiver) -> None:
