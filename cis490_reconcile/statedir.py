@@ -129,15 +129,16 @@ def view(cfg: Config, log: Logger) -> Iterator[State]:
     try:
         state = State.open(temp.path, str(cfg.episodes_root), str(cfg.index))
         try:
-            if cfg.state_dir is not None and database(cfg).exists():
-                base = database(cfg)
-                try:
+            base = None if cfg.state_dir is None else database(cfg)
+            try:
+                # exists() raises PermissionError in a directory this user may not search
+                if base is not None and base.exists():
                     State.open(base, str(cfg.episodes_root), str(cfg.index), Access.READER).close()
                     state.attach_base(base)
                     state.keys.copy_hosts_from_base()
-                except (StateUnusable, sqlite3.Error) as e:  # replaced since its check, say
-                    state.forget_base()
-                    log.info("state_ignored", state_file=base, reason=str(e))
+            except (OSError, StateUnusable, sqlite3.Error) as e:  # replaced since its check, say
+                state.forget_base()
+                log.info("state_ignored", state_file=base, reason=str(e))
             yield state
         finally:
             state.close()

@@ -199,6 +199,33 @@ def test_dry_run_prints_every_row_and_writes_nothing(receiver: Receiver) -> None
     assert [strip(r) for r in printed] == [strip(r) for r in appended]
 
 
+def test_a_dry_run_that_may_not_read_the_state_directory_goes_on_without_it(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """The units make the state directory 0750, the service user's: an
+    operator's dry run as another user cannot even stat the database in it.
+    It used to end in an internal_error (exit 1); it is state_ignored, as for
+    a database it cannot open."""
+    receiver.tarball("h", "a")
+    state = tmp_path / "state"
+    state.mkdir()
+    assert receiver.run("--state-dir", str(state)).returncode == 0
+    receiver.tarball("h", "b")
+    state.chmod(0)
+    try:
+        argv = permissions_apply(receiver.argv("--once", "--dry-run", "--state-dir", str(state)))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        state.chmod(0o750)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["episode_id"] for line in proc.stdout.splitlines()] == ["b"]
+    events = parse_events(proc.stderr)
+    assert [e["event"] for e in events if e["event"] in ("state_ignored", "pass_finished")] == [
+        "state_ignored",
+        "pass_finished",
+    ]
+
+
 def test_an_episodes_root_that_cannot_be_searched_is_one_line_and_exit_2(
     receiver: Receiver, tmp_path: Path
 ) -> None:
