@@ -176,4 +176,6 @@ def last_success(path: Path) -> float | None:
 
 
 def write(path: Path, data: bytes) -> None:
-    syscalls.write_atomic(path, data)
+    """World-readable: node_exporter runs as its own user (Debian's: prometheus),
+    and the units' UMask=0027 would leave it a file it cannot open."""
+    syscalls.write_atomic(path, data, mode=0o644)

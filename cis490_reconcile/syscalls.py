@@ -87,12 +87,16 @@ def fsync_dir(path: str | os.PathLike[str] | int) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
     """Replace `path` with `data` so that a crash leaves the old file or the
-    new one, never a mix: temp file, fsync, rename, fsync the directory."""
+    new one, never a mix: temp file, fsync, rename, fsync the directory.
+    The file is 0640 less the umask, or exactly `mode` when given (a file
+    another user's daemon must read, whatever the unit's UMask=)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

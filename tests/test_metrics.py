@@ -3,10 +3,16 @@ the last success carried forward) when a pass fails."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
+import pytest
 from helpers import LockHolder, Receiver, episode, gnu_tarball
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_stack import Daemon, binary, http_get, missing_binaries, start_on_free_port
 
 
 def samples(path: Path) -> dict[str, float]:
@@ -79,3 +85,52 @@ def test_metrics_after_a_pass_and_after_a_failed_one(receiver: Receiver, tmp_pat
         samples(prom)["cis490_reconcile_last_success_timestamp_seconds"]
         > first["cis490_reconcile_last_success_timestamp_seconds"]
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run node_exporter as another user")
+@pytest.mark.skipif(
+    missing_binaries("node_exporter") is not None, reason=str(missing_binaries("node_exporter"))
+)
+def test_node_exporter_running_as_its_own_user_reads_the_files(receiver: Receiver, tmp_path: Path) -> None:
+    """Debian's node_exporter runs as user prometheus, which is neither the
+    service's user nor in its group, and the units set UMask=0027: files
+    made 0640 were unreadable to it (node_textfile_scrape_error 1, every
+    series absent). Metrics are no secret: they are world-readable."""
+    receiver.tarball("h1", "a")
+    state = tmp_path / "state"
+    state.mkdir()
+    textfiles = Path(tempfile.mkdtemp(dir="/var/tmp"))  # a directory the other user can search
+    try:
+        textfiles.chmod(0o755)
+        prom = textfiles / "cis490_reconcile.prom"
+        for argv in (
+            receiver.argv("--once", "--metrics-file", str(prom), "--state-dir", str(state)),
+            receiver.argv("--metrics-file", str(prom), "--state-dir", str(state), command="scrub"),
+        ):
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, umask=0o027)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        exporter = binary("node_exporter")
+        assert exporter is not None
+        daemon = Daemon("node_exporter", tmp_path / "node_exporter.log")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        port = start_on_free_port(
+            daemon,
+            lambda port: [
+                *as_nobody,
+                exporter,
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--collector.disable-defaults",
+                "--collector.textfile",
+                f"--collector.textfile.directory={textfiles}",
+            ],
+            lambda port: f"http://127.0.0.1:{port}/metrics",
+        )
+        try:
+            scraped = http_get(f"http://127.0.0.1:{port}/metrics").decode()
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(textfiles)
+    assert "node_textfile_scrape_error 0" in scraped, daemon.log_tail()
+    assert "cis490_reconcile_last_run_success 1" in scraped
+    assert "cis490_reconcile_scrub_round 1" in scraped
