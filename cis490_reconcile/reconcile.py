@@ -130,7 +130,7 @@ class Reconciler:
             temp = self._temp.path
             return self._run(lambda: statedir.open_state(temp, self.cfg, self.log))
         try:
-            with statedir.owned(self.cfg, self.log, self.context.notifier.keepalive) as path:
+            with statedir.owned(self.cfg, self.log, self._waiting) as path:
                 try:
                     summary = self._run(lambda: statedir.open_state(path, self.cfg, self.log))
                 except PassFailed as e:
@@ -144,6 +144,15 @@ class Reconciler:
                 return summary
         except StateBusy as e:
             raise PassFailed(str(e), PassSummary()) from e
+        except StopRequested:  # from _waiting: the pass's own stops end in _run
+            return PassSummary(interrupted=True)
+
+    def _waiting(self) -> None:
+        """While another pass holds the state directory: a lock wait like
+        the index's, so it feeds the watchdog and ends at a stop."""
+        self.context.notifier.keepalive()
+        if self.context.should_stop():
+            raise StopRequested
 
     def _run(self, open_state: Callable[[], State], close: bool = True) -> PassSummary:
         """One PassRun on the state `open_state` gives; PassFailed when it

@@ -3,6 +3,7 @@ cadence, signals on a real subprocess, the interval loop and SIGHUP reload."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -193,6 +194,44 @@ def test_sigterm_while_waiting_for_the_lock(receiver: Receiver, notify_socket: N
     ]
     assert next(e for e in events if e["event"] == "pass_finished")["interrupted"] is True
     assert receiver.index.read_bytes() == b""
+
+
+def test_sigterm_while_another_pass_holds_the_state_directory(
+    receiver: Receiver, notify_socket: NotifySocket, tmp_path: Path
+) -> None:
+    """The wait for the state directory is a wait for a lock too: a stop
+    ends it at once, an interrupted pass with nothing done. It used to wait
+    out lock_timeout (past TimeoutStopSec=60 when lock_timeout is longer:
+    SIGKILL), then say pass_failed for a pass nobody saw fail."""
+    receiver.tarball("h1", "a")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    index_before = receiver.index.read_bytes()
+    receiver.tarball("h1", "b")
+    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another pass holds it
+        env = clean_env(NOTIFY_SOCKET=str(notify_socket.path))
+        proc = start(receiver, "--once", "--state-dir", str(state_dir), "--lock-timeout", "60", env=env)
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["event"] == "pass_started"
+        time.sleep(0.3)  # waiting for the directory now
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+        took = time.monotonic() - stopped
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0, err
+    assert took < 2, f"the stop waited {took:.1f} s for the state directory"
+    events = parse_events(out)
+    assert [e["event"] for e in events] == ["pass_finished"], events
+    assert events[0]["interrupted"] is True
+    assert notify_socket.fields()[-2] == "STOPPING=1"
+    assert receiver.index.read_bytes() == index_before
+    assert receiver.run("--state-dir", str(state_dir)).returncode == 0  # the next pass does the work
+    assert receiver.keys() == [("h1", "a"), ("h1", "b")]
 
 
 def test_loop_runs_passes_until_sigterm(receiver: Receiver, notify_socket: NotifySocket) -> None:
