@@ -302,6 +302,52 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
     assert wait_event("service_stopped")["signal"] == "SIGTERM"
 
 
+def test_a_dry_run_loop_writes_no_metrics_nor_record_after_a_reload(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A dry run writes nothing of ours, in a loop too: its passes' counts are
+    rows it would append. After a SIGHUP the reloaded loop used to get the
+    sinks of a real pass: a metrics file saying rows were backfilled, and a
+    last_pass record for status, though the index was never touched."""
+    state = tmp_path / "state"
+    state.mkdir()
+    assert receiver.run("--state-dir", str(state)).returncode == 0  # a real pass: nothing to do
+    index_before = receiver.index.read_bytes() if receiver.index.exists() else None
+    receiver.tarball("h1", "a")
+    prom = tmp_path / "textfiles" / "cis490_reconcile.prom"
+    prom.parent.mkdir()
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text(f"interval = 0.2\nmetrics_file = '{prom}'\n")
+    proc = start(receiver, "--dry-run", "--config", str(toml), "--state-dir", str(state), env=clean_env())
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stderr is not None  # a dry run logs on stderr
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+
+    def wait_event(name: str) -> dict:
+        while True:
+            event = json.loads(lines.get(timeout=20))
+            if event["event"] == name:
+                return event
+
+    try:
+        wait_event("pass_finished")
+        toml.write_text(toml.read_text() + 'max_read_rate = "1G"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_event("config_reloaded")["changed"] is True
+        assert wait_event("pass_finished")["backfilled"] == 1  # would be
+        wait_event("pass_finished")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    assert (receiver.index.read_bytes() if receiver.index.exists() else None) == index_before
+    assert list(prom.parent.iterdir()) == []
+    status = subprocess.run(
+        receiver.argv("--json", "--state-dir", str(state), command="status"), capture_output=True, text=True
+    )
+    assert json.loads(status.stdout)["last_pass"]["backfilled"] == 0  # the real pass's
+
+
 def test_a_reload_naming_an_unsearchable_episodes_root_keeps_the_loop_running(
     receiver: Receiver, tmp_path: Path
 ) -> None:

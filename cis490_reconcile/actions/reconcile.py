@@ -66,6 +66,11 @@ class _Loop:
             bar=self.bar,
         )
 
+    def _sinks(self, cfg: Config, log: Logger) -> list[outcome.Sink]:
+        """None for a dry run, after a reload too: its counts are rows it
+        would append, and it writes nothing of ours."""
+        return [] if self.ctx.args.dry_run else outcome.sinks(cfg, log)
+
     def _check_filesystems(self, cfg: Config, log: Logger) -> None:
         """Refuse a network filesystem (ConfigError) unless allowed or a dry
         run; when it runs anyway, the log says so."""
@@ -82,7 +87,7 @@ class _Loop:
         passes, code = 0, ExitCode.OK
         with Signals(hangup_reloads=not self.once) as signals:
             reconciler = self._reconciler(cfg, log, signals)
-            sinks = [] if self.ctx.args.dry_run else outcome.sinks(cfg, log)
+            sinks = self._sinks(cfg, log)
             if not self.once:  # a --once run says all it has to say in pass_started/pass_finished
                 log.info("service_started", interval_s=cfg.interval, pid=os.getpid())
             self.notifier.ready("started")
@@ -134,7 +139,7 @@ class _Loop:
                 if new is not None:
                     cfg, log = new, self._logger(new)
                     reconciler.close()
-                    reconciler, sinks = self._reconciler(cfg, log, signals), outcome.sinks(cfg, log)
+                    reconciler, sinks = self._reconciler(cfg, log, signals), self._sinks(cfg, log)
             assert cfg.interval is not None  # loop mode needs one; a reload refuses to drop it
             remaining = last_end + cfg.interval + jitter - time.monotonic()
             if remaining <= 0:
