@@ -130,7 +130,7 @@ def network_filesystems(cfg: Config) -> list[str]:
     if cfg.lock_file not in (None, cfg.index):
         places.append(("--lock-file", cfg.lock_path, None))
     places.append(("--episodes-root", cfg.episodes_root, _EPISODES))
-    if cfg.state_dir is not None and cfg.state_dir.is_dir():
+    if cfg.state_dir is not None and _is_dir(cfg.state_dir):
         places.append(("--state-dir", cfg.state_dir, _STATE))
     lines = []
     for flag, path, risk in places:
@@ -140,6 +140,15 @@ def network_filesystems(cfg: Config) -> list[str]:
                 f"{flag} {path}: on a {fs.kind} filesystem ({fs.name}): {risk or fs.why + ', ' + _ROWS}"
             )
     return lines
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, but False where this user may not search (it raises
+    PermissionError): a state directory there is the pass's to call unusable."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def warn_network_filesystems(cfg: Config, stderr: TextIO, command: str) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, parse_events, recounted, state_contents, tmpfs
+from helpers import Receiver, parse_events, permissions_apply, recounted, state_contents, tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -388,6 +388,27 @@ def test_a_busy_state_database_is_kept_not_rebuilt(
         stuck.close()
     assert state_contents(tmp_path) == kept
     assert Run(receiver, tmp_path).once().backfilled == 1  # the next pass goes on from it
+
+
+def test_a_state_directory_this_user_cannot_reach_is_said_and_the_pass_still_works(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A state directory under one this user may not search is unusable
+    like a read-only one. It used to end the pass in an internal_error
+    (Path.is_dir raises PermissionError there)."""
+    receiver.tarball("h1", "a")
+    locked = tmp_path / "locked"
+    (locked / "state").mkdir(parents=True)
+    locked.chmod(0)
+    try:
+        argv = permissions_apply(receiver.argv("--once", "--state-dir", str(locked / "state")))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = parse_events(proc.stdout)
+    assert [e["reason"] for e in events if e["event"] == "state_dir_unusable"] == ["Permission denied"]
+    assert receiver.keys() == [("h1", "a")]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
