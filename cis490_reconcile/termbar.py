@@ -53,7 +53,9 @@ def render(label: str, files: int, bytes_read: int, fraction: float | None, elap
 
 
 class TerminalBar:
-    """Call update() as often as you like; it redraws when it is time."""
+    """Call update() as often as you like; it redraws when it is time.
+    A terminal that hung up (EIO on every write) ends the bar, never the
+    command: the SIGHUP that comes with it stops a pass cleanly."""
 
     def __init__(self, stream: TextIO, label: str) -> None:
         self.stream = stream
@@ -61,23 +63,29 @@ class TerminalBar:
         self._started = time.monotonic()
         self._drawn_at = 0.0
         self._width = 0
+        self._gone = False  # the terminal refused a write: draw no more
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError:
+            self._gone = True
 
     def update(self, files: int, bytes_read: int, fraction: float | None = None, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._drawn_at < REDRAW_INTERVAL_S:
+        if self._gone or (not force and now - self._drawn_at < REDRAW_INTERVAL_S):
             return
         self._drawn_at = now
         columns = shutil.get_terminal_size((100, 24)).columns - 1
         line = render(self.label, files, bytes_read, fraction, now - self._started)[:columns]
-        self.stream.write("\r" + line.ljust(self._width))
-        self.stream.flush()
-        self._width = len(line)
+        self._write("\r" + line.ljust(self._width))
+        self._width = 0 if self._gone else len(line)
 
     def clear(self) -> None:
         """Erase the bar (before a log line, or at the end)."""
         if self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
+            self._write("\r" + " " * self._width + "\r")
             self._width = 0
             self._drawn_at = 0.0
 

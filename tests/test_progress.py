@@ -3,14 +3,17 @@ never when stderr is a pipe or the journal's stream."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, episode
+from helpers import Receiver, episode, parse_events
 
 from cis490_reconcile.termbar import render
 
@@ -107,3 +110,36 @@ def test_journal_stream_wins_over_a_terminal(busy: Receiver) -> None:
         if follower >= 0:
             os.close(follower)
     assert proc.returncode == 0 and b"reconcile" not in shown and b"row_backfilled" in proc.stdout
+
+
+def test_a_hangup_of_the_terminal_stops_the_pass_cleanly(receiver: Receiver) -> None:
+    """An operator's ssh session drops: the terminal under the bar is gone
+    (every write to it fails with EIO) and the pass gets SIGHUP. It stops
+    as on SIGTERM: verified rows committed, pass_finished, exit 0. The bar's
+    failing write used to fail the pass (pass_failed: Input/output error),
+    then end it in an internal_error and exit 1."""
+    for name in ("a", "b", "c"):
+        receiver.tarball("h1", name)
+    receiver.tarball("h2", "big", episode(os.urandom(16 << 20)))  # hosts in order: h1's are verified first
+    leader, follower = pty.openpty()
+    argv = receiver.argv("--once", "--max-read-rate", "4M", "--workers", "1")
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=follower, stdin=subprocess.DEVNULL, text=True
+    )
+    os.close(follower)
+    shown, deadline = b"", time.monotonic() + 30
+    while b"  3 files  " not in shown:  # the bar is drawn, h1's tarballs are verified
+        assert time.monotonic() < deadline, shown
+        shown += os.read(leader, 65536)
+    os.close(leader)  # the terminal hangs up
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=30)
+    events = parse_events(out)
+    assert proc.returncode == 0, events[-1]
+    assert [e["event"] for e in events if e["event"] in ("pass_failed", "internal_error")] == []
+    assert events[-1]["event"] == "pass_finished" and events[-1]["interrupted"] is True
+    assert [json.loads(line)["episode_id"] for line in receiver.index.read_bytes().splitlines()] == [
+        "a",
+        "b",
+        "c",
+    ]
