@@ -265,6 +265,26 @@ def test_loop_runs_passes_until_sigterm(receiver: Receiver, notify_socket: Notif
     assert fields[0] == "READY=1" and fields[-2] == "STOPPING=1"
 
 
+def test_the_idle_wait_pings_every_half_period(receiver: Receiver, notify_socket: NotifySocket) -> None:
+    """A ping not yet due when the idle wait begins was put off by a whole
+    half period: the gap then reached (interval mod W/2) + the pass + W/2,
+    up to a hair under WatchdogSec, and with the jitter any phase comes
+    round (at 900 s and WatchdogSec=60, that hair is a wakeup's latency).
+    Here (W = 2 s, interval 1.5 s) every cycle's gap was 1.5-1.65 s."""
+    env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="2000000")
+    proc = start(receiver, "--interval", "1.5", env=env)
+    try:
+        time.sleep(8)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert sum(e["event"] == "pass_finished" for e in parse_events(out)) >= 3
+    pings = notify_socket.times("WATCHDOG=1")
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(pings)]
+    assert max(gaps) < 1.45, gaps  # half the period and a no-op pass; it was 0.5 + jitter + the pass + 1.0
+
+
 def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
     receiver: Receiver, tmp_path: Path
 ) -> None:

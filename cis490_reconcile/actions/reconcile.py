@@ -145,7 +145,9 @@ class _Loop:
             if remaining <= 0:
                 break
             self.notifier.status(f"idle, next pass in {remaining:.0f} s", force=True)
-            self.notifier.keepalive()
+            # forced: the wait below is a half period, so a ping put off now would come up to a
+            # whole period after the last one (a hair short of WatchdogSec, in the worst phase)
+            self.notifier.keepalive(force=True)
             signals.wait(min(remaining, self.notifier.watchdog_interval_s or remaining))
         return cfg, log, reconciler, sinks
 
