@@ -91,9 +91,15 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
     """Replace `path` with `data` so that a crash leaves the old file or the
     new one, never a mix: temp file, fsync, rename, fsync the directory.
     The file is 0640 less the umask, or exactly `mode` when given (a file
-    another user's daemon must read, whatever the unit's UMask=)."""
+    another user's daemon must read, whatever the unit's UMask=). The temp
+    name is predictable, in a directory others may write (node_exporter's):
+    whatever is there (a crashed run's file, a symlink planted to have the
+    index truncated) is unlinked, never followed, and the file is created
+    anew (O_EXCL: one planted again meanwhile fails the write, harmlessly)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     try:
         if mode is not None:
             os.fchmod(fd, mode)

@@ -134,3 +134,28 @@ def test_node_exporter_running_as_its_own_user_reads_the_files(receiver: Receive
     assert "node_textfile_scrape_error 0" in scraped, daemon.log_tail()
     assert "cis490_reconcile_last_run_success 1" in scraped
     assert "cis490_reconcile_scrub_round 1" in scraped
+
+
+def test_a_symlink_planted_at_the_metrics_temp_name_is_not_followed(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """The textfile is written to a temp name in its directory (node_exporter's,
+    where others may write), then renamed. That name is predictable: one
+    planted there as a symlink to the index used to have the index truncated
+    and overwritten with metrics."""
+    receiver.tarball("h1", "a")
+    receiver.append_row(receiver.receiver_row("h1", "a"))
+    index = receiver.index.read_bytes()
+    prom = tmp_path / "textfiles" / "cis490_reconcile.prom"
+    prom.parent.mkdir()
+    env = {**os.environ, "CIS490_TEST_PAUSE_AT": "caught_up"}
+    argv = receiver.argv("--once", "--metrics-file", str(prom))
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stderr is not None and "paused at caught_up" in proc.stderr.readline()
+    (prom.parent / f".{prom.name}.{proc.pid}.tmp").symlink_to(receiver.index)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert receiver.index.read_bytes() == index
+    assert not prom.is_symlink() and "cis490_reconcile_last_run_success 1.0" in prom.read_text()
