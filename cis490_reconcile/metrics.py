@@ -52,7 +52,7 @@ PASS = (
     Metric("last_run_timestamp_seconds", "When the last pass started (unix time)."),
     Metric("last_success_timestamp_seconds", "When the last successful pass started (unix time)."),
     Metric("last_run_duration_seconds", "How long the last pass took."),
-    Metric("last_run_success", "1 if the last pass completed, 0 if it failed."),
+    Metric("last_run_success", "1 if the last pass completed, 0 if it failed or was stopped."),
     Metric("last_run_rows_backfilled", "Rows the last pass appended to the index."),
     Metric("last_run_bytes_read", "Tarball bytes the last pass read."),
     Metric("last_run_lock_wait_seconds", "Time the last pass waited for the index lock."),
