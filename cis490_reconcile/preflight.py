@@ -20,17 +20,9 @@ DICTIONARY_MAX_BYTES = 16 << 20
 
 def check_paths(cfg: Config) -> None:
     """Paths must make sense before a pass starts: the root a directory, the
-    index a regular file (or absent, in an existing directory). A path this
-    user may not search is one line too, not a traceback (Path.is_dir raises
-    PermissionError)."""
-    try:
-        is_dir = stat.S_ISDIR(os.stat(cfg.episodes_root).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        is_dir = False
-    except OSError as e:
-        raise ConfigError(f"--episodes-root {cfg.episodes_root}: {e.strerror}") from None
-    if not is_dir:
-        raise ConfigError(f"--episodes-root {cfg.episodes_root}: not a directory")
+    index a regular file (or absent, in an existing directory)."""
+    if (why := syscalls.not_a_directory(cfg.episodes_root)) is not None:
+        raise ConfigError(f"--episodes-root {cfg.episodes_root}: {why}")
     for flag, path in (("--index", cfg.index), ("--lock-file", cfg.lock_path)):
         try:
             mode = os.stat(path).st_mode
@@ -130,7 +122,7 @@ def network_filesystems(cfg: Config) -> list[str]:
     if cfg.lock_file not in (None, cfg.index):
         places.append(("--lock-file", cfg.lock_path, None))
     places.append(("--episodes-root", cfg.episodes_root, _EPISODES))
-    if cfg.state_dir is not None and _is_dir(cfg.state_dir):
+    if cfg.state_dir is not None and syscalls.not_a_directory(cfg.state_dir) is None:
         places.append(("--state-dir", cfg.state_dir, _STATE))
     lines = []
     for flag, path, risk in places:
@@ -140,15 +132,6 @@ def network_filesystems(cfg: Config) -> list[str]:
                 f"{flag} {path}: on a {fs.kind} filesystem ({fs.name}): {risk or fs.why + ', ' + _ROWS}"
             )
     return lines
-
-
-def _is_dir(path: Path) -> bool:
-    """Path.is_dir, but False where this user may not search (it raises
-    PermissionError): a state directory there is the pass's to call unusable."""
-    try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def warn_network_filesystems(cfg: Config, stderr: TextIO, command: str) -> None:

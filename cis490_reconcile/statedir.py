@@ -30,7 +30,6 @@ import contextlib
 import os
 import shutil
 import sqlite3
-import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -149,13 +148,8 @@ def view(cfg: Config, log: Logger) -> Iterator[State]:
 
 def writable(directory: Path) -> str | None:
     """Why a pass cannot keep its state in `directory`, or None."""
-    try:
-        if not stat.S_ISDIR(os.stat(directory).st_mode):
-            return "not a directory"
-    except (FileNotFoundError, NotADirectoryError):
-        return "not a directory"
-    except OSError as e:  # a parent this user may not search (Path.is_dir raises there)
-        return e.strerror or str(e)
+    if (why := syscalls.not_a_directory(directory)) is not None:
+        return why
     if not os.access(directory, os.W_OK | os.X_OK):
         return "not writable by this user"
     return None

@@ -18,6 +18,7 @@ import re
 import secrets
 import select
 import signal
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,18 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
     os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def not_a_directory(path: Path) -> str | None:
+    """Why `path` is not a directory this user can reach, or None. Not
+    Path.is_dir, which raises PermissionError under a parent this user may
+    not search: that is a reason to say in one line, not a traceback."""
+    try:
+        return None if stat.S_ISDIR(os.stat(path).st_mode) else "not a directory"
+    except (FileNotFoundError, NotADirectoryError):
+        return "not a directory"
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def drop_cache(fd: int, offset: int, length: int) -> None:
