@@ -8,18 +8,27 @@ When stdout is the journal (systemd sets JOURNAL_STREAM to the device and
 inode of the stream it connected), each line starts with the syslog priority
 "<N>": journald strips it and stores it as PRIORITY, so
 `journalctl -p warning` filters, and `journalctl -o cat` still prints pure JSON.
+
+A log nobody can read any more (EPIPE: `cis490-reconcile --once | head`;
+EIO: the terminal hung up) does not fail the pass half done: its lines are
+dropped from then on (the stream is pointed at /dev/null, so that even the
+interpreter's last flush succeeds). What the pass did is in the index, the
+state database and the metrics.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+from . import syscalls
 
 Logger = FilteringBoundLogger
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
@@ -54,6 +63,28 @@ def is_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+class _Output:
+    """The stream log lines go to, until its reader is gone (see above)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._lost(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._lost(self._stream.flush)
+
+    def _lost(self, call: Callable[..., object], *args: object) -> None:
+        try:
+            call(*args)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            syscalls.discard_output(self._stream.fileno())
+
+
 def make_logger(level: str = "info", stream: TextIO | None = None, journal: bool | None = None) -> Logger:
     """journal=None: detect it from JOURNAL_STREAM."""
     stream = stream or sys.stdout
@@ -65,7 +96,7 @@ def make_logger(level: str = "info", stream: TextIO | None = None, journal: bool
         _Render(is_journal(stream) if journal is None else journal),
     ]
     logger: Logger = structlog.wrap_logger(
-        structlog.PrintLogger(stream),
+        structlog.PrintLogger(cast("TextIO", _Output(stream))),
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
     ).bind()  # the bound logger itself: through the lazy proxy even a filtered debug line costs 1.5 us

@@ -117,6 +117,15 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
     fsync_dir(path.parent)
 
 
+def discard_output(fd: int) -> None:
+    """From now on, what is written to `fd` goes to /dev/null."""
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 def not_a_directory(path: Path) -> str | None:
     """Why `path` is not a directory this user can reach, or None. Not
     Path.is_dir, which raises PermissionError under a parent this user may

@@ -361,3 +361,22 @@ def test_a_pass_with_nothing_to_do_imports_only_what_it_needs(receiver: Receiver
     )
     lazy += ("cis490_reconcile.actions.demo", "cis490_reconcile.actions.status", "cis490_reconcile.scrub")
     assert [name for name in lazy if name in imported] == []
+
+
+def test_a_pass_whose_log_reader_goes_away_finishes_its_work(receiver: Receiver, tmp_path: Path) -> None:
+    """`cis490-reconcile --once | head -1`: the pipe breaks after the first
+    line. The pass used to die of BrokenPipeError at its next log line (exit
+    1, a traceback), wherever it was; now the rest of the log is dropped and
+    the pass ends as it would have."""
+    for i in range(30):
+        receiver.tarball("h1", f"e{i}")
+    state = ("--state-dir", str(tmp_path))
+    proc = subprocess.Popen(receiver.argv("--once", *state), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert b'"pass_started"' in proc.stdout.readline()
+    proc.stdout.close()  # as head -1 does
+    err = proc.stderr.read()
+    assert (proc.wait(timeout=60), err) == (0, b"")
+    assert len(receiver.keys()) == 30
+    finished = receiver.run(*state).one("pass_finished")
+    assert (finished["backfilled"], finished["already_indexed"]) == (0, 30)
