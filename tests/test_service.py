@@ -13,7 +13,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 from helpers import LockHolder, NotifySocket, Receiver, clean_env, episode, parse_events, permissions_apply
@@ -36,6 +38,24 @@ def notify_socket(tmp_path: Path):
 
 def big_tarball(receiver: Receiver, host: str, episode_id: str, size: int = BIG) -> Path:
     return receiver.tarball(host, episode_id, episode(os.urandom(size)), checksum=True)
+
+
+def event_waiter(stream: IO[str], timeout_s: float = 20) -> Callable[[str], dict]:
+    """wait(name): the next event of that name in a running command's log
+    (read by a thread); at most timeout_s each, and an internal_error fails."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+
+    def wait(name: str) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            event = json.loads(lines.get(timeout=left))
+            assert event["event"] != "internal_error", event.get("exception")
+            if event["event"] == name:
+                return event
+        raise AssertionError(f"no {name} event in {timeout_s} s")
+
+    return wait
 
 
 def start(receiver: Receiver, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -291,16 +311,8 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
     toml = tmp_path / "reconcile.toml"
     toml.write_text("interval = 0.2\n")
     proc = start(receiver, "--config", str(toml), env=clean_env())
-    lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-
-    def wait_event(name: str) -> dict:
-        while True:
-            event = json.loads(lines.get(timeout=20))
-            if event["event"] == name:
-                return event
-
+    wait_event = event_waiter(proc.stdout)
     try:
         wait_event("pass_finished")
         toml.write_text('interval = 0.2\nmax_read_rate = "1G"\n')
@@ -339,16 +351,8 @@ def test_a_dry_run_loop_writes_no_metrics_nor_record_after_a_reload(
     toml = tmp_path / "reconcile.toml"
     toml.write_text(f"interval = 0.2\nmetrics_file = '{prom}'\n")
     proc = start(receiver, "--dry-run", "--config", str(toml), "--state-dir", str(state), env=clean_env())
-    lines: queue.Queue[str] = queue.Queue()
     assert proc.stderr is not None  # a dry run logs on stderr
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
-
-    def wait_event(name: str) -> dict:
-        while True:
-            event = json.loads(lines.get(timeout=20))
-            if event["event"] == name:
-                return event
-
+    wait_event = event_waiter(proc.stderr)
     try:
         wait_event("pass_finished")
         toml.write_text(toml.read_text() + 'max_read_rate = "1G"\n')
@@ -381,18 +385,8 @@ def test_a_reload_naming_an_unsearchable_episodes_root_keeps_the_loop_running(
     given = receiver.argv("--config", str(toml))
     argv = [a for a in given if a not in ("--episodes-root", str(receiver.episodes))]  # the file names it
     proc = start_argv(permissions_apply(argv))
-    lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + 20
-
-    def wait_event(name: str) -> dict:
-        while time.monotonic() < deadline:
-            event = json.loads(lines.get(timeout=20))
-            assert event["event"] != "internal_error", event["exception"]
-            if event["event"] == name:
-                return event
-        raise AssertionError(f"no {name} event")
+    wait_event = event_waiter(proc.stdout)
 
     try:
         wait_event("pass_finished")
