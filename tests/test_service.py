@@ -49,7 +49,10 @@ def event_waiter(stream: IO[str], timeout_s: float = 20) -> Callable[[str], dict
     def wait(name: str) -> dict:
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            event = json.loads(lines.get(timeout=left))
+            try:
+                event = json.loads(lines.get(timeout=left))
+            except queue.Empty:
+                break
             assert event["event"] != "internal_error", event.get("exception")
             if event["event"] == name:
                 return event
@@ -370,6 +373,37 @@ def test_a_dry_run_loop_writes_no_metrics_nor_record_after_a_reload(
         receiver.argv("--json", "--state-dir", str(state), command="status"), capture_output=True, text=True
     )
     assert json.loads(status.stdout)["last_pass"]["backfilled"] == 0  # the real pass's
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the check is of a loop running as root")
+def test_a_reload_as_root_naming_an_index_of_another_user_is_refused(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """At start, root is refused an index that belongs to another user (the
+    receiver's: a lock file root creates there breaks it); a reload naming
+    one used to be taken, and the passes appended to it as root."""
+    theirs = tmp_path / "theirs" / "index.jsonl"
+    theirs.parent.mkdir()
+    theirs.touch()
+    os.chown(theirs, 65534, 65534)
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text(f"interval = 0.2\nindex = '{receiver.index}'\n")
+    argv = [a for a in receiver.argv("--config", str(toml)) if a not in ("--index", str(receiver.index))]
+    receiver.tarball("h1", "a")
+    proc = start_argv(argv)
+    assert proc.stdout is not None
+    wait_event = event_waiter(proc.stdout)
+    try:
+        wait_event("pass_finished")
+        toml.write_text(f"interval = 0.2\nindex = '{theirs}'\n")
+        proc.send_signal(signal.SIGHUP)
+        assert "refusing to run as root" in wait_event("config_reload_failed")["error"]
+        assert wait_event("pass_started")["index"] == str(receiver.index)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    assert theirs.read_bytes() == b""
 
 
 def test_a_reload_naming_an_unsearchable_episodes_root_keeps_the_loop_running(

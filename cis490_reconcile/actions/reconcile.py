@@ -158,6 +158,8 @@ class _Loop:
             new = self.ctx.reload()
             if new.interval is None:
                 raise ConfigError("interval is not set; a running loop keeps its interval")
+            if not self.ctx.args.dry_run:
+                preflight.check_user(new)  # as at start: another index may belong to someone else
             self._check_filesystems(new, log)
         except ConfigError as e:
             log.error("config_reload_failed", error=str(e), kept="the running configuration")
