@@ -331,6 +331,26 @@ def test_a_state_directory_it_may_not_write_fails_in_one_event(receiver: Receive
     assert result.named("internal_error") == [] and "Traceback" not in proc.stderr
 
 
+def test_a_state_directory_it_may_not_reach_fails_in_one_event(receiver: Receiver, tmp_path: Path) -> None:
+    """Under a parent this user may not search (the units' 0750 state
+    directory, an operator's scrub as another user): scrub_failed and exit 1,
+    as for one it may not write. Path.is_dir() raised PermissionError there:
+    internal_error and a traceback."""
+    indexed(receiver, "h1", "a")
+    locked = tmp_path / "locked"
+    (locked / "state").mkdir(parents=True)
+    locked.chmod(0)
+    try:
+        argv = permissions_apply(scrub_argv(receiver, locked / "state"))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        locked.chmod(0o755)
+    result = Result(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout))
+    assert result.named("internal_error") == [] and "Traceback" not in proc.stderr, proc.stdout
+    assert result.returncode == 1
+    assert result.one("scrub_failed")["error"] == "lock file: Permission denied"
+
+
 def test_a_second_scrub_is_refused_while_one_holds_the_lock(receiver: Receiver, state: Path) -> None:
     indexed(receiver, "h1", "a")
     with open(state / "scrub.lock", "a") as held:
