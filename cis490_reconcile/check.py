@@ -193,6 +193,9 @@ class Checker:
         self.checkpoint()
 
     def check(self, path: Path) -> Answer:
+        given = str(path)
+        if path.parent.name in ("", ".."):  # "ep.tar.zst", "../ep.tar.zst": its directory has a name
+            path = Path(os.path.realpath(path.parent), path.name)
         episode_id = path.name.removesuffix(SUFFIX)
         host_id = path.parent.name if path.parent != path else ""
         under_root = (
@@ -200,7 +203,7 @@ class Checker:
             and is_safe_name(host_id)
             and is_safe_name(episode_id)
         )
-        answer = Answer(str(path), "unreadable", None, host_id, episode_id, under_root)
+        answer = Answer(given, "unreadable", None, host_id, episode_id, under_root)
         answer.min_age_s = self.cfg.min_age
         host = self._open_host(path, under_root)
         if not isinstance(host, HostDir):

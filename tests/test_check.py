@@ -257,6 +257,29 @@ def test_a_file_outside_the_store_is_verified_not_looked_up(receiver: Receiver, 
     assert "not looked up" in check(receiver, str(path)).stdout
 
 
+def test_a_bare_name_in_a_host_directory_is_a_store_file(receiver: Receiver) -> None:
+    """`cd episodes/robot-07 && check ep.tar.zst`: the file is in the store,
+    so it is looked up. Its parent has no name as given ("."): it was taken
+    for a file outside the store, of host_id "", and a row with "host_id": ""
+    offered."""
+    receiver.tarball("robot-07", "ep", gnu=True)
+    receiver.append_row(receiver.receiver_row("robot-07", "ep"))
+    argv = receiver.argv("--json", "ep.tar.zst", command="check", min_age=0)
+
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, cwd=receiver.episodes / "robot-07"
+    )
+
+    (answer,) = answers(proc)
+    assert (answer["path"], answer["host_id"], answer["under_episodes_root"]) == (
+        "ep.tar.zst",
+        "robot-07",
+        True,
+    )
+    assert answer["index"] == {"found": "matches", "offset": 0, "differences": {}}
+    assert proc.returncode == 0, proc.stdout
+
+
 def test_exit_statuses_for_several_files_and_usage_errors(receiver: Receiver) -> None:
     good = receiver.tarball("robot-07", "good", gnu=True)
     cut = receiver.episodes / "robot-07" / "cut.tar.zst"
