@@ -54,7 +54,7 @@ _VERDICT_NAMES: dict[type, str] = {
 class Lookup:
     """What the index says of the file's (host_id, episode_id)."""
 
-    found: str  # "not indexed", "matches", "differs", or why it was not looked up
+    found: str  # "not indexed", "matches", "differs", "not compared" (nothing read to compare)
     offset: int | None = None  # where the first row that covers it starts
     differences: dict[str, tuple[object, object]] = field(default_factory=dict)  # field: (row, file)
 
@@ -161,6 +161,8 @@ class _Index:
             row = json.loads(index.line_at(self.fd, offset))
         except ValueError:
             row = {}
+        if all(mine is None for mine in file.values()):  # unread: neither matches nor differs
+            return Lookup("not compared", offset)
         differences: dict[str, tuple[object, object]] = {}
         for key, mine in file.items():
             theirs = row.get(key) if isinstance(row, dict) else None

@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import COMMIT, LockHolder, Receiver, gnu_tarball, measure_rss, stock_members, stock_tarball
+from helpers import (
+    COMMIT,
+    LockHolder,
+    Receiver,
+    gnu_tarball,
+    measure_rss,
+    permissions_apply,
+    stock_members,
+    stock_tarball,
+)
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
 
@@ -278,6 +287,27 @@ def test_a_bare_name_in_a_host_directory_is_a_store_file(receiver: Receiver) -> 
     )
     assert answer["index"] == {"found": "matches", "offset": 0, "differences": {}}
     assert proc.returncode == 0, proc.stdout
+
+
+def test_an_indexed_file_it_cannot_read_is_not_said_to_match(receiver: Receiver) -> None:
+    """A store file this user may not open: nothing was read, so nothing was
+    compared with its row. It was said to match it (no field differed)."""
+    path = receiver.tarball("robot-07", "ep", gnu=True)
+    receiver.append_row(receiver.receiver_row("robot-07", "ep"))
+    path.chmod(0)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = permissions_apply(receiver.argv(*args, str(path), command="check", min_age=0))
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+    proc = run("--json")
+
+    (answer,) = answers(proc)
+    assert (answer["verdict"], answer["reason"]) == ("unreadable", "open: Permission denied")
+    assert answer["index"] == {"found": "not compared", "offset": 0, "differences": {}}
+    assert proc.returncode == 3
+    text = run().stdout
+    assert "indexed (row at byte 0), not compared" in text and "matches" not in text
 
 
 def test_exit_statuses_for_several_files_and_usage_errors(receiver: Receiver) -> None:
