@@ -250,7 +250,8 @@ class Checker:
     def _lookup(self, answer: Answer) -> Lookup:
         if self._index is None:
             self._index = _Index(self.cfg, self.log)
-        seen = answer.seen
+        # bytes of a file that changed while read are no one version of it: nothing to compare
+        seen = None if answer.verdict == "unsettled" else answer.seen
         file: dict[str, object] = {
             "sha256": None if seen is None else seen.sha256,
             "size_bytes": None if seen is None else seen.size,

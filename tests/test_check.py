@@ -310,6 +310,35 @@ def test_an_indexed_file_it_cannot_read_is_not_said_to_match(receiver: Receiver)
     assert "indexed (row at byte 0), not compared" in text and "matches" not in text
 
 
+def test_an_indexed_file_rewritten_while_read_is_unsettled_not_differing(receiver: Receiver) -> None:
+    """A receiver that writes in place rewrites an indexed tarball (the same
+    bytes, a re-send) while check reads it: the bytes read are no one
+    version of the file, so they are not compared with its row. They were:
+    "differs" (the size read short), and exit 1 as if it were damaged."""
+    path = receiver.episodes / "robot-07" / "ep.tar.zst"
+    path.parent.mkdir()
+    data = gnu_tarball(path, {"ep/noise.bin": os.urandom(4 << 20)})  # read 1 MiB at a time: 4 s at 1M/s
+    receiver.append_row(receiver.receiver_row("robot-07", "ep"))
+    proc = subprocess.Popen(
+        receiver.argv("--json", "--max-read-rate", "1M", str(path), command="check", min_age=0),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    fds = Path(f"/proc/{proc.pid}/fd")
+    deadline = time.monotonic() + 30
+    while str(path) not in {os.path.realpath(fd) for fd in fds.iterdir()} and time.monotonic() < deadline:
+        time.sleep(0.01)  # until check holds the file open: its size is taken
+    time.sleep(0.2)
+    os.truncate(path, 0)  # rewritten in place: opened with O_TRUNC ...
+    out, _ = proc.communicate(timeout=60)
+    path.write_bytes(data)  # ... and written again
+
+    (answer,) = [json.loads(line) for line in out.splitlines()]
+    assert answer["verdict"] == "unsettled", answer
+    assert answer["index"] == {"found": "not compared", "offset": 0, "differences": {}}
+    assert proc.returncode == 3
+
+
 def test_exit_statuses_for_several_files_and_usage_errors(receiver: Receiver) -> None:
     good = receiver.tarball("robot-07", "good", gnu=True)
     cut = receiver.episodes / "robot-07" / "cut.tar.zst"
