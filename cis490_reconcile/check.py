@@ -210,16 +210,20 @@ class Checker:
         host = self._open_host(path, under_root)
         if not isinstance(host, HostDir):
             answer.reason = host
-            return answer
+            return self._looked_up(answer)
         with host:
             tarball = host.lstat(episode_id)
             if not isinstance(tarball, Tarball):
                 answer.reason = "no such file" if tarball is None else f"{tarball.reason}: never opened"
-                return answer
+                return self._looked_up(answer)
             answer.age_s = tarball.age_s()
             verdict, answer.seen = examine_file(host, tarball, self.decoding, self._on_read)
         self._describe(answer, tarball, verdict)
-        if under_root:
+        return self._looked_up(answer)
+
+    def _looked_up(self, answer: Answer) -> Answer:
+        """A file in the store, even one gone or refused, is asked about in the index."""
+        if answer.under_root:
             answer.lookup = self._lookup(answer)
         return answer
 

@@ -235,6 +235,34 @@ def test_symlinks_and_other_files_are_refused_never_opened(receiver: Receiver, t
     ]
 
 
+def test_a_store_file_that_is_gone_or_refused_is_still_looked_up(receiver: Receiver) -> None:
+    """The file a scrub_missing alert named, or a symlink a pass skipped: in
+    the store, so the index is asked about it. It was not, and the answer
+    said the file "is not <episodes_root>/<host_id>/<episode_id>.tar.zst"."""
+    receiver.tarball("robot-07", "gone", gnu=True)
+    receiver.append_row(receiver.receiver_row("robot-07", "gone"))
+    gone = receiver.episodes / "robot-07" / "gone.tar.zst"
+    gone.unlink()
+    link = receiver.episodes / "robot-07" / "link.tar.zst"
+    link.symlink_to(receiver.tarball("robot-07", "real", gnu=True))
+
+    proc = check(receiver, "--json", str(gone), str(link))
+
+    assert proc.returncode == 3, proc.stdout
+    got = [(a["verdict"], a["reason"], a["under_episodes_root"], a["index"]) for a in answers(proc)]
+    assert got == [
+        ("unreadable", "no such file", True, {"found": "not compared", "offset": 0, "differences": {}}),
+        (
+            "unreadable",
+            "symlink: never opened",
+            True,
+            {"found": "not indexed", "offset": None, "differences": {}},
+        ),
+    ]
+    text = check(receiver, str(gone), str(link)).stdout
+    assert "indexed (row at byte 0), not compared" in text and "the file is not" not in text
+
+
 def test_a_name_no_pass_would_look_at_is_a_usage_error(receiver: Receiver) -> None:
     """A file not named <episode_id>.tar.zst is never a pass's business: one
     line and exit 2, before anything is opened (not "no such file" about a
