@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -383,6 +384,26 @@ def test_exit_statuses_for_several_files_and_usage_errors(receiver: Receiver) ->
         assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
     bad = check(receiver, "--max-window", "1K", str(good))
     assert bad.returncode == 2 and "--max-window '1K'" in bad.stderr
+
+
+def test_a_check_stopped_after_a_damaged_file_still_exits_1(receiver: Receiver) -> None:
+    """SIGTERM while the second file is read, the first one already found
+    corrupt (and printed): damaged wins, as without the stop. The stop used
+    to exit 3, "nothing damaged", to a script that reads the status."""
+    cut = receiver.episodes / "robot-07" / "cut.tar.zst"
+    make("cut", cut, Path())
+    big = receiver.episodes / "robot-07" / "big.tar.zst"
+    gnu_tarball(big, {"ep/noise.bin": os.urandom(4 << 20)})  # 4 s at 1M/s
+    argv = receiver.argv("--max-read-rate", "1M", str(cut), str(big), command="check", min_age=0)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the first answer, printed before the second read
+    assert first.startswith(f"{cut}: corrupt"), first
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+
+    assert err == "cis490-reconcile check: stopped by SIGTERM\n"
+    assert proc.returncode == 1
 
 
 def test_max_read_rate_paces_the_read(receiver: Receiver) -> None:

@@ -28,6 +28,7 @@ def run(ctx: Context) -> ExitCode:
             raise ConfigError(f"check {path}: not an episode tarball (<episode_id>{SUFFIX})")
     preflight.warn_network_filesystems(ctx.cfg, ctx.stderr, "check")
     answers: list[Answer] = []
+    stopped = False
     with Signals(hangup_reloads=False) as signals:
 
         def checkpoint() -> None:
@@ -41,14 +42,14 @@ def run(ctx: Context) -> ExitCode:
                 answers.append(answer)
                 ctx.stdout.write(json.dumps(answer.to_json()) + "\n" if ctx.args.json else render(answer))
                 ctx.stdout.flush()
-        except StopRequested:
+        except StopRequested:  # the files left are undecided; one found damaged still wins
             ctx.stderr.write(f"cis490-reconcile check: stopped by {signals.stop_by}\n")
-            return ExitCode.UNDECIDED
+            stopped = True
         finally:
             checker.close()
     if any(a.damaged for a in answers):
         return ExitCode.FAILED
-    return ExitCode.UNDECIDED if any(a.undecided for a in answers) else ExitCode.OK
+    return ExitCode.UNDECIDED if stopped or any(a.undecided for a in answers) else ExitCode.OK
 
 
 def render(a: Answer) -> str:
