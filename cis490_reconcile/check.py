@@ -198,6 +198,10 @@ class Checker:
         given = str(path)
         if path.parent.name in ("", ".."):  # "ep.tar.zst", "../ep.tar.zst": its directory has a name
             path = Path(os.path.realpath(path.parent), path.name)
+        elif os.path.realpath(path.parent.parent) != self.root:
+            directory = Path(os.path.realpath(path.parent))
+            if str(directory.parent) == self.root:  # a host directory, through a symlink outside the store
+                path = directory / path.name
         episode_id = path.name.removesuffix(SUFFIX)
         host_id = path.parent.name if path.parent != path else ""
         under_root = (

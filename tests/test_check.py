@@ -318,6 +318,33 @@ def test_a_bare_name_in_a_host_directory_is_a_store_file(receiver: Receiver) -> 
     assert proc.returncode == 0, proc.stdout
 
 
+def test_a_host_directory_reached_through_a_symlink_outside_the_store_is_the_store_s(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """An operator's shortcut, ~/robot-07 -> <episodes_root>/robot-07: the
+    file named through it is the store's robot-07/ep, looked up as such. It
+    was taken for a file outside the store, with the symlink's name for its
+    host_id. A symlinked host directory inside the store is still refused."""
+    receiver.tarball("robot-07", "ep", gnu=True)
+    receiver.append_row(receiver.receiver_row("robot-07", "ep"))
+    shortcut = tmp_path / "shortcut"
+    shortcut.symlink_to(receiver.episodes / "robot-07")
+    inside = receiver.episodes / "robot-08"
+    inside.symlink_to(receiver.episodes / "robot-07")
+
+    proc = check(receiver, "--json", str(shortcut / "ep.tar.zst"), str(inside / "ep.tar.zst"))
+
+    through, planted = answers(proc)
+    assert (through["host_id"], through["under_episodes_root"], through["verdict"]) == (
+        "robot-07",
+        True,
+        "intact",
+    )
+    assert through["index"] == {"found": "matches", "offset": 0, "differences": {}}
+    assert (planted["verdict"], planted["reason"]) == ("unreadable", "host directory is a symlink")
+    assert proc.returncode == 3, proc.stdout
+
+
 def test_an_indexed_file_it_cannot_read_is_not_said_to_match(receiver: Receiver) -> None:
     """A store file this user may not open: nothing was read, so nothing was
     compared with its row. It was said to match it (no field differed)."""
