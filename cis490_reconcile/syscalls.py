@@ -126,14 +126,19 @@ def discard_output(fd: int) -> None:
         os.close(null)
 
 
+NOT_A_DIRECTORY = "not a directory"
+
+
 def not_a_directory(path: Path) -> str | None:
-    """Why `path` is not a directory this user can reach, or None. Not
-    Path.is_dir, which raises PermissionError under a parent this user may
-    not search: that is a reason to say in one line, not a traceback."""
+    """Why `path` is not a directory this user can reach: NOT_A_DIRECTORY
+    (none there, or something else), or the error (EACCES: a parent this
+    user may not search); None when it is one. Not Path.is_dir, which raises
+    PermissionError there: that is a reason to say in one line, not a
+    traceback."""
     try:
-        return None if stat.S_ISDIR(os.stat(path).st_mode) else "not a directory"
+        return None if stat.S_ISDIR(os.stat(path).st_mode) else NOT_A_DIRECTORY
     except (FileNotFoundError, NotADirectoryError):
-        return "not a directory"
+        return NOT_A_DIRECTORY
     except OSError as e:
         return e.strerror or str(e)
 

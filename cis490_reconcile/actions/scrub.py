@@ -9,12 +9,9 @@ index."""
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import asdict
-from pathlib import Path
 
-from .. import outcome, preflight
+from .. import outcome, preflight, syscalls
 from ..config import ConfigError
 from ..notify import Notifier
 from ..outcome import Outcome
@@ -27,7 +24,8 @@ def run(ctx: Context) -> ExitCode:
     cfg = ctx.cfg
     if cfg.host is not None:
         raise ConfigError("--host: a scrub walks the whole index; it cannot be limited to one host")
-    if cfg.state_dir is None or _not_a_directory(cfg.state_dir):
+    # one this user may not reach is the scrub's to fail on, in scrub_failed
+    if cfg.state_dir is None or syscalls.not_a_directory(cfg.state_dir) == syscalls.NOT_A_DIRECTORY:
         raise ConfigError(f"scrub keeps its cursor in state_dir, which is not a directory: {cfg.state_dir}")
     preflight.warn_network_filesystems(cfg, ctx.stderr, "scrub")
     bar = ctx.bar("scrub")
@@ -42,17 +40,6 @@ def run(ctx: Context) -> ExitCode:
     for sink in outcome.sinks(cfg, log):
         sink.write(result)
     return ExitCode.OK if result.result != "failed" else ExitCode.FAILED
-
-
-def _not_a_directory(path: Path) -> bool:
-    """Path.is_dir negated, but one this user may not reach (is_dir raises
-    PermissionError there) is left to the scrub, which says so in scrub_failed."""
-    try:
-        return not stat.S_ISDIR(os.stat(path).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
 
 
 def _outcome(done: ScrubRun) -> Outcome:
