@@ -4,6 +4,7 @@ when there is nothing to look at."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import json
@@ -443,6 +444,30 @@ def test_a_state_that_fails_after_it_is_attached_is_ignored_whole(
     )
     totals = survey.survey(cfg).totals()
     assert (totals.indexed, totals.unindexed, totals.missing_rows, totals.duplicate_rows) == (8, 0, 0, 0)
+
+
+@pytest.mark.parametrize("table", ["records", "keys", "checkpoint", "unverifiable", "bad_lines"])
+def test_a_state_database_short_of_a_table_is_ignored_by_status_and_a_dry_run(
+    receiver: Receiver, tmp_path: Path, table: str
+) -> None:
+    """A table of its schema dropped by hand (or a partial copy): status and
+    a dry run ignore the state (state_ignored) and read the index whole, as
+    for a file they cannot open. Both ended in an internal_error ("no such
+    table: base.records") or a failed dry run."""
+    state_dir = indexed_with_a_pass_between(receiver, tmp_path, 6, 3)
+    receiver.tarball("h1", "new")  # a gap since the pass
+    with contextlib.closing(sqlite3.connect(state_dir / "state.sqlite3")) as db, db:
+        db.execute(f"DROP TABLE {table}")
+    without_state = json.loads(status(receiver, "--json").stdout)
+    result = status(receiver, "--json", state_dir=state_dir)
+    assert result.returncode == 1 and "internal_error" not in result.stdout, result.stdout[-300:]
+    report = json.loads(result.stdout)
+    assert report["hosts"] == without_state["hosts"] and report["attention"] == without_state["attention"]
+    dry = receiver.run("--dry-run", "--state-dir", str(state_dir))
+    assert dry.returncode == 0, dry.stderr
+    reasons = [e["reason"] for e in dry.named("state_ignored")]
+    assert reasons == [f"its table {table} is missing or not this program's"]
+    assert [json.loads(line)["episode_id"] for line in dry.stdout.splitlines()] == ["new"]
 
 
 def test_in_flight_is_not_attention(receiver: Receiver) -> None:

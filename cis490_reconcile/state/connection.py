@@ -172,11 +172,18 @@ class Database:
         on: one read transaction holds its snapshot (WAL) until it is
         detached, so a pass that commits meanwhile is not seen half (its new
         checkpoint with the old counts: rows counted twice). Changes to main
-        are then savepoints inside it (main is the reader's own file)."""
+        are then savepoints inside it (main is the reader's own file).
+        Raises StateUnusable when the base lacks part of main's schema."""
         self.db.execute("ATTACH DATABASE ? AS base", (f"file:{path}?mode=ro",))
         self.db.execute("BEGIN")
         self.db.execute("SELECT count(*) FROM base.sqlite_master").fetchone()  # the snapshot starts here
         self.base = True
+        # main was just made by this program: a table, column or trigger the base lacks (a hand edit,
+        # a partial copy) would fail a query halfway through, where nothing can go on without it
+        schema = "SELECT type, name, sql FROM {}.sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+        ours, theirs = (set(self.db.execute(schema.format(s))) for s in ("main", "base"))
+        for kind, name, _ in sorted(ours - theirs):
+            raise StateUnusable(f"its {kind} {name} is missing or not this program's")
 
     def detach_base(self) -> None:
         self.db.execute("COMMIT")  # what main holds is kept; DETACH cannot be inside a transaction
