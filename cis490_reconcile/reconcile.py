@@ -162,19 +162,20 @@ class Reconciler:
         except sqlite3.DatabaseError as e:
             raise PassFailed(f"state database: {e}", PassSummary()) from e
         with contextlib.closing(state) if close else contextlib.nullcontext(state):
-            run = PassRun(self.context, state, self._full(state))
-            try:
+            try:  # the first reads of the file (its checkpoint, hosts) may be the ones to find it damaged
+                run = PassRun(self.context, state, self._full(state))
                 try:
-                    run.run()
-                except StopRequested:
-                    run.stop()
-                if not run.summary.interrupted and not self.context.dry_run:
-                    run.remember()
-            except (LockTimeout, OSError, WorkerDied) as e:
-                raise PassFailed(_describe(e, self.cfg), self._counted(state, run)) from e
+                    try:
+                        run.run()
+                    except StopRequested:
+                        run.stop()
+                    if not run.summary.interrupted and not self.context.dry_run:
+                        run.remember()
+                except (LockTimeout, OSError, WorkerDied) as e:
+                    raise PassFailed(_describe(e, self.cfg), self._counted(state, run)) from e
+                return self._counted(state, run)
             except sqlite3.DatabaseError as e:
                 raise PassFailed(f"state database: {e}", PassSummary()) from e
-            return self._counted(state, run)
 
     def _counted(self, state: State, run: PassRun) -> PassSummary:
         """The pass's summary, with what the state now knows: the index's

@@ -309,6 +309,21 @@ def _other_store(path: Path) -> None:
         db.execute("UPDATE store SET episodes_root = '/somewhere/else'")
 
 
+def _page_zeroed(table: str) -> Callable[[Path], None]:
+    """A page of our file gone to zeros (a bad sector, a torn copy): the
+    one that holds a small table, found only when the pass reads it."""
+
+    def zero(path: Path) -> None:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            (page,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+            (size,) = db.execute("PRAGMA page_size").fetchone()
+        with open(path, "r+b") as f:
+            f.seek((page - 1) * size)
+            f.write(bytes(size))
+
+    return zero
+
+
 def _table_dropped(table: str) -> Callable[[Path], None]:
     """Our file, short of a table its schema version promises (a hand edit,
     a partial copy): at open (store) or mid-pass (keys)."""
@@ -330,6 +345,7 @@ def _table_dropped(table: str) -> Callable[[Path], None]:
         _other_store,
         _table_dropped("store"),
         _table_dropped("keys"),
+        _page_zeroed("checkpoint"),
     ],
     ids=[
         "truncated",
@@ -339,6 +355,7 @@ def _table_dropped(table: str) -> Callable[[Path], None]:
         "another-store",
         "no-store-table",
         "no-keys-table",
+        "checkpoint-page-zeroed",
     ],
 )
 def test_a_bad_state_database_is_rebuilt_with_a_warning(
