@@ -122,14 +122,15 @@ class TempState:
 
 
 @contextmanager
-def view(cfg: Config, log: Logger) -> Iterator[State]:
+def view(cfg: Config, log: Logger, with_state: bool = True) -> Iterator[State]:
     """A writable temporary database with the state database (if there is a
-    usable one) attached read-only as its base; removed afterwards."""
+    usable one, and `with_state`) attached read-only as its base; removed
+    afterwards."""
     temp = TempState()
     try:
         state = State.open(temp.path, str(cfg.episodes_root), str(cfg.index))
         try:
-            base = None if cfg.state_dir is None else database(cfg)
+            base = None if cfg.state_dir is None or not with_state else database(cfg)
             try:
                 # exists() raises PermissionError in a directory this user may not search
                 if base is not None and base.exists():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from .indexkeys import digest
 from .log import Logger, make_logger
 from .reading import ReadPacer
 from .scan import known_unverifiable
-from .state import EXAMPLES, HostRows, State
+from .state import EXAMPLES, HostRows, State, damaged
 from .store import HostDir, Skipped, Store, Tarball, printable
 from .termbar import TerminalBar
 from .verdicts import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, Verdict, decoding_for
@@ -392,27 +393,49 @@ def survey(
     """The report (or, with `orphans`, every row without a tarball streamed there)."""
     log = log or make_logger("error", sys.stderr)
     try:
-        with statedir.view(cfg, log) as view:
-            fd = index.open_for_reading(cfg.index)
-            try:
-                s = Survey(cfg, log, view, fd, bar)
-                # first: a replaced index is read whole into keys of our own, without the state's records
-                s.report.last_pass = view.records.get("last_pass", view.last)
-                s.report.last_scrub = view.records.get("last_scrub", view.last)
-                s.read_index()
-                s.list_store()
-                s.gone_hosts()
-                if orphans is not None and fd is not None:
-                    for found in s.orphan_rows(missing_only=False):
-                        orphans.write(json.dumps(found) + "\n")
-                else:
-                    s.examples()
-            finally:
-                if fd is not None:
-                    os.close(fd)
+        try:
+            return _survey(cfg, bar, log, orphans, with_state=True)
+        except _StateDamaged as e:
+            log.info("state_ignored", state_file=statedir.database(cfg), reason=str(e))
+            return _survey(cfg, bar, log, orphans, with_state=False)
     finally:
         if bar is not None:
             bar.clear()
+
+
+class _StateDamaged(Exception):
+    """The state's file failed a read its open did not make (a damaged
+    page), before anything was streamed: the survey starts again without it."""
+
+
+def _survey(
+    cfg: Config, bar: TerminalBar | None, log: Logger, orphans: TextIO | None, with_state: bool
+) -> Report:
+    streamed = False
+    with statedir.view(cfg, log, with_state) as view:
+        based = view.base
+        fd = index.open_for_reading(cfg.index)
+        try:
+            s = Survey(cfg, log, view, fd, bar)
+            # first: a replaced index is read whole into keys of our own, without the state's records
+            s.report.last_pass = view.records.get("last_pass", view.last)
+            s.report.last_scrub = view.records.get("last_scrub", view.last)
+            s.read_index()
+            s.list_store()
+            s.gone_hosts()
+            if orphans is not None and fd is not None:
+                for found in s.orphan_rows(missing_only=False):
+                    orphans.write(json.dumps(found) + "\n")
+                    streamed = True
+            else:
+                s.examples()
+        except sqlite3.DatabaseError as e:
+            if not based or streamed or not damaged(e):
+                raise
+            raise _StateDamaged(f"not a usable database: {e}") from e
+        finally:
+            if fd is not None:
+                os.close(fd)
     return s.report
 
 

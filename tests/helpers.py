@@ -307,6 +307,17 @@ def recounted(receiver: Receiver, directory: Path) -> Path:
     return directory
 
 
+def zero_page(path: Path, table: str) -> None:
+    """The page of a state database that holds a small table (its root),
+    gone to zeros: damage SQLite finds only when that table is read."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (page,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+        (size,) = db.execute("PRAGMA page_size").fetchone()
+    with open(path, "r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(bytes(size))
+
+
 def scratch_left(state_dir: Path) -> list[str]:
     """The scratch files of a rebuild on two processes that are there."""
     return [p for p in Scratch.beside(state_dir / FILE_NAME) if os.path.exists(p)]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, parse_events, permissions_apply, recounted, state_contents, tmpfs
+from helpers import Receiver, parse_events, permissions_apply, recounted, state_contents, tmpfs, zero_page
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -312,16 +312,7 @@ def _other_store(path: Path) -> None:
 def _page_zeroed(table: str) -> Callable[[Path], None]:
     """A page of our file gone to zeros (a bad sector, a torn copy): the
     one that holds a small table, found only when the pass reads it."""
-
-    def zero(path: Path) -> None:
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            (page,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
-            (size,) = db.execute("PRAGMA page_size").fetchone()
-        with open(path, "r+b") as f:
-            f.seek((page - 1) * size)
-            f.write(bytes(size))
-
-    return zero
+    return functools.partial(zero_page, table=table)
 
 
 def _table_dropped(table: str) -> Callable[[Path], None]:

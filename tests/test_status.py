@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import LockHolder, Receiver, episode, gnu_tarball
+from helpers import LockHolder, Receiver, episode, gnu_tarball, zero_page
 
 from cis490_reconcile import config, survey
 from cis490_reconcile.actions import Context
@@ -468,6 +468,25 @@ def test_a_state_database_short_of_a_table_is_ignored_by_status_and_a_dry_run(
     reasons = [e["reason"] for e in dry.named("state_ignored")]
     assert reasons == [f"its table {table} is missing or not this program's"]
     assert [json.loads(line)["episode_id"] for line in dry.stdout.splitlines()] == ["new"]
+
+
+@pytest.mark.parametrize("table", ["records", "checkpoint", "hosts", "keys", "unverifiable"])
+def test_a_state_database_damaged_past_its_open_is_ignored_by_status(
+    receiver: Receiver, tmp_path: Path, table: str
+) -> None:
+    """A page of the state gone to zeros (a bad sector, a torn copy), found
+    only when status reads that table: status goes on from the index alone,
+    as for a file it cannot open. It ended in an internal_error ("database
+    disk image is malformed")."""
+    state_dir = indexed_with_a_pass_between(receiver, tmp_path, 6, 3)
+    receiver.tarball("h1", "new")  # a gap since the pass
+    zero_page(state_dir / "state.sqlite3", table)
+    without_state = json.loads(status(receiver, "--json").stdout)
+    for args in [("--json",), ("--all-orphans",)]:
+        result = status(receiver, *args, state_dir=state_dir)
+        assert "internal_error" not in result.stdout, result.stdout[-300:]
+    report = json.loads(status(receiver, "--json", state_dir=state_dir).stdout)
+    assert report["hosts"] == without_state["hosts"] and report["attention"] == without_state["attention"]
 
 
 def test_in_flight_is_not_attention(receiver: Receiver) -> None:
