@@ -337,6 +337,7 @@ def _table_dropped(table: str) -> Callable[[Path], None]:
         _table_dropped("store"),
         _table_dropped("keys"),
         _page_zeroed("checkpoint"),
+        _page_zeroed("records"),
     ],
     ids=[
         "truncated",
@@ -347,6 +348,7 @@ def _table_dropped(table: str) -> Callable[[Path], None]:
         "no-store-table",
         "no-keys-table",
         "checkpoint-page-zeroed",
+        "records-page-zeroed",
     ],
 )
 def test_a_bad_state_database_is_rebuilt_with_a_warning(

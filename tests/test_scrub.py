@@ -24,7 +24,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import REPO, NotifySocket, Receiver, Result, clean_env, parse_events, permissions_apply
+from helpers import (
+    REPO,
+    NotifySocket,
+    Receiver,
+    Result,
+    clean_env,
+    parse_events,
+    permissions_apply,
+    zero_page,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from cis490_reconcile import config, metrics
@@ -383,6 +392,27 @@ def test_a_state_database_busy_past_the_timeout_is_one_line_and_kept(
         ("scrub_failed", "database is locked")
     ]
     assert (state / "state.sqlite3").stat().st_ino == inode and cursor_of(state) is None
+
+
+def test_a_damaged_page_of_the_records_is_rebuilt_not_an_internal_error(
+    receiver: Receiver, state: Path
+) -> None:
+    """A page of zeros where the cursor is kept (a bad sector, a torn copy):
+    the scrub settles the file as for any unusable one (rebuilt under the
+    directory's lock, a new round), and the pass's record is saved again.
+    Both used to fail on it every run: an internal_error, state_record_failed."""
+    indexed(receiver, "h1", "a")
+    assert receiver.run("--state-dir", str(state)).returncode == 0
+    assert run_scrub(receiver, state).returncode == 0 and cursor_of(state) is not None
+    zero_page(state / "state.sqlite3", "records")
+    result = run_scrub(receiver, state)
+    assert result.returncode == 0 and result.named("internal_error") == [], result.stdout[-500:]
+    assert [e["reason"] for e in result.named("state_rebuilt")] == [
+        "not a usable database: database disk image is malformed"
+    ]
+    assert result.one("scrub_finished")["ok"] == 1 and cursor_of(state) is not None
+    after = receiver.run("--state-dir", str(state))
+    assert after.returncode == 0 and after.named("state_record_failed") == [], after.stdout
 
 
 @pytest.mark.parametrize(

@@ -465,8 +465,8 @@ def test_a_state_database_short_of_a_table_is_ignored_by_status_and_a_dry_run(
     assert report["hosts"] == without_state["hosts"] and report["attention"] == without_state["attention"]
     dry = receiver.run("--dry-run", "--state-dir", str(state_dir))
     assert dry.returncode == 0, dry.stderr
-    reasons = [e["reason"] for e in dry.named("state_ignored")]
-    assert reasons == [f"its table {table} is missing or not this program's"]
+    (reason,) = [e["reason"] for e in dry.named("state_ignored")]
+    assert table in reason, reason  # found by the open's check, or at attach (keys)
     assert [json.loads(line)["episode_id"] for line in dry.stdout.splitlines()] == ["new"]
 
 

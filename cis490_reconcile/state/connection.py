@@ -205,6 +205,8 @@ class Database:
         return "base" if self.base else "main"
 
 
+# the tables whose size is bounded by the hosts, the records and EXAMPLES, not by the rows
+_SMALL_TABLES = ("checkpoint", "hosts", "bad_lines", "unverifiable", "records")
 _DAMAGED = ("readonly database", "no such table: ", "no such column: ")
 
 
@@ -301,6 +303,12 @@ def _check(db: sqlite3.Connection, episodes_root: str, index_path: str, access: 
     found = db.execute("SELECT episodes_root, index_path FROM store").fetchone()
     if found != (episodes_root, index_path):
         raise StateUnusable(f"written for another store ({found[0]}, {found[1]})" if found else "no store")
+    # the small tables and their indexes checked page by page: damage there (the records above all,
+    # which only guests read, and they cannot rebuild the file) is found by an owner's open
+    for table in _SMALL_TABLES:
+        problems = [p for (p,) in db.execute(f"PRAGMA quick_check({table})") if p != "ok"]
+        if problems:
+            raise StateUnusable(f"not a usable database: {problems[0]}")
     if access is not Access.READER:  # a header that forbids writing is found by a write, not by a read
         with contextlib.suppress(_RolledBack), write_transaction(db):
             db.execute("UPDATE store SET index_path = index_path")
