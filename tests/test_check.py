@@ -395,6 +395,26 @@ def test_an_indexed_file_rewritten_while_read_is_unsettled_not_differing(receive
     assert proc.returncode == 3
 
 
+@pytest.mark.parametrize("kind", ["unreadable", "directory"])
+def test_an_index_it_cannot_read_is_one_line_not_a_traceback(receiver: Receiver, kind: str) -> None:
+    """As status says it: one line on stderr naming the index, exit 1
+    (not an internal_error traceback, which says "a bug")."""
+    path = receiver.tarball("robot-07", "real", gnu=True)
+    if kind == "unreadable":  # mode 000, with root's DAC override dropped
+        receiver.index.write_bytes(b"")
+        receiver.index.chmod(0)
+    else:  # moved aside and a directory made in its place (open(O_RDONLY) succeeds, read fails)
+        receiver.index.mkdir()
+    argv = permissions_apply(receiver.argv(str(path), command="check"))
+
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=receiver.root)
+
+    assert "internal_error" not in proc.stdout, proc.stdout
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    strerror = os.strerror(13 if kind == "unreadable" else 21)
+    assert proc.stderr == f"cis490-reconcile check: error: {receiver.index}: {strerror}\n", proc.stderr
+
+
 def test_exit_statuses_for_several_files_and_usage_errors(receiver: Receiver) -> None:
     good = receiver.tarball("robot-07", "good", gnu=True)
     cut = receiver.episodes / "robot-07" / "cut.tar.zst"

@@ -4,7 +4,8 @@ text or, with --json, one JSON object per line.
 Exit 0 when every file is intact and each indexed one matches its row; 1
 when any file is damaged or differs from its row; 3 when nothing is damaged
 but some file could not be decided (unverifiable, unreadable, changed while
-it was read, or the check was stopped); 2 for a bad flag, value or path.
+it was read, or the check was stopped); 2 for a bad flag, value or path; 1
+with one line on stderr when the index or the store could not be read.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def run(ctx: Context) -> ExitCode:
         except StopRequested:  # the files left are undecided; one found damaged still wins
             ctx.stderr.write(f"cis490-reconcile check: stopped by {signals.stop_by}\n")
             stopped = True
+        except OSError as e:  # the index (or the store) could not be read: said as status says it
+            where = e.filename or ctx.cfg.index
+            ctx.stderr.write(f"cis490-reconcile check: error: {where}: {e.strerror or e}\n")
+            return ExitCode.FAILED
         finally:
             checker.close()
     if any(a.damaged for a in answers):
