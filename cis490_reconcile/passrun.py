@@ -314,6 +314,10 @@ class PassRun:
         except LockTimeout:  # a wait that ended in failure is a wait too (the alert on lock waits sees it)
             self.summary.lock_wait_s = round(self.summary.lock_wait_s + done.lock_wait_s, 4)
             raise
+        except BaseException:  # after the append (the state disk full): the rows are in the index, say so
+            if done.written:
+                self._report(done)
+            raise
         self._report(done)
 
     def _report(self, done: Committed) -> None:

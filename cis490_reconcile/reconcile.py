@@ -162,6 +162,7 @@ class Reconciler:
         except sqlite3.DatabaseError as e:
             raise PassFailed(f"state database: {e}", PassSummary()) from e
         with contextlib.closing(state) if close else contextlib.nullcontext(state):
+            run: PassRun | None = None
             try:  # the first reads of the file (its checkpoint, hosts) may be the ones to find it damaged
                 run = PassRun(self.context, state, self._full(state))
                 try:
@@ -174,8 +175,8 @@ class Reconciler:
                 except (LockTimeout, OSError, WorkerDied) as e:
                     raise PassFailed(_describe(e, self.cfg), self._counted(state, run)) from e
                 return self._counted(state, run)
-            except sqlite3.DatabaseError as e:
-                raise PassFailed(f"state database: {e}", PassSummary()) from e
+            except sqlite3.DatabaseError as e:  # the counts so far: rows appended before it are said
+                raise PassFailed(f"state database: {e}", PassSummary() if run is None else run.summary) from e
 
     def _counted(self, state: State, run: PassRun) -> PassSummary:
         """The pass's summary, with what the state now knows: the index's

@@ -18,7 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LockHolder, Receiver, as_verified, permissions_apply, scratch_left, tmpfs
+from helpers import (
+    LockHolder,
+    Receiver,
+    Result,
+    as_verified,
+    parse_events,
+    permissions_apply,
+    scratch_left,
+    tmpfs,
+)
 
 from cis490_reconcile import config, passrun, rebuild
 from cis490_reconcile.commit import Committed, Committer, Pending
@@ -87,6 +96,44 @@ def test_disk_full_fails_cleanly_and_the_next_pass_converges(
     assert receiver.index.read_bytes().startswith(before)
     exactly_one_row_each(receiver, episodes)
     assert receiver.run().one("pass_finished")["backfilled"] == 0
+
+
+@ROOT_ONLY
+def test_rows_appended_before_the_state_disk_filled_are_said(receiver: Receiver, tmp_path: Path) -> None:
+    """The index and the state directory on one disk (as under /var/lib), which
+    fills once the rows are appended, before the state database records them
+    (paused at the step "appended"). The pass fails with the full disk, but
+    the rows are in the index: it says so (row_backfilled for each, and
+    backfilled in pass_failed), not "0 backfilled", and the next pass,
+    with space again, appends none of them a second time."""
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        receiver.index = disk / "index.jsonl"
+        (disk / "state").mkdir()
+        episodes = [("h1", f"e{i}") for i in range(3)]
+        for host, episode_id in episodes:
+            receiver.tarball(host, episode_id)
+        argv = receiver.argv("--once", "--state-dir", str(disk / "state"), "--workers", "1")
+        env = {**os.environ, "CIS490_TEST_PAUSE_AT": "appended"}
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stderr is not None and "paused at appended" in proc.stderr.readline()
+        filler = fill(disk, 0)
+        out, _ = proc.communicate(timeout=60)  # closes its stdin: it goes on
+        failed = Result(proc.returncode, out, "", parse_events(out))
+
+        assert failed.returncode == 1, out
+        assert "database or disk is full" in failed.one("pass_failed")["error"]
+        exactly_one_row_each(receiver, episodes)  # appended before the disk filled
+        said = sorted((e["host_id"], e["episode_id"]) for e in failed.named("row_backfilled"))
+        assert said == episodes, out
+        assert failed.one("pass_failed")["backfilled"] == len(episodes), out
+
+        filler.unlink()
+        again = receiver.run("--state-dir", str(disk / "state"), "--workers", "1")
+        assert again.returncode == 0, again.stdout
+        assert again.one("pass_finished")["backfilled"] == 0
+        exactly_one_row_each(receiver, episodes)
 
 
 @ROOT_ONLY
