@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -211,11 +212,17 @@ def tail_digest(fd: int, offset: int) -> bytes:
 def open_for_reading(path: Path) -> int | None:
     """The index opened to read without the lock (it is append-only: an
     unlocked reader sees whole lines plus at most a torn tail); None when
-    there is none yet. O_NONBLOCK: a FIFO put in its place never hangs us."""
+    there is none yet. O_NONBLOCK: a FIFO put in its place never hangs us;
+    it, or a device, is refused (OSError "not a regular file"), as scrub
+    refuses it: rows appended there would vanish."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(0, "not a regular file", str(path))
+    return fd
 
 
 def line_at(fd: int, offset: int) -> bytes:

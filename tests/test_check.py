@@ -403,7 +403,7 @@ def test_an_index_it_cannot_read_is_one_line_not_a_traceback(receiver: Receiver,
     if kind == "unreadable":  # mode 000, with root's DAC override dropped
         receiver.index.write_bytes(b"")
         receiver.index.chmod(0)
-    else:  # moved aside and a directory made in its place (open(O_RDONLY) succeeds, read fails)
+    else:  # a directory made in its place (open(O_RDONLY) succeeds)
         receiver.index.mkdir()
     argv = permissions_apply(receiver.argv(str(path), command="check"))
 
@@ -411,7 +411,7 @@ def test_an_index_it_cannot_read_is_one_line_not_a_traceback(receiver: Receiver,
 
     assert "internal_error" not in proc.stdout, proc.stdout
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    strerror = os.strerror(13 if kind == "unreadable" else 21)
+    strerror = os.strerror(13) if kind == "unreadable" else "not a regular file"
     assert proc.stderr == f"cis490-reconcile check: error: {receiver.index}: {strerror}\n", proc.stderr
 
 

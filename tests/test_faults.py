@@ -161,6 +161,36 @@ def test_a_split_rebuild_that_fills_the_state_disk_keeps_the_state_database(tmp_
     assert [o for o in outcomes if o[2] or o[3]] == [], outcomes
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_index_replaced_by_a_fifo_or_a_device_between_passes_is_refused(
+    receiver: Receiver, tmp_path: Path, kind: str
+) -> None:
+    """The loop (one Reconciler, its paths checked once at start): the index
+    replaced by a FIFO, or a symlink to /dev/null, between two passes. The
+    pass read every tarball again, wrote the rows into the pipe (or the
+    device), where they vanished, and failed with fdatasync's "Invalid
+    argument". It is refused before anything is read, as scrub refuses it:
+    "not a regular file"."""
+    receiver.tarball("h1", "a")
+    settings = {"episodes_root": receiver.episodes, "index": receiver.index, "min_age": 0, "workers": 1}
+    (tmp_path / "state").mkdir()
+    cfg = config.build({**settings, "state_dir": tmp_path / "state"})
+    with Reconciler(cfg, make_logger("error", io.StringIO())) as reconciler:
+        assert reconciler.run_pass().backfilled == 1
+        receiver.tarball("h1", "b")
+        receiver.index.unlink()
+        if kind == "fifo":
+            os.mkfifo(receiver.index)
+        else:
+            receiver.index.symlink_to(os.devnull)
+
+        with pytest.raises(PassFailed) as failed:
+            reconciler.run_pass()
+
+    assert failed.value.reason == f"{receiver.index}: not a regular file"
+    assert failed.value.summary.bytes_read == 0  # refused before a tarball was read
+
+
 @ROOT_ONLY
 def test_an_index_that_may_not_be_written(receiver: Receiver) -> None:
     receiver.tarball("h1", "old")
