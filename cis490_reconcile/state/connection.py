@@ -182,7 +182,8 @@ class Database:
         # a partial copy) would fail a query halfway through, where nothing can go on without it
         schema = "SELECT type, name, sql FROM {}.sqlite_master WHERE name NOT LIKE 'sqlite_%'"
         ours, theirs = (set(self.db.execute(schema.format(s))) for s in ("main", "base"))
-        for kind, name, _ in sorted(ours - theirs):
+        if missing := sorted(ours - theirs):
+            kind, name, _ = missing[0]
             raise StateUnusable(f"its {kind} {name} is missing or not this program's")
 
     def detach_base(self) -> None:
