@@ -37,14 +37,19 @@ the dead one held while it waited for a task (a semaphore nobody will post).
 So `finish`, once every batch is back, SIGKILLs the pool's workers, dead one
 or not, before it shuts the executor down: nothing is left to lose then, and
 a worker found dead there (idle, or after its batch came back, which no
-batch reports) still fails the pass. One death the executor cannot survive:
-a worker killed while it writes a batch's results (over 64 KiB, more than
-the pipe holds) leaves the executor waiting for the rest of that message
-for good, so no batch ever fails; the pass then makes no progress and the
-watchdog ends it (WatchdogSec), and the next pass reads those tarballs
-again. Measured: 1 run in 16, and 2 in 30, when test_faults.py killed a
-worker at a random moment among 1,600 small tarballs (it now kills one
-between two tarballs).
+batch reports) still fails the pass. One death the executor cannot see: a
+worker killed while it writes a batch's results (over 64 KiB, more than the
+pipe holds) leaves the executor's thread reading the rest of that message
+for good, so no batch ever fails (1 run in 16, and 2 in 30, when
+test_faults.py killed a worker at a random moment among 1,600 small
+tarballs). So whenever the parent waits and no batch came back, it looks for
+a dead worker itself; finding one, it kills the others and closes its own
+copy of the results pipe's write end. The executor's thread then reads what
+was sent whole, meets the end of the pipe inside the torn message, and fails
+every batch not back: the pass ends as for any death, without waiting for
+the watchdog (or, under --once by hand, forever). Nothing else in the parent
+writes to that pipe (CPython 3.10 to 3.13 wake the executor's thread
+through a pipe of its own).
 
 The read-rate limit is split evenly between the workers.
 
@@ -245,6 +250,8 @@ class VerifyPool:
                 if not self._inflight:
                     return
                 done, self._inflight = wait(self._inflight, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+                if not done:
+                    self._end_a_silent_death()
                 self._collect(done)
                 now = self._ticks.value
                 tick(bool(done) or now != seen)
@@ -272,7 +279,8 @@ class VerifyPool:
         self._stop.value = 1
         # No batch is cancelled: one not yet begun returns at once (it sees the stop first), and
         # the executor of 3.10 and 3.11 fails on a cancelled batch if a worker dies then.
-        wait(self._inflight)  # a worker returns at its next read; a dead one fails every batch
+        while wait(self._inflight, timeout=_POLL_S).not_done:  # a worker returns at its next read
+            self._end_a_silent_death()
         inflight, self._inflight = self._inflight, set()
         try:
             self._collect(inflight)
@@ -282,6 +290,18 @@ class VerifyPool:
             self._shut_down()
         left, self._ready = list(self._ready), deque()
         return left
+
+    def _end_a_silent_death(self) -> None:
+        """A dead worker, maybe one the executor cannot see (the module's
+        docstring): kill every worker, then close the parent's copy of the
+        results pipe's write end, so that every batch not back fails."""
+        processes = list((self._pool._processes or {}).values())
+        if all(process.exitcode is None for process in processes):
+            return
+        for process in processes:
+            process.kill()
+        writer = self._pool._result_queue._writer  # type: ignore[attr-defined]  # CPython's, 3.10 to 3.13
+        writer.close()
 
     def _shut_down(self) -> None:
         """Every batch is back: kill the workers, then shut the executor down

@@ -426,7 +426,7 @@ real_wait, done = workers.wait, []
 
 def wait_then_a_death(fs, timeout=None, return_when="ALL_COMPLETED"):
     got = real_wait(fs, timeout=timeout, return_when=return_when)
-    if timeout is None and not done:  # finish()'s: every batch is back, the workers idle
+    if return_when == "ALL_COMPLETED" and not got.not_done and not done:  # finish()'s: every batch is back
         done.append(1)
         time.sleep(0.3)
         # the one reading the task queue holds its lock (the others wait for it)
@@ -458,6 +458,47 @@ def test_an_idle_worker_killed_at_the_end_neither_hangs_the_pass_nor_goes_unsaid
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     failed_by_a_dead_worker(receiver, proc, 8)
+    assert receiver.keys() == [("h1", f"e{i}") for i in range(8)]
+
+
+TEAR_A_RESULT_THEN_DIE = """
+import os, signal, struct, sys
+from cis490_reconcile import cli, workers
+
+pools, verify_many = [], workers.verify_many
+real_init = workers.VerifyPool.__init__
+
+def keep(self, *args):
+    real_init(self, *args)
+    pools.append(self)  # the workers fork after this, so each sees the pool
+
+def tear_then_die(store, tarballs, *args):
+    results = pools[0]._pool._result_queue
+    if results._wlock.acquire(timeout=0.5):  # the first worker to take the results pipe dies in it
+        # the head of a result bigger than the pipe holds, then the OOM killer
+        os.write(results._writer.fileno(), struct.pack("!i", 1 << 20) + bytes(1000))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return verify_many(store, tarballs, *args)
+
+workers.VerifyPool.__init__ = keep
+workers.verify_many = tear_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_killed_while_it_writes_its_results_fails_the_pass(receiver: Receiver) -> None:
+    """A worker killed in the middle of a result bigger than the pipe (and
+    holding the pipe's lock, as it would): the executor's thread waited for
+    the rest of that message for good, no batch ever failed, and the pass
+    made no progress until the watchdog killed it, or for ever under --once
+    by hand. Now the parent sees the dead worker itself and the pass fails
+    in one line; the next pass backfills every tarball."""
+    receiver.index.touch()  # the one batch fails: nothing to append
+    for i in range(8):
+        receiver.tarball("h1", f"e{i}", {"meta.json": b"{}", "data": os.urandom(1000)})
+    argv = [sys.executable, "-c", TEAR_A_RESULT_THEN_DIE, *receiver.argv("--once", "--workers", "2")[3:]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    failed_by_a_dead_worker(receiver, proc, 0)
     assert receiver.keys() == [("h1", f"e{i}") for i in range(8)]
 
 
