@@ -101,6 +101,8 @@ class Committer:
         ends in LockTimeout. on_wait is called while the lock is busy (it may
         raise to give up)."""
         self.catch_up()
+        if not pending and not self.cfg.index.exists():
+            return  # the receiver makes its index, with its owner and mode: one of ours may lock it out
         if self.dry_run:
             self._partition(pending, done)
             out = self.rows_out or sys.stdout

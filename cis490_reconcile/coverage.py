@@ -81,9 +81,7 @@ class Coverage:
         whatever the checkpoint's file held: an empty file is read instead."""
         # a reader's own checkpoint once it has read on from the base's: never the same rows twice
         cp = self.state.keys.checkpoint() or self.state.keys.checkpoint(self.state.last)
-        if fd is None:
-            if cp is None:
-                return CatchUp()  # nothing was read: nothing to forget
+        if fd is None:  # its checkpoint (at offset 0) lets the next pass read on, not start over
             empty = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 return self.catch_up(empty, full, on_progress, whole)
@@ -104,8 +102,11 @@ class Coverage:
 
     @staticmethod
     def _fits(fd: int, st: os.stat_result, cp: Checkpoint) -> bool:
+        """Whether reading on from `cp` reads every row of this file. One at
+        offset 0 (no index yet, or an empty one) fits any file: reading on
+        is reading it all, and no row was known to forget."""
         return (
-            (st.st_dev, st.st_ino) == (cp.index_dev, cp.index_ino)
+            (cp.offset == 0 or (st.st_dev, st.st_ino) == (cp.index_dev, cp.index_ino))
             and st.st_size >= cp.offset
             and index.tail_digest(fd, cp.offset) == cp.tail_sha256
         )

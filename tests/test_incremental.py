@@ -153,6 +153,29 @@ def test_a_file_left_in_flight_is_revisited(receiver: Receiver, tmp_path: Path, 
     assert (second.hosts_unchanged, second.hosts_listed, second.backfilled) == (1, 0, 2)
 
 
+def test_a_pass_with_nothing_to_append_makes_no_index(receiver: Receiver, tmp_path: Path) -> None:
+    """Before the receiver's first row, a pass with nothing to append made
+    an empty index.jsonl of its own (ours, mode 0640 under the unit's
+    UMask), which a receiver running as another user then could not append
+    to. Now it leaves the index to the receiver, and still remembers it read
+    none: the next pass lists nothing unchanged, and the receiver's new
+    file is read on as appended rows, not as an index replaced."""
+    receiver.tarball("h1", "young")
+    time.sleep(scan.GUARD_NS / 1e9)  # the pass in another process: listed long enough after it changed
+    state = ("--state-dir", str(tmp_path))
+    first = receiver.run(*state, "--min-age", "3600")
+    assert first.one("pass_finished")["in_flight"] == 1, first.stdout
+    assert not receiver.index.exists()
+    second = receiver.run(*state, "--min-age", "3600")
+    assert (second.one("pass_finished")["full"], second.one("pass_finished")["hosts_unchanged"]) == (False, 1)
+    assert not receiver.index.exists()
+    receiver.append_row(receiver.receiver_row("h1", "young"))  # the receiver makes its index
+    third = receiver.run(*state, "--min-age", "0")
+    assert "index_restarted" not in third.stdout
+    assert (third.one("pass_finished")["backfilled"], third.one("pass_finished")["hosts_unchanged"]) == (0, 1)
+    assert receiver.keys() == [("h1", "young")]
+
+
 def test_a_file_left_in_flight_then_indexed_by_the_receiver_is_not_read_again(
     receiver: Receiver, tmp_path: Path, no_guard: None
 ) -> None:
