@@ -241,9 +241,14 @@ class Receiver:
         copy.write_bytes(self.index.read_bytes())
         os.replace(copy, self.index)
 
+    def lines(self) -> list[bytes]:
+        """The index's lines; none when there is no index (a pass with nothing
+        to append leaves it to the receiver)."""
+        return self.index.read_bytes().splitlines() if self.index.exists() else []
+
     def rows(self) -> list[dict]:
         """Every non-blank line of the index as JSON (fails on a bad line)."""
-        return [json.loads(line) for line in self.index.read_bytes().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.lines() if line.strip()]
 
     def keys(self) -> list[tuple[str | None, str]]:
         return [(r.get("host_id"), r["episode_id"]) for r in self.rows()]
@@ -252,7 +257,7 @@ class Receiver:
         """Keys of the lines that are rows, skipping garbage (a write cut short
         by a full disk leaves one line that is not a row)."""
         keys = []
-        for line in self.index.read_bytes().splitlines():
+        for line in self.lines():
             try:
                 row = json.loads(line)
             except ValueError:
