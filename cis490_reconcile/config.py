@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
+from . import syscalls
 from .store import is_safe_name
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -33,6 +34,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/cis490/reconcile.toml")
 ENV_PREFIX = "CIS490_RECONCILE_"
 ENV_CONFIG = ENV_PREFIX + "CONFIG"
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB
 MAX_SECONDS = 100 * 365 * 86400  # longer overflows select() (2**63 ns), or a retention cutoff's float
 
 
@@ -392,14 +394,13 @@ def load(flags: Mapping[str, object], config_file: Path | None, environ: Mapping
 
 def _read_toml(path: Path, required: bool) -> dict[str, object] | None:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = syscalls.read_regular(path, MAX_CONFIG_BYTES)  # never a FIFO's endless wait nor /dev/zero
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path}: no such file") from None
         return None
-    except OSError as e:
-        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
     # imported only when there is a file: start-up time counts for a no-op pass
     if sys.version_info >= (3, 11):
         import tomllib

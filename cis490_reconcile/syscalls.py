@@ -126,6 +126,23 @@ def discard_output(fd: int) -> None:
         os.close(null)
 
 
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path` (or a symlink to one), when
+    there are at most `limit`; ValueError for anything else. Opened
+    non-blocking, then fstat: a FIFO nobody writes would block open()
+    forever, a device such as /dev/zero read forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = pread_exact(fd, limit + 1, 0)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
+
+
 NOT_A_DIRECTORY = "not a directory"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,32 @@ def test_bad_config_file_is_one_line_and_exit_2(receiver: Receiver, tmp_path: Pa
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1
     assert "min_age = 'soon': expected a number of seconds" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device", "symlink to a device", "over 1 MiB"])
+def test_a_config_file_that_is_not_a_small_regular_file_is_one_line_and_exit_2(
+    receiver: Receiver, tmp_path: Path, kind: str
+) -> None:
+    """A FIFO nobody writes used to hang the pass in open() for ever, and
+    /dev/zero (also through a symlink) was read until memory ran out."""
+    toml = tmp_path / "reconcile.toml"
+    if kind == "fifo":
+        os.mkfifo(toml)
+    elif kind == "directory":
+        toml.mkdir()
+    elif kind == "device":
+        toml = Path("/dev/zero")
+    elif kind == "symlink to a device":
+        toml.symlink_to("/dev/zero")
+    else:
+        toml.write_text("# a comment\n" * (1 << 17))
+    proc = subprocess.run(
+        [*receiver.argv("--once"), "--config", str(toml)], capture_output=True, text=True, timeout=30
+    )
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.count("\n") == 1
+    why = "larger than 1048576 bytes" if kind == "over 1 MiB" else "not a regular file"
+    assert f"config file {toml}: {why}" in proc.stderr, proc.stderr
 
 
 HUGE = "1" + "0" * 400  # a TOML integer beyond any float
