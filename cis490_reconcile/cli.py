@@ -151,3 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
         make_logger("error", sys.stdout).exception("internal_error")
         return ExitCode.FAILED
+    finally:
+        from .log import say_lost  # already loaded by the action
+
+        say_lost(sys.stderr)

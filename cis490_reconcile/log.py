@@ -9,15 +9,18 @@ inode of the stream it connected), each line starts with the syslog priority
 "<N>": journald strips it and stores it as PRIORITY, so
 `journalctl -p warning` filters, and `journalctl -o cat` still prints pure JSON.
 
-A log nobody can read any more (EPIPE: `cis490-reconcile --once | head`;
-EIO: the terminal hung up) does not fail the pass half done: its lines are
-dropped from then on (the stream is pointed at /dev/null, so that even the
-interpreter's last flush succeeds). What the pass did is in the index, the
-state database and the metrics.
+A log stream that fails (EPIPE: `cis490-reconcile --once | head`; EIO: the
+terminal hung up; ENOSPC, EDQUOT, EFBIG: `> log` on a full disk) does not
+fail the pass half done: its lines are dropped from then on (the stream is
+pointed at /dev/null, so that even the interpreter's last flush succeeds)
+and counted; the command ends with one line on stderr saying how many were
+lost (say_lost). What the pass did is in the index, the state database and
+the metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -63,26 +66,54 @@ def is_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+STREAM_FAILED = (errno.EPIPE, errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_lost: dict[int, tuple[int, str]] = {}  # per failed fd: lines dropped, and why the stream failed
+
+
 class _Output:
-    """The stream log lines go to, until its reader is gone (see above)."""
+    """The stream log lines go to, until it fails (see above). Each line
+    ends with a flush (PrintLogger), where a dropped one is counted."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        self._lost(self._stream.write, text)
+        self._guard(self._stream.write, text)
         return len(text)
 
     def flush(self) -> None:
-        self._lost(self._stream.flush)
+        self._guard(self._stream.flush)
+        if self._failed():
+            lines, why = _lost[self._stream.fileno()]
+            _lost[self._stream.fileno()] = lines + 1, why
 
-    def _lost(self, call: Callable[..., object], *args: object) -> None:
+    def _failed(self) -> bool:
+        """Whether the stream failed, here or through another logger of the
+        process (one made after a reload writes to the same fd)."""
+        return bool(_lost) and self._stream.fileno() in _lost
+
+    def _guard(self, call: Callable[..., object], *args: object) -> None:
+        if self._failed():
+            return
         try:
             call(*args)
         except OSError as e:
-            if e.errno not in (errno.EPIPE, errno.EIO):
+            if e.errno not in STREAM_FAILED:
                 raise
             syscalls.discard_output(self._stream.fileno())
+            _lost[self._stream.fileno()] = 0, e.strerror or str(e)
+
+
+def say_lost(stderr: TextIO) -> None:
+    """One line on stderr when log lines were dropped (nothing if stderr
+    failed too: there is nowhere left to say it)."""
+    for fd, (lines, why) in _lost.items():
+        with contextlib.suppress(OSError):
+            where = {1: "stdout", 2: "stderr"}.get(fd, f"fd {fd}")
+            print(
+                f"cis490-reconcile: {lines} log line(s) could not be written to {where}: {why}", file=stderr
+            )
+            stderr.flush()
 
 
 def make_logger(level: str = "info", stream: TextIO | None = None, journal: bool | None = None) -> Logger:

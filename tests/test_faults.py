@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -96,6 +97,37 @@ def test_disk_full_fails_cleanly_and_the_next_pass_converges(
     assert receiver.index.read_bytes().startswith(before)
     exactly_one_row_each(receiver, episodes)
     assert receiver.run().one("pass_finished")["backfilled"] == 0
+
+
+@ROOT_ONLY
+def test_a_log_on_a_full_disk_loses_lines_not_the_pass(
+    receiver: Receiver, small_disk: Path, tmp_path: Path
+) -> None:
+    """`cis490-reconcile --once > /mnt/small/log` on a filesystem that fills
+    up: the pass used to die of ENOSPC at its next log line (exit 1, a
+    traceback, no metrics, no record), wherever it was. Now the rest of the
+    log is dropped, the pass ends as it would have, and stderr says how many
+    log lines were lost."""
+    for i in range(30):
+        receiver.tarball("h1", f"e{i:02}")
+    state, prom = tmp_path / "state", tmp_path / "cis490_reconcile.prom"
+    state.mkdir()
+    fill(small_disk, 4096)  # room for a few lines
+    argv = receiver.argv("--once", "--state-dir", str(state), "--metrics-file", str(prom))
+    with open(small_disk / "log", "wb") as log:
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lost = re.fullmatch(
+        r"cis490-reconcile: (\d+) log line\(s\) could not be written to stdout: (.*)\n", proc.stderr
+    )
+    assert lost is not None and int(lost[1]) > 0 and lost[2] == "No space left on device", proc.stderr
+    assert len(receiver.keys()) == 30
+    assert "cis490_reconcile_last_run_success 1.0" in prom.read_text()
+    assert "cis490_reconcile_last_run_rows_backfilled 30.0" in prom.read_text()
+    status = subprocess.run(
+        receiver.argv("--json", "--state-dir", str(state), command="status"), capture_output=True
+    )
+    assert json.loads(status.stdout)["last_pass"]["result"] == "ok"
 
 
 @ROOT_ONLY
