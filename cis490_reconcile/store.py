@@ -183,8 +183,16 @@ class HostDir:
 
     def open(self, tarball: Tarball) -> int:
         """Open the scanned file for reading without following links or
-        blocking; raises NotRegularFile if what is there is not that file."""
-        fd = os.open(tarball.name, syscalls.O_NOFOLLOW_READ, dir_fd=self.fd)
+        blocking; raises NotRegularFile if what is there is not that file
+        (ELOOP: the bare name is a symlink now, put there since the scan's
+        lstat: a file replaced while we looked, not one we cannot read)."""
+        try:
+            fd = os.open(tarball.name, syscalls.O_NOFOLLOW_READ, dir_fd=self.fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            why = "replaced by a symlink since it was scanned"
+            raise NotRegularFile(errno.ELOOP, why, tarball.path) from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (tarball.dev, tarball.ino):
             os.close(fd)

@@ -95,6 +95,34 @@ def test_store_changes_after_the_listing(receiver: Receiver, monkeypatch: pytest
     assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "c")]
 
 
+def test_a_tarball_replaced_by_a_symlink_after_the_listing_is_unsettled(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver (or anyone) swaps a scanned tarball for a symlink before
+    the read: the O_NOFOLLOW open fails with ELOOP. That was `unreadable`
+    (a warning, and a metric that pages an operator); it is a file replaced
+    while we looked, as one removed is. The next pass's listing sees the
+    symlink and skips it, as ever, and opens nothing through it."""
+    receiver.tarball("h1", "a")
+    target = receiver.tarball("h1", "b")
+    link = receiver.tarball("h1", "s")
+    real_verify = verify.verify
+
+    def swap_then_verify(host, tarball, *args):  # type: ignore[no-untyped-def]
+        if tarball.episode_id == "s":
+            link.unlink()
+            link.symlink_to(target.name)  # a real tarball behind it: never read through the link
+        return real_verify(host, tarball, *args)
+
+    monkeypatch.setattr(verify, "verify", swap_then_verify)
+    summary = one_pass(receiver)
+    assert (summary.backfilled, summary.unsettled, summary.unreadable) == (2, 1, 0)
+    monkeypatch.setattr(verify, "verify", real_verify)
+    again = one_pass(receiver)
+    assert (again.backfilled, again.unsettled, again.unreadable, again.skipped) == (0, 0, 0, 1)
+    assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b")]
+
+
 def lock_busy_once(monkeypatch: pytest.MonkeyPatch) -> Callable[[], bool]:
     """The first commit finds the index lock busy, and a stop comes
     meanwhile; the lock is free after that. Returns the stop flag."""
