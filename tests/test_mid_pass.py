@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import Receiver
 
-from cis490_reconcile import config, index, passdata, verify
+from cis490_reconcile import config, index, passdata, rowcheck, store, verify
 from cis490_reconcile.log import make_logger
 from cis490_reconcile.passrun import PassRun
 from cis490_reconcile.reconcile import PassFailed, Reconciler
@@ -121,6 +121,28 @@ def test_a_tarball_replaced_by_a_symlink_after_the_listing_is_unsettled(
     again = one_pass(receiver)
     assert (again.backfilled, again.unsettled, again.unreadable, again.skipped) == (0, 0, 0, 1)
     assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b")]
+
+
+def test_scrub_finds_a_tarball_replaced_by_a_symlink_before_its_read_unsettled(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scrub's lstat then open of a row's tarball, the file swapped for a
+    symlink between the two: unsettled, as for a pass (it was unreadable)."""
+    path = receiver.tarball("h1", "a")
+    data = path.read_bytes()
+    claim = rowcheck.Checkable("h1", "a", hashlib.sha256(data).hexdigest(), len(data), None)
+    real_lstat = store.HostDir.lstat
+
+    def lstat_then_swap(self, name):  # type: ignore[no-untyped-def]
+        found = real_lstat(self, name)
+        path.rename(path.with_name("elsewhere"))
+        path.symlink_to("elsewhere")
+        return found
+
+    monkeypatch.setattr(store.HostDir, "lstat", lstat_then_swap)
+    with store.Store(receiver.episodes) as episodes:
+        found = rowcheck.check(episodes, claim, None, lambda n: None)
+    assert found.result == "unsettled", found
 
 
 def lock_busy_once(monkeypatch: pytest.MonkeyPatch) -> Callable[[], bool]:
