@@ -11,7 +11,9 @@ bounded memory), and the answer says:
 - the commit a pass would record, and the row it would append;
 - when the file changed less than min_age ago: a pass would wait for it;
 - for a file under the episodes root, what the index says: not indexed,
-  indexed and the row matches, or indexed and which fields differ.
+  indexed and the row matches, or indexed and which fields differ; or, for
+  a name a pass passes over (store.passed_host, passed_file: a dot-name,
+  lost+found, an unsafe name), that and why, and no row: it is never indexed.
 
 Read-only, like status: no lock is taken and nothing of the store, the index
 or the state is written. The index is looked up through the state database
@@ -37,7 +39,7 @@ from .config import Config
 from .coverage import Coverage
 from .log import Logger
 from .reading import ReadPacer
-from .store import SUFFIX, HostDir, Skipped, Store, Tarball, is_safe_name
+from .store import SUFFIX, HostDir, Skipped, Store, Tarball, passed_file, passed_host
 from .verdicts import Corrupt, Intact, Unreadable, Unsettled, Unverifiable, Verdict, decoding_for
 from .verify import Seen, examine_file
 
@@ -67,6 +69,7 @@ class Answer:
     host_id: str
     episode_id: str
     under_root: bool
+    passed: str | None = None  # why a pass passes over this store file (never indexed), or None
     seen: Seen | None = None
     commit: str | None = None
     commit_note: str | None = None  # why a row would have no commit
@@ -86,14 +89,16 @@ class Answer:
 
     @property
     def undecided(self) -> bool:
-        """Not damaged as far as we can tell, but not proven intact either."""
-        return self.verdict != "intact" and not self.damaged
+        """Not damaged as far as we can tell, but not proven intact either, or
+        a file a pass passes over (it never gets a row)."""
+        return (self.verdict != "intact" or self.passed is not None) and not self.damaged
 
     @property
     def pass_would_append(self) -> bool:
         return (
             self.row is not None
             and self.under_root
+            and self.passed is None
             and not self.in_flight
             and self.lookup is not None
             and self.lookup.found == "not indexed"
@@ -109,6 +114,7 @@ class Answer:
             "host_id": self.host_id,
             "episode_id": self.episode_id,
             "under_episodes_root": self.under_root,
+            "pass_skips": self.passed,
             "size_bytes": None if seen is None else seen.size,
             "sha256": None if seen is None else seen.sha256,
             "zstd": None
@@ -204,12 +210,11 @@ class Checker:
                 path = directory / path.name
         episode_id = path.name.removesuffix(SUFFIX)
         host_id = path.parent.name if path.parent != path else ""
-        under_root = (
-            os.path.realpath(path.parent.parent) == self.root
-            and is_safe_name(host_id)
-            and is_safe_name(episode_id)
-        )
+        under_root = bool(host_id) and os.path.realpath(path.parent.parent) == self.root
         answer = Answer(given, "unreadable", None, host_id, episode_id, under_root)
+        if under_root:  # asked as the listing asks: a pass passes it over, never indexes it
+            passed = passed_host(host_id) or passed_file(path.name)
+            answer.passed = None if passed is None else passed.reason
         answer.min_age_s = self.cfg.min_age
         host = self._open_host(path, under_root)
         if not isinstance(host, HostDir):
@@ -226,8 +231,9 @@ class Checker:
         return self._looked_up(answer)
 
     def _looked_up(self, answer: Answer) -> Answer:
-        """A file in the store, even one gone or refused, is asked about in the index."""
-        if answer.under_root:
+        """A file in the store, even one gone or refused, is asked about in
+        the index; not one a pass passes over (no row of it is ever its)."""
+        if answer.under_root and answer.passed is None:
             answer.lookup = self._lookup(answer)
         return answer
 
@@ -251,7 +257,8 @@ class Checker:
         answer.verdict = _VERDICT_NAMES[type(verdict)]
         if isinstance(verdict, Intact):
             answer.commit, answer.commit_note = verdict.commit, verdict.commit_note
-            answer.row = index.encode_row(index.backfill_row(tarball, verdict, time.time_ns()))
+            if answer.passed is None:
+                answer.row = index.encode_row(index.backfill_row(tarball, verdict, time.time_ns()))
         else:
             answer.reason = verdict.reason
 

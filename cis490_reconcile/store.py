@@ -33,6 +33,46 @@ def is_safe_name(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not _UNSAFE.search(name)
 
 
+class Passed(NamedTuple):
+    """Why a pass passes over a name without opening it; `warned`: it says
+    so (store_entry_skipped), else it is silent (the receiver's or the
+    filesystem's business, no host's)."""
+
+    reason: str
+    warned: bool = False
+
+
+_DOT = Passed("a dot-name: the receiver's business")
+_TEMP = Passed("a temporary name: the receiver's business")
+_NOT_TARBALL = Passed(f"not named <episode_id>{SUFFIX}")
+# an episodes root that is a mount point has mkfs's, which the service's user
+# cannot open (a warning every pass, a status never clean); hostnames have no "+"
+_LOST_FOUND = Passed("lost+found: the filesystem's, no host's")
+_UNSAFE_HOST = Passed("unsafe host name", warned=True)
+_UNSAFE_EPISODE = Passed("unsafe episode name", warned=True)
+
+
+def passed_host(name: str) -> Passed | None:
+    """Why a pass does not visit this entry of the episodes root, or None.
+    The one rule: the listing and `check` both ask it."""
+    if name.startswith("."):
+        return _DOT
+    if name == "lost+found":
+        return _LOST_FOUND
+    return None if is_safe_name(name) else _UNSAFE_HOST
+
+
+def passed_file(name: str) -> Passed | None:
+    """Why a pass does not look at this name in a host directory, or None."""
+    if name.startswith("."):
+        return _DOT
+    if name.endswith(_TEMP_SUFFIXES):
+        return _TEMP
+    if not name.endswith(SUFFIX):
+        return _NOT_TARBALL
+    return None if is_safe_name(name[: -len(SUFFIX)]) else _UNSAFE_EPISODE
+
+
 def printable(name: str) -> str:
     """A file name for a log line: bytes that are not UTF-8 shown as \\xNN."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
@@ -128,19 +168,16 @@ class HostDir:
         return os.fstat(self.fd)
 
     def entries(self) -> tuple[list[str], list[Skipped]]:
-        """Episode ids named here, sorted, and the names skipped as unsafe.
-        Dotfiles and temp names (*.tmp, *.partial) are the receiver's business
-        and are ignored silently, as are files that are not *.tar.zst."""
+        """Episode ids named here, sorted, and the names skipped as unsafe;
+        the rest passed_file passes over silently."""
         names: list[str] = []
         skipped: list[Skipped] = []
         for name in sorted(os.listdir(self.fd)):
-            if name.startswith(".") or name.endswith(_TEMP_SUFFIXES) or not name.endswith(SUFFIX):
-                continue
-            episode_id = name[: -len(SUFFIX)]
-            if is_safe_name(episode_id):
-                names.append(episode_id)
-            else:
-                skipped.append(Skipped(f"{self.host_id}/{printable(name)}", "unsafe episode name"))
+            passed = passed_file(name)
+            if passed is None:
+                names.append(name[: -len(SUFFIX)])
+            elif passed.warned:
+                skipped.append(Skipped(f"{self.host_id}/{printable(name)}", passed.reason))
         return names, skipped
 
     def unlistable(self, e: OSError) -> Skipped:
@@ -217,18 +254,17 @@ class Store:
         self.close()
 
     def host_ids(self, only: str | None = None) -> list[str | Skipped]:
-        """Host directory names to visit, sorted; Skipped for unsafe names.
-        Dotfiles are ignored, and lost+found: an episodes root that is a
-        mount point has mkfs's, which the service's user cannot open (a
-        warning every pass, and a status never clean), and no host is named
-        so (hostnames have no "+")."""
+        """Host directory names to visit, sorted; Skipped for unsafe names;
+        the rest passed_host passes over silently (dot-names, lost+found)."""
         if only is not None:
             return [only]
         out: list[str | Skipped] = []
         for name in sorted(os.listdir(self.fd)):
-            if name.startswith(".") or name == "lost+found":
-                continue
-            out.append(name if is_safe_name(name) else Skipped(printable(name), "unsafe host name"))
+            passed = passed_host(name)
+            if passed is None:
+                out.append(name)
+            elif passed.warned:
+                out.append(Skipped(printable(name), passed.reason))
         return out
 
     def open_host(self, host_id: str) -> HostDir | Skipped | None:

@@ -295,6 +295,45 @@ def test_a_file_outside_the_store_is_verified_not_looked_up(receiver: Receiver, 
     assert "not looked up" in check(receiver, str(path)).stdout
 
 
+def test_a_store_file_a_pass_skips_says_so_and_offers_no_row(receiver: Receiver) -> None:
+    """A dot-name, lost+found, an unsafe episode or host name (control
+    character, not UTF-8): files in the store that a pass passes over. check
+    offered the row "a pass would append" (for lost+found even as "not
+    indexed", exit 0), which no pass ever does. It says the pass's reason
+    (the one store_entry_skipped logs), no row, exit 3: never indexed."""
+    names = {
+        "dot": ("robot-07", ".ep"),
+        "lost+found": ("lost+found", "ep"),
+        "control": ("robot-07", "bad\x01"),
+        "not utf-8": ("robot-07", os.fsdecode(b"x\xff")),
+        "host": (os.fsdecode(b"h\xff"), "ep"),
+    }
+    paths = {case: receiver.tarball(host, ep, gnu=True) for case, (host, ep) in names.items()}
+    good = receiver.tarball("robot-07", "good", gnu=True)
+    result = receiver.run()
+    assert result.returncode == 0 and receiver.keys() == [("robot-07", "good")]  # the pass skipped the rest
+    logged = sorted(e["reason"] for e in result.named("store_entry_skipped"))
+    assert logged == ["unsafe episode name", "unsafe episode name", "unsafe host name"]
+
+    for case, path in paths.items():
+        proc = check(receiver, "--json", str(path))
+        (answer,) = answers(proc)
+        assert answer["verdict"] == "intact" and answer["under_episodes_root"], case
+        assert (answer["row"], answer["pass_would_append"], answer["index"]) == (None, False, None), case
+        assert proc.returncode == 3, (case, proc.stderr)
+        text = check(receiver, str(path)).stdout
+        assert "a pass would append" not in text and "a pass skips this file" in text, (case, text)
+    reasons = {case: answers(check(receiver, "--json", str(p)))[0]["pass_skips"] for case, p in paths.items()}
+    assert [reasons[c] for c in ("control", "not utf-8", "host")] == [
+        "unsafe episode name",
+        "unsafe episode name",
+        "unsafe host name",
+    ]
+    assert reasons["dot"] and reasons["lost+found"] and "lost+found" in reasons["lost+found"]
+    proc = check(receiver, "--json", str(good), str(paths["dot"]))
+    assert [a["pass_skips"] for a in answers(proc)] == [None, reasons["dot"]] and proc.returncode == 3
+
+
 def test_a_bare_name_in_a_host_directory_is_a_store_file(receiver: Receiver) -> None:
     """`cd episodes/robot-07 && check ep.tar.zst`: the file is in the store,
     so it is looked up. Its parent has no name as given ("."): it was taken

@@ -4,7 +4,8 @@ text or, with --json, one JSON object per line.
 Exit 0 when every file is intact and each indexed one matches its row; 1
 when any file is damaged or differs from its row; 3 when nothing is damaged
 but some file could not be decided (unverifiable, unreadable, changed while
-it was read, or the check was stopped); 2 for a bad flag, value or path; 1
+it was read, or the check was stopped) or is one a pass passes over (a
+dot-name, lost+found, an unsafe name: it never gets a row); 2 for a bad flag, value or path; 1
 with one line on stderr when the index or the store could not be read.
 """
 
@@ -93,6 +94,8 @@ def _row(a: Answer) -> str:
 
 def _lookup(a: Answer) -> str:
     lookup = a.lookup
+    if a.passed is not None:
+        return f"not looked up: a pass skips this file, it is never indexed: {a.passed}"
     if lookup is None:
         return "not looked up: the file is not <episodes_root>/<host_id>/<episode_id>.tar.zst"
     if lookup.found == "not indexed":
