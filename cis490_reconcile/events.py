@@ -99,6 +99,11 @@ EVENTS: dict[str, tuple[str, str]] = {
         "`unverifiable`, `bad_lines`, `bytes_read`, `duration_s`, `round`, `round_completed`, `stopped_by`; "
         "`pruned_unread`: of the pruned, rows of runs found pruned before, counted without reading them",
     ),
+    "scrub_stopped": (
+        "info",
+        "stopped (`stopped_by`) while a pass held the `state_dir` it had to settle, before a row was read; "
+        "exit 0",
+    ),
     "scrub_already_running": ("error", "another scrub holds `lock_file`; exit 1"),
     "scrub_failed": (
         "error",

@@ -80,6 +80,11 @@ class ScrubNotRun(Exception):
     index); the event that says why is logged."""
 
 
+class ScrubStopped(ScrubNotRun):
+    """Stopped (a signal, max_duration) before it started: while a pass held
+    the state directory it had to settle. Said in scrub_stopped."""
+
+
 class ScrubRun(NamedTuple):
     """What one run did: the scrub_finished facts and the round's."""
 
@@ -153,7 +158,10 @@ class Scrubber:
                 self.log.error("scrub_already_running", lock_file=lock_path)
                 raise ScrubNotRun(f"another scrub holds {lock_path}")
             try:
-                self.state = statedir.guest(self.cfg, self.log, settle=True)
+                self.state = statedir.guest(self.cfg, self.log, settle=True, on_wait=self._waiting)
+            except StopRequested:
+                self.log.info("scrub_stopped", stopped_by=self.stopped_by, state_dir=self.state_dir)
+                raise ScrubStopped(f"stopped by {self.stopped_by}") from None
             except (
                 StateBusy,
                 StateUnusable,
@@ -309,6 +317,15 @@ class Scrubber:
             )
             if self.bar is not None:
                 self.bar.update(c.checked, c.bytes_read, fraction)
+        self._stop_when_asked(now)
+
+    def _waiting(self) -> None:
+        """While a pass holds the state directory the scrub must settle:
+        feed the watchdog, and end the wait at a stop or the deadline."""
+        self.notifier.keepalive()
+        self._stop_when_asked(time.monotonic())
+
+    def _stop_when_asked(self, now: float) -> None:
         if self.should_stop():
             self.stopped_by = "signal"
         elif self.deadline is not None and now >= self.deadline:

@@ -94,18 +94,20 @@ def owned(cfg: Config, log: Logger, on_wait: Callable[[], None] | None = None) -
         yield database(cfg)
 
 
-def guest(cfg: Config, log: Logger, settle: bool = False) -> State:
+def guest(cfg: Config, log: Logger, settle: bool = False, on_wait: Callable[[], None] | None = None) -> State:
     """The state database for short transactions beside a running pass.
     Raises StateUnusable when there is no usable database of this schema,
     unless `settle`: then, holding the directory like a pass (StateBusy if
-    one holds it past lock_timeout), the database is made usable first."""
+    one holds it past lock_timeout), the database is made usable first.
+    on_wait is called while a pass holds it: it may raise, so that a stop
+    ends the wait and not lock_timeout."""
     path = database(cfg)
     try:
         return State.open(path, str(cfg.episodes_root), str(cfg.index), Access.GUEST)
     except StateUnusable:
         if not settle:
             raise
-    with owned(cfg, log):
+    with owned(cfg, log, on_wait):
         open_state(path, cfg, log).close()
     return State.open(path, str(cfg.episodes_root), str(cfg.index), Access.GUEST)
 

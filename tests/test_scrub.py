@@ -371,6 +371,45 @@ def test_a_second_scrub_is_refused_while_one_holds_the_lock(receiver: Receiver, 
     assert cursor_of(state) is None
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_a_pass_holds_the_state_directory_ends_the_wait(
+    receiver: Receiver, state: Path, signum: signal.Signals
+) -> None:
+    """No database yet, so the scrub must settle one and waits for the pass
+    holding the directory (here: an flock on it in this process). A stop
+    was ignored until lock_timeout (30 s), then said as scrub_failed, exit
+    1. Now it ends the wait at once: scrub_stopped, exit 0, nothing saved."""
+    indexed(receiver, "h1", "a")
+    fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        argv = scrub_argv(receiver, state, "--lock-timeout", "30")
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        # the scrub takes scrub.lock (an flock of its pid in /proc/locks) just before it waits
+        held = re.compile(rf"^\d+: FLOCK +ADVISORY +WRITE +{proc.pid} ", re.M)
+        while not held.search(Path("/proc/locks").read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the wait
+        proc.send_signal(signum)
+        stopped_at = time.monotonic()
+        out, err = proc.communicate(timeout=40)
+        took = time.monotonic() - stopped_at
+    finally:
+        os.close(fd)
+
+    assert (proc.returncode, err) == (0, ""), out + err
+    assert took < 2.0, took
+    events = parse_events(out)
+    assert [(e["event"], e["stopped_by"], e["state_dir"]) for e in events] == [
+        ("scrub_stopped", "signal", str(state))
+    ]
+    assert cursor_of(state) is None
+    again = run_scrub(receiver, state)  # the directory free: it settles and runs
+    assert again.returncode == 0 and again.one("scrub_finished")["round_completed"] is True
+
+
 def test_a_state_database_busy_past_the_timeout_is_one_line_and_kept(
     receiver: Receiver, state: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,11 +1,11 @@
-"""`cis490-reconcile scrub`: one scrub run (scrub.py), then its outcome to
-the sinks (outcome.py). Exit 0 when nothing wrong was found (even if stopped
-early), 1 for a mismatched, missing or unreadable tarball, or when the scrub
-could not run (another scrub, a pass holding the state directory past
-lock_timeout while the database needed making, the database busy past its
-timeout or on a full disk, no index). A path on a
-network filesystem is a warning on stderr: a scrub appends nothing to the
-index."""
+"""`cis490-reconcile scrub`: one scrub run (scrub.py), then its outcome to the
+sinks (outcome.py). Exit 0 when nothing wrong was found (even if stopped
+early, also while it waited for a pass holding the state directory), 1 for a
+mismatched, missing or unreadable tarball, or when the scrub could not run
+(another scrub, a pass holding the state directory past lock_timeout while
+the database needed making, the database busy past its timeout or on a full
+disk, no index). A path on a network filesystem is a warning on stderr: a
+scrub appends nothing to the index."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..config import ConfigError
 from ..notify import Notifier
 from ..outcome import Outcome
 from ..runtime import ExitCode, Signals
-from ..scrub import Scrubber, ScrubNotRun, ScrubRun
+from ..scrub import Scrubber, ScrubNotRun, ScrubRun, ScrubStopped
 from . import Context
 
 
@@ -34,6 +34,8 @@ def run(ctx: Context) -> ExitCode:
         scrubber = Scrubber(cfg, log, Notifier(), signals.should_stop, ctx.args.max_duration, bar)
         try:
             done = scrubber.run()
+        except ScrubStopped:  # before a row was read: no run to record
+            return ExitCode.OK
         except ScrubNotRun:
             return ExitCode.FAILED
     result = _outcome(done)
