@@ -141,6 +141,7 @@ def view(cfg: Config, log: Logger, with_state: bool = True) -> Iterator[State]:
                     state.keys.copy_hosts_from_base()
             except (OSError, StateUnusable, sqlite3.Error) as e:  # replaced since its check, say
                 state.forget_base()
+                state.base_ignored = str(e)
                 log.info("state_ignored", state_file=base, reason=str(e))
             yield state
         finally:

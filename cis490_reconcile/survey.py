@@ -90,6 +90,7 @@ class Report:
     last_pass: dict[str, object] | None = None
     last_scrub: dict[str, object] | None = None
     unknown_host: str | None = None  # --host named no directory and no row: a typo, most likely
+    state_ignored: str | None = None  # why the state database was not read: last pass and scrub unknown
 
     def host(self, host_id: str) -> HostCounts:
         return self.hosts.setdefault(host_id, HostCounts())
@@ -156,6 +157,7 @@ class Report:
             "examples_cap": EXAMPLES,
             "last_pass": self.last_pass,
             "last_scrub": self.last_scrub,
+            "state_ignored": self.state_ignored,
         }
 
 
@@ -397,7 +399,9 @@ def survey(
             return _survey(cfg, bar, log, orphans, with_state=True)
         except _StateDamaged as e:
             log.info("state_ignored", state_file=statedir.database(cfg), reason=str(e))
-            return _survey(cfg, bar, log, orphans, with_state=False)
+            report = _survey(cfg, bar, log, orphans, with_state=False)
+            report.state_ignored = str(e)
+            return report
     finally:
         if bar is not None:
             bar.clear()
@@ -417,6 +421,7 @@ def _survey(
         fd = index.open_for_reading(cfg.index)
         try:
             s = Survey(cfg, log, view, fd, bar)
+            s.report.state_ignored = view.base_ignored
             # first: a replaced index is read whole into keys of our own, without the state's records
             s.report.last_pass = view.records.get("last_pass", view.last)
             s.report.last_scrub = view.records.get("last_scrub", view.last)

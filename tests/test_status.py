@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import LockHolder, Receiver, episode, gnu_tarball, zero_page
+from helpers import LockHolder, Receiver, episode, gnu_tarball, permissions_apply, zero_page
 
 from cis490_reconcile import config, survey
 from cis490_reconcile.actions import Context
@@ -487,6 +487,40 @@ def test_a_state_database_damaged_past_its_open_is_ignored_by_status(
         assert "internal_error" not in result.stdout, result.stdout[-300:]
     report = json.loads(status(receiver, "--json", state_dir=state_dir).stdout)
     assert report["hosts"] == without_state["hosts"] and report["attention"] == without_state["attention"]
+
+
+def test_a_state_database_it_cannot_read_leaves_the_last_pass_unknown_not_none(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """The last pass failed (the index lock held past lock_timeout). Run by
+    a user who may not read the state directory, or with a page of zeros in
+    its records, status said "last pass: none recorded (no state_dir, or no
+    pass yet)", hiding the failure the journal shows. It says it could not
+    read the state database, and why."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    receiver.tarball("h1", "a")
+    receiver.index.touch()
+    with LockHolder(receiver.index, "flock"):
+        failed = receiver.run("--state-dir", str(state_dir), "--lock-timeout", "0.5")
+    assert failed.returncode == 1 and failed.one("pass_failed")
+    assert "last pass: failed" in status(receiver, state_dir=state_dir).stdout
+
+    state_dir.chmod(0)
+    try:
+        argv = permissions_apply(receiver.argv("--state-dir", str(state_dir), command="status"))
+        text = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
+        as_json = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60).stdout
+        report = json.loads(as_json)
+    finally:
+        state_dir.chmod(0o755)
+    assert "none recorded" not in text, text
+    assert "last pass and scrub: unknown, the state database was not read: " in text, text
+    assert os.strerror(errno.EACCES) in report["state_ignored"] and report["last_pass"] is None
+
+    zero_page(state_dir / "state.sqlite3", "records")
+    text = status(receiver, state_dir=state_dir).stdout
+    assert "none recorded" not in text and "last pass and scrub: unknown" in text, text
 
 
 def test_in_flight_is_not_attention(receiver: Receiver) -> None:

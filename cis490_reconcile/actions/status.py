@@ -74,8 +74,10 @@ def render(report: Report) -> str:
         if report.examples[kind]:
             out.append(f"{title}:")
             out += [f"  {_example(kind, e)}" for e in report.examples[kind]]
-    out.append(_last_pass(report.last_pass))
-    out.append(_last_scrub(report.last_scrub))
+    if report.state_ignored is not None:  # not "none recorded": there may be a record, failed even
+        out.append(f"last pass and scrub: unknown, the state database was not read: {report.state_ignored}")
+    else:
+        out += [_last_pass(report.last_pass), _last_scrub(report.last_scrub)]
     notes = report.attention()
     out.append("needs attention: " + "; ".join(notes) if notes else "clean")
     return "\n".join(out) + "\n"

@@ -114,6 +114,7 @@ class Database:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.base = False  # a read-only database is attached as "base"
+        self.base_ignored: str | None = None  # why statedir.view went on without the state database
 
     @classmethod
     def connect(
