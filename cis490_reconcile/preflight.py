@@ -88,7 +88,8 @@ def _check_quarantine(qdir: Path, root: Path) -> None:
 def check_user(cfg: Config) -> None:
     """Refuse root when the index belongs to someone else: rows appended as
     root are fine, but a lock or index file root creates, or a habit of
-    running as root, breaks the receiver that runs as its own user."""
+    running as root, breaks the receiver that runs as its own user (and a
+    scrub's lock and database in the state directory, the service's scrub)."""
     if os.geteuid() != 0 or cfg.allow_root:
         return
     target = cfg.index if cfg.index.exists() else cfg.index.parent

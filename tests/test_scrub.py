@@ -508,7 +508,7 @@ def test_the_scrub_unit_carries_the_pass_units_hardening_verbatim() -> None:
     [
         (("--host", "h1"), "--host: a scrub walks the whole index"),
         (("--max-duration", "soon"), "argument --max-duration: expected a number of seconds"),
-        (("--state-dir", ""), "scrub keeps its cursor in state_dir"),
+        (("--state-dir", ""), "scrub keeps its cursor in state_dir, which is not set"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(
@@ -522,6 +522,22 @@ def test_bad_flags_are_one_line_and_exit_2(
     )
     assert message in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert cursor_of(state) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown the index")
+def test_root_is_refused_when_the_index_belongs_to_another_user(receiver: Receiver, state: Path) -> None:
+    """A scrub run by hand as root would leave root's scrub.lock (0640) and
+    database in the service user's state directory, and every nightly scrub
+    after it would fail (scrub_failed: lock file: Permission denied)."""
+    indexed(receiver, "h1", "a")
+    os.chown(receiver.index, 4242, 4242)
+    proc = subprocess.run(scrub_argv(receiver, state), capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert "refusing to run as root" in proc.stderr and "--allow-root" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    assert sorted(p.name for p in state.iterdir()) == []  # nothing of root's left there
+    allowed = run_scrub(receiver, state, "--allow-root")
+    assert allowed.returncode == 0 and allowed.one("scrub_finished")["ok"] == 1
 
 
 def _pruned_store(receiver: Receiver, old: int, young: int) -> None:

@@ -24,9 +24,13 @@ def run(ctx: Context) -> ExitCode:
     cfg = ctx.cfg
     if cfg.host is not None:
         raise ConfigError("--host: a scrub walks the whole index; it cannot be limited to one host")
+    if cfg.state_dir is None:
+        raise ConfigError("scrub keeps its cursor in state_dir, which is not set")
     # one this user may not reach is the scrub's to fail on, in scrub_failed
-    if cfg.state_dir is None or syscalls.not_a_directory(cfg.state_dir) == syscalls.NOT_A_DIRECTORY:
+    if syscalls.not_a_directory(cfg.state_dir) == syscalls.NOT_A_DIRECTORY:
         raise ConfigError(f"scrub keeps its cursor in state_dir, which is not a directory: {cfg.state_dir}")
+    # root's scrub.lock and database in the service user's state directory fail every later scrub
+    preflight.check_user(cfg)
     preflight.warn_network_filesystems(cfg, ctx.stderr, "scrub")
     bar = ctx.bar("scrub")
     log = ctx.logger(cfg, bar=bar)
