@@ -14,10 +14,10 @@ EVENTS: dict[str, tuple[str, str]] = {
     "pass_started": ("info", "`episodes_root`, `index`, `host`, `min_age_s`, `max_read_rate`, `dry_run`"),
     "pass_finished": (
         "info",
-        "the summary: `scanned`, `already_indexed`, `backfilled`, `raced`, `corrupt`, `unverifiable`, "
-        "`quarantined`, `in_flight`, `unsettled`, `unreadable`, `skipped`, `bad_index_lines`, `bytes_read`, "
-        "`lock_wait_s`, `lock_held_max_s`, `duration_s`, `interrupted`, `full`, `hosts_listed`, "
-        "`hosts_unchanged`",
+        "the summary: `dry_run`, `scanned`, `already_indexed`, `backfilled`, `raced`, `corrupt`, "
+        "`unverifiable`, `quarantined`, `in_flight`, `unsettled`, `unreadable`, `skipped`, "
+        "`bad_index_lines`, `bytes_read`, `lock_wait_s`, `lock_held_max_s`, `duration_s`, `interrupted`, "
+        "`full`, `hosts_listed`, `hosts_unchanged`",
     ),
     "pass_failed": ("error", "the pass could not complete: `error`, and the counts so far; exit 1"),
     "network_filesystem": (
@@ -104,7 +104,7 @@ EVENTS: dict[str, tuple[str, str]] = {
         "stopped (`stopped_by`) while a pass held the `state_dir` it had to settle, before a row was read; "
         "exit 0",
     ),
-    "scrub_already_running": ("error", "another scrub holds `lock_file`; exit 1"),
+    "scrub_already_running": ("error", "another scrub holds `lock_file` (`<state_dir>/scrub.lock`); exit 1"),
     "scrub_failed": (
         "error",
         "the index could not be read, the store vanished, or the state database was busy past its "

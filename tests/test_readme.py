@@ -4,11 +4,13 @@ it must stay short enough to read."""
 
 from __future__ import annotations
 
+import fcntl
 import re
+import subprocess
 from pathlib import Path
 
 import readme_tables
-from helpers import REPO
+from helpers import REPO, Receiver, Result, parse_events
 
 from cis490_reconcile.events import EVENTS
 
@@ -47,3 +49,28 @@ def test_the_two_setup_commands_are_there() -> None:
     assert ".venv/bin/cis490-reconcile demo" in text
     assert "bash .ci/run" in text or ".venv/bin/pytest" in text
     assert Path(REPO / ".ci/run").exists()
+
+
+def _unnamed(event: dict) -> list[str]:
+    """The fields of a logged event its row of README's table does not name."""
+    text = EVENTS[event["event"]][1]
+    return [f for f in event if f not in ("ts", "level", "event") and f"`{f}`" not in text]
+
+
+def test_the_summaries_name_every_field_a_real_run_logs(receiver: Receiver) -> None:
+    """An operator's jq selects what the events table names: every field of
+    a real pass's and scrub's summary is there, and a refused scrub's
+    `lock_file` is said to be the scrub's own lock, not the index's."""
+    receiver.tarball("h", "a")
+    assert _unnamed(receiver.run().one("pass_finished")) == []
+    state = receiver.root / "state"
+    state.mkdir()
+    scrub = receiver.argv("--state-dir", str(state), command="scrub")
+    out = subprocess.run(scrub, capture_output=True, text=True, timeout=60).stdout
+    assert _unnamed(Result(0, out, "", parse_events(out)).one("scrub_finished")) == []
+    with open(state / "scrub.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        refused = subprocess.run(scrub, capture_output=True, text=True, timeout=60).stdout
+    (event,) = parse_events(refused)
+    assert event["event"] == "scrub_already_running" and _unnamed(event) == []
+    assert f"<state_dir>/{Path(event['lock_file']).name}" in EVENTS["scrub_already_running"][1]
