@@ -444,6 +444,31 @@ def test_a_state_directory_this_user_cannot_reach_is_said_and_the_pass_still_wor
     assert receiver.keys() == [("h1", "a")]
 
 
+def test_deleted_state_files_are_rebuilt_and_a_missing_directory_is_said(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """README: delete the state files at any time, the next pass rebuilds
+    them; a missing directory (the units make it as they start) is said,
+    and that pass keeps its state in a temporary database."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    receiver.tarball("h1", "a")
+    assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    for path in state_dir.iterdir():
+        path.unlink()
+    receiver.tarball("h1", "b")
+    rebuilt = receiver.run("--state-dir", str(state_dir))
+    assert rebuilt.one("pass_finished")["backfilled"] == 1 and (state_dir / "state.sqlite3").exists()
+    for path in state_dir.iterdir():
+        path.unlink()
+    state_dir.rmdir()
+    receiver.tarball("h1", "c")
+    missing = receiver.run("--state-dir", str(state_dir))
+    assert missing.one("state_dir_unusable")["reason"] == "not a directory"
+    assert missing.one("pass_finished")["backfilled"] == 1 and not state_dir.exists()
+    assert receiver.keys() == [("h1", "a"), ("h1", "b"), ("h1", "c")]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_read_only_state_directory_is_said_and_the_pass_still_works(
     receiver: Receiver, tmp_path: Path

@@ -74,3 +74,17 @@ def test_the_summaries_name_every_field_a_real_run_logs(receiver: Receiver) -> N
     (event,) = parse_events(refused)
     assert event["event"] == "scrub_already_running" and _unnamed(event) == []
     assert f"<state_dir>/{Path(event['lock_file']).name}" in EVENTS["scrub_already_running"][1]
+
+
+def test_the_status_example_begins_as_real_output_does(receiver: Receiver) -> None:
+    """README shows `status` as real output: its first lines (the paths,
+    a blank line, the columns) must be what the command prints."""
+    receiver.tarball("robot-03", "a")  # a host name as wide as README's
+    argv = receiver.argv("--state-dir", "", command="status")
+    real = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.splitlines()
+    found = re.search(r"\$ cis490-reconcile status\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert found is not None
+    example = found[1].splitlines()
+    assert real[0] == f"episodes {receiver.episodes}   index {receiver.index}"
+    assert example[0] == "episodes /var/lib/cis490/episodes   index /var/lib/cis490/index.jsonl"
+    assert example[1:3] == real[1:3]
