@@ -12,7 +12,9 @@ text. Sources, strongest first:
 
 A missing default file is fine (most hosts need none); a missing named file,
 an unknown key or a bad value is a ConfigError naming its source, one line.
-Parsers accept strings (flags, environment) or TOML's typed values.
+Parsers accept strings (flags, environment) or TOML's typed values; "" from
+any source switches off a setting whose field may be None, so it can undo a
+weaker source.
 """
 
 from __future__ import annotations
@@ -49,11 +51,6 @@ def _path(value: object) -> Path:
     return Path(text)
 
 
-def _optional_path(value: object) -> Path | None:
-    """ "" switches the setting off."""
-    return None if value == "" else _path(value)
-
-
 def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number of seconds")
@@ -78,10 +75,8 @@ def positive_seconds(value: object) -> float:
 
 
 def _optional_positive_seconds(value: object) -> float | None:
-    """0 or "" switches the setting off (so the environment can override a file)."""
-    if value in ("", 0, "0"):
-        return None
-    return positive_seconds(value)
+    """0 switches the setting off."""
+    return None if value in (0, "0") else positive_seconds(value)
 
 
 def _size(value: object, what: str) -> int:
@@ -103,7 +98,7 @@ _DURATION_SUFFIXES = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _retention(value: object) -> float | None:
-    """Seconds, or with s, m, h or d; 0 or "" for no retention."""
+    """Seconds, or with s, m, h or d; 0 for no retention."""
     text = str(value).strip().lower()
     if text[-1:] in _DURATION_SUFFIXES and not isinstance(value, bool):
         try:
@@ -129,7 +124,7 @@ def _window(value: object) -> int:
 
 
 def _paths(value: object) -> tuple[Path, ...]:
-    """A TOML array of paths, or one string of comma-separated paths; "" for none."""
+    """A TOML array of paths, or one string of comma-separated paths ("" for none)."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(p, str | Path) for p in items):
         raise ValueError("expected a list of paths (in a flag: comma-separated)")
@@ -256,7 +251,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "state_dir",
         Path("/var/lib/cis490-reconcile"),
-        _optional_path,
+        _path,
         'where a pass remembers what the next one can skip ("" for nowhere; absent: nowhere)',
         "DIR",
     ),
@@ -270,14 +265,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "metrics_file",
         None,
-        _optional_path,
+        _path,
         "write Prometheus metrics here after each pass (node_exporter textfile collector: *.prom)",
         "FILE",
     ),
     Setting(
         "quarantine_dir",
         None,
-        _optional_path,
+        _path,
         "move corrupt tarballs into DIR/<host_id>/ with a JSON sidecar, so the shipper's retry re-sends them "
         "(same filesystem as the episodes, outside them; never deletes)",
         "DIR",
@@ -348,6 +343,7 @@ class Loaded(NamedTuple):
 
 
 _BY_KEY = {s.key: s for s in SETTINGS}
+_OPTIONAL = frozenset(f.name for f in fields(Config) if str(f.type).endswith("| None"))  # "" is None
 
 
 def build(values: Mapping[str, object]) -> Config:
@@ -365,7 +361,7 @@ def resolve(layers: Sequence[tuple[str, Mapping[str, object]]]) -> Loaded:
             if setting is None:
                 raise ConfigError(f"{source}: unknown setting {key!r}")
             try:
-                parsed[key] = setting.parse(raw)
+                parsed[key] = None if raw == "" and key in _OPTIONAL else setting.parse(raw)
             except ValueError as e:
                 raise ConfigError(f"{_where(source, setting, raw)}: {e}") from None
             sources[key] = source

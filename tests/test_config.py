@@ -72,13 +72,21 @@ def test_bad_sources_name_themselves(tmp_path: Path, text: str, env: dict[str, s
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("50M", 50 << 20), ("50MiB", 50 << 20), ("1.5G", 3 << 29), ("65536", 65536), (0, None), ("0", None)],
+    [
+        ("50M", 50 << 20),
+        ("50MiB", 50 << 20),
+        ("1.5G", 3 << 29),
+        ("65536", 65536),
+        (0, None),
+        ("0", None),
+        ("", None),
+    ],
 )
 def test_read_rates(raw: object, expected: int | None) -> None:
     assert config.build({"max_read_rate": raw}).max_read_rate == expected
 
 
-@pytest.mark.parametrize("raw", ["1K", "-5M", "5X", "", True, "inf"])
+@pytest.mark.parametrize("raw", ["1K", "-5M", "5X", " ", True, "inf"])
 def test_bad_read_rates(raw: object) -> None:
     with pytest.raises(ConfigError, match="max_read_rate"):
         config.build({"max_read_rate": raw})
@@ -87,6 +95,76 @@ def test_bad_read_rates(raw: object) -> None:
 def test_interval_zero_switches_the_loop_off() -> None:
     assert config.build({"interval": "0"}).interval is None
     assert config.build({"interval": "2.5"}).interval == 2.5
+
+
+# a value for every optional setting (its field may be None, or, for the list, be empty)
+OPTIONAL = {
+    "lock_file": '"/srv/receiver.lock"',
+    "host": '"h1"',
+    "interval": "60",
+    "max_read_rate": '"50M"',
+    "workers": "2",
+    "state_dir": '"/srv/state"',
+    "full_every": "600",
+    "metrics_file": '"/srv/reconcile.prom"',
+    "quarantine_dir": '"/srv/quarantine"',
+    "retention": '"30d"',
+    "zstd_dictionaries": '["/srv/fleet.dict"]',
+}
+
+
+def _config(tmp_path: Path, text: str, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    toml = tmp_path / "reconcile.toml"
+    toml.write_text(text)
+    return subprocess.run(
+        [sys.executable, "-m", "cis490_reconcile", "config", "--config", str(toml), *flags],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("source", ["flag", "environment", "file"])
+@pytest.mark.parametrize("key", sorted(OPTIONAL))
+def test_an_empty_value_switches_an_optional_setting_off_from_every_source(
+    tmp_path: Path, key: str, source: str
+) -> None:
+    """README: "" switches an optional setting off. It did not for lock_file,
+    host, max_read_rate and workers (exit 2), so a flag or the environment
+    could not undo what the file set; the file sets each one here."""
+    assert {s.key for s in config.SETTINGS if s.default in (None, ())} <= set(OPTIONAL)
+    flags = (f"--{key.replace('_', '-')}", "") if source == "flag" else ()
+    env = {f"CIS490_RECONCILE_{key.upper()}": ""} if source == "environment" else {}
+    value = '""' if source == "file" else OPTIONAL[key]
+    proc = _config(tmp_path, f"{key} = {value}\n", *flags, **env)
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if f" {key} " in f" {line}")
+    off = "zstd_dictionaries = []" if key == "zstd_dictionaries" else f"# {key} is not set"
+    assert line.startswith(off) and line.endswith(
+        f"# {tmp_path / 'reconcile.toml'}" if source == "file" else f"# {source}"
+    ), line
+
+
+@pytest.mark.parametrize(
+    ("key", "source"),
+    [
+        (s.key, source)
+        for s in config.SETTINGS
+        if s.key not in OPTIONAL
+        for source in ("flag", "environment", "file")
+        if not (s.is_switch and source == "flag")  # a switch flag takes no value
+    ],
+)
+def test_an_empty_value_is_refused_for_a_setting_that_cannot_be_off(
+    tmp_path: Path, key: str, source: str
+) -> None:
+    setting = next(s for s in config.SETTINGS if s.key == key)
+    flags = (f"{setting.flag}=",) if source == "flag" else ()
+    env = {f"CIS490_RECONCILE_{key.upper()}": ""} if source == "environment" else {}
+    proc = _config(tmp_path, f'{key} = ""\n' if source == "file" else "", *flags, **env)
+    assert (proc.returncode, proc.stdout, proc.stderr.count("\n")) == (2, "", 1), proc.stderr
+    assert "''" in proc.stderr and "expected" in proc.stderr, proc.stderr
 
 
 def test_config_command_prints_toml_with_sources(receiver: Receiver, tmp_path: Path) -> None:
