@@ -358,8 +358,9 @@ def resolve(layers: Sequence[tuple[str, Mapping[str, object]]]) -> Loaded:
     for source, values in layers:
         for key, raw in values.items():
             setting = _BY_KEY.get(key)
-            if setting is None:
-                raise ConfigError(f"{source}: unknown setting {key!r}")
+            if setting is None:  # named as _read_toml names the file (load refuses unknown variables)
+                where = source if source == "value" else f"config file {source}"
+                raise ConfigError(f"{where}: unknown setting {key!r} (see 'cis490-reconcile config')")
             try:
                 parsed[key] = None if raw == "" and key in _OPTIONAL else setting.parse(raw)
             except ValueError as e:

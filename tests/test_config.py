@@ -53,7 +53,7 @@ def test_a_missing_default_file_is_fine_a_missing_named_file_is_not(
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
-        ("min_agee = 3\n", {}, r"reconcile.toml: unknown setting 'min_agee'"),
+        ("min_agee = 3\n", {}, r"^config file .*reconcile.toml: unknown setting 'min_agee'"),
         ("min_age = -3\n", {}, r"config file .*reconcile.toml: min_age = -3: expected a finite number"),
         ("min_age = [\n", {}, r"not valid TOML"),
         ("[paths]\nindex = 'x'\n", {}, r"unexpected table \[paths\]"),
@@ -165,6 +165,26 @@ def test_an_empty_value_is_refused_for_a_setting_that_cannot_be_off(
     proc = _config(tmp_path, f'{key} = ""\n' if source == "file" else "", *flags, **env)
     assert (proc.returncode, proc.stdout, proc.stderr.count("\n")) == (2, "", 1), proc.stderr
     assert "''" in proc.stderr and "expected" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("min_agee = 3\n", "unknown setting 'min_agee'"),
+        ('"min\\nage" = 3\n', "unknown setting 'min\\nage'"),  # a quoted key with a newline: still one line
+        ("min_age = 'soon'\n", "min_age = 'soon': expected a number of seconds"),
+        ("min_age = [\n", "not valid TOML"),
+        ("[paths]\nindex = 'x'\n", "unexpected table [paths]"),
+    ],
+)
+def test_every_error_about_the_file_names_it_alike(tmp_path: Path, text: str, says: str) -> None:
+    """An unknown key was "X: unknown setting", where a bad value was
+    "config file X: ..."."""
+    proc = _config(tmp_path, text)
+    assert (proc.returncode, proc.stdout, proc.stderr.count("\n")) == (2, "", 1), proc.stderr
+    assert proc.stderr.startswith(
+        f"cis490-reconcile: error: config file {tmp_path / 'reconcile.toml'}: {says}"
+    )
 
 
 def test_config_command_prints_toml_with_sources(receiver: Receiver, tmp_path: Path) -> None:
