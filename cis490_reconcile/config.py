@@ -430,14 +430,16 @@ def render(loaded: Loaded) -> str:
     for field in fields(Config):
         value = getattr(loaded.config, field.name)
         source = loaded.sources[field.name]
-        if value is None:
+        if value is None and _BY_KEY[field.name].default is None:
             lines.append(f"# {field.name} is not set  # {source}")
-        else:
+        else:  # off where the default is on: "" keeps it off when this is read back as the file
             lines.append(f"{field.name} = {_toml_value(value)}  # {source}")
     return "\n".join(lines) + "\n"
 
 
 def _toml_value(value: object) -> str:
+    if value is None:
+        return '""'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

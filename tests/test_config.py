@@ -140,10 +140,13 @@ def test_an_empty_value_switches_an_optional_setting_off_from_every_source(
     proc = _config(tmp_path, f"{key} = {value}\n", *flags, **env)
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if f" {key} " in f" {line}")
-    off = "zstd_dictionaries = []" if key == "zstd_dictionaries" else f"# {key} is not set"
+    default = next(s.default for s in config.SETTINGS if s.key == key)
+    off = f"# {key} is not set" if default is None else f"{key} = []" if default == () else f'{key} = ""'
     assert line.startswith(off) and line.endswith(
         f"# {tmp_path / 'reconcile.toml'}" if source == "file" else f"# {source}"
     ), line
+    again = _config(tmp_path, proc.stdout)  # what `config` prints, read back as the file, keeps it off
+    assert again.returncode == 0 and f"\n{off} " in again.stdout, again.stdout
 
 
 @pytest.mark.parametrize(
