@@ -409,6 +409,7 @@ def _read_toml(path: Path, required: bool) -> dict[str, object] | None:
         raise ConfigError(f"config file {path}: not valid TOML: {e}") from None
     for key, value in values.items():
         if isinstance(value, dict):
+            key = json.dumps(key)[1:-1]  # a quoted key may hold a newline; the error stays one line
             raise ConfigError(f"config file {path}: unexpected table [{key}]; keys go at the top level")
     return values
 

@@ -178,6 +178,7 @@ def test_an_empty_value_is_refused_for_a_setting_that_cannot_be_off(
         ("min_age = 'soon'\n", "min_age = 'soon': expected a number of seconds"),
         ("min_age = [\n", "not valid TOML"),
         ("[paths]\nindex = 'x'\n", "unexpected table [paths]"),
+        ('["pa\\nths"]\nindex = "x"\n', "unexpected table [pa\\nths]"),
     ],
 )
 def test_every_error_about_the_file_names_it_alike(tmp_path: Path, text: str, says: str) -> None:
