@@ -41,6 +41,12 @@ class PassFailed(Exception):
         super().__init__(reason)
         self.reason, self.summary = reason, summary
 
+    @property
+    def busy(self) -> bool:
+        """Given up before it began, because another pass holds the state
+        directory: it changed nothing, and that pass's outcome is the one to keep."""
+        return isinstance(self.__cause__, StateBusy)
+
 
 class Reconciler:
     def __init__(

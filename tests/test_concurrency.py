@@ -210,3 +210,57 @@ def test_a_scrub_status_and_a_second_pass_during_a_forked_rebuild(template: Rece
     )
     assert scratch_left(store.state) == []
     assert_whole(store)
+
+
+def test_a_pass_turned_away_busy_leaves_the_record_and_metrics_of_the_running_one(
+    template: Receiver, tmp_path: Path
+) -> None:
+    """An operator's `--once` by hand while the service's pass runs: it
+    says so (pass_failed, exit 1) but changed nothing, so `status` and the
+    metrics still say what the running pass and the one before it did, not
+    "last pass failed" (and no alert fires for a pass that never ran)."""
+    store = store_with_gaps(template, tmp_path)
+    metrics = tmp_path / "reconcile.prom"
+    with_metrics = ["--metrics-file", str(metrics)]
+    before = subprocess.run(store.argv("pass") + with_metrics, capture_output=True, text=True, timeout=60)
+    assert before.returncode == 0, before.stdout + before.stderr
+    store.receiver.tarball(HOSTS[0], "later", {"meta.json": b"{}", "data": os.urandom(64)})
+    metrics_before, record_before = metrics.read_bytes(), last_pass(store)
+    assert record_before is not None and record_before["result"] == "ok"
+
+    env = clean_env(CIS490_TEST_PAUSE_AT=PAUSED_AT["pass"])
+    running = subprocess.Popen(
+        store.argv("pass") + with_metrics,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    said = wait_until_paused(running, PAUSED_AT["pass"])  # it holds the state directory
+    turned = subprocess.run(
+        store.argv("pass") + with_metrics + ["--lock-timeout", BUSY_TIMEOUT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert Ended("pass", turned.returncode, turned.stdout, turned.stderr).busy(), turned.stdout
+    assert metrics.read_bytes() == metrics_before
+    assert last_pass(store) == record_before
+    assert running.poll() is None
+
+    done = finish(running, "pass", said)
+    assert done.succeeded(), (done.code, done.stdout, done.stderr)
+    record = last_pass(store)
+    assert record is not None and record["result"] == "ok" and record["backfilled"] == 1
+    assert record["started_at"] != record_before["started_at"]
+    assert "cis490_reconcile_last_run_success 1.0" in metrics.read_text()
+    assert metrics.read_bytes() != metrics_before
+
+
+def last_pass(store: Store) -> dict | None:
+    status = subprocess.run(store.argv("status"), capture_output=True, text=True, timeout=60, env=clean_env())
+    assert status.returncode in (0, 1) and status.stderr == "", status.stderr
+    record: dict | None = json.loads(status.stdout)["last_pass"]
+    return record
