@@ -599,12 +599,16 @@ def test_pruned_rows_are_normal_missing_ones_need_attention(receiver: Receiver) 
     assert result.returncode == 1
 
     everything = status(receiver, "--all-orphans", "--retention", "1d")
-    assert everything.returncode == 0
+    assert everything.returncode == 1, everything.stderr  # as status: the missing row needs attention
     streamed = sorted((o["episode_id"], o["kind"]) for o in map(json.loads, everything.stdout.splitlines()))
     assert streamed == [(f"gone{i}", "pruned") for i in range(5)] + [("gone5", "missing")]
 
     older = status(receiver, "--json", "--retention", "30m")  # now the young one is past it too
     assert older.returncode == 0 and json.loads(older.stdout)["totals"]["pruned_rows"] == 6
+    only_pruned = status(receiver, "--all-orphans", "--retention", "30m")
+    assert only_pruned.returncode == 0 and len(only_pruned.stdout.splitlines()) == 6
+    receiver.tarball("h1", "new")  # no orphan, but a tarball to backfill needs attention all the same
+    assert status(receiver, "--all-orphans", "--retention", "30m").returncode == 1
 
 
 def test_a_host_id_with_a_lone_surrogate_is_a_host_without_a_directory(

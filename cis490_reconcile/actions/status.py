@@ -1,7 +1,8 @@
 """`cis490-reconcile status`: the report, as a table or as JSON; exit 0 when
 clean, 1 when something needs attention or the store or index could not be
 read (one line on stderr). With --all-orphans, every row whose tarball is
-gone, as JSON lines, instead of the report. See survey.py for what it reads.
+gone, as JSON lines, instead of the report, and the same exit status: a
+script sees that a missing row (or anything else) needs attention. See survey.py for what it reads.
 A path on a network filesystem is a warning on stderr: status takes no lock.
 """
 
@@ -26,9 +27,8 @@ def run(ctx: Context) -> ExitCode:
     except OSError as e:
         ctx.stderr.write(f"cis490-reconcile status: error: {e.filename or cfg.index}: {e.strerror or e}\n")
         return ExitCode.FAILED
-    if args.all_orphans:
-        return ExitCode.OK
-    ctx.stdout.write(json.dumps(report.to_json(), indent=2) + "\n" if args.json else render(report))
+    if not args.all_orphans:  # with it, the rows were streamed instead; the exit status is the same
+        ctx.stdout.write(json.dumps(report.to_json(), indent=2) + "\n" if args.json else render(report))
     return ExitCode.FAILED if report.attention() else ExitCode.OK
 
 
