@@ -254,6 +254,37 @@ def test_loop_unit_stays_active_reloads_and_stops_cleanly(
     assert sorted(receiver.keys()) == [("h1", "a"), ("h1", "b")]
 
 
+def readme_commands() -> tuple[str, str]:
+    """README's deploy command that enables the timers, and its command
+    that switches from the timer to the loop unit (in the units table)."""
+    text = (REPO / "README.md").read_text()
+    enable = re.search(r"^systemctl enable --now cis490-reconcile\.timer .*$", text, re.M)
+    switch = re.search(rf"^\| `{re.escape(LOOP)}` \|.*`(systemctl [^`]*{re.escape(LOOP)}[^`]*)`", text, re.M)
+    assert enable is not None, "README's deploy command"
+    assert switch is not None, "README's command to switch to the loop"
+    return enable[0], switch[1]
+
+
+@needs_container
+def test_readmes_switch_to_the_loop_leaves_only_the_loop_enabled(
+    deployed: tuple[SystemdContainer, Receiver],
+) -> None:
+    """Conflicts= stops the timer when the loop starts, but enabling the
+    loop alone left the timer enabled too: both wanted at the next boot."""
+    box, receiver = deployed
+    receiver.tarball("h1", "a")
+    own(box)
+    enable, switch = readme_commands()
+    box.run("sh", "-c", enable)
+    box.run("sh", "-c", switch)
+    enabled = {unit: box.systemctl("is-enabled", unit, check=False).stdout.strip() for unit in (TIMER, LOOP)}
+    assert enabled == {TIMER: "disabled", LOOP: "enabled"}
+    assert box.systemctl("is-enabled", SCRUB_TIMER, check=False).stdout.strip() == "enabled"
+    assert box.show(TIMER, "ActiveState") == "inactive"
+    box.wait_for(lambda: receiver.keys() == [("h1", "a")], 20, "the loop's first pass")
+    assert box.show(LOOP, "ActiveState") == "active"
+
+
 @needs_container
 def test_scrub_unit_checks_the_store_and_fails_on_a_changed_tarball(
     deployed: tuple[SystemdContainer, Receiver],
