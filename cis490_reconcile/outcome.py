@@ -11,8 +11,9 @@ sink keeps it where an operator looks:
 - StateRecord: the record "last_pass" or "last_scrub" in the state database,
   which `status` shows (its only writer).
 
-A pass that gave up because another holds the state directory goes to no
-sink: it changed nothing, and the record and metrics are the running one's.
+A pass that gave up (or was stopped) waiting for another to release the state
+directory goes to no sink: it changed nothing, and the record and metrics are
+the running one's.
 A sink that cannot write says so (metrics_write_failed, state_record_failed)
 and the run's exit status stands: a full metrics disk must not fail a pass
 that did its job.

@@ -41,12 +41,6 @@ class PassFailed(Exception):
         super().__init__(reason)
         self.reason, self.summary = reason, summary
 
-    @property
-    def busy(self) -> bool:
-        """Given up before it began, because another pass holds the state
-        directory: it changed nothing, and that pass's outcome is the one to keep."""
-        return isinstance(self.__cause__, StateBusy)
-
 
 class Reconciler:
     def __init__(
@@ -73,6 +67,9 @@ class Reconciler:
         self.cfg, self.log = cfg, log
         self.force_full = full
         self.orphans: tuple[int, int] | None = None  # (missing, pruned) rows without tarball, last full pass
+        # the last pass ended (busy, or stopped) waiting for another pass to release the state
+        # directory: it did nothing, and that pass's record and metrics are the ones to keep
+        self.turned_away = False
         self._temp: TempState | None = None  # the database of a process that keeps none
 
     def close(self) -> None:
@@ -98,6 +95,7 @@ class Reconciler:
         After a stop request it returns early with summary.interrupted set."""
         ctx = self.context
         started = time.monotonic()
+        self.turned_away = False
         ctx.log.info(
             "pass_started",
             episodes_root=self.cfg.episodes_root,
@@ -149,8 +147,10 @@ class Reconciler:
                     statedir.remove_old_files(state_dir, self.log)
                 return summary
         except StateBusy as e:
+            self.turned_away = True
             raise PassFailed(str(e), PassSummary()) from e
         except StopRequested:  # from _waiting: the pass's own stops end in _run
+            self.turned_away = True
             return PassSummary(interrupted=True)
 
     def _waiting(self) -> None:

@@ -225,18 +225,21 @@ def test_sigterm_while_another_pass_holds_the_state_directory(
     """The wait for the state directory is a wait for a lock too: a stop
     ends it at once, an interrupted pass with nothing done. It used to wait
     out lock_timeout (past TimeoutStopSec=60 when lock_timeout is longer:
-    SIGKILL), then say pass_failed for a pass nobody saw fail."""
+    SIGKILL), then say pass_failed for a pass nobody saw fail. Nor does it
+    replace the record and metrics of the pass holding the directory."""
     receiver.tarball("h1", "a")
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    assert receiver.run("--state-dir", str(state_dir)).returncode == 0
+    kept = ("--state-dir", str(state_dir), "--metrics-file", str(tmp_path / "reconcile.prom"))
+    assert receiver.run(*kept).returncode == 0
     index_before = receiver.index.read_bytes()
+    metrics_before, record_before = (tmp_path / "reconcile.prom").read_bytes(), last_pass(receiver, state_dir)
     receiver.tarball("h1", "b")
     fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as another pass holds it
         env = clean_env(NOTIFY_SOCKET=str(notify_socket.path))
-        proc = start(receiver, "--once", "--state-dir", str(state_dir), "--lock-timeout", "60", env=env)
+        proc = start(receiver, "--once", *kept, "--lock-timeout", "60", env=env)
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline())["event"] == "pass_started"
         time.sleep(0.3)  # waiting for the directory now
@@ -253,8 +256,17 @@ def test_sigterm_while_another_pass_holds_the_state_directory(
     assert events[0]["interrupted"] is True
     assert notify_socket.fields()[-2] == "STOPPING=1"
     assert receiver.index.read_bytes() == index_before
+    assert (tmp_path / "reconcile.prom").read_bytes() == metrics_before
+    assert last_pass(receiver, state_dir) == record_before and record_before["result"] == "ok"
     assert receiver.run("--state-dir", str(state_dir)).returncode == 0  # the next pass does the work
     assert receiver.keys() == [("h1", "a"), ("h1", "b")]
+
+
+def last_pass(receiver: Receiver, state_dir: Path) -> dict:
+    argv = receiver.argv("--json", "--state-dir", str(state_dir), command="status")
+    status = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env())
+    record: dict = json.loads(status.stdout)["last_pass"]
+    return record
 
 
 def test_loop_runs_passes_until_sigterm(receiver: Receiver, notify_socket: NotifySocket) -> None:

@@ -6,8 +6,9 @@ config after the current pass (a bad new config is logged, the old one kept);
 with --once it is a terminal's hangup, so it stops as above. The idle wait
 between passes wakes at once on a signal, and every half watchdog period to
 feed the watchdog. Each pass's outcome goes to the sinks (outcome.py), but
-for one that gave up because another pass holds the state directory: it did
-nothing, and must not replace what `status` and the metrics say of that one.
+for one that gave up (or was stopped) waiting for another pass to release the
+state directory: it did nothing, and must not replace what `status` and the
+metrics say of that one.
 
 A config with the index, lock file, episodes or state directory on a network
 filesystem (preflight.network_filesystems) is refused, at start and on a
@@ -119,9 +120,9 @@ class _Loop:
         try:
             summary = reconciler.run_pass()
         except PassFailed as e:
-            if e.busy:  # its pass_failed line says so; the record and metrics stay the running pass's
-                return ExitCode.FAILED
             summary, error = e.summary, str(e)
+        if reconciler.turned_away:  # its last line says so; the record and metrics stay the running pass's
+            return ExitCode.FAILED if error else ExitCode.OK
         result = "failed" if error else "interrupted" if summary.interrupted else "ok"
         counts: dict[str, object] = {**asdict(summary), "orphan_rows": reconciler.orphans}
         done = Outcome("pass", started, time.monotonic() - clock, result, error, counts)
