@@ -54,6 +54,7 @@ def _episode(host: str, n: int) -> dict[str, bytes]:
 
 
 SETTLE_S = 1.0  # the demo's in-flight guard (--min-age); production uses minutes
+IN_FLIGHT = Path("robot-a", "ep-0005.tar.zst")  # still being written during both passes
 
 
 def build(root: Path) -> tuple[Path, Path]:
@@ -93,7 +94,7 @@ def build(root: Path) -> tuple[Path, Path]:
     broken.write_bytes(blob[: len(blob) // 2])  # a disk that filled up mid-upload
     os.utime(broken, (hour_ago, hour_ago))
     time.sleep(SETTLE_S)
-    make_tarball(episodes / "robot-a" / "ep-0005.tar.zst", _episode("robot-a", 5))  # in flight
+    make_tarball(episodes / IN_FLIGHT, _episode("robot-a", 5))
     (episodes / "robot-a" / ".ep-0006.tar.zst.partial").write_bytes(b"upload in progress")
     return episodes, index
 
@@ -120,6 +121,7 @@ def run(ctx: Context) -> ExitCode:
             out.write("== bytes appended to index.jsonl:\n" + after[len(before) :].decode())
             out.write("== a second pass over the same store:\n")
             out.flush()
+            os.utime(episodes / IN_FLIGHT)  # its upload goes on: in flight still, however slow the first pass
             again = reconciler.run_pass()
         out.write(
             f"== result: {summary.backfilled} rows backfilled, {summary.corrupt} corrupt tarball reported, "
