@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import json
 import os
-import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,13 +215,9 @@ def open_for_reading(path: Path) -> int | None:
     it, or a device, is refused (OSError "not a regular file"), as scrub
     refuses it: rows appended there would vanish."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return syscalls.open_regular(path)[0]
     except FileNotFoundError:
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(0, "not a regular file", str(path))
-    return fd
 
 
 def line_at(fd: int, offset: int) -> bytes:

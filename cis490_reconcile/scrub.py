@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -180,15 +179,12 @@ class Scrubber:
     def _run(self) -> ScrubRun:
         assert self.state is not None
         try:
-            fd = os.open(self.cfg.index, os.O_RDONLY | os.O_CLOEXEC)
+            fd, st = syscalls.open_regular(self.cfg.index)
         except OSError as e:
             self.log.error("scrub_failed", index=self.cfg.index, error=f"index: {e.strerror}")
             raise ScrubNotRun(f"index: {e.strerror}") from e
         try:
             try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise OSError(0, "not a regular file")
                 self.index_size = st.st_size
                 self.cursor = scrubcursor.resume(self._saved_cursor(), fd, st, self.started_at, self.log)
                 self.runs = PrunedRuns(self.state.records, fd, st, self.cursor.offset)

@@ -126,15 +126,29 @@ def discard_output(fd: int) -> None:
         os.close(null)
 
 
-def read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file at `path` (or a symlink to one), when
-    there are at most `limit`; ValueError for anything else. Opened
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """The regular file at `path` (or a symlink to one) opened to read, and
+    its fstat; OSError "not a regular file" for anything else. Opened
     non-blocking, then fstat: a FIFO nobody writes would block open()
-    forever, a device such as /dev/zero read forever."""
+    forever, a device such as /dev/zero be read forever. For files we only
+    read whole or by offset (the index, a config file), which a preflight
+    check may have seen regular before they were replaced."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path` (open_regular), when there
+    are at most `limit`; ValueError when there are more."""
+    fd, _ = open_regular(path)
+    try:
         data = pread_exact(fd, limit + 1, 0)
     finally:
         os.close(fd)
