@@ -104,6 +104,19 @@ def permissions_apply(argv: list[str]) -> list[str]:
     return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
 
 
+@contextmanager
+def unsearchable(tmp_path: Path, name: str) -> Iterator[Path]:
+    """A directory `name` under a parent this user may not search (mode 0;
+    see permissions_apply for root), searchable again afterwards."""
+    locked = tmp_path / "locked"
+    (locked / name).mkdir(parents=True)
+    locked.chmod(0)
+    try:
+        yield locked / name
+    finally:
+        locked.chmod(0o755)
+
+
 def stock_members(episode_id: str, decoy: bool = False) -> dict[str, bytes]:
     """The episode's own meta.json, after a decoy *_meta.json when asked."""
     out = {f"{episode_id}/calib/sensor_meta.json": meta("f" * 40)} if decoy else {}

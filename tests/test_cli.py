@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from helpers import COMMIT, Receiver, episode, parse_events, permissions_apply, tar_bytes, zstd
+from helpers import COMMIT, Receiver, episode, parse_events, permissions_apply, tar_bytes, unsearchable, zstd
 
 pytestmark = pytest.mark.e2e  # also under every other supported Python (.ci/noxfile.py)
 
@@ -231,16 +231,11 @@ def test_an_episodes_root_that_cannot_be_searched_is_one_line_and_exit_2(
 ) -> None:
     """A root under a directory this user may not search is a bad path like
     a missing one: it used to be an internal_error traceback and exit 1."""
-    locked = tmp_path / "locked"
-    (locked / "episodes").mkdir(parents=True)
-    locked.chmod(0)
-    try:
-        argv = permissions_apply(receiver.argv("--once", "--episodes-root", str(locked / "episodes")))
+    with unsearchable(tmp_path, "episodes") as episodes:
+        argv = permissions_apply(receiver.argv("--once", "--episodes-root", str(episodes)))
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    finally:
-        locked.chmod(0o755)
     assert (proc.returncode, proc.stdout) == (2, ""), proc.stdout
-    assert proc.stderr == f"cis490-reconcile: error: --episodes-root {locked}/episodes: Permission denied\n"
+    assert proc.stderr == f"cis490-reconcile: error: --episodes-root {episodes}: Permission denied\n"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown the index")

@@ -17,7 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Receiver, parse_events, permissions_apply, recounted, state_contents, tmpfs, zero_page
+from helpers import (
+    Receiver,
+    parse_events,
+    permissions_apply,
+    recounted,
+    state_contents,
+    tmpfs,
+    unsearchable,
+    zero_page,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -430,14 +439,9 @@ def test_a_state_directory_this_user_cannot_reach_is_said_and_the_pass_still_wor
     like a read-only one. It used to end the pass in an internal_error
     (Path.is_dir raises PermissionError there)."""
     receiver.tarball("h1", "a")
-    locked = tmp_path / "locked"
-    (locked / "state").mkdir(parents=True)
-    locked.chmod(0)
-    try:
-        argv = permissions_apply(receiver.argv("--once", "--state-dir", str(locked / "state")))
+    with unsearchable(tmp_path, "state") as state:
+        argv = permissions_apply(receiver.argv("--once", "--state-dir", str(state)))
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    finally:
-        locked.chmod(0o755)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     events = parse_events(proc.stdout)
     assert [e["reason"] for e in events if e["event"] == "state_dir_unusable"] == ["Permission denied"]

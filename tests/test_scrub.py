@@ -32,6 +32,7 @@ from helpers import (
     clean_env,
     parse_events,
     permissions_apply,
+    unsearchable,
     zero_page,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -346,14 +347,9 @@ def test_a_state_directory_it_may_not_reach_fails_in_one_event(receiver: Receive
     as for one it may not write. Path.is_dir() raised PermissionError there:
     internal_error and a traceback."""
     indexed(receiver, "h1", "a")
-    locked = tmp_path / "locked"
-    (locked / "state").mkdir(parents=True)
-    locked.chmod(0)
-    try:
-        argv = permissions_apply(scrub_argv(receiver, locked / "state"))
+    with unsearchable(tmp_path, "state") as state:
+        argv = permissions_apply(scrub_argv(receiver, state))
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    finally:
-        locked.chmod(0o755)
     result = Result(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout))
     assert result.named("internal_error") == [] and "Traceback" not in proc.stderr, proc.stdout
     assert result.returncode == 1
