@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,10 @@ import pytest
 import zstandard
 from helpers import COMMIT, Receiver, episode, gnu_tarball, meta, tar_bytes, verdict_of, zstd
 
+from cis490_reconcile import syscalls
 from cis490_reconcile.reading import HashingReader
 from cis490_reconcile.store import Store, Tarball
-from cis490_reconcile.syscalls import pread_cached
+from cis490_reconcile.syscalls import drop_cache, pread_cached
 from cis490_reconcile.verify import (
     Corrupt,
     Decoding,
@@ -612,6 +614,20 @@ def test_what_the_workers_exchange_pickles_by_position(
 
 
 # --- the page cache -------------------------------------------------------------
+#
+# The kernel may evict a cached page at any moment, for its own reasons: these
+# VMs run DAMON with a `pageout` scheme that evicts every unmapped file page of
+# a physical region idle for a minute, whatever its file's pages were doing
+# (`cat /sys/kernel/mm/damon/admin/kdamonds/*/contexts/*/schemes/*/action`
+# says pageout; a file read and left alone for a second lost pages in 1 run
+# in 10 here, in 1 in 5 beside the end-to-end tests). So what stays cached is
+# not the pass's to promise; what it asks the kernel to drop is, and that is
+# what these tests read: the reads that asked only the cache (preadv2
+# RWF_NOWAIT) and the ranges dropped (POSIX_FADV_DONTNEED), from the real
+# syscalls, and the one rule between them.
+
+# one cache read or drop on a file: ("cached", offset, asked, got) or ("drop", offset, length, 0)
+CacheCall = tuple[str, int, int, int]
 
 
 def _resident(path: Path) -> int:
@@ -635,11 +651,51 @@ def _evict(path: Path, start: int = 0) -> None:
         os.close(fd)
 
 
+def _first_uncached(calls: list[CacheCall], size: int) -> int | None:
+    """The rule, checked on one file of `size` bytes: every read asks the
+    cache first; from the first read the cache could not serve whole, every
+    byte is dropped, and none before. Returns that read's offset (None: the
+    cache served every read)."""
+    reads = [c for c in calls if c[0] == "cached"]
+    assert reads and reads[0][1] == 0, f"the first read did not ask the cache: {calls}"
+    first = next((offset for _, offset, asked, got in reads if got != asked), None)
+    drops = sorted((offset, offset + length) for kind, offset, length, _ in calls if kind == "drop")
+    assert all(hi > lo for lo, hi in drops), f"a length of 0 drops to the end of the file: {calls}"
+    covered: list[tuple[int, int]] = []
+    for lo, hi in drops:
+        if covered and lo <= covered[-1][1]:
+            covered[-1] = (covered[-1][0], max(hi, covered[-1][1]))
+        else:
+            covered.append((lo, hi))
+    assert covered == ([] if first is None else [(first, size)]), calls
+    return first
+
+
+def _traced_cache_calls(prefix: Path) -> dict[str, list[CacheCall]]:
+    """Each tarball's cache reads and drops, in order, from `strace -ff -y -o
+    prefix` (one file per process; a tarball is read by one)."""
+    read = re.compile(
+        r"preadv2\(\d+<(.+)>, \[\{iov_base=.*, iov_len=(\d+)\}\], 1, (\d+), RWF_NOWAIT\) = (-?\d+)"
+    )
+    drop = re.compile(r"fadvise64\(\d+<(.+)>, (\d+), (\d+), POSIX_FADV_DONTNEED\) = 0")
+    calls: dict[str, list[CacheCall]] = {}
+    for trace in prefix.parent.glob(prefix.name + ".*"):
+        for line in trace.read_text().splitlines():
+            if m := read.match(line):
+                path, asked, offset, got = m[1], int(m[2]), int(m[3]), int(m[4])
+                calls.setdefault(Path(path).name, []).append(("cached", offset, asked, max(got, 0)))
+            elif m := drop.match(line):
+                calls.setdefault(Path(m[1]).name, []).append(("drop", int(m[2]), int(m[3]), 0))
+    return calls
+
+
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to see the cache reads and drops")
 def test_a_pass_drops_what_it_read_from_the_disk_and_keeps_what_was_cached(receiver: Receiver) -> None:
     """A tarball the receiver just wrote is still cached, and whoever reads
     new episodes next should find it so; what the pass brought in from the
-    disk is dropped, from the first read that was not cached on.
+    disk is dropped, from the first read that was not cached on (the rule,
+    read off the pass's real syscalls under strace).
 
     The head of `head-cached` stays cached from its writing, as the receiver
     leaves it once memory pressure took the rest. It used to be cached by a
@@ -661,24 +717,54 @@ def test_a_pass_drops_what_it_read_from_the_disk_and_keeps_what_was_cached(recei
             pytest.skip("this filesystem cannot tell what is cached (RWF_NOWAIT: tmpfs, FUSE)")
     finally:
         os.close(fd)
-    page = os.sysconf("SC_PAGE_SIZE")
-    size = {name: -(-path.stat().st_size // page) * page for name, path in paths.items()}  # in pages
     assert _resident(paths["cold"]) == 0
-    head_cached = _resident(paths["head-cached"])
-    assert mib <= head_cached < size["head-cached"]
+    assert _resident(paths["head-cached"]) <= 2 * mib
 
-    result = receiver.run()
-    assert result.returncode == 0, result.stderr
-    assert result.one("pass_finished")["backfilled"] == 3
-    assert _resident(paths["cached"]) == size["cached"]
-    assert _resident(paths["cold"]) == 0
-    assert _resident(paths["head-cached"]) == head_cached  # the rest was read from the disk: dropped
+    prefix = receiver.root / "trace"
+    strace = ["strace", "-ff", "-y", "-qq", "-s", "1", "-o", str(prefix), "-e", "trace=preadv2,fadvise64"]
+    proc = subprocess.run([*strace, *receiver.argv("--once")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["backfilled"] == 3
+    calls = _traced_cache_calls(prefix)
+    first = {name: _first_uncached(calls[path.name], path.stat().st_size) for name, path in paths.items()}
+    assert first["cold"] == 0  # dropped whole
+    assert first["head-cached"] is not None and first["head-cached"] <= 2 * mib  # the rest: from the disk
+    # `cached` was cached whole when the pass began: dropped from nowhere, or
+    # from where the kernel had evicted it since (see above)
+    for name, path in paths.items():  # nothing the pass read from the disk stays cached
+        assert first[name] is None or _resident(path) <= first[name]
 
-    _evict(paths["cold"])
-    for name in ("cached", "cold"):  # a scrub reads through the same reader, with no head read first
-        fd = os.open(paths[name], os.O_RDONLY)
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
+def test_a_scrub_reads_through_the_same_rule(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scrub reads with no head read first: the same rule, in one process."""
+    paths = {name: receiver.tarball("h1", name, episode(os.urandom(3 << 20))) for name in ("cached", "cold")}
+    for path in paths.values():
+        _evict(path)
+    paths["cached"].read_bytes()
+    calls: list[CacheCall] = []
+
+    def cached(fd: int, length: int, offset: int) -> bytearray | None:
+        data = pread_cached(fd, length, offset)
+        calls.append(("cached", offset, length, 0 if data is None else len(data)))
+        return data
+
+    def drop(fd: int, offset: int, length: int) -> None:
+        calls.append(("drop", offset, length, 0))
+        drop_cache(fd, offset, length)
+
+    monkeypatch.setattr(syscalls, "pread_cached", cached)
+    monkeypatch.setattr(syscalls, "drop_cache", drop)
+    first = {}
+    for name, path in paths.items():
+        fd = os.open(path, os.O_RDONLY)
         try:
+            if name == "cached" and pread_cached(fd, 4096, 0) is None:
+                pytest.skip("this filesystem cannot tell what is cached (RWF_NOWAIT: tmpfs, FUSE)")
+            calls.clear()
             HashingReader(fd, os.fstat(fd).st_size).drain()
         finally:
             os.close(fd)
-    assert (_resident(paths["cached"]), _resident(paths["cold"])) == (size["cached"], 0)
+        first[name] = _first_uncached(calls, path.stat().st_size)
+    assert first["cold"] == 0
+    assert _resident(paths["cold"]) == 0
