@@ -157,19 +157,22 @@ def read_regular(path: Path, limit: int) -> bytes:
     return data
 
 
-NOT_A_DIRECTORY = "not a directory"
+NO_DIRECTORY = ("no such directory", "not a directory")  # nothing there; something else there
 
 
 def not_a_directory(path: Path) -> str | None:
-    """Why `path` is not a directory this user can reach: NOT_A_DIRECTORY
-    (none there, or something else), or the error (EACCES: a parent this
-    user may not search); None when it is one. Not Path.is_dir, which raises
-    PermissionError there: that is a reason to say in one line, not a
-    traceback."""
+    """Why `path` is not a directory this user can reach: one of NO_DIRECTORY
+    (nothing there; something else, or a file where a parent should be), or
+    the error (EACCES: a parent this user may not search); None when it is
+    one. Not Path.is_dir, which raises PermissionError there: that is a
+    reason to say in one line, not a traceback."""
+    nothing, something_else = NO_DIRECTORY
     try:
-        return None if stat.S_ISDIR(os.stat(path).st_mode) else NOT_A_DIRECTORY
-    except (FileNotFoundError, NotADirectoryError):
-        return NOT_A_DIRECTORY
+        return None if stat.S_ISDIR(os.stat(path).st_mode) else something_else
+    except FileNotFoundError:
+        return nothing
+    except NotADirectoryError:
+        return something_else
     except OSError as e:
         return e.strerror or str(e)
 

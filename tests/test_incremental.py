@@ -468,7 +468,7 @@ def test_deleted_state_files_are_rebuilt_and_a_missing_directory_is_said(
     state_dir.rmdir()
     receiver.tarball("h1", "c")
     missing = receiver.run("--state-dir", str(state_dir))
-    assert missing.one("state_dir_unusable")["reason"] == "not a directory"
+    assert missing.one("state_dir_unusable")["reason"] == "no such directory"
     assert missing.one("pass_finished")["backfilled"] == 1 and not state_dir.exists()
     assert receiver.keys() == [("h1", "a"), ("h1", "b"), ("h1", "c")]
 

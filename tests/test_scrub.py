@@ -505,6 +505,8 @@ def test_the_scrub_unit_carries_the_pass_units_hardening_verbatim() -> None:
         (("--host", "h1"), "--host: a scrub walks the whole index"),
         (("--max-duration", "soon"), "argument --max-duration: expected a number of seconds"),
         (("--state-dir", ""), "scrub keeps its cursor in state_dir, which is not set"),
+        (("--state-dir", "/nonexistent"), "keeps its cursor in state_dir /nonexistent: no such directory"),
+        (("--state-dir", "/etc/passwd"), "keeps its cursor in state_dir /etc/passwd: not a directory"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(

@@ -27,8 +27,8 @@ def run(ctx: Context) -> ExitCode:
     if cfg.state_dir is None:
         raise ConfigError("scrub keeps its cursor in state_dir, which is not set")
     # one this user may not reach is the scrub's to fail on, in scrub_failed
-    if syscalls.not_a_directory(cfg.state_dir) == syscalls.NOT_A_DIRECTORY:
-        raise ConfigError(f"scrub keeps its cursor in state_dir, which is not a directory: {cfg.state_dir}")
+    if (why := syscalls.not_a_directory(cfg.state_dir)) in syscalls.NO_DIRECTORY:
+        raise ConfigError(f"scrub keeps its cursor in state_dir {cfg.state_dir}: {why}")
     # root's scrub.lock and database in the service user's state directory fail every later scrub
     preflight.check_user(cfg)
     preflight.warn_network_filesystems(cfg, ctx.stderr, "scrub")
