@@ -58,6 +58,17 @@ def human_size(n: float) -> str:
     raise AssertionError
 
 
+# C0, DEL and C1: what a terminal may act on rather than show
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def for_terminal(lines: list[str]) -> str:
+    """Lines of text output, each control character shown as \\xNN: an ESC in
+    a shipper's file name, a tar member's name or an index row is a string
+    to read, not a command to the operator's terminal."""
+    return "".join(line.translate(_CONTROLS) + "\n" for line in lines)
+
+
 def human_duration(seconds: float) -> str:
     """An age as an operator reads it: 45 s, 25 min, 3.2 h, 12.0 d."""
     if seconds < 120:

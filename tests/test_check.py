@@ -119,6 +119,19 @@ def test_text_output_for_a_corrupt_tarball(receiver: Receiver) -> None:
     assert not any(line.startswith("  row") for line in lines)  # a corrupt tarball gets no row
 
 
+def test_text_output_shows_control_characters_never_sends_them(receiver: Receiver) -> None:
+    """Names come from shippers and tarballs: an ESC in one reaches the
+    operator's terminal as text (\\x1b), not as a command to it."""
+    path = receiver.tarball("robot-07", "ep\x1b]0;owned\x07", {"ep/x": b"x"})
+
+    proc = check(receiver, str(path))
+
+    assert proc.returncode in (0, 3), proc.stderr
+    assert not any(c in proc.stdout for c in "\x1b\x07\x9b")
+    assert proc.stdout.startswith(f"{receiver.episodes}/robot-07/ep\\x1b]0;owned\\x07.tar.zst: ")
+    assert len(proc.stdout.splitlines()) > 3  # each line still a line
+
+
 def test_the_row_is_byte_for_byte_what_a_pass_appends(receiver: Receiver) -> None:
     path = receiver.tarball("robot-07", "ep-1", gnu=True)
 

@@ -170,6 +170,17 @@ def test_human_table_and_exit_codes(receiver: Receiver, tmp_path: Path) -> None:
     assert table.stderr == ""  # no progress bar when stderr is not a terminal
 
 
+def test_the_table_shows_control_characters_never_sends_them(receiver: Receiver) -> None:
+    """A row's names are the receiver's strings: an ESC in one reaches the
+    operator's terminal as text, not as a command to it."""
+    receiver.tarball("h1", "a")
+    receiver.append_row({**receiver.receiver_row("h1", "a"), "host_id": "h\x1b[2J", "episode_id": "e\x9b1m"})
+    table = status(receiver)
+    assert table.returncode == 1, table.stderr
+    assert not any(c in table.stdout for c in "\x1b\x9b")
+    assert "  byte 0: h\\x1b[2J/e\\x9b1m\n" in table.stdout
+
+
 def test_clean_after_a_pass_and_last_pass_result(receiver: Receiver, tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     state_dir.mkdir()

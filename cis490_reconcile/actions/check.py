@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from .. import preflight
-from ..basics import human_duration, human_size
+from ..basics import for_terminal, human_duration, human_size
 from ..check import Answer, Checker
 from ..config import ConfigError
 from ..runtime import ExitCode, Signals, StopRequested
@@ -80,7 +80,7 @@ def render(a: Answer) -> str:
     out.append(f"  index     {_lookup(a)}")
     if a.row is not None:
         out.append(f"  row       {_row(a)}")
-    return "\n".join(out) + "\n"
+    return for_terminal(out)
 
 
 def _row(a: Answer) -> str:

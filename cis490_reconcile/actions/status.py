@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict
 
 from .. import preflight
+from ..basics import for_terminal
 from ..runtime import ExitCode
 from ..store import printable
 from ..survey import Report, survey
@@ -80,7 +81,7 @@ def render(report: Report) -> str:
         out += [_last_pass(report.last_pass), _last_scrub(report.last_scrub)]
     notes = report.attention()
     out.append("needs attention: " + "; ".join(notes) if notes else "clean")
-    return "\n".join(out) + "\n"
+    return for_terminal(out)
 
 
 def _example(kind: str, e: dict[str, object]) -> str:
