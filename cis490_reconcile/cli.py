@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__, config, preflight
+from .basics import for_terminal
 from .config import SETTINGS, ConfigError
 from .runtime import ExitCode
 
@@ -106,7 +107,7 @@ def _parser(command: str | None) -> _Parser:
     if command != "demo":
         parser.add_argument(
             "--config",
-            type=Path,
+            type=_config_path,
             metavar="FILE",
             help=f"TOML config file (default: ${config.ENV_CONFIG}, else {config.DEFAULT_CONFIG_FILE})",
         )
@@ -118,6 +119,12 @@ def _parser(command: str | None) -> _Parser:
                 parser.add_argument(s.flag, default=None, metavar=s.metavar, help=s.help + shown)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
+
+
+def _config_path(text: str) -> Path:
+    if not text:  # Path("") is ".", a directory: name a file instead
+        raise argparse.ArgumentTypeError("an empty path; name a TOML file")
+    return Path(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(loaded, args, load)
         return int(action.run(ctx))
     except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(for_terminal([f"{PROG}: error: {e}"]), end="", file=sys.stderr)  # one line, whatever a path holds
         return ExitCode.USAGE
     except Exception:
         from .log import make_logger

@@ -226,6 +226,24 @@ def test_bad_config_file_is_one_line_and_exit_2(receiver: Receiver, tmp_path: Pa
     assert "min_age = 'soon': expected a number of seconds" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("", "argument --config: an empty path; name a TOML file"),  # not ".", a directory
+        ("new\nline.toml", "config file {tmp}/new\\x0aline.toml: no such file"),
+    ],
+)
+def test_a_config_path_that_is_empty_or_holds_a_newline_is_one_line(
+    receiver: Receiver, tmp_path: Path, name: str, says: str
+) -> None:
+    path = str(tmp_path / name) if name else ""
+    proc = subprocess.run(
+        [*receiver.argv("--once"), "--config", path], capture_output=True, text=True, timeout=30
+    )
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"cis490-reconcile: error: {says.format(tmp=tmp_path)}\n"
+
+
 @pytest.mark.parametrize("kind", ["fifo", "directory", "device", "symlink to a device", "over 1 MiB"])
 def test_a_config_file_that_is_not_a_small_regular_file_is_one_line_and_exit_2(
     receiver: Receiver, tmp_path: Path, kind: str
