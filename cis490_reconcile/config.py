@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import syscalls
-from .store import is_safe_name
+from .store import passed_host
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_WINDOW, MAX_WINDOW = 8 << 20, 2 << 30  # 2 GiB: zstd --long=31, the format's largest
@@ -139,8 +139,8 @@ def _workers(value: object) -> int | None:
 
 
 def _host(value: object) -> str:
-    if not isinstance(value, str) or not is_safe_name(value):
-        raise ValueError("expected a host directory name (no '/', no leading '.', no control characters)")
+    if (why := passed_host(str(value))) or not isinstance(value, str):  # the scan's own rule
+        raise ValueError("expected a host directory a pass visits" + (f" ({why.reason})" if why else ""))
     return value
 
 
