@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(loaded, args, load)
         return int(action.run(ctx))
     except ConfigError as e:
-        print(for_terminal([f"{PROG}: error: {e}"]), end="", file=sys.stderr)  # one line, whatever a path holds
+        print(for_terminal([f"{PROG}: error: {e}"]), end="", file=sys.stderr)  # one line, whatever it quotes
         return ExitCode.USAGE
     except Exception:
         from .log import make_logger
