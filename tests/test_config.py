@@ -214,12 +214,16 @@ def test_config_command_prints_toml_with_sources(receiver: Receiver, tmp_path: P
     config.build(effective)  # and it round-trips through the parser
 
 
+def _pass_with_config(receiver: Receiver, path: str) -> subprocess.CompletedProcess[str]:
+    """A pass on the store, with `--config path`."""
+    argv = [*receiver.argv("--once"), "--config", path]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
 def test_bad_config_file_is_one_line_and_exit_2(receiver: Receiver, tmp_path: Path) -> None:
     toml = tmp_path / "reconcile.toml"
     toml.write_text("min_age = 'soon'\n")
-    proc = subprocess.run(
-        [*receiver.argv("--once"), "--config", str(toml)], capture_output=True, text=True, timeout=30
-    )
+    proc = _pass_with_config(receiver, str(toml))
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1
@@ -237,9 +241,7 @@ def test_a_config_path_that_is_empty_or_holds_a_newline_is_one_line(
     receiver: Receiver, tmp_path: Path, name: str, says: str
 ) -> None:
     path = str(tmp_path / name) if name else ""
-    proc = subprocess.run(
-        [*receiver.argv("--once"), "--config", path], capture_output=True, text=True, timeout=30
-    )
+    proc = _pass_with_config(receiver, path)
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == f"cis490-reconcile: error: {says.format(tmp=tmp_path)}\n"
 
@@ -261,9 +263,7 @@ def test_a_config_file_that_is_not_a_small_regular_file_is_one_line_and_exit_2(
         toml.symlink_to("/dev/zero")
     else:
         toml.write_text("# a comment\n" * (1 << 17))
-    proc = subprocess.run(
-        [*receiver.argv("--once"), "--config", str(toml)], capture_output=True, text=True, timeout=30
-    )
+    proc = _pass_with_config(receiver, str(toml))
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr.count("\n") == 1
     why = "larger than 1048576 bytes" if kind == "over 1 MiB" else "not a regular file"
