@@ -15,7 +15,14 @@ The row is appended with the project's append primitive (one write on an
 O_APPEND fd, torn tail terminated, fdatasync) under a lock of one family:
 flock, lockf (POSIX record lock), OFD, or "ours" (index.append_rows: both).
 Every row it wrote is also written to ROWS_OUT, so a test can check the
-receiver's rows come out byte-identical. It never reads the reconciler's state.
+receiver's rows come out byte-identical, and its lag to ROWS_OUT.lag: the
+seconds from the tarball's last change (its ctime, which a pass ages) to the
+append returning, after which any pass sees the row (0 in locked-rename).
+A pass may back-fill a row that comes later than its guard (README: the
+in-flight guard is a heuristic), and a loaded machine can hold a row back
+past `--delay` (a slow fdatasync, a pass holding the lock), so a test holds
+the exactly-one rule to the rows that came within its guard. It never reads
+the reconciler's state.
 """
 
 from __future__ import annotations
@@ -99,14 +106,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     rng = random.Random(a.seed)
-    late: list[tuple[float, bytes]] = []  # rows due later: (when, line)
-    with open(a.rows_out, "ab") as rows_out:
+    due: list[tuple[float, float, bytes]] = []  # rows due later: (when, tarball changed at, line)
+    with open(a.rows_out, "ab") as rows_out, open(f"{a.rows_out}.lag", "a") as lags:
+
+        def appended(line: bytes, lag: float) -> None:
+            rows_out.write(line)
+            row = json.loads(line)
+            lags.write(f"{row['host_id']} {row['episode_id']} {lag:.3f}\n")
 
         def flush_due(now: float) -> None:
-            while late and late[0][0] <= now:
-                line = late.pop(0)[1]
+            while due and due[0][0] <= now:
+                _, changed_at, line = due.pop(0)
                 append(a.index, a.family, line)
-                rows_out.write(line)
+                appended(line, time.time() - changed_at)
 
         start = time.monotonic()
         for i in range(a.count):
@@ -121,7 +133,7 @@ def main() -> None:
                 with family_lock(a.index, a.family) as fd:
                     os.rename(temp, final)
                     index.LockedIndex(fd).append([line])
-                rows_out.write(line)
+                appended(line, 0.0)  # visible to a pass no sooner than its tarball
             else:
                 if a.mode == "direct":
                     with open(final, "wb") as f:
@@ -132,13 +144,13 @@ def main() -> None:
                     temp = final.with_name(final.name + ".partial")
                     temp.write_bytes(data)
                     os.rename(temp, final)
-                late.append((time.monotonic() + a.delay, line))
+                due.append((time.monotonic() + a.delay, final.stat().st_ctime, line))
             flush_due(time.monotonic())
             pause = start + (i + 1) / a.rate - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
-        while late:
-            time.sleep(max(0.0, late[0][0] - time.monotonic()))
+        while due:
+            time.sleep(max(0.0, due[0][0] - time.monotonic()))
             flush_due(time.monotonic())
 
 

@@ -39,7 +39,14 @@ def back_to_back(receiver: Receiver, sim: subprocess.Popen[bytes], min_age: floa
     return summaries
 
 
-def check(receiver: Receiver, rows_out: Path) -> Counter[str]:
+def check(receiver: Receiver, rows_out: Path, min_age: float) -> Counter[str]:
+    """Every line is one row in the contract's encoding; every tarball has a
+    row and every row a tarball; the receiver's rows are byte-identical.
+    A tarball has exactly one row unless the receiver's came more than
+    `min_age` after it last changed (receiver_sim.py measures each; a loaded
+    machine holds some back): a pass may then have back-filled it first, and
+    it has two. Returns rows by source; a pass's row beside a late receiver
+    row counts as "late", not "backfilled"."""
     data = receiver.index.read_bytes()
     assert data.endswith(b"\n")
     lines = data.split(b"\n")[:-1]
@@ -52,10 +59,18 @@ def check(receiver: Receiver, rows_out: Path) -> Counter[str]:
         (p.parent.name, p.name.removesuffix(".tar.zst")) for p in receiver.episodes.glob("*/*.tar.zst")
     }
     assert set(keys) == on_disk, "a tarball without a row, or a row without a tarball"
-    assert max(keys.values()) == 1, [k for k, n in keys.items() if n > 1][:5]
     theirs = rows_out.read_bytes().split(b"\n")[:-1]
     assert set(theirs) <= set(lines), "a receiver row was changed"
+    lag_lines = Path(f"{rows_out}.lag").read_text().splitlines()
+    lags = {(host, episode_id): float(lag) for host, episode_id, lag in map(str.split, lag_lines)}
+    late = {key for key, lag in lags.items() if lag > min_age}
+    twice = {key for key, n in keys.items() if n > 1}
+    assert max(keys.values()) <= 2 and twice <= late, sorted(twice - late)[:5]
+    assert len(late) * 2 < len(lags), "most receiver rows came late: this run proved little"
     sources = Counter("backfilled" if b'"backfilled": true' in line else "receiver" for line in lines)
+    sources["backfilled"] -= len(twice)
+    sources["late"] = len(twice)
+    print(f"{len(late)} of {len(lags)} receiver rows over {min_age} s late (max {max(lags.values()):.2f} s)")
     return sources
 
 
@@ -67,7 +82,7 @@ def test_live_receiver_with_the_in_flight_guard(receiver: Receiver, tmp_path: Pa
     passes = back_to_back(receiver, sim, min_age=1)
     assert sim.wait() == 0
     receiver.run(min_age=1)
-    sources = check(receiver, rows_out)
+    sources = check(receiver, rows_out, min_age=1)
     assert sources["receiver"] == 1200 and len(passes) >= 3
     print(f"{family}: {len(passes)} passes, rows {dict(sources)}")
 
@@ -82,7 +97,7 @@ def test_the_guard_against_a_direct_writer_and_a_lost_row(receiver: Receiver, tm
     back_to_back(receiver, sim, min_age=1)
     assert sim.wait() == 0
     receiver.run(min_age=1)
-    sources = check(receiver, rows_out)
+    sources = check(receiver, rows_out, min_age=1)
     assert (sources["receiver"], sources["backfilled"]) == (800, 30)
 
 
@@ -93,7 +108,7 @@ def test_min_age_zero_with_a_receiver_that_renames_under_its_lock(receiver: Rece
     sim = simulate(receiver, rows_out, count=1200, rate=500, family="ofd", mode="locked-rename")
     back_to_back(receiver, sim, min_age=0)
     assert sim.wait() == 0
-    assert check(receiver, rows_out)["receiver"] == 1200
+    assert check(receiver, rows_out, min_age=0)["receiver"] == 1200
 
 
 def test_loop_mode_against_a_live_receiver(receiver: Receiver, tmp_path: Path) -> None:
@@ -114,5 +129,5 @@ def test_loop_mode_against_a_live_receiver(receiver: Receiver, tmp_path: Path) -
     reader.join(timeout=5)
     finished = [e for e in parse_events("".join(out)) if e["event"] == "pass_finished"]
     assert len(finished) >= 5
-    sources = check(receiver, rows_out)
+    sources = check(receiver, rows_out, min_age=1)
     assert (sources["receiver"], sources["backfilled"]) == (1000, 20)
