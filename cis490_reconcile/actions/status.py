@@ -2,8 +2,9 @@
 clean, 1 when something needs attention or the store or index could not be
 read (one line on stderr). With --all-orphans, every row whose tarball is
 gone, as JSON lines, instead of the report, and the same exit status: a
-script sees that a missing row (or anything else) needs attention. See survey.py for what it reads.
-A path on a network filesystem is a warning on stderr: status takes no lock.
+script sees that a missing row (or anything else) needs attention. See
+survey.py for what it reads. A path on a network filesystem is a warning on
+stderr: status takes no lock.
 """
 
 from __future__ import annotations
