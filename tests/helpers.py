@@ -279,6 +279,14 @@ class Receiver:
                 keys.append((row.get("host_id"), row["episode_id"]))
         return keys
 
+    def last_pass(self, state_dir: Path) -> dict | None:
+        """The last pass's record in `state_dir`, as `status --json` shows it."""
+        argv = self.argv("--json", "--state-dir", str(state_dir), command="status")
+        status = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env())
+        assert status.returncode in (0, 1) and status.stderr == "", status.stderr
+        record: dict | None = json.loads(status.stdout)["last_pass"]
+        return record
+
     def argv(self, *args: str, min_age: float = 0, command: str | None = None) -> list[str]:
         """The command line of a pass (or of `command`: status, scrub) on this store."""
         return [

@@ -225,7 +225,7 @@ def test_a_pass_turned_away_busy_leaves_the_record_and_metrics_of_the_running_on
     before = subprocess.run(store.argv("pass") + with_metrics, capture_output=True, text=True, timeout=60)
     assert before.returncode == 0, before.stdout + before.stderr
     store.receiver.tarball(HOSTS[0], "later", {"meta.json": b"{}", "data": os.urandom(64)})
-    metrics_before, record_before = metrics.read_bytes(), last_pass(store)
+    metrics_before, record_before = metrics.read_bytes(), store.receiver.last_pass(store.state)
     assert record_before is not None and record_before["result"] == "ok"
 
     env = clean_env(CIS490_TEST_PAUSE_AT=PAUSED_AT["pass"])
@@ -247,20 +247,13 @@ def test_a_pass_turned_away_busy_leaves_the_record_and_metrics_of_the_running_on
     )
     assert Ended("pass", turned.returncode, turned.stdout, turned.stderr).busy(), turned.stdout
     assert metrics.read_bytes() == metrics_before
-    assert last_pass(store) == record_before
+    assert store.receiver.last_pass(store.state) == record_before
     assert running.poll() is None
 
     done = finish(running, "pass", said)
     assert done.succeeded(), (done.code, done.stdout, done.stderr)
-    record = last_pass(store)
+    record = store.receiver.last_pass(store.state)
     assert record is not None and record["result"] == "ok" and record["backfilled"] == 1
     assert record["started_at"] != record_before["started_at"]
     assert "cis490_reconcile_last_run_success 1.0" in metrics.read_text()
     assert metrics.read_bytes() != metrics_before
-
-
-def last_pass(store: Store) -> dict | None:
-    status = subprocess.run(store.argv("status"), capture_output=True, text=True, timeout=60, env=clean_env())
-    assert status.returncode in (0, 1) and status.stderr == "", status.stderr
-    record: dict | None = json.loads(status.stdout)["last_pass"]
-    return record

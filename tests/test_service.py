@@ -233,7 +233,7 @@ def test_sigterm_while_another_pass_holds_the_state_directory(
     kept = ("--state-dir", str(state_dir), "--metrics-file", str(tmp_path / "reconcile.prom"))
     assert receiver.run(*kept).returncode == 0
     index_before = receiver.index.read_bytes()
-    metrics_before, record_before = (tmp_path / "reconcile.prom").read_bytes(), last_pass(receiver, state_dir)
+    metrics_before, record_before = (tmp_path / "reconcile.prom").read_bytes(), receiver.last_pass(state_dir)
     receiver.tarball("h1", "b")
     fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -257,16 +257,9 @@ def test_sigterm_while_another_pass_holds_the_state_directory(
     assert notify_socket.fields()[-2] == "STOPPING=1"
     assert receiver.index.read_bytes() == index_before
     assert (tmp_path / "reconcile.prom").read_bytes() == metrics_before
-    assert last_pass(receiver, state_dir) == record_before and record_before["result"] == "ok"
+    assert receiver.last_pass(state_dir) == record_before and record_before["result"] == "ok"
     assert receiver.run("--state-dir", str(state_dir)).returncode == 0  # the next pass does the work
     assert receiver.keys() == [("h1", "a"), ("h1", "b")]
-
-
-def last_pass(receiver: Receiver, state_dir: Path) -> dict:
-    argv = receiver.argv("--json", "--state-dir", str(state_dir), command="status")
-    status = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env())
-    record: dict = json.loads(status.stdout)["last_pass"]
-    return record
 
 
 def test_loop_runs_passes_until_sigterm(receiver: Receiver, notify_socket: NotifySocket) -> None:
